@@ -1,0 +1,101 @@
+"""Blockwise masking of BEiT: rectangles of random area and aspect ratio are added until the target
+number of patches is masked (or ten attempts in a row fail to add any)."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import torch
+
+__all__ = ["MaskingGenerator"]
+
+
+class MaskingGenerator:
+    """The official blockwise mask generator.
+
+    ``MaskingGenerator((14, 14), num_masking_patches=75)`` gives BEiT's pre-training masks: about 40%
+    of 196 patches, blocks of at least ``min_num_patches`` patches with aspect ratio in
+    ``[min_aspect, max_aspect]`` (default ``1 / min_aspect``). ``generator()`` returns one ``[Wh, Ww]``
+    bool mask; ``generator.batch(B)`` a ``[B, Wh * Ww]`` bool tensor.
+    """
+
+    def __init__(
+        self,
+        input_size: int | tuple[int, int] = (14, 14),
+        num_masking_patches: int = 75,
+        min_num_patches: int = 16,
+        max_num_patches: int | None = None,
+        min_aspect: float = 0.3,
+        max_aspect: float | None = None,
+        seed: int | None = None,
+    ):
+        if isinstance(input_size, int):
+            input_size = (input_size, input_size)
+        self.height, self.width = int(input_size[0]), int(input_size[1])
+        self.num_patches = self.height * self.width
+        if not 0 <= num_masking_patches <= self.num_patches:
+            raise ValueError(
+                f"MaskingGenerator: num_masking_patches must be in [0, {self.num_patches}], "
+                f"got {num_masking_patches}"
+            )
+        if min_num_patches < 1:
+            raise ValueError(f"MaskingGenerator: min_num_patches must be >= 1, got {min_num_patches}")
+        if min_aspect <= 0:
+            raise ValueError(f"MaskingGenerator: min_aspect must be > 0, got {min_aspect}")
+        self.num_masking_patches = num_masking_patches
+        self.min_num_patches = min_num_patches
+        self.max_num_patches = num_masking_patches if max_num_patches is None else max_num_patches
+        max_aspect = max_aspect or 1 / min_aspect
+        self.log_aspect_ratio = (math.log(min_aspect), math.log(max_aspect))
+        self.rng = random.Random(seed)
+
+    def __repr__(self) -> str:
+        return (
+            f"MaskingGenerator(({self.height}, {self.width}), num_masking_patches={self.num_masking_patches}, "
+            f"min_num_patches={self.min_num_patches}, max_num_patches={self.max_num_patches}, "
+            f"log_aspect_ratio=({self.log_aspect_ratio[0]:.3f}, {self.log_aspect_ratio[1]:.3f}))"
+        )
+
+    def _add_block(self, mask: list[list[bool]], max_mask_patches: int) -> int:
+        """Try up to ten rectangles; return how many new patches the first useful one masked."""
+        rng = self.rng
+        for _ in range(10):
+            target_area = rng.uniform(self.min_num_patches, max_mask_patches)
+            aspect_ratio = math.exp(rng.uniform(*self.log_aspect_ratio))
+            h = int(round(math.sqrt(target_area * aspect_ratio)))
+            w = int(round(math.sqrt(target_area / aspect_ratio)))
+            if w < self.width and h < self.height:
+                top = rng.randint(0, self.height - h)
+                left = rng.randint(0, self.width - w)
+                already = sum(mask[i][j] for i in range(top, top + h) for j in range(left, left + w))
+                added = 0
+                # Only a rectangle that adds something and not more than allowed counts.
+                if 0 < h * w - already <= max_mask_patches:
+                    for i in range(top, top + h):
+                        for j in range(left, left + w):
+                            if not mask[i][j]:
+                                mask[i][j] = True
+                                added += 1
+                if added > 0:
+                    return added
+        return 0
+
+    def __call__(self) -> torch.Tensor:
+        mask = [[False] * self.width for _ in range(self.height)]
+        count = 0
+        while count < self.num_masking_patches:
+            budget = min(self.num_masking_patches - count, self.max_num_patches)
+            added = self._add_block(mask, budget)
+            if added == 0:
+                break
+            count += added
+        return torch.tensor(mask, dtype=torch.bool)
+
+    def batch(self, batch_size: int) -> torch.Tensor:
+        """``[batch_size, Wh * Ww]`` bool masks, one independent draw per image."""
+        if batch_size < 0:
+            raise ValueError(f"MaskingGenerator.batch: batch_size must be >= 0, got {batch_size}")
+        if batch_size == 0:
+            return torch.zeros(0, self.num_patches, dtype=torch.bool)
+        return torch.stack([self().flatten() for _ in range(batch_size)])

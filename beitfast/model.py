@@ -1,0 +1,266 @@
+"""BEiT in plain PyTorch, with the official semantics and parameter names; the three fused regions
+(patch embedding, attention, LM loss) go through :mod:`beitfast.ops`."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import ops
+from .config import BEiTConfig
+
+__all__ = ["BEiT", "relative_position_index"]
+
+
+def relative_position_index(grid: tuple[int, int]) -> torch.Tensor:
+    """The official ``[1 + N, 1 + N]`` index into a ``[(2Wh-1)(2Ww-1) + 3, H]`` bias table.
+
+    Token pairs index their relative offset; the last three rows are cls->token, token->cls and
+    cls->cls.
+    """
+    wh, ww = grid
+    num_rows = (2 * wh - 1) * (2 * ww - 1) + 3
+    ys, xs = torch.meshgrid(torch.arange(wh), torch.arange(ww), indexing="ij")
+    ys, xs = ys.flatten(), xs.flatten()
+    dy = ys[:, None] - ys[None, :] + (wh - 1)
+    dx = xs[:, None] - xs[None, :] + (ww - 1)
+    n = wh * ww
+    index = torch.empty(n + 1, n + 1, dtype=torch.long)
+    index[1:, 1:] = dy * (2 * ww - 1) + dx
+    index[0, :] = num_rows - 3
+    index[:, 0] = num_rows - 2
+    index[0, 0] = num_rows - 1
+    return index
+
+
+def num_relative_positions(grid: tuple[int, int]) -> int:
+    return (2 * grid[0] - 1) * (2 * grid[1] - 1) + 3
+
+
+def backend_for(op: str, kernels: str) -> str | None:
+    """``config.kernels`` names a backend for every op that has one; the others stay on auto."""
+    return kernels if kernels in ops.backends(op) else None
+
+
+def trunc_normal_(tensor: torch.Tensor, std: float) -> torch.Tensor:
+    """Truncated normal at +-std, as the official pre-training code initialises."""
+    return nn.init.trunc_normal_(tensor, mean=0.0, std=std, a=-std, b=std)
+
+
+def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: drop the whole residual branch of a sample with probability ``rate``."""
+    if rate == 0.0 or not training:
+        return x
+    keep = 1.0 - rate
+    shape = (x.shape[0],) + (1,) * (x.dim() - 1)
+    return x * x.new_empty(shape).bernoulli_(keep).div_(keep)
+
+
+class RelativePositionBias(nn.Module):
+    """A learnable ``[R, H]`` bias table (shared by all layers, or one per layer)."""
+
+    def __init__(self, grid: tuple[int, int], num_heads: int):
+        super().__init__()
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(num_relative_positions(grid), num_heads))
+
+
+class Attention(nn.Module):
+    def __init__(self, config: BEiTConfig):
+        super().__init__()
+        dim = config.embed_dim
+        self.num_heads = config.num_heads
+        self.scale = config.head_dim ** -0.5
+        self.backend = backend_for("attention", config.kernels)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(dim))
+        self.v_bias = nn.Parameter(torch.zeros(dim))
+        if config.use_rel_pos_bias:
+            self.relative_position_bias_table = nn.Parameter(
+                torch.zeros(num_relative_positions(config.grid), config.num_heads)
+            )
+        else:
+            self.relative_position_bias_table = None
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, rel_index, shared_table=None):
+        B, N, C = x.shape
+        qkv_bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
+        qkv = F.linear(x, self.qkv.weight, qkv_bias)
+        q, k, v = qkv.reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        table = self.relative_position_bias_table if self.relative_position_bias_table is not None else shared_table
+        out = ops.rel_pos_attention(
+            q, k, v, table, rel_index if table is not None else None, self.scale, backend=self.backend
+        )
+        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config: BEiTConfig, drop_path_rate: float):
+        super().__init__()
+        dim = config.embed_dim
+        self.norm1 = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.attn = Attention(config)
+        self.norm2 = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.mlp = Mlp(dim, int(dim * config.mlp_ratio))
+        self.drop_path_rate = drop_path_rate
+        if config.layer_scale_init_value > 0:
+            self.gamma_1 = nn.Parameter(torch.full((dim,), float(config.layer_scale_init_value)))
+            self.gamma_2 = nn.Parameter(torch.full((dim,), float(config.layer_scale_init_value)))
+        else:
+            self.gamma_1 = self.gamma_2 = None
+
+    def forward(self, x, rel_index, shared_table=None):
+        y = self.attn(self.norm1(x), rel_index, shared_table)
+        x = x + drop_path(y if self.gamma_1 is None else self.gamma_1 * y, self.drop_path_rate, self.training)
+        y = self.mlp(self.norm2(x))
+        return x + drop_path(y if self.gamma_2 is None else self.gamma_2 * y, self.drop_path_rate, self.training)
+
+
+class PatchEmbed(nn.Module):
+    """Holds the conv-layout projection ``proj`` ``[D, C, p, p]``; the op does the work."""
+
+    def __init__(self, config: BEiTConfig):
+        super().__init__()
+        p = config.patch_size
+        self.proj = nn.Conv2d(config.in_chans, config.embed_dim, kernel_size=p, stride=p)
+
+
+class BEiT(nn.Module):
+    """The BEiT vision Transformer (pre-training LM head and/or classifier).
+
+    * ``model(images, bool_masked_pos=mask)`` -> logits of the masked positions ``[num_masked, V]``,
+      in ``x[bool_masked_pos]`` order;
+    * ``model(images, bool_masked_pos=mask, labels=tokens)`` -> mean cross-entropy over the masked
+      positions, through the fused loss (``return_accuracy=True`` adds the MIM accuracy);
+    * ``model(images)`` -> class logits ``[B, num_classes]``, or pooled features if no classifier;
+    * ``model.forward_features(images, bool_masked_pos=None)`` -> final hidden states ``[B, 1+N, D]``.
+    """
+
+    def __init__(self, config: BEiTConfig | None = None, **overrides):
+        super().__init__()
+        config = (config or BEiTConfig()).replace(**overrides)
+        self.config = config
+        dim = config.embed_dim
+        self.patch_embed = PatchEmbed(config)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim)) if config.vocab_size > 0 else None
+        self.pos_embed = (
+            nn.Parameter(torch.zeros(1, config.num_patches + 1, dim)) if config.use_abs_pos_emb else None
+        )
+        self.rel_pos_bias = (
+            RelativePositionBias(config.grid, config.num_heads) if config.use_shared_rel_pos_bias else None
+        )
+        # Derivable from the config, so not saved in state dicts.
+        self.register_buffer("rel_pos_index", relative_position_index(config.grid), persistent=False)
+        rates = torch.linspace(0, config.drop_path_rate, config.depth).tolist()
+        self.blocks = nn.ModuleList(Block(config, rate) for rate in rates)
+        pooled_norm = config.use_mean_pooling and config.vocab_size == 0
+        self.norm = nn.Identity() if pooled_norm else nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.fc_norm = nn.LayerNorm(dim, eps=config.layer_norm_eps) if pooled_norm else None
+        self.lm_head = nn.Linear(dim, config.vocab_size) if config.vocab_size > 0 else None
+        self.head = nn.Linear(dim, config.num_classes) if config.num_classes > 0 else None
+        self.reset_parameters()
+
+    # -- initialisation ----------------------------------------------------------------------------
+
+    def reset_parameters(self) -> None:
+        """The official initialisation: truncated normal (std ``init_std``) for linear layers and
+        tokens, residual output projections rescaled by depth, a small classifier."""
+        std = self.config.init_std
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                trunc_normal_(module.weight, std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        for t in (self.cls_token, self.mask_token, self.pos_embed):
+            if t is not None:
+                trunc_normal_(t, std)
+        for layer_id, block in enumerate(self.blocks, start=1):
+            block.attn.proj.weight.data.div_(math.sqrt(2.0 * layer_id))
+            block.mlp.fc2.weight.data.div_(math.sqrt(2.0 * layer_id))
+        if self.head is not None:
+            self.head.weight.data.mul_(self.config.init_scale)
+            self.head.bias.data.mul_(self.config.init_scale)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names the official recipe excludes from weight decay (besides 1-D params)."""
+        return {"cls_token", "pos_embed", "mask_token"}
+
+    # -- forward -----------------------------------------------------------------------------------
+
+    def _check_inputs(self, images: torch.Tensor, bool_masked_pos: torch.Tensor | None) -> None:
+        c = self.config
+        expected = (c.in_chans, *c.image_hw)
+        if not isinstance(images, torch.Tensor) or images.dim() != 4 or tuple(images.shape[1:]) != expected:
+            got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            raise ValueError(f"BEiT: images must be [B, {expected[0]}, {expected[1]}, {expected[2]}], got {got}")
+        if bool_masked_pos is None:
+            return
+        if self.mask_token is None:
+            raise ValueError("BEiT: bool_masked_pos needs a mask token; this model has vocab_size=0")
+        B = images.shape[0]
+        if bool_masked_pos.dtype != torch.bool or tuple(bool_masked_pos.shape) != (B, c.num_patches):
+            raise ValueError(
+                f"BEiT: bool_masked_pos must be a bool [B, N] = [{B}, {c.num_patches}] tensor, "
+                f"got {bool_masked_pos.dtype} {tuple(bool_masked_pos.shape)}"
+            )
+
+    def forward_features(self, images: torch.Tensor, bool_masked_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """Final hidden states ``[B, 1 + N, D]`` (after the final norm)."""
+        self._check_inputs(images, bool_masked_pos)
+        x = ops.masked_patch_embed(
+            images, self.patch_embed.proj.weight, self.patch_embed.proj.bias, self.config.patch_size,
+            mask=bool_masked_pos, mask_token=self.mask_token if bool_masked_pos is not None else None,
+            cls_token=self.cls_token, pos_embed=self.pos_embed,
+            backend=backend_for("patch_embed", self.config.kernels),
+        )
+        shared = self.rel_pos_bias.relative_position_bias_table if self.rel_pos_bias is not None else None
+        for block in self.blocks:
+            x = block(x, self.rel_pos_index, shared)
+        return self.norm(x)
+
+    def pool(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Pooled features ``[B, D]``: mean of the patch tokens (+ fc_norm), or the cls token."""
+        if self.config.use_mean_pooling:
+            pooled = hidden[:, 1:].mean(dim=1)
+            return self.fc_norm(pooled) if self.fc_norm is not None else pooled
+        return hidden[:, 0]
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        bool_masked_pos: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        return_accuracy: bool = False,
+    ):
+        if labels is not None and bool_masked_pos is None:
+            raise ValueError("BEiT: labels (visual tokens) need bool_masked_pos")
+        if bool_masked_pos is None:
+            pooled = self.pool(self.forward_features(images))
+            return self.head(pooled) if self.head is not None else pooled
+        if self.lm_head is None:
+            raise ValueError("BEiT: masked image modeling needs an LM head; this model has vocab_size=0")
+        patches = self.forward_features(images, bool_masked_pos)[:, 1:]
+        if labels is None:
+            return self.lm_head(patches[bool_masked_pos])
+        return ops.masked_lm_cross_entropy(
+            patches, self.lm_head.weight, self.lm_head.bias, labels, mask=bool_masked_pos,
+            backend=backend_for("cross_entropy", self.config.kernels), return_accuracy=return_accuracy,
+        )
