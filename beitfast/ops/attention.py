@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from . import dispatch
 
 OP = "attention"
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def rel_pos_attention(
@@ -49,8 +48,8 @@ def _validate(q, k, v, bias_table, rel_index) -> None:
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(f"rel_pos_attention: {name} must be a [B, H, N, D] tensor, got {got}")
-        if t.dtype not in _FLOATS:
-            raise TypeError(f"rel_pos_attention: {name} must be float32/float16/bfloat16, got {t.dtype}")
+        if t.dtype not in dispatch.FLOAT_DTYPES:
+            raise TypeError(f"rel_pos_attention: {name} must be a floating-point (float64/32/16, bfloat16), got {t.dtype}")
     if k.shape != q.shape or v.shape != q.shape:
         raise ValueError(
             "rel_pos_attention: q, k and v must have the same [B, H, N, D] shape, got "

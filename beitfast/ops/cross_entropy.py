@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from . import dispatch
 
 OP = "cross_entropy"
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -57,9 +56,9 @@ def _validate(hidden, weight, bias, labels, mask, ignore_index, reduction) -> No
     name = "masked_lm_cross_entropy"
     if reduction not in _REDUCTIONS:
         raise ValueError(f"{name}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if not isinstance(hidden, torch.Tensor) or hidden.dtype not in _FLOATS:
+    if not isinstance(hidden, torch.Tensor) or hidden.dtype not in dispatch.FLOAT_DTYPES:
         got = hidden.dtype if isinstance(hidden, torch.Tensor) else type(hidden).__name__
-        raise TypeError(f"{name}: hidden must be a float32/float16/bfloat16 tensor, got {got}")
+        raise TypeError(f"{name}: hidden must be a a floating-point (float64/32/16, bfloat16) tensor, got {got}")
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise ValueError(f"{name}: weight must be [V, D], got {_shape(weight)}")
     V, D = weight.shape

@@ -27,6 +27,9 @@ __all__ = ["Backend", "register", "backends", "select", "explain", "set_preferen
            "may_inspect_values", "accepts_all"]
 
 Reasons = list[str]
+# What the public functions take; the eager definitions run in any of them (float64 is the reference),
+# the fused backends say in their ``check`` which they support.
+FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
 @dataclass(frozen=True)

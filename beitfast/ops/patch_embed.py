@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from . import dispatch
 
 OP = "patch_embed"
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def masked_patch_embed(
@@ -47,8 +46,8 @@ def _validate(images, weight, bias, patch_size, mask, mask_token, cls_token, pos
     if not isinstance(images, torch.Tensor) or images.dim() != 4:
         got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise ValueError(f"{name}: images must be [B, C, H, W], got {got}")
-    if images.dtype not in _FLOATS:
-        raise TypeError(f"{name}: images must be float32/float16/bfloat16, got {images.dtype}")
+    if images.dtype not in dispatch.FLOAT_DTYPES:
+        raise TypeError(f"{name}: images must be a floating-point (float64/32/16, bfloat16), got {images.dtype}")
     if not isinstance(patch_size, int) or patch_size < 1:
         raise ValueError(f"{name}: patch_size must be a positive int, got {patch_size!r}")
     B, C, H, W = images.shape
