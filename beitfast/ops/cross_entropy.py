@@ -2,7 +2,7 @@
 labels)`` without the fused backends ever holding the ``[M, V]`` logits.
 
 The eager backend is the definition: gather the counted rows, a linear layer in the input dtype,
-cross-entropy in float32.
+cross-entropy in float32 (float64 stays float64).
 """
 
 from __future__ import annotations
@@ -129,7 +129,8 @@ def reduce_loss(per_row: torch.Tensor, counted: torch.Tensor, reduction: str) ->
 @dispatch.register(OP, "eager", dispatch.accepts_all)
 def cross_entropy_eager(hidden, weight, bias, labels, mask, ignore_index, reduction):
     rows, row_labels = select_rows(hidden, labels, mask)
-    logits = F.linear(rows, weight, bias).float()
+    logits = F.linear(rows, weight, bias)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float32 at least
     per_row = F.cross_entropy(logits, row_labels.long(), ignore_index=ignore_index, reduction="none")
     counted = row_labels != ignore_index
     with torch.no_grad():
