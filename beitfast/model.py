@@ -153,6 +153,9 @@ class BEiT(nn.Module):
     def __init__(self, config: BEiTConfig | None = None, **overrides):
         super().__init__()
         config = (config or BEiTConfig()).replace(**overrides)
+        known = {name for op in ("attention", "cross_entropy", "patch_embed") for name in ops.backends(op)}
+        if config.kernels != "auto" and config.kernels not in known:
+            raise ValueError(f"BEiT: config.kernels must be 'auto' or one of {sorted(known)}, got {config.kernels!r}")
         self.config = config
         dim = config.embed_dim
         self.patch_embed = PatchEmbed(config)
