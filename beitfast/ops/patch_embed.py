@@ -3,12 +3,25 @@ mask token -> cls token prepended -> absolute position embedding added.
 
 The eager backend is the definition: conv2d, flatten, the blend ``x * (1 - w) + mask_token * w``,
 concatenation of the cls token, addition of the position embedding.
+
+The fused backends (``triton``: ``beitfast/kernels/patch_embed.py``; ``cuda``:
+``csrc/patch_embed_cuda.cu``) are ``torch.library`` custom ops, forward and backward each, so
+``torch.compile`` keeps them as single nodes. They compute in ``weight``'s dtype, or in the autocast
+dtype when autocast is on (as the eager conv2d does): the wrapper casts the small parameters, the
+kernels convert the pixels as they load them.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
+import importlib.util
+import os
+from typing import Callable, Optional
+
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from . import dispatch
 
@@ -98,3 +111,170 @@ def patch_embed_eager(images, weight, bias, patch_size, mask, mask_token, cls_to
     if pos_embed is not None:
         x = x + pos_embed.reshape(1, -1, D).to(x.dtype)
     return x
+
+
+# -- fused backends ---------------------------------------------------------------------------------
+
+_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _compute_dtype(images: Tensor, weight: Tensor) -> torch.dtype:
+    device_type = images.device.type
+    if weight.dtype in _FUSED_DTYPES and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return weight.dtype
+
+
+def _define_fused(name: str, forward: Callable, backward: Callable) -> Callable:
+    """The custom ops ``beitfast::{name}`` and ``beitfast::{name}_backward`` and the backend function.
+
+    ``forward(images, weight, bias, patch_size, mask, mask_token, cls_token, pos_embed)`` returns the
+    output; ``backward(grad, images, weight, patch_size, mask, has_cls, need_images)`` returns
+    ``(d_images, d_weight, d_bias, d_mask_token)`` with empty tensors for what was not asked for.
+    """
+
+    @torch.library.custom_op(f"beitfast::{name}_backward", mutates_args=())
+    def backward_op(
+        grad: Tensor, images: Tensor, weight: Tensor, patch_size: int, mask: Optional[Tensor],
+        has_cls: bool, need_images: bool,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return backward(grad, images, weight, patch_size, mask, has_cls, need_images)
+
+    @backward_op.register_fake
+    def _(grad, images, weight, patch_size, mask, has_cls, need_images):
+        D = weight.shape[0]
+        return (
+            torch.empty_like(images) if need_images else images.new_empty(0),
+            torch.empty_like(weight),
+            weight.new_empty(D, dtype=torch.float32),
+            weight.new_empty(D if mask is not None else 0, dtype=torch.float32),
+        )
+
+    @torch.library.custom_op(f"beitfast::{name}", mutates_args=())
+    def op(
+        images: Tensor, weight: Tensor, bias: Optional[Tensor], patch_size: int, mask: Optional[Tensor],
+        mask_token: Optional[Tensor], cls_token: Optional[Tensor], pos_embed: Optional[Tensor],
+    ) -> Tensor:
+        return forward(images, weight, bias, patch_size, mask, mask_token, cls_token, pos_embed)
+
+    @op.register_fake
+    def _(images, weight, bias, patch_size, mask, mask_token, cls_token, pos_embed):
+        B, _, H, W = images.shape
+        N = (H // patch_size) * (W // patch_size)
+        return weight.new_empty((B, N + (cls_token is not None), weight.shape[0]))
+
+    def setup_context(ctx, inputs, output):
+        images, weight, bias, patch_size, mask, mask_token, cls_token, pos_embed = inputs
+        ctx.save_for_backward(images, weight, mask)
+        ctx.patch_size = patch_size
+        ctx.has_cls = cls_token is not None
+        ctx.token_shapes = [None if t is None else t.shape for t in (mask_token, cls_token, pos_embed)]
+
+    def backward_fn(ctx, grad):
+        images, weight, mask = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        grad = grad.contiguous()
+        d_images, d_weight, d_bias, d_token = backward_op(
+            grad, images, weight, ctx.patch_size, mask, ctx.has_cls, need[0]
+        )
+        mask_token_shape, cls_shape, pos_shape = ctx.token_shapes
+        dtype = weight.dtype
+        d_mask_token = d_token.to(dtype).reshape(mask_token_shape) if need[5] else None
+        d_cls = grad[:, 0].sum(0).reshape(cls_shape) if need[6] else None
+        d_pos = grad.sum(0).reshape(pos_shape) if need[7] else None
+        return (
+            d_images if need[0] else None, d_weight if need[1] else None,
+            d_bias.to(dtype) if need[2] else None, None, None, d_mask_token, d_cls, d_pos,
+        )
+
+    op.register_autograd(backward_fn, setup_context=setup_context)
+
+    def run(images, weight, bias, patch_size, mask, mask_token, cls_token, pos_embed):
+        dtype = _compute_dtype(images, weight)
+        cast = [None if t is None else t.to(dtype) for t in (weight, bias, mask_token, cls_token, pos_embed)]
+        weight, bias, mask_token, cls_token, pos_embed = cast
+        return op(images, weight.contiguous(), bias, patch_size, mask, mask_token, cls_token, pos_embed)
+
+    return run
+
+
+def _fused_dtype_reasons(images, weight, **_) -> list[str]:
+    return [
+        f"{arg} dtype {t.dtype} is not supported (float32, float16, bfloat16)"
+        for arg, t in (("images", images), ("weight", weight)) if t.dtype not in _FUSED_DTYPES
+    ]
+
+
+def _triton_missing() -> str | None:
+    return None if importlib.util.find_spec("triton") else "triton is not installed"
+
+
+def _triton_check(images, **inputs) -> list[str]:
+    reasons = _fused_dtype_reasons(images, **inputs)
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if images.device.type != "cuda" and not (interpreted and images.device.type == "cpu"):
+        reasons.append(f"needs CUDA tensors (or CPU ones with TRITON_INTERPRET=1), got {images.device}")
+    return reasons
+
+
+@functools.cache
+def _triton_kernels():
+    return importlib.import_module("beitfast.kernels.patch_embed")
+
+
+def _triton_forward(*args):
+    return _triton_kernels().patch_embed_forward(*args)
+
+
+def _triton_backward(grad, images, weight, patch_size, mask, has_cls, need_images):
+    d_images, d_weight, d_bias, d_token = _triton_kernels().patch_embed_backward(
+        grad, images, weight, patch_size, mask, has_cls, need_images
+    )
+    empty = grad.new_empty(0, dtype=torch.float32)
+    return (
+        images.new_empty(0) if d_images is None else d_images, d_weight, d_bias,
+        empty if d_token is None else d_token,
+    )
+
+
+dispatch.register(OP, "triton", _triton_check, _triton_missing)(
+    _define_fused("patch_embed_triton", _triton_forward, _triton_backward)
+)
+
+
+@functools.cache
+def _cuda_missing() -> str | None:
+    """Why the compiled ops are absent (None when ``beitfast._C`` provides them)."""
+    try:
+        ext = importlib.import_module("beitfast._ext")
+        ext.load()
+    except ImportError:
+        try:
+            importlib.import_module("beitfast._C")
+        except ImportError as exc:
+            return f"the compiled extension beitfast._C is not built ({exc})"
+    except Exception as exc:  # the loader reports a broken build in its own words
+        return f"the compiled extension beitfast._C failed to load: {exc}"
+    if not hasattr(torch.ops.beitfast, "patch_embed_fwd_cuda"):
+        return "beitfast._C was built without CUDA (no beitfast::patch_embed_fwd_cuda op)"
+    return None
+
+
+def _cuda_check(images, **inputs) -> list[str]:
+    reasons = _fused_dtype_reasons(images, **inputs)
+    if images.device.type != "cuda":
+        reasons.append(f"needs CUDA tensors, got {images.device}")
+    return reasons
+
+
+def _cuda_forward(*args):
+    return torch.ops.beitfast.patch_embed_fwd_cuda(*args)
+
+
+def _cuda_backward(*args):
+    return tuple(torch.ops.beitfast.patch_embed_bwd_cuda(*args))
+
+
+dispatch.register(OP, "cuda", _cuda_check, _cuda_missing)(
+    _define_fused("patch_embed_cuda", _cuda_forward, _cuda_backward)
+)
