@@ -1,0 +1,691 @@
+"""Checkpoints: load any BEiT state dict, export to Hugging Face transformers and timm, files.
+
+Formats read by :func:`from_state_dict` (detected from the key names by :func:`detect_format`):
+
+* ``"official"``: the names of the official BEiT code (pre-training with ``mask_token`` and
+  ``lm_head``, or fine-tuning with ``fc_norm`` and ``head``). beitfast and timm (``timm.models.beit``)
+  use exactly these names, so they are the same format. ``{"model": ...}``, ``{"state_dict": ...}``
+  and ``{"module": ...}`` wrappers and ``module.`` / ``_orig_mod.`` prefixes (DDP, ``torch.compile``)
+  are removed, ``relative_position_index`` buffers dropped.
+* ``"hf-v4"``: Hugging Face transformers 4.x (``beit.encoder.layer.N.attention.attention.query``...).
+* ``"hf-v5"``: Hugging Face transformers 5.x (``beit.layers.N.attention.q_proj``...).
+
+Without a config, the config is inferred from the shapes (:func:`infer_config`). With one, the state
+dict is adapted to it: a shared bias table is copied into every layer when the config asks for
+per-layer tables (as the official fine-tuning does), and bias tables and the absolute position
+embedding are resized when the config has another image size (:func:`resize_rel_pos_bias_table`,
+:func:`resize_pos_embed`).
+
+Files (:func:`save`, :func:`load`): ``.safetensors`` with the config as JSON in the metadata, and
+``.pth``/``.pt`` holding ``{"model": state_dict, "config": dict}``; both written atomically.
+:func:`load` also reads official ``.pth`` files, Hugging Face ``model.safetensors`` /
+``pytorch_model.bin`` (or their folder, whose ``config.json`` is then used) and timm files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import math
+import os
+import re
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+
+from .config import BEiTConfig
+from .model import BEiT, num_relative_positions
+
+__all__ = [
+    "FORMATS", "HF_TASKS", "unwrap_state_dict", "detect_format", "to_official_names", "infer_config",
+    "adapt_state_dict", "from_state_dict", "resize_rel_pos_bias_table", "resize_pos_embed",
+    "to_hf_state_dict", "hf_config_kwargs", "config_from_hf", "to_timm_state_dict", "timm_kwargs",
+    "save", "load",
+]
+
+FORMATS = ("official", "hf-v4", "hf-v5")
+HF_TASKS = ("masked_image_modeling", "image_classification")
+
+# Without a bias table nothing in a state dict tells the number of heads; BEiT models use 64.
+DEFAULT_HEAD_DIM = 64
+# Without a position embedding or a bias table nothing tells the image size either.
+DEFAULT_IMG_SIZE = 224
+
+_WRAPPER_KEYS = ("model", "state_dict", "module", "model_state_dict")
+_STRIPPED_PREFIXES = ("module.", "_orig_mod.")
+_SHARED_TABLE = "rel_pos_bias.relative_position_bias_table"
+_CONFIG_METADATA_KEY = "beitfast_config"
+
+# -- Hugging Face names ---------------------------------------------------------------------------
+# Official name (a parameter, or a module whose ".weight"/".bias" follow) -> Hugging Face name, inside
+# one layer and then for the rest of the backbone (under the "beit." prefix).
+_HF_LAYER_NAMES = {
+    5: {
+        "norm1": "layernorm_before",
+        "norm2": "layernorm_after",
+        "attn.q_bias": "attention.q_proj.bias",
+        "attn.v_bias": "attention.v_proj.bias",
+        "attn.proj": "attention.o_proj",
+        "attn.relative_position_bias_table": "relative_position_bias.relative_position_bias_table",
+        "mlp.fc1": "mlp.fc1",
+        "mlp.fc2": "mlp.fc2",
+        "gamma_1": "lambda_1",
+        "gamma_2": "lambda_2",
+    },
+    4: {
+        "norm1": "layernorm_before",
+        "norm2": "layernorm_after",
+        "attn.q_bias": "attention.attention.query.bias",
+        "attn.v_bias": "attention.attention.value.bias",
+        "attn.proj": "attention.output.dense",
+        "attn.relative_position_bias_table": "attention.attention.relative_position_bias.relative_position_bias_table",
+        "mlp.fc1": "intermediate.dense",
+        "mlp.fc2": "output.dense",
+        "gamma_1": "lambda_1",
+        "gamma_2": "lambda_2",
+    },
+}
+# The fused qkv weight of the official layout is three separate projections in transformers.
+_HF_QKV_NAMES = {
+    5: ("attention.q_proj.weight", "attention.k_proj.weight", "attention.v_proj.weight"),
+    4: ("attention.attention.query.weight", "attention.attention.key.weight", "attention.attention.value.weight"),
+}
+_HF_LAYER_PREFIX = {5: "layers.", 4: "encoder.layer."}
+_HF_EMBEDDING_NAMES = {
+    "cls_token": "embeddings.cls_token",
+    "mask_token": "embeddings.mask_token",
+    "pos_embed": "embeddings.position_embeddings",
+    "patch_embed.proj": "embeddings.patch_embeddings.projection",
+}
+_HF_SHARED_TABLE = {
+    5: "shared_position_bias.relative_position_bias_table",
+    4: "encoder.relative_position_bias.relative_position_bias_table",
+}
+
+
+def _lookup(name: str, table: Mapping[str, str]) -> str | None:
+    """``table`` maps parameter names, or module names whose ``.weight``/``.bias`` follow."""
+    if name in table:
+        return table[name]
+    module, _, leaf = name.rpartition(".")
+    if module in table and leaf in ("weight", "bias"):
+        return f"{table[module]}.{leaf}"
+    return None
+
+
+# -- reading --------------------------------------------------------------------------------------
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def unwrap_state_dict(obj: Any) -> dict[str, torch.Tensor]:
+    """The state dict inside a checkpoint: removes ``{"model": ...}``-style wrappers (nested too),
+    drops non-tensor entries of a wrapper (epoch, args...) and strips ``module.`` / ``_orig_mod.``
+    prefixes carried by every key."""
+    while isinstance(obj, Mapping) and not _is_state_dict(obj):
+        inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if inner is None:
+            break
+        obj = inner
+    if not isinstance(obj, Mapping):
+        raise TypeError(f"unwrap_state_dict: expected a state dict (a mapping of tensors), got {type(obj).__name__}")
+    state = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not state:
+        raise ValueError(f"unwrap_state_dict: no tensors found; top-level keys: {_few(obj.keys())}")
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _STRIPPED_PREFIXES:
+            if all(k.startswith(prefix) for k in state):
+                state = {k[len(prefix):]: v for k, v in state.items()}
+                changed = True
+    return state
+
+
+def _few(keys, n: int = 8) -> str:
+    keys = sorted(str(k) for k in keys)
+    return ", ".join(keys[:n]) + (f", ... ({len(keys)} keys)" if len(keys) > n else "")
+
+
+def detect_format(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """One of :data:`FORMATS` for an unwrapped state dict; a ValueError naming some keys otherwise."""
+    keys = list(state_dict)
+    if any(re.match(r"(beit\.)?layers\.\d+\.", k) for k in keys):
+        return "hf-v5"
+    if any(re.match(r"(beit\.)?encoder\.layer\.\d+\.", k) for k in keys):
+        return "hf-v4"
+    if any(re.match(r"blocks\.\d+\.attn\.", k) for k in keys):
+        return "official"
+    raise ValueError(
+        "detect_format: not a BEiT state dict of a known format (official/beitfast/timm, Hugging Face "
+        f"transformers 4.x or 5.x); keys seen: {_few(keys)}"
+    )
+
+
+def _from_hf(state: Mapping[str, torch.Tensor], version: int) -> dict[str, torch.Tensor]:
+    """Hugging Face names -> official names. Keys it does not know keep their name (so they are
+    reported as unexpected)."""
+    layer_names = {hf: ours for ours, hf in _HF_LAYER_NAMES[version].items()}
+    backbone_names = {hf: ours for ours, hf in _HF_EMBEDDING_NAMES.items()}
+    backbone_names[_HF_SHARED_TABLE[version]] = _SHARED_TABLE
+    layer_re = re.compile(re.escape(_HF_LAYER_PREFIX[version]) + r"(\d+)\.(.+)")
+    qkv_parts: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
+    out: dict[str, torch.Tensor] = {}
+    if "beit.layernorm.weight" in state and "layernorm.weight" in state:
+        raise ValueError(
+            "Hugging Face state dict has both beit.layernorm and layernorm (a masked-image-modeling model "
+            "with use_mean_pooling=False normalises twice); BEiT cannot represent that"
+        )
+    for key, value in state.items():
+        name = key[len("beit."):] if key.startswith("beit.") else key
+        head = name.partition(".")[0]
+        if head in ("layernorm", "lm_head", "classifier") or name.startswith("pooler.layernorm."):
+            leaf = name.rpartition(".")[2]
+            module = {"layernorm": "norm", "lm_head": "lm_head", "classifier": "head", "pooler": "fc_norm"}[head]
+            out[f"{module}.{leaf}"] = value
+            continue
+        match = layer_re.fullmatch(name)
+        if match:
+            index, inner = match.groups()
+            if inner in _HF_QKV_NAMES[version]:
+                qkv_parts.setdefault(index, {})[inner] = (key, value)
+                continue
+            ours = _lookup(inner, layer_names)
+            out[f"blocks.{index}.{ours}" if ours else key] = value
+            continue
+        ours = _lookup(name, backbone_names)
+        out[ours or key] = value
+    for index, parts in qkv_parts.items():
+        names = _HF_QKV_NAMES[version]
+        if all(n in parts for n in names):
+            out[f"blocks.{index}.attn.qkv.weight"] = torch.cat([parts[n][1] for n in names], dim=0)
+        else:  # incomplete: left under their own names, reported with the missing qkv
+            out.update(parts.values())
+    return out
+
+
+def to_official_names(state_dict: Any) -> tuple[dict[str, torch.Tensor], str]:
+    """Unwraps a checkpoint and renames it to official names; returns ``(state_dict, format)``."""
+    state = unwrap_state_dict(state_dict)
+    state = {k: v for k, v in state.items() if not k.endswith("relative_position_index")}
+    fmt = detect_format(state)
+    if fmt == "official":
+        return dict(state), fmt
+    return _from_hf(state, 5 if fmt == "hf-v5" else 4), fmt
+
+
+def _grid_from_table_rows(rows: int) -> tuple[int, int] | None:
+    side = math.isqrt(max(rows - 3, 0))
+    if side * side != rows - 3 or side % 2 == 0:
+        return None
+    return ((side + 1) // 2,) * 2
+
+
+def _square_grid(num_patches: int, what: str) -> tuple[int, int]:
+    side = math.isqrt(num_patches)
+    if side * side != num_patches:
+        raise ValueError(f"{what}: {num_patches} patches is not a square grid; pass a config with img_size")
+    return (side, side)
+
+
+def infer_config(state_dict: Mapping[str, torch.Tensor], **overrides) -> BEiTConfig:
+    """The :class:`BEiTConfig` of an official-names state dict, from its shapes.
+
+    embed_dim from ``cls_token``; depth from the block indices; heads from the width of a bias table,
+    else ``embed_dim // 64`` (:data:`DEFAULT_HEAD_DIM`); patch size and channels from the patch
+    projection; image size from ``pos_embed``, else from the bias table rows (square grids), else
+    :data:`DEFAULT_IMG_SIZE`; vocab from ``lm_head``; classes from ``head``; mean pooling from
+    ``fc_norm`` (models with an LM head keep the default); layer scale from ``gamma_1``. Fields the
+    weights do not determine (drop path, eps, kernels...) keep their defaults; ``overrides`` set them.
+    """
+    sd = state_dict
+    required = ("cls_token", "patch_embed.proj.weight", "blocks.0.mlp.fc1.weight")
+    missing = [k for k in required if k not in sd]
+    if missing:
+        raise ValueError(f"infer_config: cannot infer a config without {missing}; keys seen: {_few(sd)}")
+    dim = sd["cls_token"].shape[-1]
+    proj = sd["patch_embed.proj.weight"]
+    if proj.dim() != 4 or proj.shape[-1] != proj.shape[-2]:
+        raise ValueError(f"infer_config: patch_embed.proj.weight must be [D, C, p, p], got {tuple(proj.shape)}")
+    patch = proj.shape[-1]
+    depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
+    per_layer = "blocks.0.attn.relative_position_bias_table" in sd
+    shared = _SHARED_TABLE in sd
+    table = sd.get(_SHARED_TABLE, sd.get("blocks.0.attn.relative_position_bias_table"))
+    if table is not None:
+        heads = table.shape[1]
+    elif dim % DEFAULT_HEAD_DIM == 0:
+        heads = dim // DEFAULT_HEAD_DIM
+    else:
+        raise ValueError(
+            f"infer_config: no bias table tells the number of heads and embed_dim {dim} is not a multiple of "
+            f"the default head dim {DEFAULT_HEAD_DIM}; pass a config"
+        )
+    if "pos_embed" in sd:
+        grid = _square_grid(sd["pos_embed"].shape[1] - 1, "infer_config: pos_embed")
+    elif table is not None:
+        grid = _grid_from_table_rows(table.shape[0])
+        if grid is None:
+            raise ValueError(
+                f"infer_config: bias table with {table.shape[0]} rows is not (2G-1)^2 + 3 for a square grid; "
+                "pass a config with img_size"
+            )
+    else:
+        grid = (DEFAULT_IMG_SIZE // patch,) * 2
+    vocab = sd["lm_head.weight"].shape[0] if "lm_head.weight" in sd else 0
+    values = dict(
+        img_size=grid[0] * patch if grid[0] == grid[1] else (grid[0] * patch, grid[1] * patch),
+        patch_size=patch,
+        in_chans=proj.shape[1],
+        embed_dim=dim,
+        depth=depth,
+        num_heads=heads,
+        mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / dim,
+        vocab_size=vocab,
+        num_classes=sd["head.weight"].shape[0] if "head.weight" in sd else 0,
+        use_abs_pos_emb="pos_embed" in sd,
+        use_rel_pos_bias=per_layer and not shared,
+        use_shared_rel_pos_bias=shared,
+        # An LM-head model has no fc_norm; it keeps the default (mean pooling).
+        use_mean_pooling="fc_norm.weight" in sd or vocab > 0,
+    )
+    if "blocks.0.gamma_1" not in sd:
+        values["layer_scale_init_value"] = 0.0
+    return BEiTConfig(**{**values, **overrides})
+
+
+# -- resizing -------------------------------------------------------------------------------------
+
+
+def resize_rel_pos_bias_table(
+    table: torch.Tensor, new_grid: tuple[int, int], old_grid: tuple[int, int] | None = None
+) -> torch.Tensor:
+    """A ``[(2Wh-1)(2Ww-1) + 3, H]`` bias table for another patch grid.
+
+    The relative-offset part is resampled as an image by bicubic interpolation (``F.interpolate``,
+    ``align_corners=False``: offset 0 stays at the centre); the last three rows (cls->token,
+    token->cls, cls->cls) are kept. The official code uses a geometric-progression resampling that
+    keeps small offsets closer to their old values; both agree on constant tables and on the
+    centre. ``old_grid`` defaults to the square grid the row count implies.
+    """
+    if old_grid is None:
+        old_grid = _grid_from_table_rows(table.shape[0])
+        if old_grid is None:
+            raise ValueError(
+                f"resize_rel_pos_bias_table: {table.shape[0]} rows is not (2G-1)^2 + 3 for a square grid; pass old_grid"
+            )
+    if table.shape[0] != num_relative_positions(old_grid):
+        raise ValueError(
+            f"resize_rel_pos_bias_table: table has {table.shape[0]} rows, grid {old_grid} needs "
+            f"{num_relative_positions(old_grid)}"
+        )
+    if tuple(new_grid) == tuple(old_grid):
+        return table
+    heads = table.shape[1]
+    old_hw = (2 * old_grid[0] - 1, 2 * old_grid[1] - 1)
+    new_hw = (2 * new_grid[0] - 1, 2 * new_grid[1] - 1)
+    offsets = table[:-3].reshape(*old_hw, heads).permute(2, 0, 1).unsqueeze(0)
+    resized = _bicubic(offsets, new_hw).squeeze(0).permute(1, 2, 0).reshape(-1, heads)
+    return torch.cat([resized, table[-3:]], dim=0)
+
+
+def resize_pos_embed(
+    pos_embed: torch.Tensor, new_grid: tuple[int, int], old_grid: tuple[int, int] | None = None
+) -> torch.Tensor:
+    """A ``[1, 1 + N, D]`` absolute position embedding for another patch grid: the patch part is
+    resampled by bicubic interpolation, the cls entry kept. ``old_grid`` defaults to a square grid."""
+    num_patches = pos_embed.shape[1] - 1
+    old_grid = old_grid or _square_grid(num_patches, "resize_pos_embed")
+    if old_grid[0] * old_grid[1] != num_patches:
+        raise ValueError(f"resize_pos_embed: pos_embed has {num_patches} patches, grid {old_grid} has {old_grid[0] * old_grid[1]}")
+    if tuple(new_grid) == tuple(old_grid):
+        return pos_embed
+    dim = pos_embed.shape[-1]
+    patches = pos_embed[:, 1:].reshape(1, *old_grid, dim).permute(0, 3, 1, 2)
+    resized = _bicubic(patches, tuple(new_grid)).permute(0, 2, 3, 1).reshape(1, -1, dim)
+    return torch.cat([pos_embed[:, :1], resized], dim=1)
+
+
+def _bicubic(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    # Interpolated in at least fp32 (bicubic is not implemented for half types on every device).
+    work = torch.promote_types(image.dtype, torch.float32)
+    out = F.interpolate(image.to(work), size=size, mode="bicubic", align_corners=False)
+    return out.to(image.dtype)
+
+
+def adapt_state_dict(state_dict: Mapping[str, torch.Tensor], config: BEiTConfig) -> dict[str, torch.Tensor]:
+    """An official-names state dict made to fit ``config``: a shared bias table becomes per-layer
+    tables when the config asks for them; bias tables and ``pos_embed`` are resized to its grid."""
+    sd = dict(state_dict)
+    if config.use_rel_pos_bias and _SHARED_TABLE in sd and "blocks.0.attn.relative_position_bias_table" not in sd:
+        shared = sd.pop(_SHARED_TABLE)
+        for i in range(config.depth):
+            sd[f"blocks.{i}.attn.relative_position_bias_table"] = shared.clone()
+    rows = num_relative_positions(config.grid)
+    for key, value in sd.items():
+        if key.endswith("relative_position_bias_table") and value.dim() == 2 and value.shape[0] != rows:
+            sd[key] = resize_rel_pos_bias_table(value, config.grid)
+    pos = sd.get("pos_embed")
+    if pos is not None and pos.dim() == 3 and pos.shape[1] != config.num_patches + 1:
+        sd["pos_embed"] = resize_pos_embed(pos, config.grid)
+    return sd
+
+
+def _load_checked(model: BEiT, state_dict: Mapping[str, torch.Tensor], strict: bool) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    mismatched = [
+        f"{k}: expected {tuple(expected[k].shape)}, got {tuple(v.shape)}"
+        for k, v in state_dict.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
+    if mismatched:
+        raise ValueError("BEiT.from_state_dict: shape mismatch for " + "; ".join(mismatched))
+    if missing or unexpected:
+        message = f"BEiT.from_state_dict: missing keys {missing}, unexpected keys {unexpected}"
+        if strict:
+            raise KeyError(message + " (strict=False loads the rest)")
+        warnings.warn(message + "; missing ones keep their initial values", stacklevel=3)
+    model.load_state_dict({k: v for k, v in state_dict.items() if k in expected}, strict=False)
+
+
+def from_state_dict(
+    state_dict: Any, config: BEiTConfig | None = None, strict: bool = True, **overrides
+) -> BEiT:
+    """A :class:`BEiT` holding the weights of any supported state dict (see the module docstring).
+
+    ``config=None`` infers it from the shapes; ``overrides`` change fields of the given or inferred
+    config (e.g. ``kernels="eager"``, ``drop_path_rate=0.0``). ``strict=True`` refuses missing or
+    unexpected keys (listing them); ``strict=False`` warns and keeps initial values for the missing
+    ones (e.g. a new classifier on a pre-trained backbone). A shape mismatch is always an error.
+    """
+    state, _ = to_official_names(state_dict)
+    config = (config or infer_config(state)).replace(**overrides)
+    model = BEiT(config)
+    _load_checked(model, adapt_state_dict(state, config), strict)
+    return model
+
+
+# -- export ---------------------------------------------------------------------------------------
+
+
+def _default_task(config: BEiTConfig, task: str | None) -> str:
+    task = task or ("masked_image_modeling" if config.vocab_size > 0 else "image_classification")
+    if task not in HF_TASKS:
+        raise ValueError(f"task must be one of {HF_TASKS}, got {task!r}")
+    return task
+
+
+def _hf_head_names(config: BEiTConfig, task: str) -> dict[str, str]:
+    """Official head modules -> Hugging Face names for ``task``."""
+    if task == "masked_image_modeling":
+        if config.vocab_size == 0:
+            raise ValueError("to_hf_state_dict: masked_image_modeling needs an LM head; this model has vocab_size=0")
+        # BeitForMaskedImageModeling normalises in its own `layernorm` (its backbone's is an identity).
+        return {"norm": "layernorm", "lm_head": "lm_head"}
+    if config.use_mean_pooling and config.vocab_size > 0:
+        raise ValueError(
+            "to_hf_state_dict: image_classification of a model with an LM head and mean pooling (mean of the "
+            "normed tokens, no fc_norm) has no BeitForImageClassification equivalent"
+        )
+    if config.use_mean_pooling:
+        return {"fc_norm": "beit.pooler.layernorm", "head": "classifier"}
+    return {"norm": "beit.layernorm", "head": "classifier"}
+
+
+def to_hf_state_dict(model: BEiT, version: int = 5, task: str | None = None) -> dict[str, torch.Tensor]:
+    """The state dict of the equivalent transformers model, in the key names of transformers 5.x
+    (``version=5``) or 4.x (``version=4``).
+
+    ``task`` picks the model class: ``"masked_image_modeling"`` (``BeitForMaskedImageModeling``,
+    the default when the model has an LM head; the classifier, if any, is left out) or
+    ``"image_classification"`` (``BeitForImageClassification``; mask token and LM head left out).
+    Build the peer with ``transformers.BeitConfig(**hf_config_kwargs(model.config, task))``.
+    """
+    if version not in _HF_LAYER_NAMES:
+        raise ValueError(f"to_hf_state_dict: version must be 4 or 5, got {version!r}")
+    config = model.config
+    task = _default_task(config, task)
+    heads = _hf_head_names(config, task)
+    layer_names = _HF_LAYER_NAMES[version]
+    backbone_names = {**_HF_EMBEDDING_NAMES, _SHARED_TABLE: _HF_SHARED_TABLE[version]}
+    if task == "image_classification":
+        backbone_names.pop("mask_token")
+    out: dict[str, torch.Tensor] = {}
+    for key, value in model.state_dict().items():
+        match = re.fullmatch(r"blocks\.(\d+)\.(.+)", key)
+        if match:
+            index, inner = match.groups()
+            prefix = f"beit.{_HF_LAYER_PREFIX[version]}{index}."
+            if inner == "attn.qkv.weight":
+                for name, part in zip(_HF_QKV_NAMES[version], value.chunk(3, dim=0)):
+                    out[prefix + name] = part.clone()
+                continue
+            out[prefix + _lookup(inner, layer_names)] = value
+            continue
+        module, _, leaf = key.rpartition(".")
+        if module in heads:
+            out[f"{heads[module]}.{leaf}"] = value
+            continue
+        hf = _lookup(key, backbone_names)
+        if hf is not None:
+            out["beit." + hf] = value
+    return out
+
+
+def hf_config_kwargs(config: BEiTConfig, task: str | None = None) -> dict[str, Any]:
+    """Keyword arguments of ``transformers.BeitConfig`` describing the same model (see
+    :func:`to_hf_state_dict` for ``task``). Dropout and drop path are off (inference)."""
+    task = _default_task(config, task)
+    _hf_head_names(config, task)  # refuses what transformers cannot represent
+    image = config.image_hw
+    if image[0] != image[1]:
+        raise ValueError(f"hf_config_kwargs: transformers BEiT supports square images only, got {image}")
+    kwargs = dict(
+        image_size=image[0],
+        patch_size=config.patch_size,
+        num_channels=config.in_chans,
+        hidden_size=config.embed_dim,
+        num_hidden_layers=config.depth,
+        num_attention_heads=config.num_heads,
+        intermediate_size=int(config.embed_dim * config.mlp_ratio),
+        hidden_act="gelu",
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        drop_path_rate=0.0,
+        layer_norm_eps=config.layer_norm_eps,
+        layer_scale_init_value=config.layer_scale_init_value,
+        use_absolute_position_embeddings=config.use_abs_pos_emb,
+        use_relative_position_bias=config.use_rel_pos_bias,
+        use_shared_relative_position_bias=config.use_shared_rel_pos_bias,
+        initializer_range=config.init_std,
+    )
+    if task == "masked_image_modeling":
+        kwargs.update(vocab_size=config.vocab_size, use_mask_token=True, use_mean_pooling=True)
+    else:
+        kwargs.update(use_mask_token=False, use_mean_pooling=config.use_mean_pooling, num_labels=config.num_classes)
+    return kwargs
+
+
+def config_from_hf(hf_config: Any, **overrides) -> BEiTConfig:
+    """A :class:`BEiTConfig` from a ``transformers.BeitConfig`` or its ``config.json`` dict.
+
+    The LM head is taken from ``architectures`` (``BeitForMaskedImageModeling``) when present, else
+    from ``use_mask_token``; the classifier from ``num_labels`` / ``id2label`` for classification.
+    """
+    c = hf_config if isinstance(hf_config, Mapping) else hf_config.to_dict()
+    architectures = c.get("architectures") or []
+    mim = "BeitForMaskedImageModeling" in architectures or (not architectures and c.get("use_mask_token", False))
+    classification = "BeitForImageClassification" in architectures
+    if classification:
+        num_classes = c.get("num_labels") or len(c.get("id2label") or {})
+    else:
+        num_classes = 0
+    size = c.get("image_size", 224)
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    hidden = c.get("hidden_size", 768)
+    values = dict(
+        img_size=size,
+        patch_size=c.get("patch_size", 16),
+        in_chans=c.get("num_channels", 3),
+        embed_dim=hidden,
+        depth=c.get("num_hidden_layers", 12),
+        num_heads=c.get("num_attention_heads", 12),
+        mlp_ratio=c.get("intermediate_size", 4 * hidden) / hidden,
+        vocab_size=c.get("vocab_size", 8192) if mim else 0,
+        num_classes=num_classes,
+        use_abs_pos_emb=c.get("use_absolute_position_embeddings", False),
+        use_rel_pos_bias=c.get("use_relative_position_bias", False),
+        use_shared_rel_pos_bias=c.get("use_shared_relative_position_bias", False),
+        layer_scale_init_value=c.get("layer_scale_init_value", 0.1),
+        use_mean_pooling=c.get("use_mean_pooling", True),
+        layer_norm_eps=c.get("layer_norm_eps", 1e-12),
+        drop_path_rate=c.get("drop_path_rate", 0.1),
+    )
+    return BEiTConfig(**{**values, **overrides})
+
+
+def to_timm_state_dict(model: BEiT) -> dict[str, torch.Tensor]:
+    """The state dict of the equivalent ``timm.models.beit.Beit`` (built with
+    :func:`timm_kwargs`). timm uses the official names; it has no mask token and no LM head, so those
+    are left out."""
+    return {k: v for k, v in model.state_dict().items() if k != "mask_token" and not k.startswith("lm_head.")}
+
+
+def timm_kwargs(config: BEiTConfig) -> dict[str, Any]:
+    """Keyword arguments of ``timm.models.beit.Beit`` (or ``timm.create_model(name, **kwargs)``) for
+    the same backbone and classifier. Dropout and drop path are off (inference)."""
+    has_fc_norm = config.use_mean_pooling and config.vocab_size == 0
+    kwargs = dict(
+        img_size=config.image_hw,
+        patch_size=config.patch_size,
+        in_chans=config.in_chans,
+        num_classes=config.num_classes,
+        global_pool="avg" if config.use_mean_pooling else "token",
+        use_fc_norm=has_fc_norm,
+        embed_dim=config.embed_dim,
+        depth=config.depth,
+        num_heads=config.num_heads,
+        mlp_ratio=config.mlp_ratio,
+        qkv_bias=True,
+        init_values=config.layer_scale_init_value or None,
+        use_abs_pos_emb=config.use_abs_pos_emb,
+        use_rel_pos_bias=config.use_rel_pos_bias,
+        use_shared_rel_pos_bias=config.use_shared_rel_pos_bias,
+        drop_path_rate=0.0,
+    )
+    if config.layer_norm_eps != 1e-6:  # timm's LayerNorm default
+        import timm.layers
+
+        kwargs["norm_layer"] = functools.partial(timm.layers.LayerNorm, eps=config.layer_norm_eps)
+    return kwargs
+
+
+# -- files ----------------------------------------------------------------------------------------
+
+
+def _write_atomically(path: Path, write: Callable[[str], None]) -> None:
+    """``write(temp_path)`` into a temporary file of the same folder, then rename it over ``path``:
+    a failure leaves any previous file intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(temp)
+        with open(temp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        if os.path.exists(temp):
+            os.remove(temp)
+        raise
+
+
+def _config_json(config: BEiTConfig) -> str:
+    return json.dumps(config.to_dict())
+
+
+def save(model: BEiT, path: str | os.PathLike) -> None:
+    """Writes the weights and config: ``.safetensors`` (config JSON in the metadata) or
+    ``.pth``/``.pt`` (``{"model": state_dict, "config": dict}``), atomically."""
+    import safetensors.torch
+
+    path = Path(path)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if path.suffix == ".safetensors":
+        metadata = {"format": "pt", _CONFIG_METADATA_KEY: _config_json(model.config)}
+        _write_atomically(path, lambda temp: safetensors.torch.save_file(state, temp, metadata=metadata))
+    elif path.suffix in (".pth", ".pt"):
+        payload = {"model": state, "config": json.loads(_config_json(model.config))}
+        _write_atomically(path, lambda temp: torch.save(payload, temp))
+    else:
+        raise ValueError(f"save: path must end in .safetensors, .pth or .pt, got {str(path)!r}")
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], BEiTConfig | None]:
+    import safetensors
+    import safetensors.torch
+
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+    config = metadata.get(_CONFIG_METADATA_KEY)
+    return safetensors.torch.load_file(str(path)), (BEiTConfig.from_dict(json.loads(config)) if config else None)
+
+
+def _read_torch(path: Path) -> tuple[Any, BEiTConfig | None]:
+    # Official training checkpoints also hold their argparse arguments.
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    config = payload.get("config") if isinstance(payload, Mapping) else None
+    # Other training scripts store their own "config"; only ours has BEiTConfig fields only.
+    ours = isinstance(config, Mapping) and bool(config) and set(config) <= {f.name for f in dataclasses.fields(BEiTConfig)}
+    return payload, (BEiTConfig.from_dict(config) if ours else None)
+
+
+def _read_hf_folder(folder: Path) -> tuple[dict[str, torch.Tensor], BEiTConfig | None]:
+    config_file = folder / "config.json"
+    config = config_from_hf(json.loads(config_file.read_text())) if config_file.exists() else None
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / name).exists():
+            return _read_file(folder / name)[0], config
+        index = folder / f"{name}.index.json"
+        if index.exists():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            state: dict[str, torch.Tensor] = {}
+            for shard in shards:
+                state.update(unwrap_state_dict(_read_file(folder / shard)[0]))
+            return state, config
+    raise FileNotFoundError(f"load: {str(folder)!r} holds no model.safetensors or pytorch_model.bin")
+
+
+def _read_file(path: Path) -> tuple[Any, BEiTConfig | None]:
+    if path.is_dir():
+        return _read_hf_folder(path)
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path)
+    return _read_torch(path)
+
+
+def load(path: str | os.PathLike, config: BEiTConfig | None = None, strict: bool = True, **overrides) -> BEiT:
+    """A :class:`BEiT` from a file or a Hugging Face model folder of any supported format.
+
+    The config is, in order: ``config``; the one stored by :func:`save`; a Hugging Face
+    ``config.json`` beside the weights; inferred from the shapes. ``overrides`` change its fields.
+    ``.pth``/``.pt``/``.bin`` files are read with ``torch.load(weights_only=True)``.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"load: no such file or folder {str(path)!r}")
+    if path.is_file() and path.name in ("model.safetensors", "pytorch_model.bin") and (path.parent / "config.json").exists():
+        path = path.parent
+    payload, stored = _read_file(path)
+    return from_state_dict(payload, config or stored, strict=strict, **overrides)
