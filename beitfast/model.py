@@ -267,3 +267,59 @@ class BEiT(nn.Module):
             patches, self.lm_head.weight, self.lm_head.bias, labels, mask=bool_masked_pos,
             backend=backend_for("cross_entropy", self.config.kernels), return_accuracy=return_accuracy,
         )
+
+    # -- checkpoints (implemented in beitfast.checkpoint) --------------------------------------------
+
+    @staticmethod
+    def from_state_dict(state_dict, config: BEiTConfig | None = None, strict: bool = True, **overrides) -> "BEiT":
+        """A model from any supported state dict (official, beitfast, timm, transformers 4.x/5.x);
+        the config is inferred from the shapes when not given. See :mod:`beitfast.checkpoint`."""
+        from . import checkpoint
+
+        return checkpoint.from_state_dict(state_dict, config, strict, **overrides)
+
+    @staticmethod
+    def from_file(path, config: BEiTConfig | None = None, strict: bool = True, **overrides) -> "BEiT":
+        """A model from a ``.safetensors``/``.pth``/``.pt``/``.bin`` file or a Hugging Face folder."""
+        from . import checkpoint
+
+        return checkpoint.load(path, config, strict, **overrides)
+
+    load = from_file
+
+    def save(self, path) -> None:
+        """Writes ``.safetensors`` or ``.pth``/``.pt`` (weights and config), atomically."""
+        from . import checkpoint
+
+        checkpoint.save(self, path)
+
+    def resized(self, img_size) -> "BEiT":
+        """A copy for another image size (bias tables and position embedding interpolated)."""
+        from . import checkpoint
+
+        return checkpoint.from_state_dict(self.state_dict(), self.config.replace(img_size=img_size))
+
+    def to_hf_state_dict(self, version: int = 5, task: str | None = None) -> dict[str, torch.Tensor]:
+        """Weights in transformers 5.x (or 4.x) names; ``task`` picks the masked-image-modeling or
+        image-classification model."""
+        from . import checkpoint
+
+        return checkpoint.to_hf_state_dict(self, version, task)
+
+    def to_hf_config(self, task: str | None = None) -> dict:
+        """Keyword arguments of ``transformers.BeitConfig`` for the same model."""
+        from . import checkpoint
+
+        return checkpoint.hf_config_kwargs(self.config, task)
+
+    def to_timm_state_dict(self) -> dict[str, torch.Tensor]:
+        """Weights of the equivalent ``timm.models.beit.Beit`` (no mask token, no LM head)."""
+        from . import checkpoint
+
+        return checkpoint.to_timm_state_dict(self)
+
+    def timm_kwargs(self) -> dict:
+        """Keyword arguments of ``timm.models.beit.Beit`` for the same model."""
+        from . import checkpoint
+
+        return checkpoint.timm_kwargs(self.config)
