@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import _ext
 from . import dispatch
 
 OP = "patch_embed"
@@ -192,8 +193,10 @@ def _define_fused(name: str, forward: Callable, backward: Callable) -> Callable:
     def run(images, weight, bias, patch_size, mask, mask_token, cls_token, pos_embed):
         dtype = _compute_dtype(images, weight)
         cast = [None if t is None else t.to(dtype) for t in (weight, bias, mask_token, cls_token, pos_embed)]
-        weight, bias, mask_token, cls_token, pos_embed = cast
-        return op(images, weight.contiguous(), bias, patch_size, mask, mask_token, cls_token, pos_embed)
+        # The kernels index the small tensors as dense arrays (no-ops for parameters and masks).
+        weight, bias, mask_token, cls_token, pos_embed = [None if t is None else t.contiguous() for t in cast]
+        mask = None if mask is None else mask.contiguous()
+        return op(images, weight, bias, patch_size, mask, mask_token, cls_token, pos_embed)
 
     return run
 
@@ -242,24 +245,6 @@ dispatch.register(OP, "triton", _triton_check, _triton_missing)(
 )
 
 
-@functools.cache
-def _cuda_missing() -> str | None:
-    """Why the compiled ops are absent (None when ``beitfast._C`` provides them)."""
-    try:
-        ext = importlib.import_module("beitfast._ext")
-        ext.load()
-    except ImportError:
-        try:
-            importlib.import_module("beitfast._C")
-        except ImportError as exc:
-            return f"the compiled extension beitfast._C is not built ({exc})"
-    except Exception as exc:  # the loader reports a broken build in its own words
-        return f"the compiled extension beitfast._C failed to load: {exc}"
-    if not hasattr(torch.ops.beitfast, "patch_embed_fwd_cuda"):
-        return "beitfast._C was built without CUDA (no beitfast::patch_embed_fwd_cuda op)"
-    return None
-
-
 def _cuda_check(images, **inputs) -> list[str]:
     reasons = _fused_dtype_reasons(images, **inputs)
     if images.device.type != "cuda":
@@ -275,6 +260,6 @@ def _cuda_backward(*args):
     return tuple(torch.ops.beitfast.patch_embed_bwd_cuda(*args))
 
 
-dispatch.register(OP, "cuda", _cuda_check, _cuda_missing)(
+dispatch.register(OP, "cuda", _cuda_check, _ext.available("patch_embed_fwd_cuda", "cuda"))(
     _define_fused("patch_embed_cuda", _cuda_forward, _cuda_backward)
 )
