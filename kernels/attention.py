@@ -30,11 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["rel_pos_attention", "SUPPORTED_HEAD_DIMS", "deterministic_mode"]
+__all__ = ["rel_pos_attention", "deterministic_mode"]
 
-# Any multiple of 8 up to 128 works (D is padded to a power of two inside the kernels); the dot
-# products need at least 16 along the reduction.
-SUPPORTED_HEAD_DIMS = tuple(range(16, 129, 8))
 LOG2E = 1.4426950408889634
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -330,6 +327,11 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _new_buffer(like: torch.Tensor, shape, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Every buffer the kernels fully overwrite comes from here (tests poison it with NaN)."""
+    return torch.empty(shape, device=like.device, dtype=like.dtype if dtype is None else dtype)
+
+
 def _bias_args(bias_table, rel_index):
     """Pointers and strides of the table and index, or dummies when there is no bias."""
     if bias_table is None:
@@ -339,8 +341,8 @@ def _bias_args(bias_table, rel_index):
 
 def _forward(q, k, v, bias_table, rel_index, scale):
     B, H, N, D = q.shape
-    out = q.new_empty(B, H, N, D)
-    lse = torch.empty(B, H, N, device=q.device, dtype=torch.float32)
+    out = _new_buffer(q, (B, H, N, D))
+    lse = _new_buffer(q, (B, H, N), torch.float32)
     table, index, bias_strides = _bias_args(bias_table, rel_index)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)  # noqa: E731
     _fwd_kernel[grid](
@@ -358,10 +360,8 @@ def _backward(dout, q, k, v, out, lse, bias_table, rel_index, scale, determinist
     has_bias = bias_table is not None
     table, index, bias_strides = _bias_args(bias_table, rel_index)
     tile = dict(PRECISION=_precision(q.dtype), BLOCK_D=_block_d(D))
-    dq = q.new_empty(B, H, N, D)
-    dk = q.new_empty(B, H, N, D)
-    dv = q.new_empty(B, H, N, D)
-    delta = torch.empty(B, H, N, device=q.device, dtype=torch.float32)
+    dq, dk, dv = (_new_buffer(q, (B, H, N, D)) for _ in range(3))
+    delta = _new_buffer(q, (B, H, N), torch.float32)
     _bwd_dq_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)](
         q, k, v, table, index, out, dout, lse, delta, dq,
         scale, scale * LOG2E,
@@ -380,7 +380,7 @@ def _backward(dout, q, k, v, out, lse, bias_table, rel_index, scale, determinist
     if not has_bias:
         return dq, dk, dv, q.new_empty(0)
     if deterministic:
-        dense = torch.empty(H, N, N, device=q.device, dtype=torch.float32)
+        dense = _new_buffer(q, (H, N, N), torch.float32)
         _bwd_dbias_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]), H)](
             q, k, v, table, index, dout, lse, delta, dense,
             scale * LOG2E,
@@ -397,7 +397,7 @@ def _fold_into_table(dense, bias_table, rel_index):
     sorted_index, order = torch.sort(flat, stable=True)
     # starts[r] = first sorted position holding index r; no host sync (searchsorted stays on device).
     starts = torch.searchsorted(sorted_index, torch.arange(R + 1, device=flat.device, dtype=flat.dtype))
-    dtable = torch.empty_like(bias_table)
+    dtable = _new_buffer(bias_table, (R, H))
     _segment_sum_kernel[(R,)](
         dense, order, starts, dtable, flat.numel(), H, *dtable.stride(),
         BLOCK_S=64, BLOCK_H=triton.next_power_of_2(H),
@@ -441,7 +441,7 @@ def rel_pos_attention_bwd(
 @rel_pos_attention_bwd.register_fake
 def _(dout, q, k, v, out, lse, bias_table, rel_index, scale, deterministic):
     B, H, N, D = q.shape
-    dtable = torch.empty_like(bias_table) if bias_table is not None else q.new_empty(0)
+    dtable = bias_table.new_empty(bias_table.shape) if bias_table is not None else q.new_empty(0)
     return q.new_empty(B, H, N, D), q.new_empty(B, H, N, D), q.new_empty(B, H, N, D), dtable
 
 

@@ -2,15 +2,18 @@
 ``B[h, i, j] = bias_table[rel_index[i, j], h]``.
 
 The eager backend is the definition. The others: ``triton`` (our flash kernel that reads the bias
-from the table and learns it), ``sdpa`` (the gathered bias as ``attn_mask``, what timm and
-transformers do), ``flex`` (FlexAttention with the bias as a ``score_mod``), ``xformers`` and
-``flash`` (flash-attn, calls without bias only) when those packages are installed.
+from the table and learns it, ``beitfast/kernels/attention.py``; its table gradient is deterministic
+with ``BEITFAST_DETERMINISTIC=1`` or ``torch.use_deterministic_algorithms(True)``), ``sdpa`` (the
+gathered bias as ``attn_mask``, what timm and transformers do), ``flex`` (FlexAttention with the
+bias as a ``score_mod``), ``xformers`` and ``flash`` (flash-attn, calls without bias only) when those
+packages are installed.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 
 import torch
 import torch.nn.functional as F
@@ -103,6 +106,45 @@ def attention_eager(q, k, v, bias_table, rel_index, scale):
 
 
 # ---------------------------------------------------------------------------------------------------
+# triton: our flash kernel reading the bias from the table (beitfast/kernels/attention.py)
+
+# Any multiple of 8 up to 128 (the kernels pad D to a power of two); the dot products need >= 16.
+TRITON_HEAD_DIMS = tuple(range(16, 129, 8))
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Batch * heads is the second grid axis, which CUDA limits to 65535.
+_TRITON_MAX_BATCH_HEADS = 65535
+
+
+def _triton_available() -> str | None:
+    return None if importlib.util.find_spec("triton") else "triton is not installed"
+
+
+def _triton_check(q, bias_table, **_) -> list[str]:
+    reasons = []
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1" and q.device.type == "cpu"
+    if q.device.type != "cuda" and not interpreted:
+        reasons.append(f"triton needs CUDA tensors (or CPU ones with TRITON_INTERPRET=1), got {q.device}")
+    if q.dtype not in _TRITON_DTYPES:
+        reasons.append(f"triton takes q, k, v in float32/float16/bfloat16, got {q.dtype}")
+    elif interpreted and q.dtype == torch.bfloat16:
+        reasons.append("the Triton interpreter computes bfloat16 wrongly; use float32/float16 on CPU")
+    B, H, _, D = q.shape
+    if D not in TRITON_HEAD_DIMS:
+        reasons.append(f"triton takes head dims that are multiples of 8 from 16 to 128, got {D}")
+    if B * H > _TRITON_MAX_BATCH_HEADS:
+        reasons.append(f"triton takes batch * heads up to {_TRITON_MAX_BATCH_HEADS}, got {B * H}")
+    return reasons
+
+
+@dispatch.register(OP, "triton", _triton_check, _triton_available)
+def attention_triton(q, k, v, bias_table, rel_index, scale):
+    # Imported here so `import beitfast` does not load Triton; torch.compile traces this import.
+    from ..kernels import attention as kernels
+
+    return kernels.rel_pos_attention(q, k, v, bias_table, rel_index, scale)
+
+
+# ---------------------------------------------------------------------------------------------------
 # sdpa: PyTorch's scaled_dot_product_attention fed the gathered bias
 
 
@@ -139,15 +181,19 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
+def bias_score_mod(bias_table: torch.Tensor, rel_index: torch.Tensor):
+    """The FlexAttention ``score_mod`` adding ``bias_table[rel_index[i, j], h]``; the table is a
+    captured tensor, so FlexAttention differentiates through it."""
+
+    def score_mod(score, b, h, i, j):
+        return score + bias_table[rel_index[i, j], h].to(score.dtype)
+
+    return score_mod
+
+
 @dispatch.register(OP, "flex", _flex_check, _flex_available)
 def attention_flex(q, k, v, bias_table, rel_index, scale):
-    score_mod = None
-    if bias_table is not None:
-        index = rel_index
-
-        def score_mod(score, b, h, i, j):
-            return score + bias_table[index[i, j], h].to(score.dtype)
-
+    score_mod = None if bias_table is None else bias_score_mod(bias_table, rel_index)
     return _compiled_flex()(q, k, v, score_mod=score_mod, scale=scale)
 
 

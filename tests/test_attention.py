@@ -1,0 +1,361 @@
+"""rel_pos_attention: the Triton kernels (through the interpreter on CPU) and the other backends against
+the eager definition computed in float64; gradients of q, k, v and the bias table; bad input."""
+
+import pytest
+import torch
+
+from beitfast import BEiT, BEiTConfig, ops
+from beitfast.model import num_relative_positions, relative_position_index
+from beitfast.ops import attention as attention_op
+
+# tests/conftest.py cannot be imported under --import-mode=importlib, so the marker is spelled here.
+HAS_GPU = torch.cuda.is_available()
+requires_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device")
+TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def make_inputs(B, H, N, D, dtype, device, index="random", num_rows=None):
+    """Random q, k, v, table and index; ``index`` is "random", "beit" (N = 1 + Wh*Ww) or None."""
+    q, k, v = (torch.randn(B, H, N, D, device=device, dtype=dtype).requires_grad_() for _ in range(3))
+    if index is None:
+        return q, k, v, None, None
+    if index == "beit":
+        side = round((N - 1) ** 0.5)
+        grid = (side, (N - 1) // side)
+        assert 1 + grid[0] * grid[1] == N
+        rel_index = relative_position_index(grid).to(device)
+        num_rows = num_relative_positions(grid)
+    else:
+        num_rows = num_rows or 2 * N + 3
+        rel_index = torch.randint(0, num_rows, (N, N), device=device)
+    table = (torch.randn(num_rows, H, device=device) * 2).requires_grad_()
+    return q, k, v, table, rel_index
+
+
+def run(backend, q, k, v, table, rel_index, scale=None, grad_out=None):
+    """Output and the gradients of every differentiable input (None where there is no table)."""
+    inputs = [t for t in (q, k, v, table) if t is not None]
+    out = ops.rel_pos_attention(q, k, v, table, rel_index, scale, backend=backend)
+    grads = torch.autograd.grad(out, inputs, grad_out)
+    return [out, *grads]
+
+
+def as_reference(tensors, dtype):
+    return [None if t is None else t.detach().to(dtype).requires_grad_(t.requires_grad) for t in tensors]
+
+
+def assert_close_to_reference(backend, q, k, v, table, rel_index, scale=None, grad_out=None):
+    """Flash-attention's criterion: the backend's error against the float64 eager result is at most
+    twice that of the eager computation in the inputs' precision, plus a small per-dtype term."""
+    grad_out = torch.randn_like(q) if grad_out is None else grad_out
+    got = run(backend, q, k, v, table, rel_index, scale, grad_out)
+    ref64 = run("eager", *as_reference([q, k, v, table], torch.float64), rel_index, scale, grad_out.double())
+    same_precision = run("eager", *as_reference([q, k, v, table], q.dtype), rel_index, scale, grad_out)
+    names = ["out", "dq", "dk", "dv", "dtable"]
+    for name, x, ref, eager in zip(names, got, ref64, same_precision):
+        assert x.shape == ref.shape and x.dtype == (table.dtype if name == "dtable" else q.dtype), name
+        assert torch.isfinite(x).all(), name
+        err = (x.double() - ref).abs().max().item()
+        eager_err = (eager.double() - ref).abs().max().item()
+        allowed = 2 * eager_err + TOLERANCE[q.dtype] * max(1.0, ref.abs().max().item())
+        assert err <= allowed, f"{name}: error {err:.3g} > allowed {allowed:.3g} (eager error {eager_err:.3g})"
+
+
+# ---------------------------------------------------------------------------------------------------
+# triton through the interpreter (or on the GPU when there is one)
+
+CASES = [
+    # B, H, N, D, dtype, index
+    (1, 1, 7, 32, torch.float32, "random"),
+    (2, 3, 17, 64, torch.float16, "random"),
+    (1, 3, 50, 80, torch.float32, "beit"),
+    (2, 1, 17, 128, torch.float16, "beit"),
+    (2, 2, 50, 64, torch.float32, None),
+    (1, 3, 7, 80, torch.float16, None),
+    (1, 1, 197, 64, torch.float32, "beit"),
+]
+
+
+@pytest.mark.parametrize("B,H,N,D,dtype,index", CASES, ids=lambda c: str(c).replace("torch.", ""))
+def test_triton_matches_reference(device, B, H, N, D, dtype, index):
+    assert_close_to_reference("triton", *make_inputs(B, H, N, D, dtype, device, index))
+
+
+def test_triton_custom_scale_and_sparse_table(device):
+    """A non-default scale; a table with rows no index uses (their gradient must be exactly 0)."""
+    q, k, v, table, rel_index = make_inputs(2, 2, 17, 32, torch.float32, device)
+    table = (torch.randn(40, 2, device=device)).requires_grad_()
+    rel_index = torch.randint(0, 20, (17, 17), device=device)
+    assert_close_to_reference("triton", q, k, v, table, rel_index, scale=0.37)
+    grad_table = run("triton", q, k, v, table, rel_index, 0.37, torch.randn_like(q))[-1]
+    unused = torch.ones(40, dtype=torch.bool, device=device)
+    unused[rel_index.flatten()] = False
+    assert torch.equal(grad_table[unused], torch.zeros_like(grad_table[unused]))
+
+
+def test_triton_strided_inputs(device):
+    """q, k, v as the model's views of one qkv tensor, a transposed table, int32 index, and a
+    non-contiguous output gradient: everything is read through its strides."""
+    B, N, H, D = 2, 17, 3, 32
+    qkv = torch.randn(B, N, 3 * H * D, device=device, requires_grad=True)
+    q, k, v = qkv.reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4)
+    assert not q.is_contiguous()
+    table = torch.randn(H, 25, device=device).t().requires_grad_()  # transposed storage
+    rel_index = torch.randint(0, 25, (N, N), device=device, dtype=torch.int32)
+    grad_out = torch.randn(B, N, H, D, device=device).transpose(1, 2)
+    out = ops.rel_pos_attention(q, k, v, table, rel_index, backend="triton")
+    got = torch.autograd.grad(out, (qkv, table), grad_out)
+    ref_qkv, ref_table = qkv.detach().double().requires_grad_(), table.detach().double().requires_grad_()
+    rq, rk, rv = ref_qkv.reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4)
+    ref_out = ops.rel_pos_attention(rq, rk, rv, ref_table, rel_index.long(), backend="eager")
+    ref = torch.autograd.grad(ref_out, (ref_qkv, ref_table), grad_out.double())
+    torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=1e-5)
+    for x, r in zip(got, ref):
+        torch.testing.assert_close(x.double(), r, atol=1e-4, rtol=1e-5)
+
+
+def test_triton_deterministic_mode(device, monkeypatch):
+    """The deterministic table reduction agrees with the atomic one within fp32 rounding, repeats
+    bit for bit, and leaves dq, dk, dv unchanged."""
+    inputs = make_inputs(3, 2, 37, 32, torch.float32, device, "beit")
+    grad_out = torch.randn_like(inputs[0])
+    monkeypatch.setenv("BEITFAST_DETERMINISTIC", "0")
+    atomic = run("triton", *inputs, None, grad_out)
+    monkeypatch.setenv("BEITFAST_DETERMINISTIC", "1")
+    first = run("triton", *inputs, None, grad_out)
+    second = run("triton", *inputs, None, grad_out)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    for a, b in zip(atomic[:4], first[:4]):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(first[4], atomic[4], atol=1e-5, rtol=1e-5)
+
+
+def test_triton_deterministic_follows_torch_flag():
+    from beitfast.kernels.attention import deterministic_mode
+
+    previous = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        assert deterministic_mode()
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+@pytest.mark.parametrize("deterministic", ["0", "1"])
+def test_triton_writes_every_output(device, monkeypatch, deterministic):
+    """Buffers are poisoned with NaN before the kernels run: any entry they skip shows up."""
+    from beitfast.kernels import attention as kernels
+
+    def poisoned(like, shape, dtype=None):
+        return torch.full(shape, float("nan"), device=like.device, dtype=like.dtype if dtype is None else dtype)
+
+    monkeypatch.setattr(kernels, "_new_buffer", poisoned)
+    monkeypatch.setenv("BEITFAST_DETERMINISTIC", deterministic)
+    # 33 rows and 30 table rows, 10 of them unused: tails in every block and empty segments.
+    q, k, v, _, _ = make_inputs(2, 3, 33, 40, torch.float32, device)
+    table = torch.randn(30, 3, device=device, requires_grad=True)
+    rel_index = torch.randint(0, 20, (33, 33), device=device)
+    assert_close_to_reference("triton", q, k, v, table, rel_index)
+    assert_close_to_reference("triton", q, k, v, None, None)
+
+
+def test_triton_under_autocast(device):
+    """Under autocast q, k, v are computed in the autocast dtype; the fp32 table keeps its dtype."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float16
+    q, k, v, table, rel_index = make_inputs(1, 2, 17, 32, torch.float32, device, "beit")
+    with torch.autocast(device.type, dtype=dtype):
+        out = ops.rel_pos_attention(q, k, v, table, rel_index, backend="triton")
+    assert out.dtype == dtype
+    grad_table, = torch.autograd.grad(out.float().sum(), table)
+    assert grad_table.dtype == torch.float32
+    ref = ops.rel_pos_attention(q.to(dtype), k.to(dtype), v.to(dtype), table, rel_index, backend="eager")
+    torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_triton_custom_ops_pass_opcheck(device):
+    from beitfast.kernels import attention as kernels
+
+    q, k, v, table, rel_index = make_inputs(1, 2, 7, 32, torch.float32, device)
+    torch.library.opcheck(kernels.rel_pos_attention_fwd, (q, k, v, table, rel_index, 0.2))
+    out, lse = (t.detach() for t in kernels.rel_pos_attention_fwd(q, k, v, table, rel_index, 0.2))
+    grad_out = torch.randn_like(out)
+    for det in (False, True):
+        torch.library.opcheck(
+            kernels.rel_pos_attention_bwd,
+            (grad_out, q.detach(), k.detach(), v.detach(), out, lse, table.detach(), rel_index, 0.2, det),
+        )
+
+
+def test_triton_compiles_without_graph_breaks(device):
+    q, k, v, table, rel_index = make_inputs(1, 2, 7, 32, torch.float32, device)
+
+    def fn(q, k, v, table):
+        return ops.rel_pos_attention(q, k, v, table, rel_index, backend="triton")
+
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    got = torch.autograd.grad(compiled(q, k, v, table).sum(), (q, k, v, table))
+    ref = torch.autograd.grad(fn(q, k, v, table).sum(), (q, k, v, table))
+    for x, r in zip(got, ref):
+        torch.testing.assert_close(x, r)
+
+
+def test_model_with_triton_attention_matches_eager(device, monkeypatch):
+    """A small BEiT whose attention runs on the Triton kernels: same hidden states and table
+    gradients as with the eager attention."""
+    config = BEiTConfig(img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=2, vocab_size=0,
+                        use_rel_pos_bias=True, use_shared_rel_pos_bias=False, drop_path_rate=0.0,
+                        kernels="eager")
+    model = BEiT(config).to(device)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)
+    images = torch.randn(2, 3, 32, 32, device=device)
+    results = []
+    for backend in ("eager", "triton"):
+        monkeypatch.setenv("BEITFAST_BACKEND", f"attention={backend}")
+        model.zero_grad()
+        hidden = model.forward_features(images)
+        hidden.square().mean().backward()
+        results.append((hidden, model.blocks[0].attn.relative_position_bias_table.grad.clone()))
+    (eager_hidden, eager_grad), (triton_hidden, triton_grad) = results
+    torch.testing.assert_close(triton_hidden, eager_hidden, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(triton_grad, eager_grad, atol=1e-5, rtol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------------
+# bad input and the dispatcher's reasons
+
+
+def test_bad_shapes_name_the_argument():
+    q, k, v, table, rel_index = make_inputs(1, 2, 7, 32, torch.float32, "cpu")
+    with pytest.raises(ValueError, match=r"q \(1, 2, 7, 32\), k \(1, 2, 6, 32\)"):
+        ops.rel_pos_attention(q, k[:, :, :6], v, table, rel_index)
+    with pytest.raises(ValueError, match=r"bias_table must be \[R, H=2\], got \(17, 3\)"):
+        ops.rel_pos_attention(q, k, v, torch.randn(17, 3), rel_index)
+    with pytest.raises(ValueError, match=r"rel_index must be \[N, N\] = \[7, 7\], got \(7, 6\)"):
+        ops.rel_pos_attention(q, k, v, table, rel_index[:, :6])
+    with pytest.raises(ValueError, match=r"rel_index values must lie in \[0, R=17\), got \[0, 17\]"):
+        ops.rel_pos_attention(q, k, v, table, torch.full((7, 7), 17).index_fill_(0, torch.tensor([0]), 0))
+    with pytest.raises(TypeError, match="rel_index must be int32 or int64, got torch.float32"):
+        ops.rel_pos_attention(q, k, v, table, rel_index.float())
+    with pytest.raises(ValueError, match="give both bias_table and rel_index"):
+        ops.rel_pos_attention(q, k, v, table, None)
+
+
+def test_triton_refusals_are_explained(monkeypatch):
+    q, k, v, table, rel_index = make_inputs(1, 2, 7, 20, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="multiples of 8 from 16 to 128, got 20"):
+        ops.rel_pos_attention(q, k, v, table, rel_index, backend="triton")
+    wide = torch.randn(1, 2, 7, 256)
+    reasons = ops.explain("attention", q=wide, k=wide, v=wide, bias_table=None, rel_index=None, scale=0.1)
+    assert any("got 256" in r for r in reasons["triton"])
+    assert reasons["eager"] == []
+    double = torch.randn(1, 2, 7, 32, dtype=torch.float64)
+    reasons = ops.explain("attention", q=double, k=double, v=double, bias_table=None, rel_index=None, scale=0.1)
+    assert any("got torch.float64" in r for r in reasons["triton"])
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    reasons = ops.explain("attention", q=q, k=k, v=v, bias_table=table, rel_index=rel_index, scale=0.1)
+    assert any("needs CUDA tensors" in r for r in reasons["triton"])
+
+
+@pytest.mark.skipif(HAS_GPU, reason="the interpreter's bfloat16 refusal only applies on CPU")
+def test_triton_refuses_bfloat16_in_interpreter():
+    x = torch.randn(1, 2, 7, 32, dtype=torch.bfloat16)
+    reasons = ops.explain("attention", q=x, k=x, v=x, bias_table=None, rel_index=None, scale=0.1)
+    assert any("bfloat16" in r for r in reasons["triton"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# the other backends
+
+
+@pytest.mark.parametrize("index", ["beit", None])
+def test_sdpa_matches_reference(device, index):
+    assert_close_to_reference("sdpa", *make_inputs(2, 3, 17, 32, torch.float32, device, index))
+
+
+def test_flex_score_mod_matches_reference():
+    """The flex backend's score_mod, run by FlexAttention's eager path on CPU (forward only there;
+    its gradients, the table's included, are checked on the GPU)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    q, k, v, table, rel_index = (
+        None if t is None else t.detach() for t in make_inputs(2, 3, 17, 32, torch.float32, "cpu", "beit")
+    )
+    out = flex_attention(q, k, v, score_mod=attention_op.bias_score_mod(table, rel_index), scale=0.3)
+    ref = ops.rel_pos_attention(q, k, v, table, rel_index, 0.3, backend="eager")
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# GPU only: bfloat16, BEiT sizes, the compiled and third-party backends
+
+GPU_CASES = [
+    (2, 3, 17, 32, torch.bfloat16, "random"),
+    (2, 3, 50, 80, torch.bfloat16, "beit"),
+    (3, 2, 197, 128, torch.bfloat16, "beit"),
+    (2, 4, 197, 64, torch.float32, "beit"),
+    (8, 12, 197, 64, torch.bfloat16, "beit"),
+    (8, 12, 197, 64, torch.float16, "beit"),
+    (2, 16, 577, 64, torch.bfloat16, "beit"),
+    (4, 12, 197, 64, torch.bfloat16, None),
+]
+
+
+@requires_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("deterministic", ["0", "1"])
+@pytest.mark.parametrize("B,H,N,D,dtype,index", GPU_CASES, ids=lambda c: str(c).replace("torch.", ""))
+def test_triton_gpu_matches_reference(monkeypatch, deterministic, B, H, N, D, dtype, index):
+    monkeypatch.setenv("BEITFAST_DETERMINISTIC", deterministic)
+    assert_close_to_reference("triton", *make_inputs(B, H, N, D, dtype, torch.device("cuda"), index))
+
+
+def skip_unless_backend_takes(backend, q, k, v, table, rel_index):
+    why = ops.explain("attention", q=q, k=k, v=v, bias_table=table, rel_index=rel_index, scale=1.0)[backend]
+    if why:
+        pytest.skip(f"{backend}: {'; '.join(why)}")
+
+
+@requires_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["flex", "sdpa", "xformers"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_backends_with_bias_match_reference(backend, dtype):
+    inputs = make_inputs(2, 12, 197, 64, dtype, torch.device("cuda"), "beit")
+    skip_unless_backend_takes(backend, *inputs)
+    assert_close_to_reference(backend, *inputs)
+
+
+@requires_gpu
+@pytest.mark.gpu
+def test_flash_without_bias_matches_reference():
+    inputs = make_inputs(2, 12, 197, 64, torch.bfloat16, torch.device("cuda"), None)
+    skip_unless_backend_takes("flash", *inputs)
+    assert_close_to_reference("flash", *inputs)
+
+
+@requires_gpu
+@pytest.mark.gpu
+def test_triton_model_under_bf16_autocast_and_compile(monkeypatch):
+    """BEiT-B-shaped blocks in bf16 autocast, eager and compiled, with the Triton attention."""
+    config = BEiTConfig(embed_dim=768, depth=2, num_heads=12, vocab_size=0, use_rel_pos_bias=True,
+                        use_shared_rel_pos_bias=False, drop_path_rate=0.0, kernels="eager")
+    model = BEiT(config).cuda()
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.relative_position_bias_table.normal_(0, 0.5)
+    images = torch.randn(4, 3, 224, 224, device="cuda")
+    monkeypatch.setenv("BEITFAST_BACKEND", "attention=triton")
+    compiled = torch.compile(model.forward_features, fullgraph=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        hidden = model.forward_features(images)
+        hidden_compiled = compiled(images)
+    hidden_compiled.float().square().mean().backward()
+    monkeypatch.delenv("BEITFAST_BACKEND")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        reference = model.forward_features(images)
+    torch.testing.assert_close(hidden.float(), reference.float(), atol=5e-2, rtol=5e-2)
+    torch.testing.assert_close(hidden_compiled.float(), reference.float(), atol=5e-2, rtol=5e-2)
+    assert all(torch.isfinite(b.attn.relative_position_bias_table.grad).all() for b in model.blocks)
