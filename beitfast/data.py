@@ -1,0 +1,412 @@
+"""Data for pre-training and fine-tuning: the official two-view augmentation, image folders, the
+embedded photographs, and resumable batch streams.
+
+Every random choice of a sample (which image, crop, jitter, flip, mask) comes from a generator seeded
+by ``(seed, step, position in the global batch)``. A batch is therefore a pure function of its step:
+resuming at step ``k`` only needs ``k``, DataLoader workers need no shared state, and ``W`` processes
+with ``batch_size / W`` samples each see exactly the samples of one process with the whole batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import random
+import warnings
+from pathlib import Path
+from typing import Callable, Protocol, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageEnhance
+
+from .masking import MaskingGenerator
+
+__all__ = [
+    "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS", "derive_seed", "TwoViewTransform",
+    "ClassifyTransform", "EvalTransform", "ImageFolder", "ImageList", "embedded_photos", "BatchStream",
+    "pretrain_stream", "classify_stream", "masking_for", "eval_batches",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+def derive_seed(*parts) -> int:
+    """A 63-bit seed from any sequence of ints/strings, identical in every process and Python run
+    (unlike ``hash``, which is salted for strings)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+# -- augmentation ----------------------------------------------------------------------------------
+
+
+def random_resized_crop_box(
+    width: int, height: int, rng: random.Random, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)
+) -> tuple[int, int, int, int]:
+    """``(left, top, w, h)`` of a crop covering ``scale`` of the area with aspect ``ratio`` (ten tries,
+    then the largest centred crop of a clamped aspect: the torchvision RandomResizedCrop rule)."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, width - w), rng.randint(0, height - h), w, h
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def color_jitter(image: Image.Image, strength: float, rng: random.Random) -> Image.Image:
+    """ColorJitter(strength, strength, strength): brightness, contrast and saturation factors drawn
+    from ``[1 - strength, 1 + strength]`` and applied in a random order."""
+    if strength <= 0:
+        return image
+    enhancers = [ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color]
+    rng.shuffle(enhancers)
+    for enhancer in enhancers:
+        image = enhancer(image).enhance(rng.uniform(max(0.0, 1 - strength), 1 + strength))
+    return image
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """``[3, H, W]`` float32 in ``[0, 1]``."""
+    array = np.asarray(image, dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+def normalize(x: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+
+
+class TwoViewTransform:
+    """BEiT's pre-training augmentation: ColorJitter(0.4, 0.4, 0.4), RandomHorizontalFlip, then ONE
+    RandomResizedCrop giving two views of the same region:
+
+    * the model view, ``model_size`` square, bicubic, normalised with the ImageNet mean/std;
+    * the tokenizer view, ``tokenizer_size`` square, Lanczos, in ``[0, 1]``.
+
+    ``transform(image, rng)`` with a PIL image and a ``random.Random`` returns both ``[3, S, S]``.
+    """
+
+    def __init__(self, model_size: int = 224, tokenizer_size: int = 112, scale=(0.08, 1.0),
+                 ratio=(3 / 4, 4 / 3), jitter: float = 0.4, flip: bool = True):
+        if model_size <= 0 or tokenizer_size <= 0:
+            raise ValueError(
+                f"TwoViewTransform: sizes must be positive, got model_size={model_size}, "
+                f"tokenizer_size={tokenizer_size}"
+            )
+        if not 0 < scale[0] <= scale[1] <= 1:
+            raise ValueError(f"TwoViewTransform: scale must satisfy 0 < min <= max <= 1, got {scale}")
+        self.model_size, self.tokenizer_size = model_size, tokenizer_size
+        self.scale, self.ratio, self.jitter, self.flip = tuple(scale), tuple(ratio), jitter, flip
+
+    def __call__(self, image: Image.Image, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
+        image = color_jitter(image.convert("RGB"), self.jitter, rng)
+        if self.flip and rng.random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        left, top, w, h = random_resized_crop_box(image.width, image.height, rng, self.scale, self.ratio)
+        box = (left, top, left + w, top + h)
+        model_view = image.resize((self.model_size,) * 2, Image.Resampling.BICUBIC, box=box)
+        tokenizer_view = image.resize((self.tokenizer_size,) * 2, Image.Resampling.LANCZOS, box=box)
+        return normalize(to_tensor(model_view)), to_tensor(tokenizer_view)
+
+
+class ClassifyTransform:
+    """Fine-tuning augmentation: RandomResizedCrop (bicubic) and flip, normalised. ``scale=(1, 1)``
+    keeps the whole image (small images such as digits)."""
+
+    def __init__(self, size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip: bool = True):
+        self.size, self.scale, self.ratio, self.flip = size, tuple(scale), tuple(ratio), flip
+
+    def __call__(self, image: Image.Image, rng: random.Random) -> torch.Tensor:
+        image = image.convert("RGB")
+        if self.flip and rng.random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        left, top, w, h = random_resized_crop_box(image.width, image.height, rng, self.scale, self.ratio)
+        view = image.resize((self.size,) * 2, Image.Resampling.BICUBIC, box=(left, top, left + w, top + h))
+        return normalize(to_tensor(view))
+
+
+class EvalTransform:
+    """Evaluation: resize the shorter side to ``size / crop_pct`` (bicubic), centre crop ``size``."""
+
+    def __init__(self, size: int, crop_pct: float = 0.875):
+        if not 0 < crop_pct <= 1:
+            raise ValueError(f"EvalTransform: crop_pct must be in (0, 1], got {crop_pct}")
+        self.size, self.crop_pct = size, crop_pct
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        image = image.convert("RGB")
+        short = int(round(self.size / self.crop_pct))
+        w, h = image.size
+        scale = short / min(w, h)
+        image = image.resize((max(short, round(w * scale)), max(short, round(h * scale))), Image.Resampling.BICUBIC)
+        left, top = (image.width - self.size) // 2, (image.height - self.size) // 2
+        return normalize(to_tensor(image.crop((left, top, left + self.size, top + self.size))))
+
+
+# -- image sources ---------------------------------------------------------------------------------
+
+
+class ImageSource(Protocol):
+    """What a stream reads: ``len(source)`` images, ``source.load(i)`` a PIL image or None if it
+    cannot be decoded; ``source.labels`` a class index per image, or None."""
+
+    labels: Sequence[int] | None
+
+    def __len__(self) -> int: ...
+
+    def load(self, index: int) -> Image.Image | None: ...
+
+
+class ImageList:
+    """Images already in memory (PIL images or ``[H, W, 3]``/``[H, W]`` uint8 arrays)."""
+
+    def __init__(self, images: Sequence, labels: Sequence[int] | None = None):
+        if len(images) == 0:
+            raise ValueError("ImageList: images is empty")
+        if labels is not None and len(labels) != len(images):
+            raise ValueError(f"ImageList: {len(images)} images but {len(labels)} labels")
+        self.images = [im if isinstance(im, Image.Image) else Image.fromarray(np.asarray(im)) for im in images]
+        self.labels = None if labels is None else [int(y) for y in labels]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def load(self, index: int) -> Image.Image:
+        return self.images[index]
+
+
+class ImageFolder:
+    """Every image under ``root`` (recursive, extensions in ``IMAGE_EXTENSIONS``, sorted paths).
+
+    With ``labelled=True`` the first-level sub-folders are the classes (ImageNet layout). Files that
+    fail to decode are skipped: ``load`` returns None, ``skipped`` counts them and a warning names them.
+    """
+
+    def __init__(self, root: str | os.PathLike, labelled: bool = False, extensions=IMAGE_EXTENSIONS):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"ImageFolder: data folder {str(self.root)!r} does not exist or is not a folder")
+        suffixes = {e.lower() for e in extensions}
+        self.paths = sorted(p for p in self.root.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
+        if not self.paths:
+            raise ValueError(
+                f"ImageFolder: no images under {str(self.root)!r} (looked for {', '.join(sorted(suffixes))})"
+            )
+        self.labels = None
+        self.classes: list[str] = []
+        if labelled:
+            self.paths = [p for p in self.paths if p.parent != self.root]
+            self.classes = sorted({p.relative_to(self.root).parts[0] for p in self.paths})
+            if not self.classes:
+                raise ValueError(f"ImageFolder: labelled data needs class sub-folders under {str(self.root)!r}")
+            index = {name: i for i, name in enumerate(self.classes)}
+            self.labels = [index[p.relative_to(self.root).parts[0]] for p in self.paths]
+        self.bad: set[int] = set()
+
+    @property
+    def skipped(self) -> int:
+        return len(self.bad)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, index: int) -> Image.Image | None:
+        if index in self.bad:
+            return None
+        try:
+            with Image.open(self.paths[index]) as image:
+                return image.convert("RGB")
+        except Exception as error:  # PIL raises many types for corrupt files
+            self.bad.add(index)
+            warnings.warn(
+                f"ImageFolder: skipping {str(self.paths[index])!r} ({type(error).__name__}: {error}); "
+                f"{self.skipped} undecodable image(s) skipped so far",
+                stacklevel=2,
+            )
+            return None
+
+
+# Real colour photographs shipped with scikit-image, and two grey ones (converted to RGB).
+_SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field",
+                   "retina", "stereo_motorcycle", "camera", "coins", "moon", "grass", "gravel", "brick")
+
+
+def embedded_photos(max_side: int = 320) -> ImageList:
+    """The embedded default data set: photographs from scikit-image's ``skimage.data`` and
+    scikit-learn's ``load_sample_images`` (china, flower), all RGB, shrunk so the longer side is at
+    most ``max_side`` (jitter and crops then cost little; the views are smaller anyway)."""
+    try:
+        import skimage.data
+        from sklearn.datasets import load_sample_images
+    except ImportError as error:
+        raise ImportError(
+            "the embedded photographs need scikit-image and scikit-learn: pip install 'beitfast[data]'"
+        ) from error
+    arrays = []
+    for name in _SKIMAGE_PHOTOS:
+        array = getattr(skimage.data, name)()
+        arrays.append(array[0] if isinstance(array, tuple) else array)  # stereo pair: left image
+    arrays.extend(load_sample_images().images)
+    images = []
+    for array in arrays:
+        image = Image.fromarray(np.asarray(array, dtype=np.uint8)).convert("RGB")
+        shrink = max_side / max(image.size)
+        if shrink < 1:
+            image = image.resize((round(image.width * shrink), round(image.height * shrink)), Image.Resampling.LANCZOS)
+        images.append(image)
+    return ImageList(images)
+
+
+# -- masks -----------------------------------------------------------------------------------------
+
+
+def masking_for(grid: tuple[int, int], mask_ratio: float = 0.4, min_num_patches: int | None = None) -> dict:
+    """MaskingGenerator arguments for a patch grid: BEiT's 75 of 196 (ratio ~0.4) with blocks of at
+    least 16 patches at 14x14; smaller grids scale the minimum block with the grid."""
+    num_patches = grid[0] * grid[1]
+    if not 0 < mask_ratio < 1:
+        raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
+    num_masking = max(1, int(round(mask_ratio * num_patches)))
+    if (grid[0], grid[1]) == (14, 14) and mask_ratio == 0.4:
+        num_masking = 75
+    if min_num_patches is None:
+        min_num_patches = max(1, round(16 * num_patches / 196))
+    return {"input_size": tuple(grid), "num_masking_patches": num_masking,
+            "min_num_patches": min(min_num_patches, num_masking)}
+
+
+# -- streams ---------------------------------------------------------------------------------------
+
+
+class BatchStream(torch.utils.data.IterableDataset):
+    """An endless stream of batches; batch ``step`` is ``make_sample(image, label, rng, key)`` over the
+    global batch positions this rank owns, ``rng`` being a ``random.Random`` seeded by
+    ``(seed, step, position)``.
+
+    Images are visited in a fresh random permutation every epoch (of the source). Iterating yields the
+    batches of ``start_step, start_step + 1, ...``; DataLoader workers take every ``num_workers``-th
+    step, which keeps the order of a single process.
+    """
+
+    def __init__(self, source: ImageSource, make_sample: Callable, batch_size: int, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, start_step: int = 0):
+        if batch_size <= 0 or batch_size % world_size:
+            raise ValueError(
+                f"BatchStream: batch_size must be a positive multiple of the world size {world_size}, "
+                f"got {batch_size}"
+            )
+        self.source, self.make_sample = source, make_sample
+        self.batch_size, self.seed = batch_size, seed
+        self.rank, self.world_size, self.start_step = rank, world_size, start_step
+        self._permutation: tuple[int, list[int]] | None = None
+
+    @property
+    def local_batch_size(self) -> int:
+        return self.batch_size // self.world_size
+
+    def _order(self, epoch: int) -> list[int]:
+        if self._permutation is None or self._permutation[0] != epoch:
+            order = list(range(len(self.source)))
+            random.Random(derive_seed(self.seed, "epoch", epoch)).shuffle(order)
+            self._permutation = (epoch, order)
+        return self._permutation[1]
+
+    def _image(self, index: int) -> tuple[Image.Image, int | None]:
+        n = len(self.source)
+        epoch, position = divmod(index, n)
+        order = self._order(epoch)
+        # An undecodable image is replaced by the next decodable one of the same permutation.
+        for offset in range(n):
+            i = order[(position + offset) % n]
+            image = self.source.load(i)
+            if image is not None:
+                labels = self.source.labels
+                return image, (None if labels is None else labels[i])
+        raise RuntimeError(f"BatchStream: none of the {n} images of the data set can be decoded")
+
+    def batch(self, step: int) -> tuple[torch.Tensor, ...]:
+        """This rank's part of global batch ``step``, collated."""
+        first = self.rank * self.local_batch_size
+        samples = []
+        for j in range(first, first + self.local_batch_size):
+            image, label = self._image(step * self.batch_size + j)
+            rng = random.Random(derive_seed(self.seed, step, j))
+            samples.append(self.make_sample(image, label, rng, (self.seed, step, j)))
+        return tuple(torch.stack(parts) for parts in zip(*samples))
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        step = self.start_step + worker
+        while True:
+            yield self.batch(step)
+            step += workers
+
+
+class PretrainSample:
+    """One pre-training sample: the two views and a blockwise mask ``[Wh * Ww]``."""
+
+    def __init__(self, transform: TwoViewTransform, masking: dict):
+        self.transform, self.masking = transform, masking
+
+    def __call__(self, image, label, rng, key):
+        model_view, tokenizer_view = self.transform(image, rng)
+        mask = MaskingGenerator(**self.masking, seed=derive_seed("mask", *key))().flatten()
+        return model_view, tokenizer_view, mask
+
+
+class ClassifySample:
+    """One fine-tuning sample: the augmented image and its label."""
+
+    def __init__(self, transform: ClassifyTransform):
+        self.transform = transform
+
+    def __call__(self, image, label, rng, key):
+        if label is None:
+            raise ValueError("classification needs labelled data (class sub-folders or labels)")
+        return self.transform(image, rng), torch.tensor(label, dtype=torch.long)
+
+
+def pretrain_stream(source: ImageSource, transform: TwoViewTransform, masking: dict, batch_size: int,
+                    **stream_args) -> BatchStream:
+    """Batches ``(model_views [b,3,S,S], tokenizer_views [b,3,s,s], masks [b,N] bool)``."""
+    return BatchStream(source, PretrainSample(transform, masking), batch_size, **stream_args)
+
+
+def classify_stream(source: ImageSource, transform: ClassifyTransform, batch_size: int, **stream_args) -> BatchStream:
+    """Batches ``(images [b,3,S,S], labels [b])``."""
+    if source.labels is None:
+        raise ValueError("classify_stream: the data set has no labels (use class sub-folders)")
+    return BatchStream(source, ClassifySample(transform), batch_size, **stream_args)
+
+
+def eval_batches(source: ImageSource, transform: EvalTransform, batch_size: int, rank: int = 0, world_size: int = 1):
+    """Every decodable image once, in order (this rank's share): yields ``(images, labels)``."""
+    if source.labels is None:
+        raise ValueError("eval_batches: the data set has no labels (use class sub-folders)")
+    images, labels = [], []
+    for i in range(rank, len(source), world_size):
+        image = source.load(i)
+        if image is None:
+            continue
+        images.append(transform(image))
+        labels.append(source.labels[i])
+        if len(images) == batch_size:
+            yield torch.stack(images), torch.tensor(labels)
+            images, labels = [], []
+    if images:
+        yield torch.stack(images), torch.tensor(labels)

@@ -1,0 +1,663 @@
+"""The trainer: BEiT pre-training (masked image modeling), fine-tuning and linear probing.
+
+The official recipe: AdamW (0.9, 0.999), weight decay 0.05 except on 1-D parameters, biases and
+``model.no_weight_decay()``; per-step cosine learning-rate and weight-decay schedules with linear
+warmup; gradient clipping at 3.0; drop path; bf16 autocast on GPU; layer-wise lr decay (0.65) and label
+smoothing (0.1) for fine-tuning.
+
+Runs are resumable exactly: a checkpoint holds the model, the optimizer, the step and the RNG states
+of torch, Python and NumPy of every rank; the data stream and the masks are functions of the step
+(:mod:`beitfast.data`), so a run killed and resumed reproduces the loss curve of one never stopped
+(bit-identical on CPU). Under ``torchrun`` the model is wrapped in DDP (gloo on CPU, nccl on GPU) or,
+when asked, FSDP; ``W`` processes with ``batch_size / W`` samples each make the updates of one
+process with the whole batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from . import checkpoint
+from .config import BEiTConfig
+from .data import (EvalTransform, ImageSource, TwoViewTransform, derive_seed, eval_batches, masking_for,
+                   pretrain_stream)
+from .model import BEiT
+
+__all__ = [
+    "TrainConfig", "Trainer", "NonFiniteLossError", "cosine_schedule", "layer_id", "param_groups",
+    "MaskedImageModeling", "Classification", "pretrain", "classifier_from_pretrained", "evaluate",
+    "setup_distributed", "plot_metrics", "CHECKPOINT_NAME", "METRICS_NAME", "PLOT_NAME",
+]
+
+CHECKPOINT_NAME = "checkpoint.pt"
+METRICS_NAME = "metrics.jsonl"
+PLOT_NAME = "curves.png"
+CHECKPOINT_FORMAT = "beitfast.train-checkpoint"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; nothing was saved after it."""
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and bookkeeping of one run. ``batch_size`` is the global batch (all processes)."""
+
+    output_dir: str = "beitfast-output"
+    steps: int = 1000
+    batch_size: int = 64
+    lr: float = 1.5e-3
+    min_lr: float = 1e-5
+    warmup_steps: int = 100
+    weight_decay: float = 0.05
+    weight_decay_end: float | None = None  # None: constant weight decay
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    clip_grad: float | None = 3.0
+    layer_decay: float | None = None  # fine-tuning: 0.65
+    label_smoothing: float = 0.0  # fine-tuning: 0.1
+    linear_probe: bool = False  # train the classifier only
+    checkpoint_every: int = 500
+    seed: int = 0
+    num_workers: int = 0
+    device: str = "auto"  # "auto": the GPU of this rank when there is one, else CPU
+    precision: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU), "bf16" or "fp32"
+    parallel: str = "ddp"  # under torchrun: "ddp" or "fsdp"
+    progress: bool = True
+    resume: str | None = "auto"  # "auto": the output folder's checkpoint if any; a path; None
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.steps > 0, f"steps must be positive, got {self.steps}"),
+            (self.batch_size > 0, f"batch_size must be positive, got {self.batch_size}"),
+            (0 <= self.warmup_steps, f"warmup_steps must be >= 0, got {self.warmup_steps}"),
+            (self.lr >= 0 and self.min_lr >= 0, f"lr and min_lr must be >= 0, got {self.lr}, {self.min_lr}"),
+            (self.checkpoint_every > 0, f"checkpoint_every must be positive, got {self.checkpoint_every}"),
+            (self.precision in ("auto", "bf16", "fp32"), f"precision must be auto, bf16 or fp32, got {self.precision!r}"),
+            (self.parallel in ("ddp", "fsdp"), f"parallel must be ddp or fsdp, got {self.parallel!r}"),
+            (self.layer_decay is None or 0 < self.layer_decay <= 1,
+             f"layer_decay must be in (0, 1], got {self.layer_decay}"),
+            (0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"TrainConfig: {message}")
+        self.betas = tuple(self.betas)
+
+
+# -- schedules and parameter groups ----------------------------------------------------------------
+
+
+def cosine_schedule(step: int, base: float, final: float, total_steps: int, warmup_steps: int = 0,
+                    start_warmup: float = 0.0) -> float:
+    """The value at ``step`` of the official per-step schedule: ``warmup_steps`` values linearly from
+    ``start_warmup`` to ``base`` (both included), then a half cosine from ``base`` towards ``final``
+    over the remaining steps; ``final`` after ``total_steps``."""
+    if step < warmup_steps:
+        if warmup_steps == 1:
+            return start_warmup
+        return start_warmup + (base - start_warmup) * step / (warmup_steps - 1)
+    decay_steps = total_steps - warmup_steps
+    if step >= total_steps or decay_steps <= 0:
+        return final
+    progress = (step - warmup_steps) / decay_steps
+    return final + 0.5 * (base - final) * (1 + math.cos(math.pi * progress))
+
+
+def layer_id(name: str, num_layers: int) -> int:
+    """Depth of a parameter for layer-wise lr decay (official rule): embeddings and tokens 0, block
+    ``i`` ``i + 1``, everything else (shared bias, norms, heads) ``num_layers - 1``."""
+    if name in ("cls_token", "mask_token", "pos_embed") or name.startswith("patch_embed"):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return num_layers - 1
+
+
+def param_groups(model: BEiT, weight_decay: float, layer_decay: float | None = None) -> list[dict]:
+    """AdamW groups: no decay on 1-D parameters, biases and ``model.no_weight_decay()``; with
+    ``layer_decay``, lr scale ``layer_decay ** (depth + 1 - layer_id)``. Frozen parameters are left
+    out. Each group carries ``lr_scale`` and ``decay`` (whether the wd schedule applies)."""
+    skip = model.no_weight_decay()
+    num_layers = model.config.depth + 2
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        decay = not (param.dim() == 1 or name.endswith(".bias") or name in skip)
+        depth = layer_id(name, num_layers) if layer_decay is not None else num_layers - 1
+        scale = layer_decay ** (num_layers - 1 - depth) if layer_decay is not None else 1.0
+        group = groups.setdefault((depth, decay), {
+            "params": [], "names": [], "lr_scale": scale, "decay": decay,
+            "weight_decay": weight_decay if decay else 0.0,
+        })
+        group["params"].append(param)
+        group["names"].append(name)
+    return [groups[key] for key in sorted(groups)]
+
+
+# -- tasks -----------------------------------------------------------------------------------------
+
+
+class MaskedImageModeling:
+    """Pre-training: the tokenizer (no grad) labels every patch of the tokenizer view; the model
+    predicts the tokens of the masked patches. Batches: ``(views, tokenizer_views, masks)``."""
+
+    name = "pretrain"
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def check(self, config: BEiTConfig) -> None:
+        tok = self.tokenizer
+        if tok.vocab_size != config.vocab_size:
+            raise ValueError(
+                f"tokenizer vocab_size {tok.vocab_size} != model vocab_size {config.vocab_size}: "
+                f"build the model with vocab_size={tok.vocab_size} or use a tokenizer of {config.vocab_size} tokens"
+            )
+        tok_grid = (tok.input_size // tok.patch_size,) * 2
+        if tok_grid != config.grid:
+            raise ValueError(
+                f"tokenizer grid {tok_grid[0]}x{tok_grid[1]} (input_size {tok.input_size} / patch_size "
+                f"{tok.patch_size}) != model patch grid {config.grid[0]}x{config.grid[1]}"
+            )
+
+    def to(self, device: torch.device) -> None:
+        self.tokenizer.to(device)
+
+    def __call__(self, model, batch):
+        views, tokenizer_views, masks = batch
+        with torch.no_grad():
+            tokens = self.tokenizer.tokenize(tokenizer_views).flatten(1)
+        loss, accuracy = model(views, bool_masked_pos=masks, labels=tokens, return_accuracy=True)
+        return loss, accuracy, masks.sum()
+
+
+class Classification:
+    """Fine-tuning and linear probing: cross-entropy with label smoothing. Batches ``(images, labels)``."""
+
+    name = "classify"
+
+    def __init__(self, label_smoothing: float = 0.1):
+        self.label_smoothing = label_smoothing
+
+    def check(self, config: BEiTConfig) -> None:
+        if config.num_classes <= 0:
+            raise ValueError("classification needs a model with num_classes > 0")
+
+    def to(self, device: torch.device) -> None:
+        pass
+
+    def __call__(self, model, batch):
+        images, labels = batch
+        logits = model(images)
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+        accuracy = (logits.argmax(-1) == labels).float().mean()
+        return loss, accuracy, torch.tensor(labels.shape[0], device=labels.device)
+
+
+# -- distributed -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed() -> Distributed:
+    """Join the process group ``torchrun`` describes (``WORLD_SIZE`` > 1): nccl with GPUs, gloo on CPU."""
+    if dist.is_available() and dist.is_initialized():
+        return Distributed(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Distributed()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return Distributed(dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+def resolve_device(name: str, ctx: Distributed) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{ctx.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    return torch.device(name)
+
+
+# -- files -----------------------------------------------------------------------------------------
+
+
+def ensure_writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        raise PermissionError(f"output folder {str(folder)!r} is not writable: {error}") from error
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, flush to disk, then rename over ``path``: a kill
+    at any moment leaves either the old or the new file, never a torn one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes owner-only files
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def rng_states(device: torch.device) -> dict:
+    numpy_state = np.random.get_state()
+    states = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {"key": torch.from_numpy(numpy_state[1].astype(np.int64)), "pos": int(numpy_state[2]),
+                  "has_gauss": int(numpy_state[3]), "cached_gaussian": float(numpy_state[4])},
+    }
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def restore_rng_states(states: dict, device: torch.device) -> None:
+    torch.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    n = states["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    if device.type == "cuda" and "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"], device)
+
+
+def plot_metrics(metrics_path: str | os.PathLike, png_path: str | os.PathLike) -> None:
+    """Loss, accuracy and learning rate against the step, from a metrics JSONL file."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    if not records:
+        return
+    steps = [r["step"] for r in records]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, key, title in zip(axes, ("loss", "accuracy", "lr"), ("loss", "accuracy", "learning rate")):
+        ax.plot(steps, [r[key] for r in records], linewidth=1)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(Path(png_path), buffer.getvalue())
+
+
+# -- the trainer -----------------------------------------------------------------------------------
+
+
+def _architecture(config: BEiTConfig | dict) -> dict:
+    values = config.to_dict() if isinstance(config, BEiTConfig) else dict(config)
+    values.pop("kernels", None)  # the kernel choice does not change the function
+    values["img_size"] = list(values["img_size"]) if isinstance(values["img_size"], (list, tuple)) else values["img_size"]
+    return values
+
+
+class Trainer:
+    """Runs ``task`` on batches of ``stream`` (a :class:`beitfast.data.BatchStream` already made for
+    this rank) with the recipe of ``config``; ``fit()`` returns the metric records of this run.
+
+    ``on_step(step, record)`` (optional) is called after every step, after any checkpoint of that step.
+    """
+
+    def __init__(self, model: BEiT, task, stream, config: TrainConfig,
+                 on_step: Callable[[int, dict], None] | None = None):
+        self.config = config
+        self.ctx = setup_distributed()
+        self.output = Path(config.output_dir)
+        if self.ctx.is_main:
+            ensure_writable(self.output)
+        task.check(model.config)
+        if stream.world_size != self.ctx.world_size or stream.rank != self.ctx.rank:
+            raise ValueError(
+                f"Trainer: the stream was made for rank {stream.rank} of {stream.world_size}, this process is "
+                f"rank {self.ctx.rank} of {self.ctx.world_size}"
+            )
+        if stream.batch_size != config.batch_size:
+            raise ValueError(f"Trainer: stream batch_size {stream.batch_size} != config batch_size {config.batch_size}")
+        self.device = resolve_device(config.device, self.ctx)
+        self.precision = config.precision if config.precision != "auto" else (
+            "bf16" if self.device.type == "cuda" else "fp32")
+        self.model = model.to(self.device)
+        self.task, self.stream, self.on_step = task, stream, on_step
+        self.task.to(self.device)
+        if config.linear_probe:
+            for name, param in model.named_parameters():
+                param.requires_grad_(name.startswith("head."))
+        self.wrapped = self._wrap(model)
+        self.groups = param_groups(model, config.weight_decay, config.layer_decay)
+        self.optimizer = torch.optim.AdamW(
+            [{k: v for k, v in g.items() if k != "names"} for g in self.groups],
+            lr=config.lr, betas=config.betas, eps=config.eps,
+        )
+        self.params = [p for g in self.groups for p in g["params"]]
+        self.checkpoint_path = self.output / CHECKPOINT_NAME
+        self.metrics_path = self.output / METRICS_NAME
+        self.last_good: int | None = None
+        self.step = 0
+
+    def _wrap(self, model: BEiT):
+        if not self.ctx.enabled:
+            return model
+        if self.config.parallel == "fsdp":
+            from torch.distributed.fsdp import fully_shard
+
+            for block in model.blocks:
+                fully_shard(block)
+            return fully_shard(model)
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=device_ids)
+
+    # -- checkpoints -------------------------------------------------------------------------------
+
+    def _state(self) -> tuple[dict, dict]:
+        if self.ctx.enabled and self.config.parallel == "fsdp":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+            return get_state_dict(self.model, self.optimizer,
+                                  options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return self.model.state_dict(), self.optimizer.state_dict()
+
+    def _load_state(self, model_state: dict, optimizer_state: dict) -> None:
+        if self.ctx.enabled and self.config.parallel == "fsdp":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+            set_state_dict(self.model, self.optimizer, model_state_dict=model_state,
+                           optim_state_dict=optimizer_state,
+                           options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
+            return
+        self.model.load_state_dict(model_state)
+        self.optimizer.load_state_dict(optimizer_state)
+
+    def save_checkpoint(self, step: int) -> None:
+        """Every rank takes part (state gathering); rank 0 writes ``checkpoint.pt`` atomically."""
+        model_state, optimizer_state = self._state()
+        states = rng_states(self.device)
+        if self.ctx.enabled:
+            gathered = [None] * self.ctx.world_size
+            dist.all_gather_object(gathered, states)
+            states = gathered
+        else:
+            states = [states]
+        if self.ctx.is_main:
+            payload = {
+                "format": CHECKPOINT_FORMAT, "step": step, "task": self.task.name,
+                "model_config": self.model.config.to_dict(), "model": model_state, "optimizer": optimizer_state,
+                "train_config": dataclasses.asdict(self.config), "rng": states,
+                "world_size": self.ctx.world_size,
+                # Data stream and masks are functions of (seed, step): their state is the step.
+                "data": {"next_step": step, "seed": self.stream.seed},
+            }
+            buffer = io.BytesIO()
+            torch.save(payload, buffer)
+            atomic_write_bytes(self.checkpoint_path, buffer.getvalue())
+        self.last_good = step
+
+    def _resume_path(self) -> Path | None:
+        resume = self.config.resume
+        if resume is None:
+            return None
+        if resume == "auto":
+            return self.checkpoint_path if self.checkpoint_path.exists() else None
+        path = Path(resume)
+        if not path.exists():
+            raise FileNotFoundError(f"resume: checkpoint {str(path)!r} does not exist")
+        return path
+
+    def load_checkpoint(self, path: Path) -> None:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"resume: {str(path)!r} is not a beitfast training checkpoint")
+        if payload["task"] != self.task.name:
+            raise ValueError(f"resume: {str(path)!r} is a {payload['task']} checkpoint, this run is {self.task.name}")
+        theirs, ours = _architecture(payload["model_config"]), _architecture(self.model.config)
+        if theirs != ours:
+            diff = ", ".join(f"{k}: checkpoint {theirs.get(k)!r} vs model {ours.get(k)!r}"
+                             for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k))
+            raise ValueError(f"resume: {str(path)!r} was made for another architecture ({diff})")
+        saved = payload["train_config"]
+        for key in ("batch_size", "seed"):
+            if saved[key] != getattr(self.config, key):
+                raise ValueError(
+                    f"resume: {str(path)!r} was trained with {key}={saved[key]}, this run has "
+                    f"{key}={getattr(self.config, key)}; exact resume needs the same value"
+                )
+        self._load_state(payload["model"], payload["optimizer"])
+        if payload["world_size"] == self.ctx.world_size:
+            restore_rng_states(payload["rng"][self.ctx.rank], self.device)
+        else:  # another process count: the drop-path randomness cannot continue the same sequence
+            self._seed_rngs(payload["step"])
+        self.step = self.last_good = payload["step"]
+
+    def _seed_rngs(self, step: int) -> None:
+        seed = derive_seed(self.config.seed, "train", self.ctx.rank, step)
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+
+    # -- metrics -----------------------------------------------------------------------------------
+
+    def _start_metrics(self) -> None:
+        """Keep the records up to the resumed step (a killed run may have logged steps past it)."""
+        kept = []
+        if self.step > 0 and self.metrics_path.exists():
+            kept = [line for line in self.metrics_path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= self.step]
+        atomic_write_bytes(self.metrics_path, "".join(line + "\n" for line in kept).encode())
+
+    def _set_schedules(self, step: int) -> tuple[float, float]:
+        c = self.config
+        lr = cosine_schedule(step, c.lr, c.min_lr, c.steps, c.warmup_steps)
+        wd_end = c.weight_decay if c.weight_decay_end is None else c.weight_decay_end
+        wd = cosine_schedule(step, c.weight_decay, wd_end, c.steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group["lr_scale"]
+            group["weight_decay"] = wd if group["decay"] else 0.0
+        return lr, wd
+
+    # -- the loop ----------------------------------------------------------------------------------
+
+    def _batches(self):
+        self.stream.start_step = self.step
+        if self.config.num_workers == 0:
+            return iter(self.stream)
+        loader = torch.utils.data.DataLoader(
+            self.stream, batch_size=None, num_workers=self.config.num_workers,
+            pin_memory=self.device.type == "cuda", prefetch_factor=4,
+        )
+        return iter(loader)
+
+    def _train_step(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        batch = tuple(t.to(self.device, non_blocking=True) for t in batch)
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+        with autocast:
+            loss, accuracy, count = self.task(self.wrapped, batch)
+        count = count.to(self.device, torch.float32)
+        if self.ctx.enabled:
+            # DDP averages gradients over ranks; weighting each rank's mean by its share of the counted
+            # rows makes that average the mean over the whole global batch.
+            total = count.clone()
+            dist.all_reduce(total)
+            objective = loss * (count * self.ctx.world_size / total)
+        else:
+            objective = loss
+        self.optimizer.zero_grad(set_to_none=True)
+        objective.backward()
+        stats = torch.stack([loss.detach().float() * count, accuracy.detach().float() * count, count])
+        if self.ctx.enabled:
+            dist.all_reduce(stats)
+        return stats[0] / stats[2], stats[1] / stats[2], objective
+
+    def fit(self) -> list[dict]:
+        c = self.config
+        resume = self._resume_path()
+        if resume is not None:
+            self.load_checkpoint(resume)
+        else:
+            self._seed_rngs(0)
+        if self.ctx.is_main:
+            self._start_metrics()
+        if self.step >= c.steps:
+            return []
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=c.steps, initial=self.step, disable=not (c.progress and self.ctx.is_main),
+                   desc=self.task.name, dynamic_ncols=True)
+        records: list[dict] = []
+        batches = self._batches()
+        self.wrapped.train()
+        started = time.perf_counter()
+        try:
+            for step in range(self.step, c.steps):
+                tick = time.perf_counter()
+                lr, wd = self._set_schedules(step)
+                loss, accuracy, _ = self._train_step(next(batches))
+                loss_value = loss.item()
+                if not math.isfinite(loss_value):
+                    where = (f"the last good checkpoint is {str(self.checkpoint_path)!r} (step {self.last_good})"
+                             if self.last_good else "no checkpoint was written yet")
+                    raise NonFiniteLossError(
+                        f"the loss became {loss_value} at step {step + 1}; training stopped and nothing was "
+                        f"saved after it: {where}. Lower the learning rate or check the data."
+                    )
+                max_norm = c.clip_grad if c.clip_grad is not None else float("inf")
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+                if hasattr(grad_norm, "full_tensor"):  # FSDP: a sharded norm
+                    grad_norm = grad_norm.full_tensor()
+                self.optimizer.step()
+                self.step = step + 1
+                elapsed = time.perf_counter() - tick
+                record = {"step": self.step, "loss": loss_value, "accuracy": accuracy.item(), "lr": lr,
+                          "weight_decay": wd, "grad_norm": float(grad_norm),
+                          "images_per_s": c.batch_size / elapsed, "elapsed_s": time.perf_counter() - started}
+                records.append(record)
+                if self.ctx.is_main:
+                    with open(self.metrics_path, "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_value:.3f}", acc=f"{record['accuracy']:.3f}", lr=f"{lr:.2e}",
+                                img_s=f"{record['images_per_s']:.0f}")
+                if self.step % c.checkpoint_every == 0 or self.step == c.steps:
+                    self.save_checkpoint(self.step)
+                    if self.ctx.is_main:
+                        plot_metrics(self.metrics_path, self.output / PLOT_NAME)
+                if self.on_step is not None:
+                    self.on_step(self.step, record)
+        finally:
+            bar.close()
+        return records
+
+
+# -- whole runs ------------------------------------------------------------------------------------
+
+
+def pretrain(model_config: BEiTConfig, tokenizer, source: ImageSource, config: TrainConfig,
+             mask_ratio: float = 0.4, crop_scale=(0.08, 1.0), on_step=None) -> tuple[BEiT, list[dict]]:
+    """Masked image modeling on ``source`` with ``tokenizer``'s tokens; returns the model and the
+    metric records. The model view has ``model_config.img_size`` pixels, the tokenizer view
+    ``tokenizer.input_size``."""
+    ctx = setup_distributed()
+    if model_config.image_hw[0] != model_config.image_hw[1]:
+        raise ValueError(f"pretrain: square images only, got img_size {model_config.img_size}")
+    torch.manual_seed(config.seed)  # the same initial weights on every rank
+    model = BEiT(model_config)
+    transform = TwoViewTransform(model_config.image_hw[0], tokenizer.input_size, scale=crop_scale)
+    stream = pretrain_stream(source, transform, masking_for(model_config.grid, mask_ratio), config.batch_size,
+                             seed=config.seed, rank=ctx.rank, world_size=ctx.world_size)
+    trainer = Trainer(model, MaskedImageModeling(tokenizer), stream, config, on_step=on_step)
+    return model, trainer.fit()
+
+
+def classifier_from_pretrained(pretrained: BEiT | str | os.PathLike, num_classes: int,
+                               drop_path_rate: float = 0.1, **overrides) -> BEiT:
+    """A classifier (mean pooling, no LM head) from pre-trained weights: a :class:`BEiT`, a training
+    checkpoint of this trainer, or any file :meth:`BEiT.from_file` reads."""
+    if isinstance(pretrained, BEiT):
+        state, config = pretrained.state_dict(), pretrained.config
+    else:
+        path = Path(pretrained)
+        payload = torch.load(path, map_location="cpu", weights_only=True) if path.suffix in (".pt", ".pth") else None
+        if isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT:
+            state, config = payload["model"], BEiTConfig.from_dict(payload["model_config"])
+        else:
+            model = BEiT.from_file(path)
+            state, config = model.state_dict(), model.config
+    target = config.replace(vocab_size=0, num_classes=num_classes, use_mean_pooling=True,
+                            drop_path_rate=drop_path_rate, **overrides)
+    model = BEiT(target)
+    state = checkpoint.adapt_state_dict(checkpoint.to_official_names(state)[0], target)
+    # The LM head, the mask token and the final norm (replaced by fc_norm) are not used.
+    state = {k: v for k, v in state.items() if not k.startswith(("lm_head.", "mask_token", "norm."))}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    new_layers = [k for k in missing if not k.startswith(("head.", "fc_norm."))]
+    if new_layers or unexpected:
+        raise ValueError(
+            f"classifier_from_pretrained: weights do not fit (missing {new_layers}, unexpected {unexpected})"
+        )
+    return model
+
+
+@torch.no_grad()
+def evaluate(model: BEiT, source: ImageSource, transform: EvalTransform, batch_size: int = 256,
+             device: str | torch.device = "auto") -> float:
+    """Top-1 accuracy of ``model`` on every decodable image of ``source`` (all ranks together)."""
+    ctx = setup_distributed()
+    device = resolve_device(device, ctx) if isinstance(device, str) else device
+    was_training = model.training
+    model.eval().to(device)
+    hits = torch.zeros(2, dtype=torch.float64, device=device)
+    for images, labels in eval_batches(source, transform, batch_size, ctx.rank, ctx.world_size):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(images.to(device))
+        hits[0] += (logits.argmax(-1).cpu() == labels).sum().item()
+        hits[1] += labels.numel()
+    if ctx.enabled:
+        dist.all_reduce(hits)
+    model.train(was_training)
+    return (hits[0] / hits[1].clamp(min=1)).item()

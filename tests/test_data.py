@@ -1,0 +1,189 @@
+"""Data: the two-view augmentation, image folders (bad files skipped), the embedded photographs and the
+step-addressed batch streams."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from beitfast.data import (IMAGENET_MEAN, IMAGENET_STD, ClassifyTransform, EvalTransform, ImageFolder, ImageList,
+                           TwoViewTransform, classify_stream, derive_seed, embedded_photos, eval_batches,
+                           masking_for, pretrain_stream, random_resized_crop_box)
+
+
+def random_photo(seed: int, size=(53, 41)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def write_folder(root, good: int, bad: int):
+    (root / "cats" / "deep").mkdir(parents=True)
+    (root / "dogs").mkdir()
+    for i in range(good):
+        folder = root / ("cats/deep" if i % 2 else "dogs")
+        random_photo(i).save(folder / f"img{i}.{'png' if i % 3 else 'JPG'}")
+    for i in range(bad):
+        (root / "cats" / f"broken{i}.jpg").write_bytes(b"not an image at all" * (i + 1))
+    (root / "dogs" / "notes.txt").write_text("ignored: not an image extension")
+
+
+def test_two_view_shapes_and_ranges():
+    transform = TwoViewTransform(model_size=40, tokenizer_size=20)
+    model_view, tokenizer_view = transform(random_photo(0), random.Random(1))
+    assert model_view.shape == (3, 40, 40) and model_view.dtype == torch.float32
+    assert tokenizer_view.shape == (3, 20, 20)
+    assert tokenizer_view.min() >= 0 and tokenizer_view.max() <= 1
+    # The model view is normalised: undoing it gives values in [0, 1].
+    pixels = model_view * torch.tensor(IMAGENET_STD).view(3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    assert pixels.min() > -0.05 and pixels.max() < 1.05  # bicubic overshoot only
+
+
+def test_two_views_show_the_same_region():
+    """One crop feeds both views: without jitter, the downsampled model view matches the tokenizer view."""
+    gradient = np.linspace(0, 255, 96, dtype=np.float64)
+    image = Image.fromarray(np.stack([np.tile(gradient, (64, 1)), np.tile(gradient[::-1], (64, 1)),
+                                      np.full((64, 96), 128.0)], -1).astype(np.uint8))
+    transform = TwoViewTransform(model_size=32, tokenizer_size=16, jitter=0.0)
+    for seed in range(5):
+        model_view, tokenizer_view = transform(image, random.Random(seed))
+        pixels = model_view * torch.tensor(IMAGENET_STD).view(3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+        pooled = torch.nn.functional.avg_pool2d(pixels[None], 2)[0]
+        assert (pooled - tokenizer_view).abs().mean() < 0.02
+
+
+def test_same_rng_same_views_and_randomness_matters():
+    transform = TwoViewTransform(model_size=24, tokenizer_size=12)
+    a = transform(random_photo(3), random.Random(7))
+    b = transform(random_photo(3), random.Random(7))
+    c = transform(random_photo(3), random.Random(8))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(a[0], c[0])
+
+
+@pytest.mark.parametrize("width,height", [(53, 41), (400, 20), (20, 400), (1, 1)])
+def test_crop_box_inside_image(width, height):
+    rng = random.Random(0)
+    for _ in range(50):
+        left, top, w, h = random_resized_crop_box(width, height, rng)
+        assert 0 <= left and 0 <= top and w >= 1 and h >= 1
+        assert left + w <= width and top + h <= height
+
+
+def test_transform_bad_arguments():
+    with pytest.raises(ValueError, match="model_size=0"):
+        TwoViewTransform(model_size=0)
+    with pytest.raises(ValueError, match="scale"):
+        TwoViewTransform(scale=(0.5, 0.2))
+    with pytest.raises(ValueError, match="crop_pct"):
+        EvalTransform(32, crop_pct=1.5)
+
+
+def test_classify_and_eval_transforms():
+    assert ClassifyTransform(28)(random_photo(1), random.Random(0)).shape == (3, 28, 28)
+    assert EvalTransform(28)(random_photo(1)).shape == (3, 28, 28)
+    assert EvalTransform(28, crop_pct=1.0)(random_photo(1, (28, 28))).shape == (3, 28, 28)
+
+
+def test_folder_recursive_skips_bad_files(tmp_path):
+    write_folder(tmp_path, good=5, bad=2)
+    folder = ImageFolder(tmp_path)
+    assert len(folder) == 7  # .txt ignored, upper-case extension found, sub-sub-folder found
+    stream = pretrain_stream(folder, TwoViewTransform(16, 8), masking_for((2, 2)), batch_size=6)
+    with pytest.warns(UserWarning, match="skipping"):
+        for step in range(3):
+            views, tokenizer_views, masks = stream.batch(step)
+            assert views.shape == (6, 3, 16, 16) and tokenizer_views.shape == (6, 3, 8, 8)
+            assert masks.shape == (6, 4) and masks.dtype == torch.bool
+            assert torch.isfinite(views).all()
+    assert folder.skipped == 2
+
+
+def test_folder_labels(tmp_path):
+    write_folder(tmp_path, good=6, bad=0)
+    folder = ImageFolder(tmp_path, labelled=True)
+    assert folder.classes == ["cats", "dogs"]
+    assert sorted(set(folder.labels)) == [0, 1]
+    images, labels = next(classify_stream(folder, ClassifyTransform(12), 4).batch(0) for _ in range(1))
+    assert images.shape == (4, 3, 12, 12) and labels.dtype == torch.long
+    seen = sum(len(y) for _, y in eval_batches(folder, EvalTransform(12), batch_size=4))
+    assert seen == 6
+
+
+def test_folder_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ImageFolder(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.txt").write_text("x")
+    with pytest.raises(ValueError, match="no images"):
+        ImageFolder(tmp_path / "empty")
+    bad_only = tmp_path / "bad"
+    bad_only.mkdir()
+    (bad_only / "a.png").write_bytes(b"garbage")
+    stream = pretrain_stream(ImageFolder(bad_only), TwoViewTransform(8, 8), masking_for((1, 1)), batch_size=1)
+    with pytest.warns(UserWarning), pytest.raises(RuntimeError, match="none of the 1 images"):
+        stream.batch(0)
+
+
+def test_embedded_photos_stream():
+    photos = embedded_photos(max_side=96)
+    assert len(photos) >= 12
+    assert all(im.mode == "RGB" and max(im.size) <= 96 for im in photos.images)
+    stream = pretrain_stream(photos, TwoViewTransform(32, 16), masking_for((4, 4)), batch_size=5, seed=3)
+    batches = iter(stream)
+    first, second = next(batches), next(batches)
+    assert first[0].shape == (5, 3, 32, 32) and first[1].shape == (5, 3, 16, 16) and first[2].shape == (5, 16)
+    assert not torch.equal(first[0], second[0])
+    assert all(torch.equal(a, b) for a, b in zip(first, stream.batch(0)))  # a batch is a function of its step
+
+
+def test_stream_ranks_split_the_global_batch():
+    photos = ImageList([np.asarray(random_photo(i)) for i in range(5)], labels=[0, 1, 2, 0, 1])
+    whole = pretrain_stream(photos, TwoViewTransform(16, 8), masking_for((4, 4)), batch_size=6, seed=1)
+    parts = [pretrain_stream(photos, TwoViewTransform(16, 8), masking_for((4, 4)), batch_size=6, seed=1,
+                             rank=r, world_size=2) for r in range(2)]
+    for step in (0, 4):
+        joined = [torch.cat(pair) for pair in zip(parts[0].batch(step), parts[1].batch(step))]
+        assert all(torch.equal(a, b) for a, b in zip(joined, whole.batch(step)))
+    with pytest.raises(ValueError, match="multiple of the world size"):
+        pretrain_stream(photos, TwoViewTransform(16, 8), masking_for((4, 4)), batch_size=5, world_size=2)
+
+
+def test_stream_workers_keep_the_order():
+    photos = ImageList([random_photo(i) for i in range(3)])
+    stream = pretrain_stream(photos, TwoViewTransform(16, 8), masking_for((2, 2)), batch_size=2, start_step=2)
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2)
+    got = [b for _, b in zip(range(4), loader)]
+    for i, batch in enumerate(got):
+        assert all(torch.equal(a, b) for a, b in zip(batch, stream.batch(2 + i)))
+
+
+def test_epochs_visit_every_image():
+    photos = ImageList([random_photo(i, (8, 8)) for i in range(7)], labels=list(range(7)))
+    stream = classify_stream(photos, ClassifyTransform(8, scale=(1, 1)), batch_size=7)
+    for step in range(3):
+        assert sorted(stream.batch(step)[1].tolist()) == list(range(7))
+
+
+def test_masking_for_grids():
+    assert masking_for((14, 14)) == {"input_size": (14, 14), "num_masking_patches": 75, "min_num_patches": 16}
+    small = masking_for((8, 8))
+    assert small["num_masking_patches"] == 26 and 1 <= small["min_num_patches"] <= 26
+    with pytest.raises(ValueError, match="mask_ratio"):
+        masking_for((8, 8), mask_ratio=1.5)
+
+
+def test_derive_seed_is_stable():
+    assert derive_seed(1, "a", 2) == derive_seed(1, "a", 2)
+    assert derive_seed(1, 2) != derive_seed(2, 1)
+    assert 0 <= derive_seed("x") < 2**63
+
+
+def test_image_list_errors():
+    with pytest.raises(ValueError, match="empty"):
+        ImageList([])
+    with pytest.raises(ValueError, match="2 images but 1 labels"):
+        ImageList([random_photo(0), random_photo(1)], labels=[0])
+    with pytest.raises(ValueError, match="no labels"):
+        classify_stream(ImageList([random_photo(0)]), ClassifyTransform(8), 1)

@@ -1,0 +1,308 @@
+"""The trainer: schedules, parameter groups, exact resume, the non-finite-loss stop, DDP equivalence,
+fine-tuning and bad input."""
+
+import json
+import math
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from beitfast import BEiT, BEiTConfig
+from beitfast.data import ClassifyTransform, EvalTransform, ImageList, classify_stream
+from beitfast.train import (CHECKPOINT_NAME, METRICS_NAME, PLOT_NAME, Classification, MaskedImageModeling,
+                            NonFiniteLossError, TrainConfig, Trainer, classifier_from_pretrained, cosine_schedule,
+                            evaluate, layer_id, param_groups, pretrain)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # The test machine is shared: one intra-op thread per process avoids oversubscription stalls.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class MeanBrightnessTokenizer(torch.nn.Module):
+    """A stand-in tokenizer: the token of a patch is its quantised mean brightness."""
+
+    def __init__(self, vocab_size=16, input_size=16, patch_size=4):
+        super().__init__()
+        self.vocab_size, self.input_size, self.patch_size = vocab_size, input_size, patch_size
+
+    @torch.no_grad()
+    def tokenize(self, images):
+        means = F.avg_pool2d(images.float().mean(1, keepdim=True), self.patch_size)[:, 0]
+        return (means * self.vocab_size).long().clamp(0, self.vocab_size - 1)
+
+
+def photos(n=6, size=(37, 29), labels=None):
+    rng = np.random.default_rng(0)
+    images = []
+    for i in range(n):
+        base = rng.integers(0, 256, (3,))
+        noise = rng.integers(-40, 40, (size[1], size[0], 3))
+        images.append(Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8)))
+    return ImageList(images, labels)
+
+
+def tiny_config(**overrides):
+    return BEiTConfig.tiny(**{"img_size": 16, "patch_size": 4, "depth": 2, "embed_dim": 32, "num_heads": 2,
+                              "vocab_size": 16, "drop_path_rate": 0.1, **overrides})
+
+
+def train_config(tmp_path, **overrides):
+    values = {"output_dir": str(tmp_path), "steps": 6, "batch_size": 4, "warmup_steps": 2, "lr": 2e-3,
+              "checkpoint_every": 3, "progress": False, **overrides}
+    return TrainConfig(**values)
+
+
+class StopHere(Exception):
+    pass
+
+
+# -- schedules and groups --------------------------------------------------------------------------
+
+
+def official_cosine(base, final, total, warmup, start_warmup=0.0):
+    """The official schedule array (BEiT's utils.cosine_scheduler with one iteration per epoch)."""
+    warm = np.linspace(start_warmup, base, warmup)
+    iters = np.arange(total - warmup)
+    return np.concatenate([warm, final + 0.5 * (base - final) * (1 + np.cos(np.pi * iters / len(iters)))])
+
+
+@pytest.mark.parametrize("total,warmup", [(100, 10), (37, 0), (50, 1), (9, 8)])
+def test_cosine_schedule_matches_official(total, warmup):
+    expected = official_cosine(1.5e-3, 1e-5, total, warmup, start_warmup=1e-6)
+    got = [cosine_schedule(s, 1.5e-3, 1e-5, total, warmup, start_warmup=1e-6) for s in range(total)]
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=0)
+    assert cosine_schedule(total + 5, 1.5e-3, 1e-5, total, warmup) == 1e-5
+
+
+def test_cosine_schedule_values():
+    assert cosine_schedule(0, 1.0, 0.0, 110, 11) == 0.0
+    assert cosine_schedule(5, 1.0, 0.0, 110, 11) == pytest.approx(0.5)
+    assert cosine_schedule(10, 1.0, 0.0, 110, 11) == 1.0
+    assert cosine_schedule(11, 1.0, 0.0, 110, 11) == 1.0
+    assert cosine_schedule(11 + 50, 1.0, 0.2, 111, 11) == pytest.approx(0.6, abs=1e-12)  # half way
+    values = [cosine_schedule(s, 1.0, 0.1, 110, 11) for s in range(11, 110)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_param_groups_no_decay_sets():
+    model = BEiT(tiny_config(use_abs_pos_emb=True))
+    groups = param_groups(model, weight_decay=0.05)
+    decayed = {n for g in groups if g["decay"] for n in g["names"]}
+    plain = {n for g in groups if not g["decay"] for n in g["names"]}
+    assert {"cls_token", "mask_token", "pos_embed", "blocks.0.attn.q_bias", "blocks.1.gamma_1",
+            "blocks.0.norm1.weight", "lm_head.bias", "patch_embed.proj.bias", "norm.weight"} <= plain
+    assert {"blocks.0.attn.qkv.weight", "patch_embed.proj.weight", "lm_head.weight",
+            "rel_pos_bias.relative_position_bias_table", "blocks.1.mlp.fc2.weight"} <= decayed
+    assert decayed | plain == {n for n, _ in model.named_parameters()}
+    assert all(g["weight_decay"] == (0.05 if g["decay"] else 0.0) for g in groups)
+    assert all(g["lr_scale"] == 1.0 for g in groups)
+
+
+def test_param_groups_layer_decay():
+    model = BEiT(tiny_config(vocab_size=0, num_classes=5, depth=3))
+    groups = param_groups(model, weight_decay=0.05, layer_decay=0.65)
+    scale = {n: g["lr_scale"] for g in groups for n in g["names"]}
+    assert scale["head.weight"] == 1.0 and scale["fc_norm.weight"] == 1.0
+    assert scale["rel_pos_bias.relative_position_bias_table"] == 1.0
+    assert scale["blocks.2.mlp.fc1.weight"] == pytest.approx(0.65)
+    assert scale["blocks.0.attn.qkv.weight"] == pytest.approx(0.65 ** 3)
+    assert scale["cls_token"] == pytest.approx(0.65 ** 4) and scale["patch_embed.proj.weight"] == pytest.approx(0.65 ** 4)
+    assert layer_id("blocks.11.attn.proj.weight", 14) == 12 and layer_id("pos_embed", 14) == 0
+
+
+def test_param_groups_skip_frozen():
+    model = BEiT(tiny_config(vocab_size=0, num_classes=3))
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.startswith("head."))
+    names = {n for g in param_groups(model, 0.05) for n in g["names"]}
+    assert names == {"head.weight", "head.bias"}
+
+
+# -- pre-training runs -----------------------------------------------------------------------------
+
+
+def run_pretrain(tmp_path, config=None, tokenizer=None, **train_overrides):
+    return pretrain(config or tiny_config(), tokenizer or MeanBrightnessTokenizer(), photos(),
+                    train_config(tmp_path, **train_overrides))
+
+
+def test_pretrain_writes_outputs_and_learns(tmp_path):
+    model, records = run_pretrain(tmp_path, steps=12, checkpoint_every=5, lr=5e-3)
+    assert [r["step"] for r in records] == list(range(1, 13))
+    assert all(math.isfinite(r["loss"]) and 0 <= r["accuracy"] <= 1 for r in records)
+    assert np.mean([r["loss"] for r in records[-3:]]) < np.mean([r["loss"] for r in records[:3]])
+    assert records[0]["lr"] == 0.0 and records[1]["lr"] == pytest.approx(5e-3)
+    lines = (tmp_path / METRICS_NAME).read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == list(range(1, 13))
+    assert (tmp_path / PLOT_NAME).read_bytes()[:4] == b"\x89PNG"
+    payload = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
+    assert payload["step"] == 12
+    assert all(torch.equal(payload["model"][k], v) for k, v in model.state_dict().items())
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temporary files left
+
+
+def test_resume_is_exact(tmp_path):
+    _, straight = run_pretrain(tmp_path / "straight", steps=6)
+
+    def kill_after_checkpoint(step, record):
+        if step == 4:  # steps 4 was logged but not checkpointed: resume must redo it
+            raise StopHere
+
+    with pytest.raises(StopHere):
+        pretrain(tiny_config(), MeanBrightnessTokenizer(), photos(),
+                 train_config(tmp_path / "resumed", steps=6), on_step=kill_after_checkpoint)
+    model, rest = run_pretrain(tmp_path / "resumed", steps=6)
+    assert [r["step"] for r in rest] == [4, 5, 6]
+    assert [r["loss"] for r in rest] == [r["loss"] for r in straight[3:]]  # bit-identical on CPU
+    assert [r["accuracy"] for r in rest] == [r["accuracy"] for r in straight[3:]]
+    lines = (tmp_path / "resumed" / METRICS_NAME).read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == list(range(1, 7))
+    final = torch.load(tmp_path / "straight" / CHECKPOINT_NAME, weights_only=True)["model"]
+    assert all(torch.equal(final[k], v) for k, v in model.state_dict().items())
+
+
+class NaNAtStep(MaskedImageModeling):
+    def __init__(self, tokenizer, bad_call):
+        super().__init__(tokenizer)
+        self.calls, self.bad_call = 0, bad_call
+
+    def __call__(self, model, batch):
+        loss, accuracy, count = super().__call__(model, batch)
+        self.calls += 1
+        return (loss * float("nan") if self.calls == self.bad_call else loss), accuracy, count
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
+    from beitfast.data import TwoViewTransform, masking_for, pretrain_stream
+
+    config = tiny_config()
+    tc = train_config(tmp_path, steps=8, checkpoint_every=2)
+    stream = pretrain_stream(photos(), TwoViewTransform(16, 16), masking_for(config.grid), 4)
+    saved = {}
+
+    def remember(step, record):
+        if step % tc.checkpoint_every == 0:
+            saved[step] = (tmp_path / CHECKPOINT_NAME).read_bytes()
+
+    trainer = Trainer(BEiT(config), NaNAtStep(MeanBrightnessTokenizer(), bad_call=5), stream, tc, on_step=remember)
+    with pytest.raises(NonFiniteLossError, match=r"nan at step 5.*last good checkpoint.*step 4"):
+        trainer.fit()
+    assert (tmp_path / CHECKPOINT_NAME).read_bytes() == saved[4]
+    assert torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)["step"] == 4
+    assert max(saved) == 4
+
+
+# -- DDP -------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world_size, port, output):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    try:
+        _, records = pretrain(tiny_config(drop_path_rate=0.0), MeanBrightnessTokenizer(), photos(),
+                              TrainConfig(output_dir=output, steps=4, batch_size=4, warmup_steps=1, lr=2e-3,
+                                          checkpoint_every=2, progress=False))
+        if rank == 0:
+            with open(os.path.join(output, "losses.json"), "w") as f:
+                json.dump([r["loss"] for r in records], f)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one(tmp_path):
+    import torch.multiprocessing as mp
+
+    _, single = pretrain(tiny_config(drop_path_rate=0.0), MeanBrightnessTokenizer(), photos(),
+                         TrainConfig(output_dir=str(tmp_path / "one"), steps=4, batch_size=4, warmup_steps=1,
+                                     lr=2e-3, checkpoint_every=2, progress=False))
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "two")), nprocs=2, join=True)
+    losses = json.loads((tmp_path / "two" / "losses.json").read_text())
+    np.testing.assert_allclose(losses, [r["loss"] for r in single], rtol=1e-5)
+    one = torch.load(tmp_path / "one" / CHECKPOINT_NAME, weights_only=True)["model"]
+    two = torch.load(tmp_path / "two" / CHECKPOINT_NAME, weights_only=True)
+    assert two["world_size"] == 2 and len(two["rng"]) == 2
+    for key, value in one.items():
+        torch.testing.assert_close(two["model"][key], value, rtol=1e-4, atol=1e-6)
+
+
+# -- fine-tuning -----------------------------------------------------------------------------------
+
+
+def test_finetune_from_checkpoint_and_linear_probe(tmp_path):
+    run_pretrain(tmp_path / "pre", steps=2, checkpoint_every=2)
+    labelled = photos(n=8, labels=[0, 1, 2, 0, 1, 2, 0, 1])
+    model = classifier_from_pretrained(tmp_path / "pre" / CHECKPOINT_NAME, num_classes=3)
+    pre = torch.load(tmp_path / "pre" / CHECKPOINT_NAME, weights_only=True)["model"]
+    assert torch.equal(model.blocks[1].mlp.fc1.weight, pre["blocks.1.mlp.fc1.weight"])
+    assert model.head.out_features == 3 and model.lm_head is None
+
+    stream = classify_stream(labelled, ClassifyTransform(16), batch_size=4)
+    tc = train_config(tmp_path / "ft", steps=3, layer_decay=0.65, label_smoothing=0.1)
+    records = Trainer(model, Classification(tc.label_smoothing), stream, tc).fit()
+    assert len(records) == 3 and all(math.isfinite(r["loss"]) for r in records)
+    assert 0 <= evaluate(model, labelled, EvalTransform(16, crop_pct=1.0), batch_size=3) <= 1
+
+    probe = classifier_from_pretrained(tmp_path / "pre" / CHECKPOINT_NAME, num_classes=3)
+    before = {k: v.clone() for k, v in probe.state_dict().items()}
+    tc = train_config(tmp_path / "probe", steps=2, linear_probe=True)
+    Trainer(probe, Classification(0.0), classify_stream(labelled, ClassifyTransform(16), 4), tc).fit()
+    changed = {k for k, v in probe.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {"head.weight", "head.bias"}
+
+
+# -- bad input -------------------------------------------------------------------------------------
+
+
+def test_unwritable_output_folder(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(PermissionError, match="not writable"):
+        run_pretrain(blocker / "out")
+
+
+def test_tokenizer_must_fit_the_model(tmp_path):
+    with pytest.raises(ValueError, match="vocab_size 32 != model vocab_size 16"):
+        run_pretrain(tmp_path, tokenizer=MeanBrightnessTokenizer(vocab_size=32))
+    with pytest.raises(ValueError, match="grid 2x2"):
+        run_pretrain(tmp_path, tokenizer=MeanBrightnessTokenizer(input_size=16, patch_size=8))
+
+
+def test_resume_other_architecture(tmp_path):
+    run_pretrain(tmp_path, steps=2, checkpoint_every=2)
+    with pytest.raises(ValueError, match="another architecture.*embed_dim: checkpoint 32 vs model 64"):
+        run_pretrain(tmp_path, config=tiny_config(embed_dim=64), steps=4)
+    with pytest.raises(ValueError, match="batch_size=4"):
+        run_pretrain(tmp_path, steps=4, batch_size=8)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        run_pretrain(tmp_path / "other", resume=str(tmp_path / "missing.pt"))
+
+
+def test_train_config_errors(tmp_path):
+    with pytest.raises(ValueError, match="steps must be positive, got 0"):
+        train_config(tmp_path, steps=0)
+    with pytest.raises(ValueError, match="precision"):
+        train_config(tmp_path, precision="fp8")
+    with pytest.raises(ValueError, match="layer_decay"):
+        train_config(tmp_path, layer_decay=1.5)
+    with pytest.raises(ValueError, match="num_classes > 0"):
+        Classification().check(tiny_config())
