@@ -308,6 +308,15 @@ def test_cuda_beit_base_shape_matches_triton(device):
         assert_close(out, expected, torch.bfloat16, f"{backend} output")
 
 
+@pytest.mark.skipif(HAS_GPU, reason="the interpreter's bfloat16 refusal only applies on CPU")
+def test_triton_refuses_bfloat16_in_the_interpreter():
+    case = CASES["48x32_p16_d40"]
+    inputs = {k: (v.bfloat16() if v is not None and v.is_floating_point() else v)
+              for k, v in make_inputs(case, torch.device("cpu")).items()}
+    with pytest.raises(ValueError, match="interpreter computes bfloat16 wrongly"):
+        run(inputs, case, "triton")
+
+
 @pytest.mark.skipif(HAS_GPU, reason="checks the refusal on a machine without a GPU")
 def test_cuda_refuses_cpu_tensors():
     case = CASES["48x32_p16_d40"]

@@ -214,9 +214,11 @@ def _triton_missing() -> str | None:
 
 def _triton_check(images, **inputs) -> list[str]:
     reasons = _fused_dtype_reasons(images, **inputs)
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    if images.device.type != "cuda" and not (interpreted and images.device.type == "cpu"):
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1" and images.device.type == "cpu"
+    if images.device.type != "cuda" and not interpreted:
         reasons.append(f"needs CUDA tensors (or CPU ones with TRITON_INTERPRET=1), got {images.device}")
+    elif interpreted and torch.bfloat16 in (images.dtype, _compute_dtype(images, inputs["weight"])):
+        reasons.append("the Triton interpreter computes bfloat16 wrongly; use float32/float16 on CPU")
     return reasons
 
 
