@@ -1,19 +1,39 @@
 """Masked-token cross-entropy of BEiT's LM head: ``cross_entropy(hidden[mask] @ weight.T + bias,
 labels)`` without the fused backends ever holding the ``[M, V]`` logits.
 
-The eager backend is the definition: gather the counted rows, a linear layer in the input dtype,
-cross-entropy in float32 (float64 stays float64).
+The eager backend is the definition: gather the counted rows, a linear layer in the input dtype
+(the autocast dtype under autocast), cross-entropy in float32 (float64 stays float64).
+
+Fused backends:
+
+* ``triton`` (``beitfast.kernels.cross_entropy``): tiles over rows and vocabulary with an online
+  log-sum-exp; reads the selected rows of ``hidden`` in place; recomputes the logits in the backward.
+* ``cuda`` (``csrc/cross_entropy_cuda.cu``): rows in chunks; per chunk a cuBLAS GEMM into a small logits
+  buffer, one kernel for the loss, argmax and the logits gradient, two GEMMs for the gradients. The
+  gradient is computed in the forward for ``grad_output = 1`` and scaled in the backward.
+
+Both see the rows through a :class:`RowPlan`: no gathered copy and no host sync to select them.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
+from .. import _ext
 from . import dispatch
 
 OP = "cross_entropy"
 _REDUCTIONS = ("mean", "sum", "none")
+_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def masked_lm_cross_entropy(
@@ -58,7 +78,7 @@ def _validate(hidden, weight, bias, labels, mask, ignore_index, reduction) -> No
         raise ValueError(f"{name}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     if not isinstance(hidden, torch.Tensor) or hidden.dtype not in dispatch.FLOAT_DTYPES:
         got = hidden.dtype if isinstance(hidden, torch.Tensor) else type(hidden).__name__
-        raise TypeError(f"{name}: hidden must be a a floating-point (float64/32/16, bfloat16) tensor, got {got}")
+        raise TypeError(f"{name}: hidden must be a floating-point (float64/32/16, bfloat16) tensor, got {got}")
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise ValueError(f"{name}: weight must be [V, D], got {_shape(weight)}")
     V, D = weight.shape
@@ -66,10 +86,23 @@ def _validate(hidden, weight, bias, labels, mask, ignore_index, reduction) -> No
         raise ValueError(
             f"{name}: hidden's last dim must equal weight's D={D}, got hidden {tuple(hidden.shape)}"
         )
-    if bias is not None and tuple(bias.shape) != (V,):
+    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (V,)):
         raise ValueError(f"{name}: bias must be [V={V}], got {_shape(bias)}")
-    if labels.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"{name}: labels must be int64 or int32, got {labels.dtype}")
+    if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int64, torch.int32):
+        got = labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise TypeError(f"{name}: labels must be an int64 or int32 tensor, got {got}")
+    if mask is not None and not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name}: mask must be a bool tensor or None, got {type(mask).__name__}")
+    for arg, t in (("weight", weight), ("bias", bias), ("labels", labels), ("mask", mask)):
+        if t is not None and t.device != hidden.device:
+            raise ValueError(f"{name}: {arg} must be on hidden's device {hidden.device}, got {t.device}")
+    # The linear layer needs one dtype, unless autocast picks it (as in F.linear).
+    if not torch.is_autocast_enabled(hidden.device.type):
+        for arg, t in (("weight", weight), ("bias", bias)):
+            if t is not None and t.dtype != hidden.dtype:
+                raise TypeError(
+                    f"{name}: {arg} must have hidden's dtype {hidden.dtype} outside autocast, got {t.dtype}"
+                )
     if mask is None:
         if hidden.dim() != 2:
             raise ValueError(f"{name}: without mask, hidden must be [M, D], got {tuple(hidden.shape)}")
@@ -116,6 +149,11 @@ def select_rows(hidden, labels, mask):
     return rows, (labels[mask] if labels.dim() == 2 else labels)
 
 
+def hit_rate(hits: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
+    """float32 fraction of counted rows whose argmax is the label; 0 when none count."""
+    return hits.sum().float() / counted.sum().clamp(min=1)
+
+
 def reduce_loss(per_row: torch.Tensor, counted: torch.Tensor, reduction: str) -> torch.Tensor:
     """Reduce float32 per-row losses (0 on uncounted rows); the mean of nothing is 0, not NaN."""
     if reduction == "none":
@@ -134,6 +172,225 @@ def cross_entropy_eager(hidden, weight, bias, labels, mask, ignore_index, reduct
     per_row = F.cross_entropy(logits, row_labels.long(), ignore_index=ignore_index, reduction="none")
     counted = row_labels != ignore_index
     with torch.no_grad():
-        hits = (logits.argmax(dim=-1) == row_labels) & counted
-        accuracy = hits.sum().float() / counted.sum().clamp(min=1)
+        accuracy = hit_rate((logits.argmax(dim=-1) == row_labels) & counted, counted)
     return reduce_loss(per_row, counted, reduction), accuracy
+
+
+# ---------------------------------------------------------------------------------------------------
+# fused backends: shared row bookkeeping
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    """The rows a fused backend computes, selected on the device without a gathered copy.
+
+    ``row_labels`` ``[R]`` int64 holds ``ignore_index`` on rows that do not count; ``source_rows``
+    ``[R]`` is the row of ``hidden`` (flattened over ``[B, N]``) that row ``r`` reads, None when row ``r``
+    is row ``r`` of an ``[M, D]`` hidden. With a mask and ``[B, N]`` labels the number of selected rows
+    is only known on the device: ``R = B * N`` is an upper bound, ``row_count`` the true count, and the
+    rows past it carry ``ignore_index``.
+    """
+
+    row_labels: Tensor
+    source_rows: Tensor | None
+    counted: Tensor
+    row_count: Tensor | None
+
+
+def plan_rows(labels: Tensor, mask: Tensor | None, ignore_index: int) -> RowPlan:
+    if mask is None:
+        row_labels = labels.long()
+        return RowPlan(row_labels, None, row_labels != ignore_index, None)
+    selected = mask.reshape(-1)
+    # Selected rows first, in hidden[mask] order (stable sort of "not selected").
+    order = torch.argsort(~selected, stable=True)
+    if labels.dim() == 1:
+        row_labels = labels.long()
+        return RowPlan(row_labels, order[: labels.shape[0]], row_labels != ignore_index, None)
+    row_count = selected.sum()
+    live = torch.arange(order.shape[0], device=order.device) < row_count
+    row_labels = torch.where(live, labels.reshape(-1)[order].long(), ignore_index)
+    return RowPlan(row_labels, order, row_labels != ignore_index, row_count)
+
+
+def compute_dtype(hidden: Tensor) -> torch.dtype:
+    """The dtype of the LM head's GEMM: the autocast dtype under autocast (as in F.linear), else
+    hidden's dtype."""
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return hidden.dtype
+
+
+def _finish(loss_rows: Tensor, hits: Tensor, plan: RowPlan, reduction: str):
+    accuracy = hit_rate(hits, plan.counted)
+    if reduction != "none":
+        return reduce_loss(loss_rows, plan.counted, reduction), accuracy
+    if plan.row_count is not None:
+        # The [num_masked] shape depends on the mask: this is the one path that reads the count on
+        # the host (mean and sum never do).
+        loss_rows = loss_rows[: int(plan.row_count)]
+    return loss_rows, accuracy
+
+
+def _fused_reasons(hidden, weight, bias, **_) -> list[str]:
+    return [
+        f"{arg} dtype {t.dtype} is not supported (float32, float16, bfloat16)"
+        for arg, t in (("hidden", hidden), ("weight", weight), ("bias", bias))
+        if t is not None and t.dtype not in _FUSED_DTYPES
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------
+# triton
+
+
+def _triton_missing() -> str | None:
+    return None if importlib.util.find_spec("triton") else "triton is not installed"
+
+
+def _triton_check(hidden, **inputs) -> list[str]:
+    reasons = _fused_reasons(hidden, **inputs)
+    if hidden.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        if compute_dtype(hidden) == torch.bfloat16:
+            reasons.append("the Triton interpreter computes bfloat16 wrongly (CPU); use a CUDA device")
+    elif hidden.device.type != "cuda":
+        reasons.append(f"needs CUDA tensors (or CPU ones with TRITON_INTERPRET=1), got {hidden.device}")
+    return reasons
+
+
+@functools.cache
+def _triton_kernels():
+    return importlib.import_module("beitfast.kernels.cross_entropy")
+
+
+@dispatch.register(OP, "triton", _triton_check, _triton_missing)
+def cross_entropy_triton(hidden, weight, bias, labels, mask, ignore_index, reduction):
+    plan = plan_rows(labels, mask, ignore_index)
+    loss_rows, hits = _triton_kernels().lm_cross_entropy(
+        hidden, weight, bias, plan.row_labels, plan.source_rows, ignore_index, compute_dtype(hidden)
+    )
+    return _finish(loss_rows, hits, plan, reduction)
+
+
+# ---------------------------------------------------------------------------------------------------
+# cuda: beitfast::lm_cross_entropy_chunked (csrc/cross_entropy_cuda.cu) under two custom ops.
+#
+# `lm_cross_entropy_cuda_reduced` (mean/sum with gradients): the chunked op computes the gradient of
+# the reduced loss in the forward, for grad_output = 1; the backward only scales it. The scale of a row
+# (1 / count for mean) is a device tensor, so no sync either.
+# `lm_cross_entropy_cuda_rows` (reduction "none", or no gradient needed): forward only; its backward
+# reruns the chunked op with the incoming per-row gradients as the row scales.
+
+
+def _cuda_check(hidden, **inputs) -> list[str]:
+    reasons = _fused_reasons(hidden, **inputs)
+    if hidden.device.type != "cuda":
+        reasons.append(f"needs CUDA tensors, got {hidden.device}")
+    return reasons
+
+
+def _chunked(hidden, weight, bias, row_labels, source_rows, row_count, row_scale, ignore_index, dtype):
+    """The C++ op on an ``[M, D]`` or ``[B, N, D]`` hidden. Gradients (of ``sum(row_scale * loss_rows)``)
+    only when ``row_scale`` is given, else empty tensors."""
+    h3 = hidden if hidden.dim() == 3 else hidden.unsqueeze(0)
+    loss_rows, hits, grad_hidden, grad_weight, grad_bias = torch.ops.beitfast.lm_cross_entropy_chunked(
+        h3, weight, bias, row_labels, source_rows, row_count, row_scale, ignore_index, dtype
+    )
+    if row_scale is not None:
+        grad_hidden = grad_hidden.view(hidden.shape)
+    return loss_rows, hits, grad_hidden, grad_weight, grad_bias
+
+
+@torch.library.custom_op("beitfast::lm_cross_entropy_cuda_reduced", mutates_args=(), device_types="cuda")
+def _cuda_reduced(
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], row_labels: Tensor, source_rows: Optional[Tensor],
+    row_count: Optional[Tensor], row_scale: Tensor, ignore_index: int, dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(sum(row_scale * loss_rows), hits, dloss/dhidden, dloss/dweight, dloss/dbias)``."""
+    loss_rows, hits, grad_hidden, grad_weight, grad_bias = _chunked(
+        hidden, weight, bias, row_labels, source_rows, row_count, row_scale, ignore_index, dtype
+    )
+    return loss_rows.sum() * row_scale, hits, grad_hidden, grad_weight, grad_bias
+
+
+@_cuda_reduced.register_fake
+def _(hidden, weight, bias, row_labels, source_rows, row_count, row_scale, ignore_index, dtype):
+    grad_bias = bias.new_empty(bias.shape) if bias is not None else weight.new_empty(0)
+    return (
+        hidden.new_empty((), dtype=torch.float32), row_labels.new_empty(row_labels.shape, dtype=torch.bool),
+        hidden.new_empty(hidden.shape), weight.new_empty(weight.shape), grad_bias,
+    )
+
+
+def _reduced_setup_context(ctx, inputs, output):
+    ctx.has_bias = inputs[2] is not None
+    ctx.save_for_backward(*output[2:])
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _reduced_backward(ctx, grad_loss, *_):
+    grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+    return (
+        grad_hidden * grad_loss, grad_weight * grad_loss, grad_bias * grad_loss if ctx.has_bias else None,
+        None, None, None, None, None, None,
+    )
+
+
+_cuda_reduced.register_autograd(_reduced_backward, setup_context=_reduced_setup_context)
+
+
+@torch.library.custom_op("beitfast::lm_cross_entropy_cuda_rows", mutates_args=(), device_types="cuda")
+def _cuda_rows(
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], row_labels: Tensor, source_rows: Optional[Tensor],
+    row_count: Optional[Tensor], ignore_index: int, dtype: torch.dtype,
+) -> tuple[Tensor, Tensor]:
+    """Per-row loss ``[R]`` and argmax hit ``[R]``, no gradient work."""
+    loss_rows, hits, *_ = _chunked(
+        hidden, weight, bias, row_labels, source_rows, row_count, None, ignore_index, dtype
+    )
+    return loss_rows, hits
+
+
+@_cuda_rows.register_fake
+def _(hidden, weight, bias, row_labels, source_rows, row_count, ignore_index, dtype):
+    loss_rows = hidden.new_empty(row_labels.shape, dtype=torch.float32)
+    return loss_rows, row_labels.new_empty(row_labels.shape, dtype=torch.bool)
+
+
+def _rows_setup_context(ctx, inputs, output):
+    hidden, weight, bias, row_labels, source_rows, row_count, ignore_index, dtype = inputs
+    ctx.save_for_backward(hidden, weight, bias, row_labels, source_rows, row_count)
+    ctx.ignore_index, ctx.dtype = ignore_index, dtype
+    ctx.mark_non_differentiable(output[1])
+
+
+def _rows_backward(ctx, grad_rows, _):
+    hidden, weight, bias, row_labels, source_rows, row_count = ctx.saved_tensors
+    _, _, grad_hidden, grad_weight, grad_bias = _chunked(
+        hidden, weight, bias, row_labels, source_rows, row_count, grad_rows.float().contiguous(),
+        ctx.ignore_index, ctx.dtype,
+    )
+    return grad_hidden, grad_weight, grad_bias if bias is not None else None, None, None, None, None, None
+
+
+_cuda_rows.register_autograd(_rows_backward, setup_context=_rows_setup_context)
+
+
+@dispatch.register(OP, "cuda", _cuda_check, _ext.available("lm_cross_entropy_chunked", "cuda"))
+def cross_entropy_cuda(hidden, weight, bias, labels, mask, ignore_index, reduction):
+    plan = plan_rows(labels, mask, ignore_index)
+    dtype = compute_dtype(hidden)
+    args = (hidden, weight, bias, plan.row_labels, plan.source_rows, plan.row_count)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias)
+    )
+    if reduction == "none" or not needs_grad:
+        loss_rows, hits = _cuda_rows(*args, ignore_index, dtype)
+        return _finish(loss_rows, hits, plan, reduction)
+    if reduction == "mean":
+        row_scale = plan.counted.sum().clamp(min=1).float().reciprocal()
+    else:
+        row_scale = torch.ones((), device=hidden.device)
+    loss, hits, *_ = _cuda_reduced(*args, row_scale, ignore_index, dtype)
+    return loss, hit_rate(hits, plan.counted)
