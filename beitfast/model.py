@@ -169,7 +169,8 @@ class BEiT(nn.Module):
         )
         # Derivable from the config, so not saved in state dicts.
         self.register_buffer("rel_pos_index", relative_position_index(config.grid), persistent=False)
-        rates = torch.linspace(0, config.drop_path_rate, config.depth).tolist()
+        # On the CPU explicitly: models built on the meta device (checkpoint loading) need real values here.
+        rates = torch.linspace(0, config.drop_path_rate, config.depth, device="cpu").tolist()
         self.blocks = nn.ModuleList(Block(config, rate) for rate in rates)
         pooled_norm = config.use_mean_pooling and config.vocab_size == 0
         self.norm = nn.Identity() if pooled_norm else nn.LayerNorm(dim, eps=config.layer_norm_eps)
