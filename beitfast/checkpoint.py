@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import BEiTConfig
-from .model import BEiT, num_relative_positions
+from .model import BEiT, num_relative_positions, relative_position_index
 
 __all__ = [
     "FORMATS", "HF_TASKS", "unwrap_state_dict", "detect_format", "to_official_names", "infer_config",
@@ -379,7 +379,20 @@ def adapt_state_dict(state_dict: Mapping[str, torch.Tensor], config: BEiTConfig)
     return sd
 
 
-def _load_checked(model: BEiT, state_dict: Mapping[str, torch.Tensor], strict: bool) -> None:
+def _uninitialised_model(config: BEiTConfig) -> BEiT:
+    """``BEiT(config)`` without its random initialisation (slow for large models, and every weight
+    is about to be overwritten): built on the meta device, then given CPU storage; the one derived
+    buffer, the relative position index, is recomputed."""
+    with torch.device("meta"):
+        model = BEiT(config)
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        model.rel_pos_index.copy_(relative_position_index(config.grid))
+    return model
+
+
+def _load_checked(config: BEiTConfig, state_dict: Mapping[str, torch.Tensor], strict: bool) -> BEiT:
+    model = _uninitialised_model(config)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
@@ -393,9 +406,11 @@ def _load_checked(model: BEiT, state_dict: Mapping[str, torch.Tensor], strict: b
     if missing or unexpected:
         message = f"BEiT.from_state_dict: missing keys {missing}, unexpected keys {unexpected}"
         if strict:
-            raise KeyError(message + " (strict=False loads the rest)")
-        warnings.warn(message + "; missing ones keep their initial values", stacklevel=3)
+            raise ValueError(message + " (strict=False loads the rest)")
+        warnings.warn(message + "; missing ones get the initialisation of a new model", stacklevel=3)
+        model.reset_parameters()
     model.load_state_dict({k: v for k, v in state_dict.items() if k in expected}, strict=False)
+    return model
 
 
 def from_state_dict(
@@ -405,14 +420,13 @@ def from_state_dict(
 
     ``config=None`` infers it from the shapes; ``overrides`` change fields of the given or inferred
     config (e.g. ``kernels="eager"``, ``drop_path_rate=0.0``). ``strict=True`` refuses missing or
-    unexpected keys (listing them); ``strict=False`` warns and keeps initial values for the missing
-    ones (e.g. a new classifier on a pre-trained backbone). A shape mismatch is always an error.
+    unexpected keys (listing them); ``strict=False`` warns and initialises the missing ones as a new
+    model would (e.g. a new classifier on a pre-trained backbone). A shape mismatch is always an
+    error. The model is on the CPU, in float32 (the checkpoint's dtype is cast).
     """
     state, _ = to_official_names(state_dict)
     config = (config or infer_config(state)).replace(**overrides)
-    model = BEiT(config)
-    _load_checked(model, adapt_state_dict(state, config), strict)
-    return model
+    return _load_checked(config, adapt_state_dict(state, config), strict)
 
 
 # -- export ---------------------------------------------------------------------------------------
