@@ -1,6 +1,7 @@
 """Test set-up: Triton kernels run through the interpreter on CPU tensors when there is no GPU.
 
-TRITON_INTERPRET must be set before any Triton kernel is imported.
+TRITON_INTERPRET must be set before any Triton kernel is imported. Tests that need a GPU carry
+``@pytest.mark.gpu`` and are skipped, with the reason, where there is none.
 """
 
 import os
@@ -8,11 +9,18 @@ import os
 import pytest
 import torch
 
-if not torch.cuda.is_available():
+HAS_GPU = torch.cuda.is_available()
+if not HAS_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-HAS_GPU = torch.cuda.is_available()
-requires_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device")
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_GPU:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)
