@@ -236,6 +236,31 @@ def _square_grid(num_patches: int, what: str) -> tuple[int, int]:
     return (side, side)
 
 
+def _infer_heads(table: torch.Tensor | None, dim: int) -> int:
+    if table is not None:
+        return table.shape[1]
+    if dim % DEFAULT_HEAD_DIM == 0:
+        return dim // DEFAULT_HEAD_DIM
+    raise ValueError(
+        f"infer_config: no bias table tells the number of heads and embed_dim {dim} is not a multiple of "
+        f"the default head dim {DEFAULT_HEAD_DIM}; pass a config"
+    )
+
+
+def _infer_grid(pos_embed: torch.Tensor | None, table: torch.Tensor | None, patch: int) -> tuple[int, int]:
+    if pos_embed is not None:
+        return _square_grid(pos_embed.shape[1] - 1, "infer_config: pos_embed")
+    if table is not None:
+        grid = _grid_from_table_rows(table.shape[0])
+        if grid is None:
+            raise ValueError(
+                f"infer_config: bias table with {table.shape[0]} rows is not (2G-1)^2 + 3 for a square grid; "
+                "pass a config with img_size"
+            )
+        return grid
+    return (DEFAULT_IMG_SIZE // patch,) * 2
+
+
 def infer_config(state_dict: Mapping[str, torch.Tensor], **overrides) -> BEiTConfig:
     """The :class:`BEiTConfig` of an official-names state dict, from its shapes.
 
@@ -244,7 +269,8 @@ def infer_config(state_dict: Mapping[str, torch.Tensor], **overrides) -> BEiTCon
     projection; image size from ``pos_embed``, else from the bias table rows (square grids), else
     :data:`DEFAULT_IMG_SIZE`; vocab from ``lm_head``; classes from ``head``; mean pooling from
     ``fc_norm`` (models with an LM head keep the default); layer scale from ``gamma_1``. Fields the
-    weights do not determine (drop path, eps, kernels...) keep their defaults; ``overrides`` set them.
+    weights do not determine (drop path, eps, kernels...) keep their defaults; ``overrides`` set them
+    (``num_heads`` and ``img_size`` given there are not inferred).
     """
     sd = state_dict
     required = ("cls_token", "patch_embed.proj.weight", "blocks.0.mlp.fc1.weight")
@@ -260,34 +286,18 @@ def infer_config(state_dict: Mapping[str, torch.Tensor], **overrides) -> BEiTCon
     per_layer = "blocks.0.attn.relative_position_bias_table" in sd
     shared = _SHARED_TABLE in sd
     table = sd.get(_SHARED_TABLE, sd.get("blocks.0.attn.relative_position_bias_table"))
-    if table is not None:
-        heads = table.shape[1]
-    elif dim % DEFAULT_HEAD_DIM == 0:
-        heads = dim // DEFAULT_HEAD_DIM
-    else:
-        raise ValueError(
-            f"infer_config: no bias table tells the number of heads and embed_dim {dim} is not a multiple of "
-            f"the default head dim {DEFAULT_HEAD_DIM}; pass a config"
-        )
-    if "pos_embed" in sd:
-        grid = _square_grid(sd["pos_embed"].shape[1] - 1, "infer_config: pos_embed")
-    elif table is not None:
-        grid = _grid_from_table_rows(table.shape[0])
-        if grid is None:
-            raise ValueError(
-                f"infer_config: bias table with {table.shape[0]} rows is not (2G-1)^2 + 3 for a square grid; "
-                "pass a config with img_size"
-            )
-    else:
-        grid = (DEFAULT_IMG_SIZE // patch,) * 2
+    values = {}
+    if "num_heads" not in overrides:
+        values["num_heads"] = _infer_heads(table, dim)
+    if "img_size" not in overrides:
+        grid = _infer_grid(sd.get("pos_embed"), table, patch)
+        values["img_size"] = grid[0] * patch if grid[0] == grid[1] else (grid[0] * patch, grid[1] * patch)
     vocab = sd["lm_head.weight"].shape[0] if "lm_head.weight" in sd else 0
-    values = dict(
-        img_size=grid[0] * patch if grid[0] == grid[1] else (grid[0] * patch, grid[1] * patch),
+    values.update(
         patch_size=patch,
         in_chans=proj.shape[1],
         embed_dim=dim,
         depth=depth,
-        num_heads=heads,
         mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / dim,
         vocab_size=vocab,
         num_classes=sd["head.weight"].shape[0] if "head.weight" in sd else 0,
