@@ -51,9 +51,25 @@ def _tile_configs(shapes: list[tuple[int, int, int, int]]) -> list[triton.Config
     ]
 
 
+def _prune_by_head_dim_and_dtype(configs, named_args, **kwargs):
+    """Candidates that fit: fp32 inputs with D = 128 keep only tiles up to 64 x 64 (bigger ones
+    overflow shared memory); 16-bit inputs with small D skip the narrowest tiles."""
+    if len(configs) == 1:
+        return configs
+    block_d, wide = kwargs.get("BLOCK_D", 64), named_args["Q"].element_size() == 4
+    if wide and block_d >= 128:
+        keep = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
+    elif not wide and block_d <= 64:
+        keep = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] >= 64 * 32]
+    else:
+        keep = configs
+    return keep or configs
+
+
 _FWD_CONFIGS = _tile_configs([(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (128, 32, 4, 3), (64, 32, 4, 3)])
 _BWD_CONFIGS = _tile_configs([(64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 3), (64, 64, 8, 2)])
 _TUNE_KEY = ["N", "BLOCK_D", "HAS_BIAS"]
+_PRUNE = {"early_config_prune": _prune_by_head_dim_and_dtype}
 
 
 @triton.jit
@@ -64,7 +80,7 @@ def _bias_tile(table_ptr, index_ptr, h, offs_i, offs_j, N, s_ir, s_ic, s_tr, s_t
     return tl.load(table_ptr + idx * s_tr + h * s_th, mask=inside, other=0.0).to(tl.float32)
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=_TUNE_KEY)
+@triton.autotune(configs=_FWD_CONFIGS, key=_TUNE_KEY, prune_configs_by=_PRUNE)
 @triton.jit
 def _fwd_kernel(
     Q, K, V, TABLE, INDEX, OUT, LSE,
@@ -127,7 +143,7 @@ def _fwd_kernel(
     tl.store(LSE + pid_bh.to(tl.int64) * N + offs_m, m_i + tl.log2(l_i), mask=mask_m)
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=_TUNE_KEY)
+@triton.autotune(configs=_BWD_CONFIGS, key=_TUNE_KEY, prune_configs_by=_PRUNE)
 @triton.jit
 def _bwd_dq_kernel(
     Q, K, V, TABLE, INDEX, OUT, DOUT, LSE, DELTA, DQ,
@@ -180,7 +196,7 @@ def _bwd_dq_kernel(
     tl.store(DQ + pid_bh.to(tl.int64) * N * D + offs_m[:, None] * D + offs_d[None, :], acc * scale, mask=mask_md)
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=_TUNE_KEY, reset_to_zero=["DBIAS"])
+@triton.autotune(configs=_BWD_CONFIGS, key=_TUNE_KEY, prune_configs_by=_PRUNE, reset_to_zero=["DBIAS"])
 @triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, TABLE, INDEX, DOUT, LSE, DELTA, DK, DV, DBIAS,
@@ -239,7 +255,7 @@ def _bwd_dkdv_kernel(
     tl.store(DV + out, acc_dv, mask=mask_nd)
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=["N", "BLOCK_D"])
+@triton.autotune(configs=_BWD_CONFIGS, key=["N", "BLOCK_D"], prune_configs_by=_PRUNE)
 @triton.jit
 def _bwd_dbias_kernel(
     Q, K, V, TABLE, INDEX, DOUT, LSE, DELTA, DBIAS,

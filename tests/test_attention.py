@@ -199,6 +199,9 @@ def test_triton_compiles_without_graph_breaks(device):
     ref = torch.autograd.grad(fn(q, k, v, table).sum(), (q, k, v, table))
     for x, r in zip(got, ref):
         torch.testing.assert_close(x, r)
+    # The autocast cast in front of the custom op traces too.
+    with torch.autocast(device.type, dtype=torch.bfloat16 if device.type == "cuda" else torch.float16):
+        assert compiled(q, k, v, table).dtype != torch.float32
 
 
 def test_model_with_triton_attention_matches_eager(device, monkeypatch):
