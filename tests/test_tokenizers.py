@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from beitfast.tokenizers import DalleTokenizer, KMeansTokenizer, Tokenizer, UnsafePickleError, load_tokenizer
+from beitfast.tokenizers.dvae import map_pixels
 from beitfast.tokenizers.kmeans import _Reservoir
 
 # tests/conftest.py cannot be imported under --import-mode=importlib, so the marker is spelled here.
@@ -243,7 +244,7 @@ def official_dall_e(monkeypatch):
             self.n_in, self.n_out, self.kw = n_in, n_out, kw
             self.use_float16, self.device, self.requires_grad = use_float16, device, requires_grad
             self.w = nn.Parameter(torch.randn(n_out, n_in, kw, kw) / math.sqrt(n_in * kw * kw))
-            self.b = nn.Parameter(0.1 * torch.randn(n_out))  # the official init is 0: random checks b is used
+            self.b = nn.Parameter(0.02 * torch.randn(n_out))  # the official init is 0: random checks b is used
 
         def forward(self, x):
             return F.conv2d(x, self.w, self.b, padding=(self.kw - 1) // 2)
@@ -314,19 +315,24 @@ def test_dalle_loads_the_official_pickle_and_matches_it(official_dall_e, monkeyp
     tokenizer = DalleTokenizer.from_file(path, input_size=SIZE)
     assert (tokenizer.vocab_size, tokenizer.patch_size, tokenizer.grid_size) == (24, 8, 4)
 
-    images = torch.rand(3, 3, SIZE, SIZE)
+    images = torch.rand(8, 3, SIZE, SIZE)
     with torch.no_grad():
         expected_logits = official.double()(0.8 * images.double() + 0.1)  # official map_pixels, eps 0.1
-        logits = tokenizer.encoder(0.8 * images + 0.1)
-    assert logits.dtype == torch.float32 and logits.shape == (3, 24, 4, 4)
+        logits = tokenizer.encoder(map_pixels(images))
+    assert logits.dtype == torch.float32 and logits.shape == (8, 24, 4, 4)
     torch.testing.assert_close(logits.double(), expected_logits, rtol=1e-4, atol=1e-5)
     tokens = tokenizer.tokenize(images)
-    assert tokens.dtype == torch.int64 and tokens.shape == (3, 4, 4)
+    assert tokens.dtype == torch.int64 and tokens.shape == (8, 4, 4)
     assert torch.equal(tokens, expected_logits.argmax(dim=1))
 
     generic = load_tokenizer(path)  # default 112 view
     assert isinstance(generic, DalleTokenizer) and generic.input_size == 112
     assert generic.tokenize(torch.rand(1, 3, 112, 112)).shape == (1, 14, 14)
+
+
+def test_map_pixels_is_the_official_one():
+    images = torch.rand(2, 3, 5, 7, dtype=torch.float64)
+    torch.testing.assert_close(map_pixels(images), (1 - 2 * 0.1) * images + 0.1, rtol=0, atol=1e-15)
 
 
 def test_dalle_loads_an_official_state_dict(official_dall_e, monkeypatch, tmp_path):
