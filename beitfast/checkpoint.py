@@ -555,10 +555,9 @@ def config_from_hf(hf_config: Any, **overrides) -> BEiTConfig:
     else:
         num_classes = 0
     size = c.get("image_size", 224)
-    size = (size, size) if isinstance(size, int) else tuple(size)
     hidden = c.get("hidden_size", 768)
     values = dict(
-        img_size=size,
+        img_size=size if isinstance(size, int) else tuple(size),
         patch_size=c.get("patch_size", 16),
         in_chans=c.get("num_channels", 3),
         embed_dim=hidden,
@@ -671,45 +670,54 @@ def _read_torch(path: Path) -> tuple[Any, BEiTConfig | None]:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     config = payload.get("config") if isinstance(payload, Mapping) else None
     # Other training scripts store their own "config"; only ours has BEiTConfig fields only.
-    ours = isinstance(config, Mapping) and bool(config) and set(config) <= {f.name for f in dataclasses.fields(BEiTConfig)}
+    fields = {f.name for f in dataclasses.fields(BEiTConfig)}
+    ours = isinstance(config, Mapping) and bool(config) and set(config) <= fields
     return payload, (BEiTConfig.from_dict(config) if ours else None)
 
 
-def _read_hf_folder(folder: Path) -> tuple[dict[str, torch.Tensor], BEiTConfig | None]:
+def _hf_config_in(folder: Path) -> BEiTConfig | None:
+    """The config of a transformers ``config.json`` in ``folder``, if any. timm's hub folders have a
+    config.json of their own (no ``model_type``): for those the shapes tell the config."""
     config_file = folder / "config.json"
-    config = config_from_hf(json.loads(config_file.read_text())) if config_file.exists() else None
+    hf_config = json.loads(config_file.read_text()) if config_file.exists() else {}
+    return config_from_hf(hf_config) if hf_config.get("model_type") == "beit" else None
+
+
+def _read_hf_folder(folder: Path) -> dict[str, torch.Tensor]:
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (folder / name).exists():
-            return _read_file(folder / name)[0], config
+            return _read_file(folder / name)[0]
         index = folder / f"{name}.index.json"
         if index.exists():
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
             state: dict[str, torch.Tensor] = {}
             for shard in shards:
                 state.update(unwrap_state_dict(_read_file(folder / shard)[0]))
-            return state, config
+            return state
     raise FileNotFoundError(f"load: {str(folder)!r} holds no model.safetensors or pytorch_model.bin")
 
 
 def _read_file(path: Path) -> tuple[Any, BEiTConfig | None]:
+    """The checkpoint in ``path`` and the config it stores or has beside it (transformers)."""
     if path.is_dir():
-        return _read_hf_folder(path)
+        return _read_hf_folder(path), _hf_config_in(path)
     if path.suffix == ".safetensors":
-        return _read_safetensors(path)
-    return _read_torch(path)
+        payload, config = _read_safetensors(path)
+    else:
+        payload, config = _read_torch(path)
+    return payload, config or _hf_config_in(path.parent)
 
 
 def load(path: str | os.PathLike, config: BEiTConfig | None = None, strict: bool = True, **overrides) -> BEiT:
     """A :class:`BEiT` from a file or a Hugging Face model folder of any supported format.
 
-    The config is, in order: ``config``; the one stored by :func:`save`; a Hugging Face
+    The config is, in order: ``config``; the one stored by :func:`save`; a transformers
     ``config.json`` beside the weights; inferred from the shapes. ``overrides`` change its fields.
-    ``.pth``/``.pt``/``.bin`` files are read with ``torch.load(weights_only=True)``.
+    ``.pth``/``.pt``/``.bin`` files are read with ``torch.load(weights_only=True)``; a folder's
+    ``model.safetensors`` or ``pytorch_model.bin`` (or their sharded ``.index.json``) is read.
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"load: no such file or folder {str(path)!r}")
-    if path.is_file() and path.name in ("model.safetensors", "pytorch_model.bin") and (path.parent / "config.json").exists():
-        path = path.parent
     payload, stored = _read_file(path)
     return from_state_dict(payload, config or stored, strict=strict, **overrides)
