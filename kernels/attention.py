@@ -10,8 +10,10 @@ gather the bias from the table tile by tile, so no ``[B, H, N, N]`` tensor ever 
   gradient ``dS`` into an fp32 ``[H, N, N]`` buffer with atomics, summing over the batch);
 * deterministic mode (``BEITFAST_DETERMINISTIC=1`` or ``torch.use_deterministic_algorithms``):
   ``_bwd_dbias_kernel`` owns one (query block, key block, head) tile, recomputes ``P`` and ``dP`` for
-  every batch element and sums ``dS`` in registers in a fixed order. It costs a third kernel that
-  redoes two of the five backward matmuls, instead of the atomics;
+  every batch element and sums ``dS`` in registers in a fixed order. Instead of the atomics it costs
+  a third pass over q, k, v and dO and two more tile matmuls (``QK^T``, ``dO V^T``) on top of the
+  seven of the dq and dk/dv kernels, i.e. roughly 2/7 more backward matmul work, with only
+  ``blocks^2 * H`` programs (no batch axis) to spread it;
 * ``_segment_sum_kernel`` folds the ``[H, N, N]`` buffer into the ``[R, H]`` table gradient by
   summing the entries that share an index, in a fixed order (positions sorted by index).
 
@@ -66,18 +68,23 @@ def _prune_by_head_dim_and_dtype(configs, named_args, **kwargs):
     return keep or configs
 
 
-_FWD_CONFIGS = _tile_configs([(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (128, 32, 4, 3), (64, 32, 4, 3)])
-_BWD_CONFIGS = _tile_configs([(64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 3), (64, 64, 8, 2)])
+_FWD_CONFIGS = _tile_configs(
+    [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (128, 32, 4, 3), (64, 32, 4, 3)]
+)
+_BWD_CONFIGS = _tile_configs(
+    [(64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 3), (64, 64, 8, 2)]
+)
 _TUNE_KEY = ["N", "BLOCK_D", "HAS_BIAS"]
 _PRUNE = {"early_config_prune": _prune_by_head_dim_and_dtype}
 
 
 @triton.jit
-def _bias_tile(table_ptr, index_ptr, h, offs_i, offs_j, N, s_ir, s_ic, s_tr, s_th):
-    """``bias_table[rel_index[i, j], h]`` in fp32 for a tile; 0 outside ``[0, N)^2``."""
+def _bias_tile_log2(table_ptr, index_ptr, h, offs_i, offs_j, N, s_ir, s_ic, s_tr, s_th):
+    """``bias_table[rel_index[i, j], h]`` in fp32 base-2 units (times log2 e) for a tile; 0 outside
+    ``[0, N)^2``."""
     inside = (offs_i < N) & (offs_j < N)
     idx = tl.load(index_ptr + offs_i * s_ir + offs_j * s_ic, mask=inside, other=0)
-    return tl.load(table_ptr + idx * s_tr + h * s_th, mask=inside, other=0.0).to(tl.float32)
+    return tl.load(table_ptr + idx * s_tr + h * s_th, mask=inside, other=0.0).to(tl.float32) * LOG2E
 
 
 @triton.autotune(configs=_FWD_CONFIGS, key=_TUNE_KEY, prune_configs_by=_PRUNE)
@@ -122,7 +129,7 @@ def _fwd_kernel(
         # Scores in base-2 units: exp2 is the cheap exponential.
         s = tl.dot(q, k_t, input_precision=PRECISION) * scale_log2
         if HAS_BIAS:
-            s += _bias_tile(TABLE, INDEX, h, offs_m[:, None], offs_n[None, :], N, s_ir, s_ic, s_tr, s_th) * LOG2E
+            s += _bias_tile_log2(TABLE, INDEX, h, offs_m[:, None], offs_n[None, :], N, s_ir, s_ic, s_tr, s_th)
         s = tl.where(mask_n[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -167,11 +174,10 @@ def _bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < N
     mask_md = mask_m[:, None] & (offs_d < D)[None, :]
-    q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qn + offs_d[None, :] * s_qd, mask=mask_md, other=0.0)
-    do = tl.load(
-        DOUT + b * s_gb + h * s_gh + offs_m[:, None] * s_gn + offs_d[None, :] * s_gd, mask=mask_md, other=0.0
-    )
-    o = tl.load(OUT + b * s_ob + h * s_oh + offs_m[:, None] * s_on + offs_d[None, :] * s_od, mask=mask_md, other=0.0)
+    rows, cols = offs_m[:, None], offs_d[None, :]
+    q = tl.load(Q + b * s_qb + h * s_qh + rows * s_qn + cols * s_qd, mask=mask_md, other=0.0)
+    do = tl.load(DOUT + b * s_gb + h * s_gh + rows * s_gn + cols * s_gd, mask=mask_md, other=0.0)
+    o = tl.load(OUT + b * s_ob + h * s_oh + rows * s_on + cols * s_od, mask=mask_md, other=0.0)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     row = pid_bh.to(tl.int64) * N + offs_m
     tl.store(DELTA + row, delta, mask=mask_m)
@@ -187,13 +193,13 @@ def _bwd_dq_kernel(
         v = tl.load(v_base + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd, mask=mask_nd, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
         if HAS_BIAS:
-            s += _bias_tile(TABLE, INDEX, h, offs_m[:, None], offs_n[None, :], N, s_ir, s_ic, s_tr, s_th) * LOG2E
+            s += _bias_tile_log2(TABLE, INDEX, h, offs_m[:, None], offs_n[None, :], N, s_ir, s_ic, s_tr, s_th)
         p = tl.where((offs_n < N)[None, :], tl.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         acc += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
 
-    tl.store(DQ + pid_bh.to(tl.int64) * N * D + offs_m[:, None] * D + offs_d[None, :], acc * scale, mask=mask_md)
+    tl.store(DQ + pid_bh.to(tl.int64) * N * D + rows * D + cols, acc * scale, mask=mask_md)
 
 
 @triton.autotune(configs=_BWD_CONFIGS, key=_TUNE_KEY, prune_configs_by=_PRUNE, reset_to_zero=["DBIAS"])
@@ -220,8 +226,9 @@ def _bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask_n = offs_n < N
     mask_nd = mask_n[:, None] & (offs_d < D)[None, :]
-    k = tl.load(K + b * s_kb + h * s_kh + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd, mask=mask_nd, other=0.0)
-    v = tl.load(V + b * s_vb + h * s_vh + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd, mask=mask_nd, other=0.0)
+    rows, cols = offs_n[:, None], offs_d[None, :]
+    k = tl.load(K + b * s_kb + h * s_kh + rows * s_kn + cols * s_kd, mask=mask_nd, other=0.0)
+    v = tl.load(V + b * s_vb + h * s_vh + rows * s_vn + cols * s_vd, mask=mask_nd, other=0.0)
     q_base = Q + b * s_qb + h * s_qh
     do_base = DOUT + b * s_gb + h * s_gh
     row_base = pid_bh.to(tl.int64) * N
@@ -238,7 +245,9 @@ def _bwd_dkdv_kernel(
         delta = tl.load(DELTA + row_base + offs_m, mask=mask_m, other=0.0)
         s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * scale_log2
         if HAS_BIAS:
-            s_t += _bias_tile(TABLE, INDEX, h, offs_m[None, :], offs_n[:, None], N, s_ir, s_ic, s_tr, s_th) * LOG2E
+            s_t += _bias_tile_log2(
+                TABLE, INDEX, h, offs_m[None, :], offs_n[:, None], N, s_ir, s_ic, s_tr, s_th
+            )
         p_t = tl.where(mask_m[None, :] & mask_n[:, None], tl.exp2(s_t - lse[None, :]), 0.0)
         acc_dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
@@ -280,7 +289,7 @@ def _bwd_dbias_kernel(
     mask_n = offs_n < N
     mask_md = mask_m[:, None] & (offs_d < D)[None, :]
     mask_nd = mask_n[:, None] & (offs_d < D)[None, :]
-    bias = _bias_tile(TABLE, INDEX, h, offs_m[:, None], offs_n[None, :], N, s_ir, s_ic, s_tr, s_th) * LOG2E
+    bias = _bias_tile_log2(TABLE, INDEX, h, offs_m[:, None], offs_n[None, :], N, s_ir, s_ic, s_tr, s_th)
 
     q_ptrs = Q + h * s_qh + offs_m[:, None] * s_qn + offs_d[None, :] * s_qd
     do_ptrs = DOUT + h * s_gh + offs_m[:, None] * s_gn + offs_d[None, :] * s_gd
@@ -329,7 +338,8 @@ def _segment_sum_kernel(
         offs = first + tl.arange(0, BLOCK_S)
         mask = offs < end
         pos = tl.load(ORDER + offs, mask=mask, other=0)
-        acc += tl.load(DENSE + offs_h[None, :] * NN + pos[:, None], mask=mask[:, None] & mask_h[None, :], other=0.0)
+        in_segment = mask[:, None] & mask_h[None, :]
+        acc += tl.load(DENSE + offs_h[None, :] * NN + pos[:, None], mask=in_segment, other=0.0)
     total = tl.sum(acc, 0)
     tl.store(DTABLE + r * s_tr + offs_h * s_th, total.to(DTABLE.dtype.element_ty), mask=mask_h)
 

@@ -58,7 +58,7 @@ def assert_close_to_reference(backend, q, k, v, table, rel_index, scale=None, gr
         err = (x.double() - ref).abs().max().item()
         eager_err = (eager.double() - ref).abs().max().item()
         allowed = 2 * eager_err + TOLERANCE[q.dtype] * max(1.0, ref.abs().max().item())
-        assert err <= allowed, f"{name}: error {err:.3g} > allowed {allowed:.3g} (eager error {eager_err:.3g})"
+        assert err <= allowed, f"{name}: error {err:.3g} > {allowed:.3g} (eager's error {eager_err:.3g})"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -148,7 +148,7 @@ def test_triton_writes_every_output(device, monkeypatch, deterministic):
     from beitfast.kernels import attention as kernels
 
     def poisoned(like, shape, dtype=None):
-        return torch.full(shape, float("nan"), device=like.device, dtype=like.dtype if dtype is None else dtype)
+        return torch.full(shape, float("nan"), device=like.device, dtype=dtype or like.dtype)
 
     monkeypatch.setattr(kernels, "_new_buffer", poisoned)
     monkeypatch.setenv("BEITFAST_DETERMINISTIC", deterministic)
@@ -256,7 +256,8 @@ def test_triton_refusals_are_explained(monkeypatch):
     assert any("got 256" in r for r in reasons["triton"])
     assert reasons["eager"] == []
     double = torch.randn(1, 2, 7, 32, dtype=torch.float64)
-    reasons = ops.explain("attention", q=double, k=double, v=double, bias_table=None, rel_index=None, scale=0.1)
+    reasons = ops.explain("attention", q=double, k=double, v=double, bias_table=None, rel_index=None,
+                          scale=0.1)
     assert any("got torch.float64" in r for r in reasons["triton"])
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     reasons = ops.explain("attention", q=q, k=k, v=v, bias_table=table, rel_index=rel_index, scale=0.1)

@@ -52,7 +52,9 @@ def _validate(q, k, v, bias_table, rel_index) -> None:
             got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(f"rel_pos_attention: {name} must be a [B, H, N, D] tensor, got {got}")
         if t.dtype not in dispatch.FLOAT_DTYPES:
-            raise TypeError(f"rel_pos_attention: {name} must be a floating-point (float64/32/16, bfloat16), got {t.dtype}")
+            raise TypeError(
+                f"rel_pos_attention: {name} must be float64/float32/float16/bfloat16, got {t.dtype}"
+            )
     if k.shape != q.shape or v.shape != q.shape:
         raise ValueError(
             "rel_pos_attention: q, k and v must have the same [B, H, N, D] shape, got "
