@@ -17,8 +17,6 @@ Both see the rows through a :class:`RowPlan`: no gathered copy and no host sync 
 
 from __future__ import annotations
 
-import functools
-import importlib
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -259,15 +257,13 @@ def _triton_check(hidden, **inputs) -> list[str]:
     return reasons
 
 
-@functools.cache
-def _triton_kernels():
-    return importlib.import_module("beitfast.kernels.cross_entropy")
-
-
 @dispatch.register(OP, "triton", _triton_check, _triton_missing)
 def cross_entropy_triton(hidden, weight, bias, labels, mask, ignore_index, reduction):
+    # Imported here so `import beitfast` does not load Triton; torch.compile traces this import.
+    from ..kernels import cross_entropy as kernels
+
     plan = plan_rows(labels, mask, ignore_index)
-    loss_rows, hits = _triton_kernels().lm_cross_entropy(
+    loss_rows, hits = kernels.lm_cross_entropy(
         hidden, weight, bias, plan.row_labels, plan.source_rows, ignore_index, compute_dtype(hidden)
     )
     return _finish(loss_rows, hits, plan, reduction)

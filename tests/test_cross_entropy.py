@@ -1,0 +1,358 @@
+"""Masked-token cross-entropy: the fused backends against the float64 eager definition.
+
+On CPU the Triton backend runs through the interpreter (small shapes: it is slow); the CUDA backend and
+bfloat16 only run on a GPU. Each check judges a backend's error against the error of the eager backend
+in the same precision, both measured against float64 (tolerances per dtype on top).
+"""
+
+import pytest
+import torch
+
+from beitfast import _ext
+from beitfast.ops import dispatch, masked_lm_cross_entropy
+
+# The same marker as tests/conftest.py, which cannot be imported under --import-mode=importlib.
+HAS_GPU = torch.cuda.is_available()
+requires_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device")
+
+IGNORE = -100
+# Absolute slack per dtype, relative to the largest reference value.
+SLACK = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def make_inputs(B, N, D, V, dtype, device, *, masked=0.4, labels_2d=True, with_bias=True, hit_rate=0.5,
+                ignored=2, strided_hidden=True, transposed_weight=False):
+    """Random BEiT-like inputs; hidden is the ``x[:, 1:]`` view of a ``[B, N+1, D]`` tensor and about
+    ``hit_rate`` of the rows get their float64 argmax as label (so accuracy is not trivially 0)."""
+    full = torch.randn(B, N + 1, D, device=device).to(dtype)
+    hidden = full[:, 1:] if strided_hidden else full[:, 1:].contiguous()
+    if transposed_weight:
+        weight = (torch.randn(D, V, device=device) * D ** -0.5).to(dtype).t()
+    else:
+        weight = (torch.randn(V, D, device=device) * D ** -0.5).to(dtype)
+    bias = (torch.randn(V, device=device) * 0.5).to(dtype) if with_bias else None
+    mask = torch.rand(B, N, device=device) < masked
+    mask[0, 0] = True  # never empty by chance
+    best = (hidden.double() @ weight.double().t() + (0 if bias is None else bias.double())).argmax(-1)
+    labels = torch.where(torch.rand(B, N, device=device) < hit_rate, best, torch.randint(0, V, (B, N), device=device))
+    flat = labels[mask]
+    flat[torch.randperm(flat.numel(), device=device)[:ignored]] = IGNORE
+    labels[mask] = flat
+    if not labels_2d:
+        labels = labels[mask]
+    return hidden, weight, bias, labels, mask
+
+
+def run(backend, hidden, weight, bias, labels, mask, reduction="mean", upstream=None, cast=None):
+    """Loss, accuracy and the gradients of hidden, weight and bias (on leaf copies, optionally cast)."""
+    h, w, b = (None if t is None else (t.to(cast) if cast else t).detach().requires_grad_(True)
+               for t in (hidden, weight, bias))
+    h_in = h
+    if not hidden.is_contiguous():
+        # Keep the layout of the x[:, 1:] view: the leaf is the full [B, N+1, D] tensor.
+        h = torch.cat([torch.zeros_like(h[:, :1]), h], dim=1).detach().requires_grad_(True)
+        h_in = h[:, 1:]
+    loss, accuracy = masked_lm_cross_entropy(
+        h_in, w, b, labels, mask, ignore_index=IGNORE, reduction=reduction, backend=backend,
+        return_accuracy=True,
+    )
+    (loss * (upstream if upstream is not None else 1)).sum().backward()
+    grad_hidden = h.grad if h_in is h else h.grad[:, 1:]
+    return loss.detach(), accuracy, [grad_hidden, w.grad, None if b is None else b.grad]
+
+
+def check_against_reference(backend, inputs, reduction="mean", upstream=None):
+    hidden, weight, bias, labels, mask = inputs
+    dtype = hidden.dtype
+    ref_loss, ref_acc, ref_grads = run("eager", *inputs, reduction=reduction, upstream=upstream,
+                                       cast=torch.float64)
+    same_loss, _, same_grads = run("eager", *inputs, reduction=reduction, upstream=upstream)
+    loss, acc, grads = run(backend, *inputs, reduction=reduction, upstream=upstream)
+
+    assert loss.dtype == torch.float32 and loss.shape == ref_loss.shape
+    assert torch.equal(acc, ref_acc.float()), (acc, ref_acc)
+    named = [("loss", loss, same_loss, ref_loss)] + [
+        (name, g, s, r) for name, g, s, r in zip(("hidden", "weight", "bias"), grads, same_grads, ref_grads)
+        if r is not None
+    ]
+    for name, ours, eager, ref in named:
+        assert ours.dtype == eager.dtype and ours.shape == ref.shape, name
+        assert torch.isfinite(ours).all(), name
+        err = (ours.double() - ref).abs().max().item()
+        eager_err = (eager.double() - ref).abs().max().item()
+        slack = SLACK[dtype] * max(ref.abs().max().item(), 1e-3)
+        assert err <= 2 * eager_err + slack, f"{name}: error {err:.3g}, eager's {eager_err:.3g}"
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Buffers the op allocates with torch.empty start as NaN (or garbage), so unwritten ones show."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def poison(t):
+        if t.is_floating_point():
+            return t.fill_(float("nan"))
+        return t.fill_(True) if t.dtype == torch.bool else t.fill_(-12345)
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# triton (interpreter on CPU)
+
+TRITON_CASES = {
+    # B, N, D, V, options: masked rows with [B, N] labels, tails everywhere (M, D, V)
+    "mask-2d": (3, 37, 48, 1000, {}),
+    "mask-1d-no-bias": (2, 45, 32, 257, {"labels_2d": False, "with_bias": False}),
+    "rows-multi-d-tile": (2, 40, 192, 300, {"transposed_weight": True}),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("case", list(TRITON_CASES))
+def test_triton_matches_float64(case, dtype, device, poisoned):
+    B, N, D, V, options = TRITON_CASES[case]
+    check_against_reference("triton", make_inputs(B, N, D, V, dtype, device, **options))
+
+
+def test_triton_without_mask(device, poisoned):
+    hidden, weight, bias, labels, mask = make_inputs(1, 70, 48, 1000, torch.float32, device)
+    rows = hidden[0]
+    labels = labels[0].clone()
+    labels[3] = IGNORE
+    check_against_reference("triton", (rows, weight, bias, labels, None))
+
+
+def test_triton_vocab_splits(device, poisoned):
+    # 2500 columns: 3 vocabulary splits, the last one short; few rows keep the interpreter quick.
+    check_against_reference("triton", make_inputs(1, 20, 32, 2500, torch.float32, device, masked=0.5))
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_triton_reductions(reduction, device, poisoned):
+    inputs = make_inputs(2, 33, 48, 500, torch.float32, device)
+    upstream = None
+    if reduction == "none":
+        # A different weight per row, so the backward sees per-row gradients.
+        upstream = torch.rand(int(inputs[4].sum()), device=device) + 0.5
+    check_against_reference("triton", inputs, reduction=reduction, upstream=upstream)
+
+
+@pytest.mark.parametrize("labels_2d", [True, False])
+def test_triton_empty_selection(labels_2d, device, poisoned):
+    hidden, weight, bias, labels, mask = make_inputs(2, 9, 32, 100, torch.float32, device)
+    mask = torch.zeros_like(mask)
+    if not labels_2d:
+        labels = labels[mask]
+    for reduction in ("mean", "sum"):
+        loss, acc, grads = run("triton", hidden, weight, bias, labels, mask, reduction=reduction)
+        assert loss.item() == 0 and acc.item() == 0
+        assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
+    loss, _, _ = run("triton", hidden, weight, bias, labels, mask, reduction="none")
+    assert loss.shape == (0,)
+
+
+def test_triton_all_rows_ignored(device, poisoned):
+    hidden, weight, bias, labels, mask = make_inputs(2, 9, 32, 100, torch.float32, device)
+    labels = torch.full_like(labels, IGNORE)
+    loss, acc, grads = run("triton", hidden, weight, bias, labels, mask)
+    assert loss.item() == 0 and acc.item() == 0
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
+    loss, _, _ = run("triton", hidden, weight, bias, labels, mask, reduction="none")
+    assert torch.equal(loss, torch.zeros(int(mask.sum()), device=device))
+
+
+@pytest.mark.skipif(HAS_GPU, reason="CPU autocast case; the GPU tests cover CUDA autocast")
+def test_triton_autocast_float16(device):
+    # fp32 activations and parameters under autocast: the GEMM runs in fp16 and the gradients come back
+    # in the parameters' dtype, as with the eager linear.
+    hidden, weight, bias, labels, mask = make_inputs(2, 30, 48, 300, torch.float32, device)
+    ref_loss, _, ref_grads = run("eager", hidden.half(), weight.half(), bias.half(), labels, mask,
+                                 cast=torch.float64)
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss, _, grads = run("triton", hidden, weight, bias, labels, mask)
+    assert [g.dtype for g in grads] == [torch.float32] * 3
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-4, atol=1e-4)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g.double(), r, rtol=0, atol=2e-3 * r.abs().max().item())
+
+
+def test_triton_compiles_without_graph_breaks(device):
+    hidden, weight, bias, labels, mask = make_inputs(2, 17, 32, 100, torch.float32, device)
+    hidden = hidden.detach().requires_grad_(True)
+
+    def loss_fn(h, w, b):
+        return masked_lm_cross_entropy(h, w, b, labels, mask, ignore_index=IGNORE, backend="triton")
+
+    torch._dynamo.reset()
+    compiled = torch.compile(loss_fn, backend="aot_eager", fullgraph=True)
+    loss = compiled(hidden, weight, bias)
+    (grad,) = torch.autograd.grad(loss, hidden)
+    ref = loss_fn(hidden, weight, bias)
+    (ref_grad,) = torch.autograd.grad(ref, hidden)
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(grad, ref_grad)
+
+
+def test_triton_refusals(device):
+    hidden, weight, bias, labels, mask = make_inputs(1, 5, 16, 20, torch.float64, device)
+    inputs = dict(hidden=hidden, weight=weight, bias=bias, labels=labels, mask=mask,
+                  ignore_index=IGNORE, reduction="mean")
+    reasons = dispatch.explain("cross_entropy", **inputs)
+    assert any("float64" in r for r in reasons["triton"]), reasons
+    assert reasons["eager"] == []
+    if not HAS_GPU:
+        assert reasons["cuda"], reasons
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            hidden32 = hidden.float()
+            reasons = dispatch.explain("cross_entropy", **{**inputs, "hidden": hidden32,
+                                                            "weight": weight.float(), "bias": bias.float()})
+        assert any("bfloat16" in r for r in reasons["triton"]), reasons
+
+
+# ---------------------------------------------------------------------------------------------------
+# validation: clear errors naming the argument, the expected and the received
+
+
+def _valid(device):
+    return make_inputs(2, 6, 8, 10, torch.float32, device)
+
+
+@pytest.mark.parametrize("broken, error, words", [
+    (lambda h, w, b, y, m: (h, w, b, torch.where(m, 10, y), m), ValueError, ["labels", "[0, V=10)", "10"]),
+    (lambda h, w, b, y, m: (h, w, b, torch.where(m, -3, y), m), ValueError, ["labels", "-3"]),
+    (lambda h, w, b, y, m: (h[..., :7], w, b, y, m), ValueError, ["hidden", "D=8", "(2, 6, 7)"]),
+    (lambda h, w, b, y, m: (h, w, b, y[:, :5], m), ValueError, ["labels", "[2, 6]", "(2, 5)"]),
+    (lambda h, w, b, y, m: (h, w, b, y[m][:-1], m), ValueError, ["labels", "rows"]),
+    (lambda h, w, b, y, m: (h, w, b, y, m[:, :5]), ValueError, ["mask", "(2, 5)"]),
+    (lambda h, w, b, y, m: (h, w, b, y, m.int()), ValueError, ["mask", "bool", "torch.int32"]),
+    (lambda h, w, b, y, m: (h.long(), w, b, y, m), TypeError, ["hidden", "torch.int64"]),
+    (lambda h, w, b, y, m: (h, w, b, y.float(), m), TypeError, ["labels", "torch.float32"]),
+    (lambda h, w, b, y, m: (h, w, b[:9], y, m), ValueError, ["bias", "V=10", "(9,)"]),
+    (lambda h, w, b, y, m: (h, w.half(), b, y, m), TypeError, ["weight", "torch.float32", "torch.float16"]),
+    (lambda h, w, b, y, m: (h[0], w, b, y[0], m), ValueError, ["hidden", "[B, N, D]"]),
+])
+def test_bad_inputs_raise_clear_errors(broken, error, words, device):
+    args = broken(*_valid(device))
+    for backend in ("eager", "triton"):
+        with pytest.raises(error) as info:
+            masked_lm_cross_entropy(*args, ignore_index=IGNORE, backend=backend)
+        for word in words:
+            assert word in str(info.value), (word, str(info.value))
+
+
+def test_bad_reduction(device):
+    with pytest.raises(ValueError, match="reduction"):
+        masked_lm_cross_entropy(*_valid(device), reduction="avg")
+
+
+# ---------------------------------------------------------------------------------------------------
+# GPU: triton and cuda, every dtype, BEiT-like shapes and the model's autocast setting
+
+GPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _skip_unless(backend):
+    missing = _ext.missing("lm_cross_entropy_chunked", "cuda") if backend == "cuda" else None
+    if missing:
+        pytest.skip(f"cuda backend unavailable: {missing}")
+
+
+@requires_gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(4, 196, 768, 8192), (3, 97, 200, 21841), (5, 50, 1024, 8000)], ids=str)
+def test_gpu_matches_float64(backend, dtype, shape):
+    _skip_unless(backend)
+    B, N, D, V = shape
+    check_against_reference(backend, make_inputs(B, N, D, V, dtype, "cuda", masked=75 / 196))
+
+
+@requires_gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("labels_2d", [True, False])
+def test_gpu_reductions_and_labels(backend, reduction, labels_2d):
+    _skip_unless(backend)
+    inputs = make_inputs(3, 61, 192, 1000, torch.float32, "cuda", labels_2d=labels_2d, with_bias=False)
+    upstream = torch.rand(int(inputs[4].sum()), device="cuda") + 0.5 if reduction == "none" else None
+    check_against_reference(backend, inputs, reduction=reduction, upstream=upstream)
+
+
+@requires_gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_empty_selection(backend):
+    _skip_unless(backend)
+    hidden, weight, bias, labels, mask = make_inputs(2, 9, 64, 300, torch.bfloat16, "cuda")
+    mask = torch.zeros_like(mask)
+    loss, acc, grads = run(backend, hidden, weight, bias, labels, mask)
+    assert loss.item() == 0 and acc.item() == 0
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
+
+
+@requires_gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_autocast_bfloat16_like_the_model(backend):
+    # The model: fp32 LayerNorm output and fp32 parameters under bf16 autocast.
+    _skip_unless(backend)
+    hidden, weight, bias, labels, mask = make_inputs(8, 196, 768, 8192, torch.float32, "cuda", masked=75 / 196)
+    ref_loss, ref_acc, ref_grads = run("eager", hidden.bfloat16(), weight.bfloat16(), bias.bfloat16(), labels,
+                                       mask, cast=torch.float64)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        same_loss, _, same_grads = run("eager", hidden, weight, bias, labels, mask)
+        loss, acc, grads = run(backend, hidden, weight, bias, labels, mask)
+    assert [g.dtype for g in grads] == [torch.float32] * 3
+    for ours, eager, ref in zip([loss, *grads], [same_loss, *same_grads], [ref_loss, *ref_grads]):
+        err = (ours.double() - ref).abs().max().item()
+        assert err <= 2 * (eager.double() - ref).abs().max().item() + 1e-2 * ref.abs().max().item()
+    assert abs(acc.item() - ref_acc.item()) <= 2 / int(mask.sum())  # bf16 near-ties may flip
+
+
+@requires_gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_compile_fullgraph(backend):
+    _skip_unless(backend)
+    hidden, weight, bias, labels, mask = make_inputs(4, 196, 256, 1000, torch.bfloat16, "cuda")
+    hidden = hidden.detach().requires_grad_(True)
+
+    def loss_fn(h):
+        return masked_lm_cross_entropy(h, weight, bias, labels, mask, ignore_index=IGNORE, backend=backend)
+
+    torch._dynamo.reset()
+    loss = torch.compile(loss_fn, fullgraph=True)(hidden)
+    (grad,) = torch.autograd.grad(loss, hidden)
+    ref = loss_fn(hidden)
+    (ref_grad,) = torch.autograd.grad(ref, hidden)
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(grad, ref_grad)
+
+
+@requires_gpu
+def test_gpu_triton_no_host_sync():
+    hidden, weight, bias, labels, mask = make_inputs(4, 196, 256, 1000, torch.bfloat16, "cuda")
+    hidden = hidden.detach().requires_grad_(True)
+    masked_lm_cross_entropy(hidden, weight, bias, labels, mask, backend="triton").backward()  # warm up
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        masked_lm_cross_entropy(hidden, weight, bias, labels, mask, backend="triton").backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@requires_gpu
+def test_gpu_cuda_extra_memory_is_small():
+    # The chunked backend's scratch (one chunk of logits and rows) stays under a tenth of the logits.
+    _skip_unless("cuda")
+    hidden, weight, bias, labels, mask = make_inputs(64, 196, 768, 8192, torch.bfloat16, "cuda", masked=75 / 196)
+    hidden = hidden.detach().requires_grad_(True)
+    rows = int(mask.sum())
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    loss = masked_lm_cross_entropy(hidden, weight, bias, labels, mask, backend="cuda")
+    outputs = hidden.numel() * 2 + weight.numel() * (4 + 2) + bias.numel() * 8  # grads kept for backward
+    extra = torch.cuda.max_memory_allocated() - before - outputs
+    assert extra < rows * weight.shape[0] * 2 / 10 + 16 * 2**20, extra
+    loss.backward()
+
