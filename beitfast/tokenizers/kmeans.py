@@ -257,12 +257,12 @@ def _distinct_rows(rows: torch.Tensor, generator: torch.Generator) -> torch.Tens
 def _seed_centroids(
     patches: torch.Tensor, distinct: torch.Tensor, vocab_size: int, generator: torch.Generator
 ) -> torch.Tensor:
-    """k-means++ seeding on (up to ``4 * vocab_size``) distinct patches, ``vocab_size / 64`` per round.
+    """k-means++ seeding on (up to ``2 * vocab_size``) distinct patches, ``vocab_size / 64`` per round.
 
     Each round draws its centres without replacement with probability proportional to the squared
     distance to the nearest centre so far, so every centre is a different patch.
     """
-    order = torch.randperm(len(distinct), generator=generator)[: 4 * vocab_size]
+    order = torch.randperm(len(distinct), generator=generator)[: 2 * vocab_size]
     candidates = patches[distinct[order.to(distinct.device)]].float()
     sq_norms = candidates.square().sum(dim=1)
     chosen = torch.zeros(len(candidates), dtype=torch.bool)
