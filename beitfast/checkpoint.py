@@ -84,7 +84,8 @@ _HF_LAYER_NAMES = {
         "attn.q_bias": "attention.attention.query.bias",
         "attn.v_bias": "attention.attention.value.bias",
         "attn.proj": "attention.output.dense",
-        "attn.relative_position_bias_table": "attention.attention.relative_position_bias.relative_position_bias_table",
+        "attn.relative_position_bias_table":
+            "attention.attention.relative_position_bias.relative_position_bias_table",
         "mlp.fc1": "intermediate.dense",
         "mlp.fc2": "output.dense",
         "gamma_1": "lambda_1",
@@ -94,9 +95,11 @@ _HF_LAYER_NAMES = {
 # The fused qkv weight of the official layout is three separate projections in transformers.
 _HF_QKV_NAMES = {
     5: ("attention.q_proj.weight", "attention.k_proj.weight", "attention.v_proj.weight"),
-    4: ("attention.attention.query.weight", "attention.attention.key.weight", "attention.attention.value.weight"),
+    4: tuple(f"attention.attention.{name}.weight" for name in ("query", "key", "value")),
 }
 _HF_LAYER_PREFIX = {5: "layers.", 4: "encoder.layer."}
+# Top-level Hugging Face modules (after "beit.", if any) -> official head modules.
+_HF_HEAD_MODULES = {"layernorm": "norm", "lm_head": "lm_head", "classifier": "head", "pooler": "fc_norm"}
 _HF_EMBEDDING_NAMES = {
     "cls_token": "embeddings.cls_token",
     "mask_token": "embeddings.mask_token",
@@ -123,7 +126,7 @@ def _lookup(name: str, table: Mapping[str, str]) -> str | None:
 
 
 def _is_state_dict(obj: Any) -> bool:
-    return isinstance(obj, Mapping) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
+    return isinstance(obj, Mapping) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
 def unwrap_state_dict(obj: Any) -> dict[str, torch.Tensor]:
@@ -136,7 +139,9 @@ def unwrap_state_dict(obj: Any) -> dict[str, torch.Tensor]:
             break
         obj = inner
     if not isinstance(obj, Mapping):
-        raise TypeError(f"unwrap_state_dict: expected a state dict (a mapping of tensors), got {type(obj).__name__}")
+        raise TypeError(
+            f"unwrap_state_dict: expected a state dict (a mapping of tensors), got {type(obj).__name__}"
+        )
     state = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not state:
         raise ValueError(f"unwrap_state_dict: no tensors found; top-level keys: {_few(obj.keys())}")
@@ -188,9 +193,7 @@ def _from_hf(state: Mapping[str, torch.Tensor], version: int) -> dict[str, torch
         name = key[len("beit."):] if key.startswith("beit.") else key
         head = name.partition(".")[0]
         if head in ("layernorm", "lm_head", "classifier") or name.startswith("pooler.layernorm."):
-            leaf = name.rpartition(".")[2]
-            module = {"layernorm": "norm", "lm_head": "lm_head", "classifier": "head", "pooler": "fc_norm"}[head]
-            out[f"{module}.{leaf}"] = value
+            out[f"{_HF_HEAD_MODULES[head]}.{name.rpartition('.')[2]}"] = value
             continue
         match = layer_re.fullmatch(name)
         if match:
@@ -280,7 +283,9 @@ def infer_config(state_dict: Mapping[str, torch.Tensor], **overrides) -> BEiTCon
     dim = sd["cls_token"].shape[-1]
     proj = sd["patch_embed.proj.weight"]
     if proj.dim() != 4 or proj.shape[-1] != proj.shape[-2]:
-        raise ValueError(f"infer_config: patch_embed.proj.weight must be [D, C, p, p], got {tuple(proj.shape)}")
+        raise ValueError(
+            f"infer_config: patch_embed.proj.weight must be [D, C, p, p], got {tuple(proj.shape)}"
+        )
     patch = proj.shape[-1]
     depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
     per_layer = "blocks.0.attn.relative_position_bias_table" in sd
@@ -330,7 +335,8 @@ def resize_rel_pos_bias_table(
         old_grid = _grid_from_table_rows(table.shape[0])
         if old_grid is None:
             raise ValueError(
-                f"resize_rel_pos_bias_table: {table.shape[0]} rows is not (2G-1)^2 + 3 for a square grid; pass old_grid"
+                f"resize_rel_pos_bias_table: {table.shape[0]} rows is not (2G-1)^2 + 3 for a square grid; "
+                "pass old_grid"
             )
     if table.shape[0] != num_relative_positions(old_grid):
         raise ValueError(
@@ -355,7 +361,10 @@ def resize_pos_embed(
     num_patches = pos_embed.shape[1] - 1
     old_grid = old_grid or _square_grid(num_patches, "resize_pos_embed")
     if old_grid[0] * old_grid[1] != num_patches:
-        raise ValueError(f"resize_pos_embed: pos_embed has {num_patches} patches, grid {old_grid} has {old_grid[0] * old_grid[1]}")
+        raise ValueError(
+            f"resize_pos_embed: pos_embed has {num_patches} patches, grid {old_grid} has "
+            f"{old_grid[0] * old_grid[1]}"
+        )
     if tuple(new_grid) == tuple(old_grid):
         return pos_embed
     dim = pos_embed.shape[-1]
@@ -375,7 +384,8 @@ def adapt_state_dict(state_dict: Mapping[str, torch.Tensor], config: BEiTConfig)
     """An official-names state dict made to fit ``config``: a shared bias table becomes per-layer
     tables when the config asks for them; bias tables and ``pos_embed`` are resized to its grid."""
     sd = dict(state_dict)
-    if config.use_rel_pos_bias and _SHARED_TABLE in sd and "blocks.0.attn.relative_position_bias_table" not in sd:
+    per_layer = "blocks.0.attn.relative_position_bias_table"
+    if config.use_rel_pos_bias and _SHARED_TABLE in sd and per_layer not in sd:
         shared = sd.pop(_SHARED_TABLE)
         for i in range(config.depth):
             sd[f"blocks.{i}.attn.relative_position_bias_table"] = shared.clone()
@@ -453,7 +463,9 @@ def _hf_head_names(config: BEiTConfig, task: str) -> dict[str, str]:
     """Official head modules -> Hugging Face names for ``task``."""
     if task == "masked_image_modeling":
         if config.vocab_size == 0:
-            raise ValueError("to_hf_state_dict: masked_image_modeling needs an LM head; this model has vocab_size=0")
+            raise ValueError(
+                "to_hf_state_dict: masked_image_modeling needs an LM head; this model has vocab_size=0"
+            )
         # BeitForMaskedImageModeling normalises in its own `layernorm` (its backbone's is an identity).
         return {"norm": "layernorm", "lm_head": "lm_head"}
     if config.use_mean_pooling and config.vocab_size > 0:
@@ -536,7 +548,9 @@ def hf_config_kwargs(config: BEiTConfig, task: str | None = None) -> dict[str, A
     if task == "masked_image_modeling":
         kwargs.update(vocab_size=config.vocab_size, use_mask_token=True, use_mean_pooling=True)
     else:
-        kwargs.update(use_mask_token=False, use_mean_pooling=config.use_mean_pooling, num_labels=config.num_classes)
+        kwargs.update(
+            use_mask_token=False, use_mean_pooling=config.use_mean_pooling, num_labels=config.num_classes
+        )
     return kwargs
 
 
@@ -548,7 +562,10 @@ def config_from_hf(hf_config: Any, **overrides) -> BEiTConfig:
     """
     c = hf_config if isinstance(hf_config, Mapping) else hf_config.to_dict()
     architectures = c.get("architectures") or []
-    mim = "BeitForMaskedImageModeling" in architectures or (not architectures and c.get("use_mask_token", False))
+    if architectures:
+        mim = "BeitForMaskedImageModeling" in architectures
+    else:
+        mim = c.get("use_mask_token", False)
     classification = "BeitForImageClassification" in architectures
     if classification:
         num_classes = c.get("num_labels") or len(c.get("id2label") or {})
@@ -661,7 +678,8 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], BEiTConfig |
     with safetensors.safe_open(str(path), framework="pt") as f:
         metadata = f.metadata() or {}
     config = metadata.get(_CONFIG_METADATA_KEY)
-    return safetensors.torch.load_file(str(path)), (BEiTConfig.from_dict(json.loads(config)) if config else None)
+    state = safetensors.torch.load_file(str(path))
+    return state, (BEiTConfig.from_dict(json.loads(config)) if config else None)
 
 
 def _read_torch(path: Path) -> tuple[Any, BEiTConfig | None]:

@@ -112,15 +112,17 @@ def test_infers_the_config(overrides, fmt):
           "hf-v5": lambda: model.to_hf_state_dict(5)}[fmt]()
     # img_size (12, 28): a rectangular grid is not inferable from pos_embed alone.
     given = {"img_size": model.config.img_size} if isinstance(model.config.img_size, tuple) else {}
-    inferred = checkpoint.infer_config(checkpoint.to_official_names(sd)[0], kernels="eager", drop_path_rate=0.0, **given)
+    official, _ = checkpoint.to_official_names(sd)
+    inferred = checkpoint.infer_config(official, kernels="eager", drop_path_rate=0.0, **given)
     assert inferred == model.config
 
 
 def test_infers_heads_from_default_head_dim_without_table():
-    model = BEiT(small_config(embed_dim=128, num_heads=2, use_shared_rel_pos_bias=False, use_abs_pos_emb=True))
+    no_table = dict(use_shared_rel_pos_bias=False, use_abs_pos_emb=True)
+    model = BEiT(small_config(embed_dim=128, num_heads=2, **no_table))
     config = checkpoint.infer_config(model.state_dict())
     assert config.num_heads == 128 // checkpoint.DEFAULT_HEAD_DIM
-    with pytest.raises(ValueError, match="embed_dim 48 is not a multiple of the default head dim 64; pass a config"):
+    with pytest.raises(ValueError, match="embed_dim 48 is not a multiple of the default head dim 64"):
         checkpoint.infer_config(BEiT(small_config(use_shared_rel_pos_bias=False)).state_dict())
 
 
@@ -136,7 +138,8 @@ def test_missing_and_unexpected_keys_listed():
     sd = random_model().state_dict()
     del sd["blocks.1.attn.q_bias"]
     sd["blocks.0.attn.k_bias"] = torch.zeros(48)
-    with pytest.raises(ValueError, match=r"missing keys \['blocks.1.attn.q_bias'\], unexpected keys \['blocks.0.attn.k_bias'\]"):
+    listed = r"missing keys \['blocks.1.attn.q_bias'\], unexpected keys \['blocks.0.attn.k_bias'\]"
+    with pytest.raises(ValueError, match=listed):
         BEiT.from_state_dict(sd)
     with pytest.warns(UserWarning, match="missing keys"):
         loaded = BEiT.from_state_dict(sd, strict=False)
@@ -148,7 +151,8 @@ def test_pretrained_backbone_into_classifier_config_not_strict():
     initialised, the shared table copied into every layer."""
     pretrained = random_model()
     target = small_config(vocab_size=0, num_classes=9, use_shared_rel_pos_bias=False, use_rel_pos_bias=True)
-    with pytest.warns(UserWarning, match=r"missing keys \['fc_norm.bias', 'fc_norm.weight', 'head.bias', 'head.weight'\]"):
+    new_parts = r"missing keys \['fc_norm.bias', 'fc_norm.weight', 'head.bias', 'head.weight'\]"
+    with pytest.warns(UserWarning, match=new_parts):
         model = BEiT.from_state_dict({"model": pretrained.state_dict()}, target, strict=False)
     table = pretrained.rel_pos_bias.relative_position_bias_table
     assert all(torch.equal(b.attn.relative_position_bias_table, table) for b in model.blocks)
@@ -156,7 +160,7 @@ def test_pretrained_backbone_into_classifier_config_not_strict():
 
 def test_shape_mismatch_names_key_and_shapes():
     sd = random_model().state_dict()
-    with pytest.raises(ValueError, match=r"shape mismatch for lm_head.weight: expected \(50, 48\), got \(37, 48\)"):
+    with pytest.raises(ValueError, match=r"mismatch for lm_head.weight: expected \(50, 48\), got \(37, 48\)"):
         BEiT.from_state_dict(sd, small_config(vocab_size=50))
     with pytest.raises(ValueError, match=r"blocks.0.mlp.fc1.weight: expected \(96, 48\), got \(192, 48\)"):
         BEiT.from_state_dict(sd, small_config(mlp_ratio=2.0))
@@ -165,7 +169,8 @@ def test_shape_mismatch_names_key_and_shapes():
 def test_incomplete_hf_qkv_reported():
     sd = random_model().to_hf_state_dict(5)
     del sd["beit.layers.1.attention.k_proj.weight"]
-    with pytest.raises(ValueError, match=r"missing keys \['blocks.1.attn.qkv.weight'\].*beit.layers.1.attention.q_proj.weight"):
+    listed = r"missing keys \['blocks.1.attn.qkv.weight'\].*beit.layers.1.attention.q_proj.weight"
+    with pytest.raises(ValueError, match=listed):
         BEiT.from_state_dict(sd)
 
 
@@ -191,8 +196,8 @@ def test_shared_to_per_layer_same_outputs():
     assert per_layer.rel_pos_bias is None
     images, mask = inputs(shared.config)
     with torch.no_grad():
-        torch.testing.assert_close(per_layer(images, bool_masked_pos=mask), shared(images, bool_masked_pos=mask),
-                                   rtol=0, atol=0)
+        expected = shared(images, bool_masked_pos=mask)
+        torch.testing.assert_close(per_layer(images, bool_masked_pos=mask), expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("grid", [(5, 5), (3, 7)])
@@ -208,8 +213,8 @@ def test_resize_identity_at_same_size(grid):
 def test_resize_bias_table_smooth(new_grid, dtype):
     old = (5, 5)
     heads = 3
-    dy, dx = torch.meshgrid(torch.arange(-4, 5.0, dtype=torch.float64), torch.arange(-4, 5.0, dtype=torch.float64),
-                            indexing="ij")
+    offset = torch.arange(-4, 5.0, dtype=torch.float64)
+    dy, dx = torch.meshgrid(offset, offset, indexing="ij")
     slopes = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
     # A table linear in the offset, per head; the cls rows are distinct values that must survive.
     offsets = (dy[..., None] * slopes + 0.25 * dx[..., None] + 3.0).reshape(-1, heads)
@@ -353,7 +358,8 @@ def test_timm_hub_folder_config_is_not_read_as_transformers(tmp_path):
 
     model = random_model(vocab_size=0, num_classes=6, use_shared_rel_pos_bias=False, use_rel_pos_bias=True)
     safetensors.torch.save_file(model.to_timm_state_dict(), tmp_path / "model.safetensors")
-    (tmp_path / "config.json").write_text(json.dumps({"architecture": "beit_base_patch16_224", "num_classes": 6}))
+    timm_config = {"architecture": "beit_base_patch16_224", "num_classes": 6}
+    (tmp_path / "config.json").write_text(json.dumps(timm_config))
     loaded = BEiT.from_file(tmp_path, kernels="eager", drop_path_rate=0.0)
     assert loaded.config == model.config
     assert_state_equal(loaded.state_dict(), model.state_dict())

@@ -65,8 +65,8 @@ MIM_BIASES = {
     "shared": dict(use_shared_rel_pos_bias=True, use_rel_pos_bias=False),
     "per-layer": dict(use_shared_rel_pos_bias=False, use_rel_pos_bias=True),
     # No bias table: the head count is inferred from the default head dim 64.
-    "absolute": dict(use_shared_rel_pos_bias=False, use_rel_pos_bias=False, use_abs_pos_emb=True, embed_dim=128,
-                     num_heads=2),
+    "absolute": dict(use_shared_rel_pos_bias=False, use_rel_pos_bias=False, use_abs_pos_emb=True,
+                     embed_dim=128, num_heads=2),
 }
 
 
@@ -84,7 +84,8 @@ def test_hf_masked_image_modeling_from_ours(bias):
 def test_hf_masked_image_modeling_to_ours(bias):
     config = transformers.BeitConfig(**checkpoint.hf_config_kwargs(small_config(**MIM_BIASES[bias])))
     peer = randomise_(transformers.BeitForMaskedImageModeling(config))
-    model = BEiT.from_state_dict(peer.state_dict(), kernels="eager", layer_norm_eps=config.layer_norm_eps).eval()
+    model = BEiT.from_state_dict(peer.state_dict(), kernels="eager", layer_norm_eps=config.layer_norm_eps)
+    model.eval()
     assert model.config.use_rel_pos_bias == (bias == "per-layer")
     images, mask = inputs(model.config)
     with torch.no_grad():
@@ -117,7 +118,7 @@ def test_hf_v4_names_load_through_transformers_conversion(tmp_path, bias):
     hf_config = transformers.BeitConfig(**model.to_hf_config(), architectures=["BeitForMaskedImageModeling"])
     hf_config.save_pretrained(tmp_path)
     safetensors.torch.save_file(model.to_hf_state_dict(version=4), tmp_path / "model.safetensors")
-    peer = transformers.BeitForMaskedImageModeling.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    peer = transformers.BeitForMaskedImageModeling.from_pretrained(tmp_path, attn_implementation="eager")
     assert_state_equal(peer.state_dict(), model.to_hf_state_dict(version=5))
 
     peer.save_pretrained(tmp_path / "saved")
@@ -151,7 +152,8 @@ def test_timm_to_ours(name):
     peer = randomise_(timm_peer(name))
     model = BEiT.from_state_dict(peer.state_dict(), kernels="eager").eval()
     c = model.config
-    assert (c.img_size, c.patch_size, c.embed_dim, c.depth, c.num_heads, c.num_classes) == (64, 16, 192, 2, 3, 10)
+    shape = (c.img_size, c.patch_size, c.embed_dim, c.depth, c.num_heads, c.num_classes)
+    assert shape == (64, 16, 192, 2, 3, 10)
     assert c.use_rel_pos_bias and not c.use_shared_rel_pos_bias and c.use_mean_pooling
     images, _ = inputs(c)
     with torch.no_grad():
@@ -183,7 +185,8 @@ def test_pretraining_model_to_timm_features():
 
 @pytest.mark.parametrize("name", TIMM_MODELS)
 def test_round_trip_through_timm_exact(name):
-    model = randomise_(BEiT.from_state_dict(timm_peer(name).state_dict(), kernels="eager", drop_path_rate=0.0))
+    model = BEiT.from_state_dict(timm_peer(name).state_dict(), kernels="eager", drop_path_rate=0.0)
+    randomise_(model)
     peer = timm.models.beit.Beit(**model.timm_kwargs())
     peer.load_state_dict(model.to_timm_state_dict(), strict=True)
     back = BEiT.from_state_dict(peer.state_dict(), kernels="eager", drop_path_rate=0.0)
