@@ -1,9 +1,12 @@
 """Masked-token cross-entropy: the fused backends against the float64 eager definition.
 
-On CPU the Triton backend runs through the interpreter (small shapes: it is slow); the CUDA backend and
+On CPU the Triton backend runs through the interpreter (small shapes: it is slow) and the CUDA backend's
+Python side (custom ops, autograd) through a stand-in for its C++ op; the CUDA kernels themselves and
 bfloat16 only run on a GPU. Each check judges a backend's error against the error of the eager backend
 in the same precision, both measured against float64 (tolerances per dtype on top).
 """
+
+import dataclasses
 
 import pytest
 import torch
@@ -56,7 +59,8 @@ def run(backend, hidden, weight, bias, labels, mask, reduction="mean", upstream=
         h_in, w, b, labels, mask, ignore_index=IGNORE, reduction=reduction, backend=backend,
         return_accuracy=True,
     )
-    (loss * (upstream if upstream is not None else 1)).sum().backward()
+    # Not 1: a backward that drops grad_output shows.
+    (loss * (upstream if upstream is not None else 0.75)).sum().backward()
     grad_hidden = h.grad if h_in is h else h.grad[:, 1:]
     return loss.detach(), accuracy, [grad_hidden, w.grad, None if b is None else b.grad]
 
@@ -209,6 +213,80 @@ def test_triton_refusals(device):
             reasons = dispatch.explain("cross_entropy", **{**inputs, "hidden": hidden32,
                                                             "weight": weight.float(), "bias": bias.float()})
         assert any("bfloat16" in r for r in reasons["triton"]), reasons
+
+
+# ---------------------------------------------------------------------------------------------------
+# cuda backend's Python side (custom ops, autograd, reductions) on CPU, through a stand-in for the C++
+# op beitfast::lm_cross_entropy_chunked with the same schema and semantics
+
+CHUNKED_SCHEMA = (
+    "lm_cross_entropy_chunked(Tensor hidden, Tensor weight, Tensor? bias, Tensor row_labels, "
+    "Tensor? source_rows, Tensor? row_count, Tensor? row_scale, int ignore_index, ScalarType compute_dtype) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+
+
+def _chunked_stand_in(hidden, weight, bias, row_labels, source_rows, row_count, row_scale, ignore_index,
+                      compute_dtype):
+    B, N, D = hidden.shape
+    R = row_labels.shape[0]
+    source = source_rows if source_rows is not None else torch.arange(R)
+    rows = hidden.reshape(B * N, D)[source].to(compute_dtype)
+    weight_c = weight.to(compute_dtype)
+    logits = rows @ weight_c.t() + (0 if bias is None else bias.to(compute_dtype))
+    logits = logits.float()
+    counted = row_labels != ignore_index
+    safe_labels = torch.where(counted, row_labels, 0)
+    lse = logits.logsumexp(-1)
+    loss = torch.where(counted, lse - logits.gather(1, safe_labels[:, None])[:, 0], 0.0)
+    hits = counted & (logits.argmax(-1) == row_labels)
+    if row_scale is None:
+        empty = hidden.new_empty(0)
+        return loss, hits, empty, empty, empty
+    onehot = torch.nn.functional.one_hot(safe_labels, weight.shape[0])
+    scale = torch.where(counted, row_scale.expand(R), 0.0)
+    dlogits = ((logits - lse[:, None]).exp() - onehot) * scale[:, None]
+    grad_hidden = torch.zeros(B * N, D, dtype=hidden.dtype)
+    grad_hidden[source] = (dlogits.to(compute_dtype) @ weight_c).to(hidden.dtype)
+    grad_weight = (dlogits.to(compute_dtype).float().t() @ rows.float()).to(weight.dtype)
+    grad_bias = dlogits.sum(0).to(bias.dtype) if bias is not None else hidden.new_empty(0)
+    return loss, hits, grad_hidden.view(B, N, D), grad_weight, grad_bias
+
+
+@pytest.fixture
+def cuda_backend_on_cpu(monkeypatch):
+    """The cuda backend's Python side running the stand-in on CPU tensors."""
+    _ext.load()
+    if hasattr(torch.ops.beitfast, "lm_cross_entropy_chunked"):
+        pytest.skip("beitfast::lm_cross_entropy_chunked is already defined (CUDA build)")
+    library = torch.library.Library("beitfast", "FRAGMENT")
+    library.define(CHUNKED_SCHEMA)
+    library.impl("lm_cross_entropy_chunked", _chunked_stand_in, "CPU")
+    backend = dispatch._REGISTRY["cross_entropy"]["cuda"]
+    monkeypatch.setitem(dispatch._REGISTRY["cross_entropy"], "cuda",
+                        dataclasses.replace(backend, check=dispatch.accepts_all, available=lambda: None))
+    yield
+    library._destroy()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("labels_2d", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_cuda_python_side_matches_float64(reduction, labels_2d, dtype, cuda_backend_on_cpu):
+    inputs = make_inputs(3, 29, 24, 50, dtype, "cpu", labels_2d=labels_2d, with_bias=reduction != "sum")
+    upstream = torch.rand(int(inputs[4].sum())) + 0.5 if reduction == "none" else None
+    check_against_reference("cuda", inputs, reduction=reduction, upstream=upstream)
+
+
+def test_cuda_python_side_without_grad_and_empty(cuda_backend_on_cpu):
+    hidden, weight, bias, labels, mask = make_inputs(2, 9, 16, 30, torch.float32, "cpu")
+    with torch.no_grad():
+        ours = masked_lm_cross_entropy(hidden, weight, bias, labels, mask, ignore_index=IGNORE, backend="cuda")
+        ref = masked_lm_cross_entropy(hidden, weight, bias, labels, mask, ignore_index=IGNORE, backend="eager")
+    torch.testing.assert_close(ours, ref)
+    loss, acc, grads = run("cuda", hidden, weight, bias, labels, torch.zeros_like(mask))
+    assert loss.item() == 0 and acc.item() == 0
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
 
 
 # ---------------------------------------------------------------------------------------------------

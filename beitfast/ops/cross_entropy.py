@@ -298,7 +298,7 @@ def _chunked(hidden, weight, bias, row_labels, source_rows, row_count, row_scale
     return loss_rows, hits, grad_hidden, grad_weight, grad_bias
 
 
-@torch.library.custom_op("beitfast::lm_cross_entropy_cuda_reduced", mutates_args=(), device_types="cuda")
+@torch.library.custom_op("beitfast::lm_cross_entropy_cuda_reduced", mutates_args=())
 def _cuda_reduced(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], row_labels: Tensor, source_rows: Optional[Tensor],
     row_count: Optional[Tensor], row_scale: Tensor, ignore_index: int, dtype: torch.dtype,
@@ -336,7 +336,7 @@ def _reduced_backward(ctx, grad_loss, *_):
 _cuda_reduced.register_autograd(_reduced_backward, setup_context=_reduced_setup_context)
 
 
-@torch.library.custom_op("beitfast::lm_cross_entropy_cuda_rows", mutates_args=(), device_types="cuda")
+@torch.library.custom_op("beitfast::lm_cross_entropy_cuda_rows", mutates_args=())
 def _cuda_rows(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], row_labels: Tensor, source_rows: Optional[Tensor],
     row_count: Optional[Tensor], ignore_index: int, dtype: torch.dtype,
