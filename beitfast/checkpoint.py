@@ -486,6 +486,9 @@ def to_hf_state_dict(model: BEiT, version: int = 5, task: str | None = None) -> 
     the default when the model has an LM head; the classifier, if any, is left out) or
     ``"image_classification"`` (``BeitForImageClassification``; mask token and LM head left out).
     Build the peer with ``transformers.BeitConfig(**hf_config_kwargs(model.config, task))``.
+    ``version=5`` gives the names of a transformers 5.x model's ``state_dict()``; files are better
+    written with ``version=4``: transformers 5.x converts 4.x names when loading and writes them back
+    in ``save_pretrained``, and 4.x reads only those.
     """
     if version not in _HF_LAYER_NAMES:
         raise ValueError(f"to_hf_state_dict: version must be 4 or 5, got {version!r}")

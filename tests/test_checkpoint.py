@@ -131,6 +131,21 @@ def test_infers_image_size_from_bias_table():
     assert checkpoint.infer_config(model.state_dict()).img_size == 28
 
 
+def test_loaded_model_buffers_and_dtype():
+    """Loading skips the random init (meta device): derived buffers must still be right, and a
+    half-precision checkpoint is cast to the float32 model."""
+    model = random_model(use_shared_rel_pos_bias=False, use_rel_pos_bias=True, drop_path_rate=0.2)
+    half = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
+    loaded = BEiT.from_state_dict(half)
+    fresh = BEiT(loaded.config)
+    assert [n for n, _ in loaded.named_buffers()] == [n for n, _ in fresh.named_buffers()]
+    for (name, buffer), (_, expected) in zip(loaded.named_buffers(), fresh.named_buffers()):
+        assert torch.equal(buffer, expected), name
+    assert [b.drop_path_rate for b in loaded.blocks] == [b.drop_path_rate for b in fresh.blocks]
+    for name, tensor in loaded.state_dict().items():
+        assert tensor.dtype == torch.float32 and torch.equal(tensor, half[name].float()), name
+
+
 # -- errors ---------------------------------------------------------------------------------------
 
 
