@@ -37,7 +37,8 @@ def make_inputs(B, N, D, V, dtype, device, *, masked=0.4, labels_2d=True, with_b
     mask = torch.rand(B, N, device=device) < masked
     mask[0, 0] = True  # never empty by chance
     best = (hidden.double() @ weight.double().t() + (0 if bias is None else bias.double())).argmax(-1)
-    labels = torch.where(torch.rand(B, N, device=device) < hit_rate, best, torch.randint(0, V, (B, N), device=device))
+    random_labels = torch.randint(0, V, (B, N), device=device)
+    labels = torch.where(torch.rand(B, N, device=device) < hit_rate, best, random_labels)
     flat = labels[mask]
     flat[torch.randperm(flat.numel(), device=device)[:ignored]] = IGNORE
     labels[mask] = flat
@@ -278,11 +279,19 @@ def test_cuda_python_side_matches_float64(reduction, labels_2d, dtype, cuda_back
     check_against_reference("cuda", inputs, reduction=reduction, upstream=upstream)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cuda_python_side_without_mask(reduction, cuda_backend_on_cpu):
+    hidden, weight, bias, labels, mask = make_inputs(1, 40, 24, 50, torch.float32, "cpu")
+    upstream = torch.rand(40) + 0.5 if reduction == "none" else None
+    check_against_reference("cuda", (hidden[0], weight, bias, labels[0], None), reduction=reduction,
+                            upstream=upstream)
+
+
 def test_cuda_python_side_without_grad_and_empty(cuda_backend_on_cpu):
     hidden, weight, bias, labels, mask = make_inputs(2, 9, 16, 30, torch.float32, "cpu")
     with torch.no_grad():
-        ours = masked_lm_cross_entropy(hidden, weight, bias, labels, mask, ignore_index=IGNORE, backend="cuda")
-        ref = masked_lm_cross_entropy(hidden, weight, bias, labels, mask, ignore_index=IGNORE, backend="eager")
+        ours, ref = (masked_lm_cross_entropy(hidden, weight, bias, labels, mask, ignore_index=IGNORE,
+                                             backend=backend) for backend in ("cuda", "eager"))
     torch.testing.assert_close(ours, ref)
     loss, acc, grads = run("cuda", hidden, weight, bias, labels, torch.zeros_like(mask))
     assert loss.item() == 0 and acc.item() == 0
@@ -374,7 +383,8 @@ def test_gpu_empty_selection(backend):
 def test_gpu_autocast_bfloat16_like_the_model(backend):
     # The model: fp32 LayerNorm output and fp32 parameters under bf16 autocast.
     _skip_unless(backend)
-    hidden, weight, bias, labels, mask = make_inputs(8, 196, 768, 8192, torch.float32, "cuda", masked=75 / 196)
+    hidden, weight, bias, labels, mask = make_inputs(8, 196, 768, 8192, torch.float32, "cuda",
+                                                     masked=75 / 196)
     ref_loss, ref_acc, ref_grads = run("eager", hidden.bfloat16(), weight.bfloat16(), bias.bfloat16(), labels,
                                        mask, cast=torch.float64)
     with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -422,7 +432,8 @@ def test_gpu_triton_no_host_sync():
 def test_gpu_cuda_extra_memory_is_small():
     # The chunked backend's scratch (one chunk of logits and rows) stays under a tenth of the logits.
     _skip_unless("cuda")
-    hidden, weight, bias, labels, mask = make_inputs(64, 196, 768, 8192, torch.bfloat16, "cuda", masked=75 / 196)
+    hidden, weight, bias, labels, mask = make_inputs(64, 196, 768, 8192, torch.bfloat16, "cuda",
+                                                     masked=75 / 196)
     hidden = hidden.detach().requires_grad_(True)
     rows = int(mask.sum())
     torch.cuda.synchronize()

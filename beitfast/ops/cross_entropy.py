@@ -76,7 +76,9 @@ def _validate(hidden, weight, bias, labels, mask, ignore_index, reduction) -> No
         raise ValueError(f"{name}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     if not isinstance(hidden, torch.Tensor) or hidden.dtype not in dispatch.FLOAT_DTYPES:
         got = hidden.dtype if isinstance(hidden, torch.Tensor) else type(hidden).__name__
-        raise TypeError(f"{name}: hidden must be a floating-point (float64/32/16, bfloat16) tensor, got {got}")
+        raise TypeError(
+            f"{name}: hidden must be a floating-point (float64/32/16, bfloat16) tensor, got {got}"
+        )
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise ValueError(f"{name}: weight must be [V, D], got {_shape(weight)}")
     V, D = weight.shape
