@@ -1,4 +1,4 @@
-"""Visual tokenizers: the DALL-E encoder and its safe loader, the k-means patch tokenizer, file round trips."""
+"""Visual tokenizers: the DALL-E encoder and its safe loader, the k-means patch tokenizer, saved files."""
 
 from __future__ import annotations
 
@@ -74,7 +74,9 @@ def test_kmeans_tokens_are_nearest_centroids(fitted, dtype, batch):
 @pytest.mark.parametrize("patch_size, input_size", [(4, 28), (8, 24)])
 def test_kmeans_other_patch_sizes(patch_size, input_size):
     images = smooth_images(5, size=input_size, seed=1)
-    tokenizer = KMeansTokenizer.fit(images, vocab_size=13, patch_size=patch_size, input_size=input_size, iters=5)
+    tokenizer = KMeansTokenizer.fit(
+        images, vocab_size=13, patch_size=patch_size, input_size=input_size, iters=5
+    )
     grid = input_size // patch_size
     assert tokenizer.centroids.shape == (13, 3 * patch_size**2)
     tokens = tokenizer.tokenize(images)
@@ -91,7 +93,11 @@ def test_kmeans_under_cpu_autocast_gives_the_same_tokens(fitted):
 
 def test_kmeans_is_deterministic_for_a_seed():
     images = smooth_images(12)
-    fit = lambda seed: KMeansTokenizer.fit(images, vocab_size=20, input_size=SIZE, iters=12, batch_size=128, seed=seed)
+    def fit(seed):
+        return KMeansTokenizer.fit(
+            images, vocab_size=20, input_size=SIZE, iters=12, batch_size=128, seed=seed
+        )
+
     first, again, other = fit(0), fit(0), fit(1)
     assert torch.equal(first.centroids, again.centroids)
     assert not torch.equal(first.centroids, other.centroids)
@@ -134,9 +140,12 @@ def test_minibatch_kmeans_approaches_full_batch():
 
 def test_kmeans_minibatches_from_an_iterable_with_a_patch_cap():
     batches = (smooth_images(8, seed=seed) for seed in range(4))  # read once
-    tokenizer = KMeansTokenizer.fit(batches, vocab_size=16, input_size=SIZE, iters=20, batch_size=64, max_patches=300)
+    tokenizer = KMeansTokenizer.fit(
+        batches, vocab_size=16, input_size=SIZE, iters=20, batch_size=64, max_patches=300
+    )
     images = smooth_images(8, seed=2)
-    baseline = KMeansTokenizer(reference_patches(images, 8, tokenizer.contrast_floor).float()[:16], input_size=SIZE)
+    first_patches = reference_patches(images, 8, tokenizer.contrast_floor).float()[:16]
+    baseline = KMeansTokenizer(first_patches, input_size=SIZE)
     assert tokenizer.quantization_error(images) < baseline.quantization_error(images)
 
 
@@ -157,7 +166,8 @@ def test_reservoir_sample_is_uniform():
 def test_kmeans_vocab_clamped_to_distinct_patches():
     image = smooth_images(1)
     image[..., :16, :] = 0.5  # 8 of the 16 patches are identical flat patches
-    with pytest.warns(UserWarning, match=r"only 9 distinct patches, fewer than vocab_size=64; using vocab_size=9"):
+    message = r"only 9 distinct patches, fewer than vocab_size=64; using vocab_size=9"
+    with pytest.warns(UserWarning, match=message):
         tokenizer = KMeansTokenizer.fit(image, vocab_size=64, input_size=SIZE, iters=3)
     assert tokenizer.vocab_size == 9
     assert tokenizer.quantization_error(image) < 1e-3  # every patch is a centroid (up to float16 rounding)
@@ -177,7 +187,8 @@ def test_kmeans_save_load_round_trip(fitted, tmp_path):
 
 
 def test_kmeans_fit_errors():
-    with pytest.raises(ValueError, match=r"KMeansTokenizer.fit: images must be \[B, 3, 32, 32\].*got \[2, 3, 24, 24\]"):
+    message = r"KMeansTokenizer.fit: images must be \[B, 3, 32, 32\].*got \[2, 3, 24, 24\]"
+    with pytest.raises(ValueError, match=message):
         KMeansTokenizer.fit(torch.rand(2, 3, 24, 24), vocab_size=4, input_size=SIZE)
     with pytest.raises(TypeError, match="an item of type tuple"):
         KMeansTokenizer.fit([(torch.rand(2, 3, 32, 32),)], vocab_size=4, input_size=SIZE)
@@ -195,12 +206,15 @@ def test_kmeans_fit_errors():
 # Errors shared by every tokenizer
 
 
-@pytest.mark.parametrize("make", [lambda: KMeansTokenizer(torch.randn(6, 192), input_size=SIZE),
-                                  lambda: DalleTokenizer(n_hid=8, n_blk_per_group=1, vocab_size=8, input_size=SIZE)])
+@pytest.mark.parametrize("make", [
+    lambda: KMeansTokenizer(torch.randn(6, 192), input_size=SIZE),
+    lambda: DalleTokenizer(n_hid=8, n_blk_per_group=1, vocab_size=8, input_size=SIZE),
+])
 def test_tokenize_rejects_bad_images(make):
     tokenizer = make()
     name = type(tokenizer).__name__
-    with pytest.raises(ValueError, match=rf"{name}.tokenize: images must be \[B, 3, 32, 32\].*got \[2, 3, 64, 64\]"):
+    message = rf"{name}.tokenize: images must be \[B, 3, 32, 32\].*got \[2, 3, 64, 64\]"
+    with pytest.raises(ValueError, match=message):
         tokenizer.tokenize(torch.rand(2, 3, 64, 64))
     with pytest.raises(ValueError, match=r"got \[2, 1, 32, 32\]"):
         tokenizer.tokenize(torch.rand(2, 1, 32, 32))
@@ -236,15 +250,17 @@ def test_load_tokenizer_rejects_unknown_files(tmp_path):
 def official_dall_e(monkeypatch):
     """Importable stand-ins of the official ``dall_e.encoder`` / ``dall_e.utils`` classes, with their
     attributes and module tree, so that ``torch.save`` writes what the official file holds."""
-    package, utils, encoder = (types.ModuleType(name) for name in ("dall_e", "dall_e.utils", "dall_e.encoder"))
+    package, utils, encoder = map(types.ModuleType, ("dall_e", "dall_e.utils", "dall_e.encoder"))
 
     class Conv2d(nn.Module):
-        def __init__(self, n_in, n_out, kw, use_float16=True, device=torch.device("cpu"), requires_grad=False):
+        def __init__(self, n_in, n_out, kw, use_float16=True, device=torch.device("cpu"),
+                     requires_grad=False):
             super().__init__()
             self.n_in, self.n_out, self.kw = n_in, n_out, kw
             self.use_float16, self.device, self.requires_grad = use_float16, device, requires_grad
             self.w = nn.Parameter(torch.randn(n_out, n_in, kw, kw) / math.sqrt(n_in * kw * kw))
-            self.b = nn.Parameter(0.02 * torch.randn(n_out))  # the official init is 0: random checks b is used
+            # The official init is 0; random values check that b is used.
+            self.b = nn.Parameter(0.02 * torch.randn(n_out))
 
         def forward(self, x):
             return F.conv2d(x, self.w, self.b, padding=(self.kw - 1) // 2)
@@ -257,7 +273,8 @@ def official_dall_e(monkeypatch):
             self.n_hid = n_out // 4
             self.post_gain = 1 / n_layers**2
             self.id_path = Conv2d(n_in, n_out, 1) if n_in != n_out else nn.Identity()
-            convs = [(n_in, self.n_hid, 3), (self.n_hid, self.n_hid, 3), (self.n_hid, self.n_hid, 3), (self.n_hid, n_out, 1)]
+            hid = self.n_hid
+            convs = [(n_in, hid, 3), (hid, hid, 3), (hid, hid, 3), (hid, n_out, 1)]
             layers = []
             for i, (a, b, k) in enumerate(convs, start=1):
                 layers += [(f"relu_{i}", nn.ReLU()), (f"conv_{i}", Conv2d(a, b, k))]
@@ -276,8 +293,10 @@ def official_dall_e(monkeypatch):
             widths = [n_hid, n_hid, 2 * n_hid, 4 * n_hid, 8 * n_hid]
             groups = [("input", Conv2d(input_channels, n_hid, 7))]
             for g in range(1, 5):
-                blocks = [(f"block_{i + 1}", EncoderBlock(widths[g - 1] if i == 0 else widths[g], widths[g], n_layers))
-                          for i in range(n_blk_per_group)]
+                blocks = [
+                    (f"block_{i + 1}", EncoderBlock(widths[g if i else g - 1], widths[g], n_layers))
+                    for i in range(n_blk_per_group)
+                ]
                 if g < 4:
                     blocks.append(("pool", nn.MaxPool2d(kernel_size=2)))
                 groups.append((f"group_{g}", nn.Sequential(OrderedDict(blocks))))
@@ -309,7 +328,9 @@ def save_official_encoder(official_dall_e, monkeypatch, path, legacy_format=Fals
 
 
 @pytest.mark.parametrize("legacy_format", [False, True], ids=["zip", "legacy"])
-def test_dalle_loads_the_official_pickle_and_matches_it(official_dall_e, monkeypatch, tmp_path, legacy_format):
+def test_dalle_loads_the_official_pickle_and_matches_it(
+    official_dall_e, monkeypatch, tmp_path, legacy_format
+):
     path = tmp_path / "encoder.pkl"
     official = save_official_encoder(official_dall_e, monkeypatch, path, legacy_format)
     tokenizer = DalleTokenizer.from_file(path, input_size=SIZE)
@@ -388,7 +409,8 @@ def test_malicious_pickle_is_refused_without_running(tmp_path, writer):
     else:
         torch.save(payload, path, _use_new_zipfile_serialization=writer == "torch.save")
     for load in (DalleTokenizer.from_file, load_tokenizer):
-        with pytest.raises(UnsafePickleError, match=rf"refusing to load global '{os.system.__module__}.system'"):
+        message = rf"refusing to load global '{os.system.__module__}.system'"
+        with pytest.raises(UnsafePickleError, match=message):
             load(path)
     assert not marker.exists()
 
@@ -400,7 +422,8 @@ def test_malicious_pickle_is_refused_without_running(tmp_path, writer):
 def test_dalle_from_file_rejects_other_pickles(tmp_path):
     path = tmp_path / "not_an_encoder.pt"
     torch.save([torch.randn(2)], path)
-    with pytest.raises(ValueError, match="expected a pickled dall_e.encoder.Encoder or its state dict, got list"):
+    message = "expected a pickled dall_e.encoder.Encoder or its state dict, got list"
+    with pytest.raises(ValueError, match=message):
         DalleTokenizer.from_file(path)
     torch.save({"blocks.input.w": torch.randn(8, 3, 7, 7)}, path)
     with pytest.raises(ValueError, match="not DALL-E encoder weights, 'blocks.output.conv.w' is missing"):

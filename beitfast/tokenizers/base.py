@@ -18,7 +18,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-__all__ = ["Tokenizer", "FILE_FORMAT", "check_images", "is_safetensors_file", "write_tokenizer_file", "read_tokenizer_file"]
+__all__ = [
+    "Tokenizer", "FILE_FORMAT", "check_images", "is_safetensors_file", "write_tokenizer_file",
+    "read_tokenizer_file",
+]
 
 FILE_FORMAT = "beitfast.tokenizer"
 
@@ -37,7 +40,8 @@ class Tokenizer(torch.nn.Module):
         super().__init__()
         if patch_size < 1 or input_size % patch_size:
             raise ValueError(
-                f"{type(self).__name__}: input_size ({input_size}) must be a multiple of patch_size ({patch_size})"
+                f"{type(self).__name__}: input_size ({input_size}) must be a multiple of "
+                f"patch_size ({patch_size})"
             )
         self.vocab_size = int(vocab_size)
         self.input_size = int(input_size)
@@ -95,7 +99,8 @@ def write_tokenizer_file(
     path: str | os.PathLike, kind: str, tensors: dict[str, torch.Tensor], config: dict[str, Any]
 ) -> None:
     metadata = {"format": FILE_FORMAT, "kind": kind, "config": json.dumps(config)}
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, os.fspath(path), metadata=metadata)
+    tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}
+    save_file(tensors, os.fspath(path), metadata=metadata)
 
 
 def is_safetensors_file(path: str | os.PathLike) -> bool:

@@ -77,7 +77,9 @@ class EncoderBlock(nn.Module):
 class DalleEncoder(nn.Module):
     """``[B, input_channels, S, S]`` mapped pixels -> ``[B, vocab_size, S/8, S/8]`` float32 logits."""
 
-    def __init__(self, n_hid: int = 256, n_blk_per_group: int = 2, input_channels: int = 3, vocab_size: int = 8192):
+    def __init__(
+        self, n_hid: int = 256, n_blk_per_group: int = 2, input_channels: int = 3, vocab_size: int = 8192
+    ):
         super().__init__()
         if n_hid < 4 or n_hid % 4 or n_blk_per_group < 1 or input_channels < 1 or vocab_size < 1:
             raise ValueError(
@@ -99,7 +101,8 @@ class DalleEncoder(nn.Module):
             if group < GROUP_COUNT - 1:
                 layers.append(("pool", nn.MaxPool2d(kernel_size=2)))
             groups.append((f"group_{group + 1}", nn.Sequential(OrderedDict(layers))))
-        groups.append(("output", nn.Sequential(OrderedDict([("relu", nn.ReLU()), ("conv", Conv2d(width, vocab_size, 1))]))))
+        output = OrderedDict([("relu", nn.ReLU()), ("conv", Conv2d(width, vocab_size, 1))])
+        groups.append(("output", nn.Sequential(output)))
         self.blocks = nn.Sequential(OrderedDict(groups))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -132,13 +135,17 @@ class DalleTokenizer(Tokenizer):
     ):
         super().__init__(vocab_size=vocab_size, input_size=input_size, patch_size=2 ** (GROUP_COUNT - 1))
         if input_channels != 3:
-            raise ValueError(f"DalleTokenizer: tokenizes RGB images, input_channels must be 3, got {input_channels}")
+            raise ValueError(
+                f"DalleTokenizer: tokenizes RGB images, input_channels must be 3, got {input_channels}"
+            )
         self.encoder = DalleEncoder(n_hid, n_blk_per_group, input_channels, vocab_size)
         self.requires_grad_(False)
         self.eval()
 
     @classmethod
-    def from_state_dict(cls, state_dict: Mapping[str, torch.Tensor], input_size: int = 112) -> "DalleTokenizer":
+    def from_state_dict(
+        cls, state_dict: Mapping[str, torch.Tensor], input_size: int = 112
+    ) -> "DalleTokenizer":
         """From encoder weights named as in the official encoder (``blocks.input.w``, ...); the
         architecture is read from the shapes."""
         try:
@@ -146,7 +153,8 @@ class DalleTokenizer(Tokenizer):
             vocab_size = state_dict["blocks.output.conv.w"].shape[0]
         except KeyError as missing:
             raise ValueError(f"DalleTokenizer: not DALL-E encoder weights, {missing} is missing") from None
-        n_blk_per_group = sum(1 for key in state_dict if key.startswith("blocks.group_1.") and key.endswith(".res_path.conv_1.w"))
+        first_group_blocks = [key for key in state_dict if key.startswith("blocks.group_1.block_")]
+        n_blk_per_group = sum(1 for key in first_group_blocks if key.endswith(".res_path.conv_1.w"))
         tokenizer = cls(
             n_hid=input_w.shape[0], n_blk_per_group=n_blk_per_group, vocab_size=vocab_size,
             input_size=input_size, input_channels=input_w.shape[1],
@@ -161,7 +169,9 @@ class DalleTokenizer(Tokenizer):
         obj = safe_pickle.load(path)
         if isinstance(obj, safe_pickle.PickledObject):
             if obj.qualified_name != "dall_e.encoder.Encoder":
-                raise ValueError(f"{os.fspath(path)}: holds a {obj.qualified_name}, not a dall_e.encoder.Encoder")
+                raise ValueError(
+                    f"{os.fspath(path)}: holds a {obj.qualified_name}, not a dall_e.encoder.Encoder"
+                )
             state_dict = _pickled_module_state_dict(obj)
         elif isinstance(obj, Mapping) and all(isinstance(v, torch.Tensor) for v in obj.values()):
             state_dict = obj
@@ -181,11 +191,15 @@ class DalleTokenizer(Tokenizer):
         return self.encoder.state_dict(), config
 
     @classmethod
-    def _from_file_contents(cls, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> "DalleTokenizer":
+    def _from_file_contents(
+        cls, tensors: dict[str, torch.Tensor], config: dict[str, Any]
+    ) -> "DalleTokenizer":
         return cls.from_state_dict(tensors, input_size=config["input_size"])
 
 
-def _pickled_module_state_dict(module: safe_pickle.PickledObject, prefix: str = "") -> dict[str, torch.Tensor]:
+def _pickled_module_state_dict(
+    module: safe_pickle.PickledObject, prefix: str = ""
+) -> dict[str, torch.Tensor]:
     """Parameters and buffers of a pickled ``nn.Module`` tree, named as ``state_dict`` would name them."""
     tensors: dict[str, torch.Tensor] = {}
     for table in ("_parameters", "_buffers"):

@@ -108,6 +108,7 @@ class KMeansTokenizer(Tokenizer):
         self.register_buffer("centroids", centroids.detach().float().contiguous())
 
     @classmethod
+    @torch.no_grad()
     def fit(
         cls,
         images: torch.Tensor | Iterable[torch.Tensor],
@@ -135,12 +136,15 @@ class KMeansTokenizer(Tokenizer):
                 raise ValueError(f"KMeansTokenizer.fit: {name} must be a positive int, got {value!r}")
         if input_size % patch_size:
             raise ValueError(
-                f"KMeansTokenizer.fit: input_size ({input_size}) must be a multiple of patch_size ({patch_size})"
+                f"KMeansTokenizer.fit: input_size ({input_size}) must be a multiple of "
+                f"patch_size ({patch_size})"
             )
         if contrast_floor <= 0:
             raise ValueError(f"KMeansTokenizer.fit: contrast_floor must be > 0, got {contrast_floor}")
         generator = torch.Generator().manual_seed(seed)
-        patches = _sample_patches(images, input_size, patch_size, contrast_floor, max_patches, device, generator)
+        patches = _sample_patches(
+            images, input_size, patch_size, contrast_floor, max_patches, device, generator
+        )
         distinct = _distinct_rows(patches, generator)
         if len(distinct) < vocab_size:
             warnings.warn(
@@ -168,11 +172,17 @@ class KMeansTokenizer(Tokenizer):
         return _nearest_centroid(patches.flatten(0, 1), self.centroids)[1].mean()
 
     def _file_contents(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        config = {"patch_size": self.patch_size, "input_size": self.input_size, "contrast_floor": self.contrast_floor}
+        config = {
+            "patch_size": self.patch_size,
+            "input_size": self.input_size,
+            "contrast_floor": self.contrast_floor,
+        }
         return {"centroids": self.centroids}, config
 
     @classmethod
-    def _from_file_contents(cls, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> "KMeansTokenizer":
+    def _from_file_contents(
+        cls, tensors: dict[str, torch.Tensor], config: dict[str, Any]
+    ) -> "KMeansTokenizer":
         return cls(tensors["centroids"], **config)
 
     def extra_repr(self) -> str:
@@ -201,7 +211,8 @@ class _Reservoir:
         # Stream row i (0-based) takes slot floor(u * (i + 1)) when that is < capacity, i.e. it enters
         # with probability capacity / (i + 1) and evicts a uniformly chosen row.
         stream_index = torch.arange(self.seen, self.seen + len(rows), dtype=torch.float64)
-        slot = (torch.rand(len(rows), dtype=torch.float64, generator=self.generator) * (stream_index + 1)).long()
+        uniform = torch.rand(len(rows), dtype=torch.float64, generator=self.generator)
+        slot = (uniform * (stream_index + 1)).long()
         self.seen += len(rows)
         entering = torch.nonzero(slot < self.capacity).squeeze(1)
         # A later row drawn to the same slot as an earlier one overwrites it, as in the sequential algorithm.
@@ -251,7 +262,8 @@ def _distinct_rows(rows: torch.Tensor, generator: torch.Generator) -> torch.Tens
     keys = torch.cat([chunk.double() @ direction for chunk in rows.split(65536)])
     distinct_keys, inverse = torch.unique(keys, return_inverse=True)
     positions = torch.arange(len(rows), device=rows.device)
-    return torch.full_like(distinct_keys, len(rows), dtype=torch.long).scatter_reduce_(0, inverse, positions, "amin")
+    first = torch.full_like(distinct_keys, len(rows), dtype=torch.long)
+    return first.scatter_reduce_(0, inverse, positions, "amin")
 
 
 def _seed_centroids(
@@ -294,7 +306,8 @@ def _minibatch_kmeans(
         if full_batch:
             x = patches.float()
         else:
-            x = patches[torch.randint(len(patches), (batch_size,), generator=generator).to(patches.device)].float()
+            drawn = torch.randint(len(patches), (batch_size,), generator=generator)
+            x = patches[drawn.to(patches.device)].float()
         assignment, sq_distance = _nearest_centroid(x, centroids)
         batch_counts = torch.bincount(assignment, minlength=vocab_size)
         batch_sums = torch.zeros_like(centroids).index_add_(0, assignment, x)
@@ -303,7 +316,7 @@ def _minibatch_kmeans(
         centroids += (batch_sums - batch_counts[:, None] * centroids) / counts.clamp_min(1)[:, None]
         hits_since_check += batch_counts
         if step % _REASSIGN_EVERY == 0:
-            logger.info("k-means step %d/%d: mean squared distance %.4f", step, iters, sq_distance.mean().item())
+            logger.info("k-means step %d/%d: mean squared distance %.4f", step, iters, sq_distance.mean())
             if step < iters:
                 _restart_unused(centroids, counts, hits_since_check == 0, x, sq_distance, generator)
             hits_since_check.zero_()

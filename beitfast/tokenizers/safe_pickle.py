@@ -56,7 +56,9 @@ class PickledObject:
         if isinstance(state, tuple) and len(state) == 2:
             state = {**(state[0] or {}), **(state[1] or {})}
         if not isinstance(state, dict):
-            raise pickle.UnpicklingError(f"{self.qualified_name}: expected a dict state, got {type(state).__name__}")
+            raise pickle.UnpicklingError(
+                f"{self.qualified_name}: expected a dict state, got {type(state).__name__}"
+            )
         self.state = state
 
     def __repr__(self) -> str:
