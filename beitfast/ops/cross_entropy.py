@@ -12,7 +12,10 @@ Fused backends:
   buffer, one kernel for the loss, argmax and the logits gradient, two GEMMs for the gradients. The
   gradient is computed in the forward for ``grad_output = 1`` and scaled in the backward.
 
-Both see the rows through a :class:`RowPlan`: no gathered copy and no host sync to select them.
+Both see the rows through a :class:`RowPlan`: no gathered copy and no host sync to select them. The
+triton backend never syncs for mean and sum; the cuda backend reads the number of selected rows once
+when labels are ``[B, N]`` (its cuBLAS sizes are host values; ``[num_masked]`` labels avoid it), and
+``reduction="none"`` with ``[B, N]`` labels reads it in both (the output shape depends on the mask).
 """
 
 from __future__ import annotations
