@@ -1,5 +1,10 @@
 """Blockwise masking of BEiT: rectangles of random area and aspect ratio are added until the target
-number of patches is masked (or ten attempts in a row fail to add any)."""
+number of patches is masked (or ten attempts in a row fail to add any).
+
+``MaskingGenerator`` is the official algorithm in Python. Its ``batch`` method also runs the same
+algorithm natively (``torch.ops.beitfast.blockwise_masks`` of csrc/masking*.{cpp,cu}: threaded C++ on
+CPU, one CUDA thread per image on the GPU), drawing from the same distribution.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,12 @@ import random
 
 import torch
 
-__all__ = ["MaskingGenerator"]
+from . import _ext
+
+__all__ = ["MaskingGenerator", "BACKENDS"]
+
+BACKENDS = ("python", "cpp", "cuda")
+_NATIVE_OP = "blockwise_masks.out"
 
 
 class MaskingGenerator:
@@ -18,6 +28,9 @@ class MaskingGenerator:
     of 196 patches, blocks of at least ``min_num_patches`` patches with aspect ratio in
     ``[min_aspect, max_aspect]`` (default ``1 / min_aspect``). ``generator()`` returns one ``[Wh, Ww]``
     bool mask; ``generator.batch(B)`` a ``[B, Wh * Ww]`` bool tensor.
+
+    ``seed`` seeds the generator's ``random.Random``: two generators with the same seed give the same
+    sequence of masks (for the same sequence of calls and backends).
     """
 
     def __init__(
@@ -41,8 +54,12 @@ class MaskingGenerator:
             )
         if min_num_patches < 1:
             raise ValueError(f"MaskingGenerator: min_num_patches must be >= 1, got {min_num_patches}")
+        if max_num_patches is not None and max_num_patches < 1:
+            raise ValueError(f"MaskingGenerator: max_num_patches must be >= 1, got {max_num_patches}")
         if min_aspect <= 0:
             raise ValueError(f"MaskingGenerator: min_aspect must be > 0, got {min_aspect}")
+        if max_aspect is not None and max_aspect <= 0:
+            raise ValueError(f"MaskingGenerator: max_aspect must be > 0 or None, got {max_aspect}")
         self.num_masking_patches = num_masking_patches
         self.min_num_patches = min_num_patches
         self.max_num_patches = num_masking_patches if max_num_patches is None else max_num_patches
@@ -92,10 +109,49 @@ class MaskingGenerator:
             count += added
         return torch.tensor(mask, dtype=torch.bool)
 
-    def batch(self, batch_size: int) -> torch.Tensor:
-        """``[batch_size, Wh * Ww]`` bool masks, one independent draw per image."""
-        if batch_size < 0:
-            raise ValueError(f"MaskingGenerator.batch: batch_size must be >= 0, got {batch_size}")
-        if batch_size == 0:
-            return torch.zeros(0, self.num_patches, dtype=torch.bool)
-        return torch.stack([self().flatten() for _ in range(batch_size)])
+    def batch(
+        self,
+        batch_size: int,
+        device: torch.device | str | None = None,
+        backend: str | None = None,
+    ) -> torch.Tensor:
+        """``[batch_size, Wh * Ww]`` bool masks on ``device`` (default CPU), one independent draw per image.
+
+        ``backend``: ``"python"`` (the loop of ``__call__``), ``"cpp"`` (native, threaded over images;
+        the masks are copied to ``device``) or ``"cuda"`` (native, generated on the CUDA ``device``).
+        None picks ``"cuda"`` for a CUDA device when the extension has the CUDA kernel, else ``"cpp"``
+        when the extension is built, else ``"python"``.
+
+        Every backend draws from the official distribution. The native backends take a fresh 63-bit
+        seed from the generator's ``random.Random`` at each call, so consecutive batches differ and a
+        seeded generator repeats its sequence of batches; for the same seed ``"cpp"`` and ``"cuda"``
+        give the same masks, ``"python"`` other masks of the same distribution.
+        """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 0:
+            raise ValueError(f"MaskingGenerator.batch: batch_size must be an int >= 0, got {batch_size!r}")
+        device = torch.device("cpu" if device is None else device)
+        if backend is None:
+            backend = self._default_backend(device)
+        if backend not in BACKENDS:
+            raise ValueError(f"MaskingGenerator.batch: backend must be one of {BACKENDS} or None, got {backend!r}")
+        if backend == "python":
+            if batch_size == 0:
+                return torch.zeros(0, self.num_patches, dtype=torch.bool, device=device)
+            return torch.stack([self().flatten() for _ in range(batch_size)]).to(device)
+        if backend == "cuda" and device.type != "cuda":
+            raise ValueError(f"MaskingGenerator.batch: backend 'cuda' needs a CUDA device, got device={device}")
+        why = _ext.missing(_NATIVE_OP, "cuda" if backend == "cuda" else "cpu")
+        if why:
+            raise RuntimeError(f"MaskingGenerator.batch: backend {backend!r} is unavailable: {why}")
+        masks = torch.ops.beitfast.blockwise_masks(
+            batch_size, self.height, self.width, self.num_masking_patches, self.min_num_patches,
+            self.max_num_patches, self.log_aspect_ratio[0], self.log_aspect_ratio[1],
+            self.rng.getrandbits(63), device if backend == "cuda" else torch.device("cpu"),
+        )
+        return masks.to(device)
+
+    @staticmethod
+    def _default_backend(device: torch.device) -> str:
+        if device.type == "cuda" and _ext.missing(_NATIVE_OP, "cuda") is None:
+            return "cuda"
+        return "cpp" if _ext.missing(_NATIVE_OP, "cpu") is None else "python"
