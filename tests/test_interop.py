@@ -7,8 +7,7 @@ layer scales and biases included, so a wrongly mapped tensor cannot hide behind 
 import pytest
 import torch
 
-from beitfast import BEiT, BEiTConfig
-from beitfast import checkpoint
+from beitfast import BEiT, BEiTConfig, checkpoint
 
 transformers = pytest.importorskip("transformers")
 timm = pytest.importorskip("timm")
@@ -44,14 +43,15 @@ def small_config(**overrides) -> BEiTConfig:
     return BEiTConfig(**{**values, **overrides})
 
 
-def hf_peer(model: BEiT, task: str | None = None):
-    config = transformers.BeitConfig(**model.to_hf_config(task), attn_implementation="eager")
-    cls = (transformers.BeitForMaskedImageModeling
-           if checkpoint._default_task(model.config, task) == "masked_image_modeling"
-           else transformers.BeitForImageClassification)
-    peer = cls(config).eval()
-    peer.load_state_dict(model.to_hf_state_dict(5, task), strict=True)
-    return peer
+def hf_peer(model: BEiT):
+    """The transformers model of the same task (LM head: masked image modeling) with our weights."""
+    config = transformers.BeitConfig(**model.to_hf_config(), attn_implementation="eager")
+    if model.lm_head is not None:
+        peer = transformers.BeitForMaskedImageModeling(config)
+    else:
+        peer = transformers.BeitForImageClassification(config)
+    peer.load_state_dict(model.to_hf_state_dict(), strict=True)
+    return peer.eval()
 
 
 def inputs(config: BEiTConfig, batch: int = 3):
