@@ -26,7 +26,7 @@ from .masking import MaskingGenerator
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS", "derive_seed", "TwoViewTransform",
     "ClassifyTransform", "EvalTransform", "ImageFolder", "ImageList", "embedded_photos", "BatchStream",
-    "pretrain_stream", "classify_stream", "masking_for", "eval_batches",
+    "pretrain_stream", "classify_stream", "masking_for", "eval_batches", "tokenizer_views",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -112,15 +112,23 @@ class TwoViewTransform:
         self.model_size, self.tokenizer_size = model_size, tokenizer_size
         self.scale, self.ratio, self.jitter, self.flip = tuple(scale), tuple(ratio), jitter, flip
 
-    def __call__(self, image: Image.Image, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
+    def _augment(self, image: Image.Image, rng: random.Random) -> tuple[Image.Image, tuple[int, int, int, int]]:
         image = color_jitter(image.convert("RGB"), self.jitter, rng)
         if self.flip and rng.random() < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         left, top, w, h = random_resized_crop_box(image.width, image.height, rng, self.scale, self.ratio)
-        box = (left, top, left + w, top + h)
+        return image, (left, top, left + w, top + h)
+
+    def __call__(self, image: Image.Image, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
+        image, box = self._augment(image, rng)
         model_view = image.resize((self.model_size,) * 2, Image.Resampling.BICUBIC, box=box)
         tokenizer_view = image.resize((self.tokenizer_size,) * 2, Image.Resampling.LANCZOS, box=box)
         return normalize(to_tensor(model_view)), to_tensor(tokenizer_view)
+
+    def tokenizer_view(self, image: Image.Image, rng: random.Random) -> torch.Tensor:
+        """The tokenizer view alone (same augmentation)."""
+        image, box = self._augment(image, rng)
+        return to_tensor(image.resize((self.tokenizer_size,) * 2, Image.Resampling.LANCZOS, box=box))
 
 
 class ClassifyTransform:
@@ -245,7 +253,7 @@ _SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemi
                    "retina", "stereo_motorcycle", "camera", "coins", "moon", "grass", "gravel", "brick")
 
 
-def embedded_photos(max_side: int = 320) -> ImageList:
+def embedded_photos(max_side: int = 256) -> ImageList:
     """The embedded default data set: photographs from scikit-image's ``skimage.data`` and
     scikit-learn's ``load_sample_images`` (china, flower), all RGB, shrunk so the longer side is at
     most ``max_side`` (jitter and crops then cost little; the views are smaller anyway)."""
@@ -392,6 +400,23 @@ def classify_stream(source: ImageSource, transform: ClassifyTransform, batch_siz
     if source.labels is None:
         raise ValueError("classify_stream: the data set has no labels (use class sub-folders)")
     return BatchStream(source, ClassifySample(transform), batch_size, **stream_args)
+
+
+class TokenizerViewSample:
+    def __init__(self, transform: TwoViewTransform):
+        self.transform = transform
+
+    def __call__(self, image, label, rng, key):
+        return (self.transform.tokenizer_view(image, rng),)
+
+
+def tokenizer_views(source: ImageSource, count: int, size: int, seed: int = 0, batch_size: int = 1024):
+    """``count`` augmented tokenizer views ``[b, 3, size, size]`` in ``[0, 1]``, in batches: the data a
+    k-means tokenizer is fitted on (the distribution it will tokenize during pre-training)."""
+    stream = BatchStream(source, TokenizerViewSample(TwoViewTransform(size, size)), batch_size,
+                         seed=derive_seed(seed, "tokenizer"))
+    for step in range(math.ceil(count / batch_size)):
+        yield stream.batch(step)[0][: count - step * batch_size]
 
 
 def eval_batches(source: ImageSource, transform: EvalTransform, batch_size: int, rank: int = 0, world_size: int = 1):

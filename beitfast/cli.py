@@ -1,0 +1,399 @@
+"""The ``beitfast`` command: ``pretrain``, ``finetune``, ``tokenizer train`` and ``bench``.
+
+Defaults follow the official recipe when a GPU is present (BEiT-B, 224 pixels, 16-pixel patches, a
+112-pixel tokenizer view, 8192 tokens) and a small model on small images on CPU, so that every command
+does something useful in minutes on a laptop. ``beitfast pretrain --demo`` is the main job: it fits a
+k-means tokenizer on the embedded photographs and pre-trains a small BEiT on them, no download needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .train import NonFiniteLossError
+
+# Per-device defaults of the options left unset; printed by --help.
+GPU_DEFAULTS = {
+    "model": "base", "depth": None, "img_size": 224, "patch_size": 16, "tokenizer_size": 112,
+    "tokenizer_patch_size": 8, "vocab_size": 8192, "batch_size": 2048, "steps": 500_000, "warmup_steps": 6250,
+    "lr": 1.5e-3, "tokenizer_images": 50_000,
+}
+CPU_DEFAULTS = {
+    "model": "tiny", "depth": 4, "img_size": 64, "patch_size": 8, "tokenizer_size": 32,
+    "tokenizer_patch_size": 4, "vocab_size": 256, "batch_size": 32, "steps": 400, "warmup_steps": 40,
+    "lr": 2e-3, "tokenizer_images": 3000,
+}
+FINETUNE_GPU_DEFAULTS = {"batch_size": 1024, "steps": 125_000, "warmup_steps": 25_000, "lr": 4e-3}
+FINETUNE_CPU_DEFAULTS = {"batch_size": 32, "steps": 300, "warmup_steps": 30, "lr": 1e-3}
+DEMO_OUTPUT = "demo-output"
+TOKENIZER_NAME = "tokenizer.safetensors"
+
+
+def _defaults(table_gpu: dict, table_cpu: dict, device: str) -> dict:
+    on_gpu = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    return table_gpu if on_gpu else table_cpu
+
+
+def _fill(args: argparse.Namespace, defaults: dict) -> None:
+    for key, value in defaults.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+
+
+def _both(key: str, gpu: dict = GPU_DEFAULTS, cpu: dict = CPU_DEFAULTS) -> str:
+    return f"(default: {gpu[key]} with a GPU, {cpu[key]} on CPU)"
+
+
+# -- shared pieces ---------------------------------------------------------------------------------
+
+
+def _image_source(data: str):
+    from .data import ImageFolder, embedded_photos
+
+    if data == "embedded":
+        return embedded_photos()
+    return ImageFolder(data)
+
+
+def _fit_kmeans(source, args, log):
+    from .data import tokenizer_views
+    from .tokenizers import KMeansTokenizer
+
+    started = time.perf_counter()
+    views = tokenizer_views(source, args.tokenizer_images, args.tokenizer_size, args.seed)
+    tokenizer = KMeansTokenizer.fit(views, vocab_size=args.vocab_size, patch_size=args.tokenizer_patch_size,
+                                    input_size=args.tokenizer_size, seed=args.seed, iters=args.tokenizer_iters)
+    log(f"k-means tokenizer: {tokenizer.vocab_size} tokens of {args.tokenizer_patch_size}-pixel patches fitted on "
+        f"{args.tokenizer_images} random {args.tokenizer_size}-pixel views in {time.perf_counter() - started:.1f} s")
+    return tokenizer
+
+
+def _main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _log(message: str) -> None:
+    if _main_process():
+        print(message, flush=True)
+
+
+def _train_config(args, output: str, **extra):
+    from .train import TrainConfig
+
+    resume = None if args.resume == "none" else args.resume
+    return TrainConfig(
+        output_dir=output, steps=args.steps, batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr,
+        warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, clip_grad=args.clip_grad or None,
+        checkpoint_every=args.checkpoint_every, seed=args.seed, num_workers=args.workers, device=args.device,
+        precision=args.precision, parallel=args.parallel, progress=not args.no_progress, resume=resume, **extra,
+    )
+
+
+def _summary(records: list[dict], window: int = 10) -> str:
+    head, tail = records[:window], records[-window:]
+
+    def mean(rows, key):
+        return sum(r[key] for r in rows) / len(rows)
+
+    return (f"loss {mean(head, 'loss'):.3f} -> {mean(tail, 'loss'):.3f}, accuracy {mean(head, 'accuracy'):.3f} -> "
+            f"{mean(tail, 'accuracy'):.3f} (means of the first and last {len(tail)} steps)")
+
+
+# -- commands --------------------------------------------------------------------------------------
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from .config import BEiTConfig
+    from .tokenizers import load_tokenizer
+    from .train import CHECKPOINT_NAME, METRICS_NAME, PLOT_NAME, ensure_writable, pretrain
+
+    if args.demo:
+        args.data = args.data or "embedded"
+        args.tokenizer = args.tokenizer or "kmeans"
+        args.output = args.output or DEMO_OUTPUT
+        args.resume = args.resume or "none"
+        args.device = "cpu" if args.device == "auto" else args.device
+    _fill(args, _defaults(GPU_DEFAULTS, CPU_DEFAULTS, args.device))
+    args.data = args.data or "embedded"
+    args.tokenizer = args.tokenizer or "kmeans"
+    args.output = args.output or "beitfast-pretrain"
+    args.resume = args.resume or "auto"
+    output = Path(args.output)
+    if _main_process():
+        ensure_writable(output)  # before fitting anything
+    source = _image_source(args.data)
+    tokenizer_path = output / TOKENIZER_NAME
+    if args.tokenizer != "kmeans":
+        tokenizer = load_tokenizer(args.tokenizer)
+    elif args.resume != "none" and tokenizer_path.exists() and (output / CHECKPOINT_NAME).exists():
+        tokenizer = load_tokenizer(tokenizer_path)  # resuming: the targets must not change
+        _log(f"tokenizer: {tokenizer_path} (from the run being resumed)")
+    else:
+        tokenizer = _fit_kmeans(source, args, _log)
+        if _main_process():
+            tokenizer.save(tokenizer_path)
+    preset = getattr(BEiTConfig, args.model)
+    overrides = {"depth": args.depth} if args.depth else {}
+    config = preset(img_size=args.img_size, patch_size=args.patch_size, vocab_size=tokenizer.vocab_size,
+                    drop_path_rate=args.drop_path, kernels=args.kernels, **overrides)
+    train_config = _train_config(args, str(output))
+    _log(f"pre-training BEiT-{args.model} (dim {config.embed_dim}, depth {config.depth}, {config.image_hw[0]} px, "
+         f"patch {config.patch_size}, vocab {config.vocab_size}) on {args.data} for {args.steps} steps of "
+         f"{args.batch_size} images")
+    _, records = pretrain(config, tokenizer, source, train_config, mask_ratio=args.mask_ratio)
+    if _main_process():
+        if records:
+            print(f"done: {_summary(records)}")
+        for name, what in ((CHECKPOINT_NAME, "checkpoint"), (METRICS_NAME, "metrics"), (PLOT_NAME, "plot"),
+                           (TOKENIZER_NAME, "tokenizer")):
+            if (output / name).exists():
+                print(f"{what:>10}: {(output / name).resolve()}")
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from .data import ClassifyTransform, EvalTransform, ImageFolder, classify_stream
+    from .train import Classification, Trainer, classifier_from_pretrained, evaluate, setup_distributed
+
+    _fill(args, _defaults(FINETUNE_GPU_DEFAULTS, FINETUNE_CPU_DEFAULTS, args.device))
+    train_set = ImageFolder(args.data, labelled=True)
+    val_set = ImageFolder(args.val_data, labelled=True) if args.val_data else None
+    if val_set is not None and val_set.classes != train_set.classes:
+        raise SystemExit(f"finetune: --val-data classes {val_set.classes} differ from --data classes {train_set.classes}")
+    model = classifier_from_pretrained(args.pretrained, len(train_set.classes), drop_path_rate=args.drop_path)
+    size = model.config.image_hw[0]
+    layer_decay = None if args.linear_probe else args.layer_decay
+    train_config = _train_config(args, args.output, layer_decay=layer_decay, label_smoothing=args.label_smoothing,
+                                 linear_probe=args.linear_probe)
+    ctx = setup_distributed()
+    stream = classify_stream(train_set, ClassifyTransform(size), args.batch_size, seed=args.seed, rank=ctx.rank,
+                             world_size=ctx.world_size)
+    _log(f"{'linear probing' if args.linear_probe else 'fine-tuning'} on {len(train_set)} images of "
+         f"{len(train_set.classes)} classes for {args.steps} steps")
+    records = Trainer(model, Classification(args.label_smoothing), stream, train_config).fit()
+    if records:
+        _log(f"done: {_summary(records)}")
+    if val_set is not None:
+        accuracy = evaluate(model, val_set, EvalTransform(size), device=train_config.device)
+        _log(f"validation top-1 accuracy: {accuracy:.4f} on {len(val_set) - val_set.skipped} images")
+        if _main_process():
+            (Path(args.output) / "eval.json").write_text(json.dumps({"top1": accuracy}) + "\n")
+    return 0
+
+
+def cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    tokenizer = _fit_kmeans(_image_source(args.data), args, print)
+    tokenizer.save(args.output)
+    print(f"saved: {args.output}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.pytest:
+        return subprocess.call([sys.executable, "-m", "pytest", "benchmarks", *args.pytest_args])
+    from .config import BEiTConfig
+    from .data import masking_for
+    from .masking import MaskingGenerator
+    from .model import BEiT
+
+    _fill(args, _defaults(GPU_DEFAULTS, CPU_DEFAULTS, args.device))
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    overrides = {"depth": args.depth} if args.depth else {}
+    config = getattr(BEiTConfig, args.model)(img_size=args.img_size, patch_size=args.patch_size, kernels=args.kernels,
+                                             **overrides)
+    model = BEiT(config).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
+    masks = MaskingGenerator(**masking_for(config.grid), seed=0).batch(args.batch_size).to(device)
+    tokens = torch.randint(0, config.vocab_size, (args.batch_size, config.num_patches), device=device)
+    use_bf16 = device.type == "cuda"
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            loss = model(images, bool_masked_pos=masks, labels=tokens)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(args.warmup):
+        step()
+    sync()
+    started = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    sync()
+    seconds = (time.perf_counter() - started) / args.steps
+    result = {"model": args.model, "depth": config.depth, "img_size": args.img_size, "batch_size": args.batch_size,
+              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "precision": "bf16 autocast" if use_bf16 else "fp32", "step_ms": seconds * 1e3,
+              "images_per_s": args.batch_size / seconds, "torch": torch.__version__}
+    if device.type == "cuda":
+        result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    print(json.dumps(result))
+    return 0
+
+
+# -- argument parsing ------------------------------------------------------------------------------
+
+
+def _add_training_options(parser: argparse.ArgumentParser, gpu: dict, cpu: dict) -> None:
+    group = parser.add_argument_group("optimisation (AdamW 0.9/0.999, per-step cosine schedule with linear warmup)")
+    group.add_argument("--steps", type=int, help=f"optimizer steps {_both('steps', gpu, cpu)}")
+    group.add_argument("--batch-size", type=int,
+                       help=f"global batch size, split over torchrun processes {_both('batch_size', gpu, cpu)}")
+    group.add_argument("--lr", type=float, help=f"peak learning rate {_both('lr', gpu, cpu)}")
+    group.add_argument("--min-lr", type=float, default=1e-5, help="final learning rate of the cosine (default: 1e-5)")
+    group.add_argument("--warmup-steps", type=int, help=f"linear warmup steps {_both('warmup_steps', gpu, cpu)}")
+    group.add_argument("--weight-decay", type=float, default=0.05,
+                       help="AdamW weight decay, not applied to biases, norms, layer scales and tokens (default: 0.05)")
+    group.add_argument("--clip-grad", type=float, default=3.0, help="gradient norm clip, 0 disables (default: 3.0)")
+    group.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth rate (default: 0.1)")
+    run = parser.add_argument_group("run")
+    run.add_argument("--checkpoint-every", type=int, default=500,
+                     help="write the resumable checkpoint every N steps, and at the end (default: 500)")
+    run.add_argument("--resume", help="'auto': continue from OUTPUT/checkpoint.pt if present; a checkpoint path; "
+                                      "'none': start afresh (default: auto; none with --demo)")
+    run.add_argument("--seed", type=int, default=0, help="seed of the data, masks, initial weights, drop path (default: 0)")
+    run.add_argument("--workers", type=int, default=0,
+                     help="DataLoader worker processes preparing batches (default: 0 = in the training process)")
+    run.add_argument("--device", default="auto", help="'auto' (the GPU if any, else CPU), 'cpu', 'cuda', 'cuda:1'...")
+    run.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
+                     help="'auto': bf16 autocast on GPU, fp32 on CPU")
+    run.add_argument("--parallel", default="ddp", choices=("ddp", "fsdp"),
+                     help="under torchrun: DistributedDataParallel or FSDP (for large models) (default: ddp)")
+    run.add_argument("--kernels", default="auto",
+                     help="backend of every fused op: 'auto' (fastest available) or a name such as eager, triton, "
+                          "cuda, sdpa (default: auto)")
+    run.add_argument("--threads", type=int,
+                     help="CPU threads of each process for tensor math (default: PyTorch's choice; 1 helps on a "
+                          "machine shared with other jobs)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="beitfast",
+        description="Pre-train and fine-tune BEiT models (masked image modeling over visual tokens). "
+                    "Multi-GPU: torchrun --nproc-per-node N $(which beitfast) pretrain ...",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                     help="pretrain | finetune | tokenizer | bench (each has --help)")
+
+    pre = commands.add_parser(
+        "pretrain", help="masked image modeling pre-training",
+        description="Pre-train BEiT: blockwise-masked patches, visual tokens of a tokenizer as targets. Writes "
+                    "checkpoint.pt (resumable), metrics.jsonl, curves.png and the tokenizer to --output.",
+    )
+    pre.add_argument("--demo", action="store_true",
+                     help="the main job: on CPU, fit a k-means tokenizer on the embedded photographs and pre-train a "
+                          "small BEiT on them in a few minutes, writing to ./demo-output (other options still apply)")
+    data = pre.add_argument_group("data and tokenizer")
+    data.add_argument("--data", help="'embedded' (photographs shipped with scikit-image and scikit-learn) or an image "
+                                     "folder, searched recursively (default: embedded)")
+    data.add_argument("--tokenizer", help="'kmeans' (fit on the data, saved to OUTPUT/tokenizer.safetensors) or a file "
+                                          "load_tokenizer reads: a saved tokenizer or the DALL-E encoder.pkl "
+                                          "(default: kmeans)")
+    data.add_argument("--vocab-size", type=int, help=f"k-means vocabulary {_both('vocab_size')}")
+    data.add_argument("--tokenizer-size", type=int, help=f"tokenizer view size in pixels {_both('tokenizer_size')}")
+    data.add_argument("--tokenizer-patch-size", type=int,
+                      help=f"pixels per token side in the tokenizer view {_both('tokenizer_patch_size')}")
+    data.add_argument("--tokenizer-images", type=int,
+                      help=f"random views the k-means tokenizer is fitted on {_both('tokenizer_images')}")
+    data.add_argument("--tokenizer-iters", type=int, default=100, help="mini-batch k-means iterations (default: 100)")
+    data.add_argument("--mask-ratio", type=float, default=0.4,
+                      help="fraction of patches masked, blockwise (default: 0.4, i.e. 75 of 196)")
+    model = pre.add_argument_group("model")
+    model.add_argument("--model", choices=("tiny", "small", "base", "large"),
+                       help=f"size preset: dim 192/384/768/1024 {_both('model')}")
+    model.add_argument("--depth", type=int, help="number of blocks (default: the preset's, 4 on CPU)")
+    model.add_argument("--img-size", type=int, help=f"model view size in pixels {_both('img_size')}")
+    model.add_argument("--patch-size", type=int, help=f"patch size in pixels {_both('patch_size')}")
+    pre.add_argument("--output", help=f"output folder (default: ./beitfast-pretrain; ./{DEMO_OUTPUT} with --demo)")
+    _add_training_options(pre, GPU_DEFAULTS, CPU_DEFAULTS)
+    pre.set_defaults(func=cmd_pretrain)
+
+    fine = commands.add_parser(
+        "finetune", help="fine-tune or linearly probe a pre-trained model on labelled images",
+        description="Classification on an image folder with one sub-folder per class: mean pooling, layer-wise lr "
+                    "decay, label smoothing; or a linear probe (only the classifier trains).",
+    )
+    fine.add_argument("--pretrained", required=True,
+                      help="a checkpoint.pt of `beitfast pretrain`, or any BEiT weights file BEiT.from_file reads")
+    fine.add_argument("--data", required=True, help="training images: a folder with one sub-folder per class")
+    fine.add_argument("--val-data", help="validation images (same classes); top-1 accuracy reported at the end")
+    fine.add_argument("--output", default="beitfast-finetune", help="output folder (default: ./beitfast-finetune)")
+    fine.add_argument("--linear-probe", action="store_true", help="freeze the backbone, train the classifier only")
+    fine.add_argument("--layer-decay", type=float, default=0.65, help="layer-wise lr decay (default: 0.65)")
+    fine.add_argument("--label-smoothing", type=float, default=0.1, help="label smoothing (default: 0.1)")
+    _add_training_options(fine, FINETUNE_GPU_DEFAULTS, FINETUNE_CPU_DEFAULTS)
+    fine.set_defaults(func=cmd_finetune)
+
+    tok = commands.add_parser("tokenizer", help="visual tokenizers")
+    tok_commands = tok.add_subparsers(dest="tokenizer_command", required=True, metavar="ACTION",
+                                      help="train: fit a k-means tokenizer")
+    train = tok_commands.add_parser("train", help="fit a k-means patch tokenizer on images",
+                                    description="Fit a k-means tokenizer on random views of the images and save it "
+                                                "(safetensors) for `beitfast pretrain --tokenizer FILE`.")
+    train.add_argument("--data", default="embedded", help="'embedded' or an image folder (default: embedded)")
+    train.add_argument("--output", default=TOKENIZER_NAME, help=f"file to write (default: ./{TOKENIZER_NAME})")
+    train.add_argument("--vocab-size", type=int, default=8192, help="number of tokens (default: 8192)")
+    train.add_argument("--tokenizer-size", type=int, default=112, help="tokenizer view size in pixels (default: 112)")
+    train.add_argument("--tokenizer-patch-size", type=int, default=8, help="pixels per token side (default: 8)")
+    train.add_argument("--tokenizer-images", type=int, default=20_000,
+                       help="random augmented views to fit on (default: 20000)")
+    train.add_argument("--tokenizer-iters", type=int, default=100, help="mini-batch k-means iterations (default: 100)")
+    train.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    train.set_defaults(func=cmd_tokenizer_train)
+
+    bench = commands.add_parser(
+        "bench", help="time pre-training steps, or run the benchmark suite",
+        description="Times forward+backward+AdamW steps of BEiT pre-training on random data (tokenizer and data "
+                    "loading excluded) and prints one JSON line; --pytest runs `pytest benchmarks/` instead.",
+    )
+    bench.add_argument("--model", choices=("tiny", "small", "base", "large"), help=f"size preset {_both('model')}")
+    bench.add_argument("--depth", type=int, help="number of blocks (default: the preset's, 4 on CPU)")
+    bench.add_argument("--img-size", type=int, help=f"image size {_both('img_size')}")
+    bench.add_argument("--patch-size", type=int, help=f"patch size {_both('patch_size')}")
+    bench.add_argument("--batch-size", type=int, help="batch size (default: 128 with a GPU, 32 on CPU)")
+    bench.add_argument("--steps", type=int, default=10, help="timed steps (default: 10)")
+    bench.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: 3)")
+    bench.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda'")
+    bench.add_argument("--kernels", default="auto", help="backend of every fused op (default: auto)")
+    bench.add_argument("--threads", type=int, help="CPU threads for tensor math (default: PyTorch's choice)")
+    bench.add_argument("--pytest", action="store_true", help="run `pytest benchmarks/` (GPU suites)")
+    bench.add_argument("pytest_args", nargs="*", help="extra pytest arguments with --pytest")
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    if args.func is cmd_bench and args.batch_size is None:
+        args.batch_size = 128 if _defaults(GPU_DEFAULTS, CPU_DEFAULTS, args.device) is GPU_DEFAULTS else 32
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, PermissionError) as error:
+        print(f"beitfast {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as error:
+        print(f"beitfast {args.command}: stopped: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
