@@ -207,6 +207,8 @@ def _pickled_module_state_dict(
             if tensor is not None:
                 tensors[prefix + name] = tensor.detach()
     for name, child in (module.state.get("_modules") or {}).items():
+        if child is None:  # nn.Module allows empty submodule slots
+            continue
         if not isinstance(child, safe_pickle.PickledObject):
             raise ValueError(f"pickled module {prefix + name!r} is a {type(child).__name__}, not a module")
         tensors.update(_pickled_module_state_dict(child, f"{prefix}{name}."))
