@@ -8,9 +8,7 @@ from beitfast import BEiT, BEiTConfig, ops
 from beitfast.model import num_relative_positions, relative_position_index
 from beitfast.ops import attention as attention_op
 
-# tests/conftest.py cannot be imported under --import-mode=importlib, so the marker is spelled here.
 HAS_GPU = torch.cuda.is_available()
-requires_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device")
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
@@ -308,7 +306,7 @@ GPU_CASES = [
 ]
 
 
-@requires_gpu
+@pytest.mark.gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("deterministic", ["0", "1"])
 @pytest.mark.parametrize("B,H,N,D,dtype,index", GPU_CASES, ids=lambda c: str(c).replace("torch.", ""))
@@ -323,7 +321,7 @@ def skip_unless_backend_takes(backend, q, k, v, table, rel_index):
         pytest.skip(f"{backend}: {'; '.join(why)}")
 
 
-@requires_gpu
+@pytest.mark.gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["flex", "sdpa", "xformers"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -333,7 +331,7 @@ def test_gpu_backends_with_bias_match_reference(backend, dtype):
     assert_close_to_reference(backend, *inputs)
 
 
-@requires_gpu
+@pytest.mark.gpu
 @pytest.mark.gpu
 def test_flash_without_bias_matches_reference():
     inputs = make_inputs(2, 12, 197, 64, torch.bfloat16, torch.device("cuda"), None)
@@ -341,7 +339,7 @@ def test_flash_without_bias_matches_reference():
     assert_close_to_reference("flash", *inputs)
 
 
-@requires_gpu
+@pytest.mark.gpu
 @pytest.mark.gpu
 def test_triton_model_under_bf16_autocast_and_compile(monkeypatch):
     """BEiT-B-shaped blocks in bf16 autocast, eager and compiled, with the Triton attention."""

@@ -14,9 +14,7 @@ import torch
 from beitfast import _ext
 from beitfast.ops import dispatch, masked_lm_cross_entropy
 
-# The same marker as tests/conftest.py, which cannot be imported under --import-mode=importlib.
 HAS_GPU = torch.cuda.is_available()
-requires_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device")
 
 IGNORE = -100
 # Absolute slack per dtype, relative to the largest reference value.
@@ -346,7 +344,7 @@ def _skip_unless(backend):
         pytest.skip(f"cuda backend unavailable: {missing}")
 
 
-@requires_gpu
+@pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(4, 196, 768, 8192), (3, 97, 200, 21841), (5, 50, 1024, 8000)], ids=str)
@@ -356,7 +354,7 @@ def test_gpu_matches_float64(backend, dtype, shape):
     check_against_reference(backend, make_inputs(B, N, D, V, dtype, "cuda", masked=75 / 196))
 
 
-@requires_gpu
+@pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("labels_2d", [True, False])
@@ -367,7 +365,7 @@ def test_gpu_reductions_and_labels(backend, reduction, labels_2d):
     check_against_reference(backend, inputs, reduction=reduction, upstream=upstream)
 
 
-@requires_gpu
+@pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_gpu_empty_selection(backend):
     _skip_unless(backend)
@@ -378,7 +376,7 @@ def test_gpu_empty_selection(backend):
     assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
 
 
-@requires_gpu
+@pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_gpu_autocast_bfloat16_like_the_model(backend):
     # The model: fp32 LayerNorm output and fp32 parameters under bf16 autocast.
@@ -397,7 +395,7 @@ def test_gpu_autocast_bfloat16_like_the_model(backend):
     assert abs(acc.item() - ref_acc.item()) <= 2 / int(mask.sum())  # bf16 near-ties may flip
 
 
-@requires_gpu
+@pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_gpu_compile_fullgraph(backend):
     _skip_unless(backend)
@@ -416,7 +414,7 @@ def test_gpu_compile_fullgraph(backend):
     torch.testing.assert_close(grad, ref_grad)
 
 
-@requires_gpu
+@pytest.mark.gpu
 def test_gpu_triton_no_host_sync():
     hidden, weight, bias, labels, mask = make_inputs(4, 196, 256, 1000, torch.bfloat16, "cuda")
     hidden = hidden.detach().requires_grad_(True)
@@ -428,7 +426,7 @@ def test_gpu_triton_no_host_sync():
         torch.cuda.set_sync_debug_mode("default")
 
 
-@requires_gpu
+@pytest.mark.gpu
 def test_gpu_cuda_extra_memory_is_small():
     # The chunked backend's scratch (one chunk of logits and rows) stays under a tenth of the logits.
     _skip_unless("cuda")

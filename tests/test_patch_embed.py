@@ -15,9 +15,7 @@ import torch
 from beitfast import _ext
 from beitfast.ops import dispatch, masked_patch_embed
 
-# tests/conftest.py has the same marker, but it cannot be imported under --import-mode=importlib.
 HAS_GPU = torch.cuda.is_available()
-requires_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device")
 
 # Largest error allowed, relative to the largest magnitude of the float64 reference.
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
@@ -151,7 +149,7 @@ def test_triton_matches_reference(case, dtype, device, poisoned_allocations):
     check_against_reference(case, dtype, "triton", device)
 
 
-@requires_gpu
+@pytest.mark.gpu
 @pytest.mark.parametrize("case", list(CASES.values()), ids=list(CASES))
 def test_triton_bfloat16(case, device):
     check_against_reference(case, torch.bfloat16, "triton", device)
@@ -280,7 +278,7 @@ def _cuda_backend_missing() -> str | None:
     return _ext.missing("patch_embed_fwd_cuda", "cuda")
 
 
-@requires_gpu
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("case", list(CASES.values()), ids=list(CASES))
 def test_cuda_matches_reference(case, dtype, device):
@@ -289,7 +287,7 @@ def test_cuda_matches_reference(case, dtype, device):
     check_against_reference(case, dtype, "cuda", device)
 
 
-@requires_gpu
+@pytest.mark.gpu
 def test_cuda_beit_base_shape_matches_triton(device):
     # BEiT-B at 224: 196 patches (not a tile multiple), 75 masked per image, bf16 under autocast.
     if _cuda_backend_missing():

@@ -21,8 +21,6 @@ from beitfast.tokenizers import DalleTokenizer, KMeansTokenizer, Tokenizer, Unsa
 from beitfast.tokenizers.dvae import map_pixels
 from beitfast.tokenizers.kmeans import _Reservoir
 
-# tests/conftest.py cannot be imported under --import-mode=importlib, so the marker is spelled here.
-requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 SIZE = 32  # tokenizer view of the tests: 4 x 4 tokens of 8 x 8 pixels
 
@@ -434,7 +432,7 @@ def test_dalle_from_file_rejects_other_pickles(tmp_path):
 # GPU: bf16 autocast, no host synchronisation
 
 
-@requires_gpu
+@pytest.mark.gpu
 def test_tokenizers_on_gpu_under_bf16_autocast_without_host_sync(fitted):
     images = smooth_images(16, seed=9).cuda()
     kmeans = KMeansTokenizer(fitted.centroids.cuda(), input_size=SIZE)
