@@ -46,8 +46,12 @@ def backend_for(op: str, kernels: str) -> str | None:
 
 
 def trunc_normal_(tensor: torch.Tensor, std: float) -> torch.Tensor:
-    """Truncated normal at +-std, as the official pre-training code initialises."""
-    return nn.init.trunc_normal_(tensor, mean=0.0, std=std, a=-std, b=std)
+    """Normal(0, std) truncated at +-std, as the official pre-training code initialises; sampled by
+    inverse CDF (torch's trunc_normal_ takes ~1 s per BEiT-B weight on CPU)."""
+    bound = math.erf(1 / math.sqrt(2))  # the +-1 sigma cut, in erf space
+    with torch.no_grad():
+        tensor.uniform_(-bound, bound).erfinv_().mul_(std * math.sqrt(2)).clamp_(-std, std)
+    return tensor
 
 
 def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
