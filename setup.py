@@ -18,6 +18,7 @@ import os
 import shutil
 import site
 import subprocess
+import sys
 import tempfile
 
 from setuptools import find_packages, setup
@@ -91,6 +92,33 @@ def _nvidia_include_dirs() -> list[str]:
             if os.path.isdir(path := os.path.join(root, "nvidia", version, "include"))]
 
 
+# Loads the built library the way `import beitfast._C` does, in a fresh interpreter.
+_LOAD_CHECK = """
+import importlib.util, sys, torch
+spec = importlib.util.spec_from_file_location("beitfast._C", sys.argv[1])
+spec.loader.exec_module(importlib.util.module_from_spec(spec))
+"""
+
+
+def _load_checked(build_ext_class):
+    """``build_ext`` that fails when the built library cannot be loaded: a shared library links with
+    undefined symbols (e.g. a torch function torch does not export), which would only show at import."""
+
+    class BuildAndLoadExtension(build_ext_class):
+        def run(self):
+            super().run()
+            for extension in self.extensions:
+                path = os.path.abspath(self.get_ext_fullpath(extension.name))
+                with tempfile.TemporaryDirectory() as elsewhere:  # keep the checkout off sys.path
+                    result = subprocess.run([sys.executable, "-c", _LOAD_CHECK, path], cwd=elsewhere,
+                                            capture_output=True, text=True)
+                if result.returncode != 0:
+                    raise RuntimeError(f"{extension.name} was built but cannot be loaded ({path}):\n"
+                                       f"{result.stderr.strip()[-2000:]}")
+
+    return BuildAndLoadExtension
+
+
 def _extensions() -> tuple[list, dict]:
     if not _flag("BEITFAST_BUILD_EXT"):
         print("beitfast: BEITFAST_BUILD_EXT=0, building without the extension beitfast._C")
@@ -120,7 +148,11 @@ def _extensions() -> tuple[list, dict]:
     if with_cuda:
         gencode, torch_arch_list = _gencode_flags(os.environ.get("BEITFAST_CUDA_ARCHS", DEFAULT_CUDA_ARCHS))
         os.environ["TORCH_CUDA_ARCH_LIST"] = torch_arch_list
-        nvcc_flags = ["-O3", "--use_fast_math", "-std=c++20", "-diag-suppress", "3189"] + gencode
+        # torch's defaults hide the native half/bfloat16 operators; the kernels (and the one-file
+        # check `beitfast-nvcc-check`) use them, as CUDA does by default.
+        native_half = ["-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+                       "-U__CUDA_NO_HALF2_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]
+        nvcc_flags = ["-O3", "--use_fast_math", "-std=c++20", "-diag-suppress", "3189"] + native_half + gencode
         print(f"beitfast: building beitfast._C with CUDA {torch.version.cuda} ({cuda_home}) "
               f"for {torch_arch_list}: {len(cpp_sources)} C++ and {len(cuda_sources)} CUDA sources")
         extension = CUDAExtension(
@@ -133,7 +165,7 @@ def _extensions() -> tuple[list, dict]:
                else "torch has no CUDA" if torch.version.cuda is None else "nvcc not found (set CUDA_HOME)")
         print(f"beitfast: building beitfast._C for CPU only ({why}): {len(cpp_sources)} C++ sources")
         extension = CppExtension("beitfast._C", cpp_sources, extra_compile_args={"cxx": cxx_flags}, **common)
-    return [extension], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    return [extension], {"build_ext": _load_checked(BuildExtension.with_options(use_ninja=True))}
 
 
 packages, package_dir = _packages()

@@ -5,13 +5,19 @@
 //
 // The functional form has no tensor argument to dispatch on, so it is a CompositeExplicitAutograd
 // kernel that allocates on `device` and calls the out form, which has a CPU kernel (here, threaded
-// over images), a CUDA kernel (masking_cuda.cu) and a Meta kernel: torch.compile's fake tensors run
-// the functional form on the meta device, which needs nothing else.
+// over images), a CUDA kernel (launched here in CUDA builds, defined in masking_cuda.cu) and a Meta
+// kernel: torch.compile's fake tensors run the functional form on the meta device.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
+
+#if defined(BEITFAST_WITH_CUDA)
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
 
 #include "masking.h"
 
@@ -44,6 +50,7 @@ void check_out(const at::Tensor& out, int64_t height, int64_t width) {
 
 }  // namespace
 
+// Validates the op's arguments and its `out` tensor for every kernel of the out form.
 masking::Params mask_params(const at::Tensor& out, int64_t height, int64_t width,
                             int64_t num_masking_patches, int64_t min_num_patches,
                             int64_t max_num_patches, double log_aspect_min, double log_aspect_max) {
@@ -72,6 +79,20 @@ at::Tensor& blockwise_masks_out_cpu(int64_t height, int64_t width, int64_t num_m
   });
   return out;
 }
+
+#if defined(BEITFAST_WITH_CUDA)
+at::Tensor& blockwise_masks_out_cuda(int64_t height, int64_t width, int64_t num_masking_patches,
+                                     int64_t min_num_patches, int64_t max_num_patches,
+                                     double log_aspect_min, double log_aspect_max, int64_t seed,
+                                     at::Tensor& out) {
+  const masking::Params params = mask_params(out, height, width, num_masking_patches, min_num_patches,
+                                             max_num_patches, log_aspect_min, log_aspect_max);
+  const c10::cuda::CUDAGuard guard(out.device());
+  C10_CUDA_CHECK(launch_blockwise_masks(out.data_ptr<bool>(), out.size(0), params, static_cast<uint64_t>(seed),
+                                        c10::cuda::getCurrentCUDAStream()));
+  return out;
+}
+#endif
 
 at::Tensor& blockwise_masks_out_meta(int64_t height, int64_t width, int64_t num_masking_patches,
                                      int64_t min_num_patches, int64_t max_num_patches,
@@ -118,6 +139,12 @@ TORCH_LIBRARY_IMPL(beitfast, CompositeExplicitAutograd, m) {
 TORCH_LIBRARY_IMPL(beitfast, CPU, m) {
   m.impl("blockwise_masks.out", &beitfast::blockwise_masks_out_cpu);
 }
+
+#if defined(BEITFAST_WITH_CUDA)
+TORCH_LIBRARY_IMPL(beitfast, CUDA, m) {
+  m.impl("blockwise_masks.out", &beitfast::blockwise_masks_out_cuda);
+}
+#endif
 
 TORCH_LIBRARY_IMPL(beitfast, Meta, m) {
   m.impl("blockwise_masks.out", &beitfast::blockwise_masks_out_meta);

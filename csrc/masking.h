@@ -111,13 +111,12 @@ BEITFAST_HOST_DEVICE void generate(bool* mask, const Params& p, uint64_t seed, u
 
 }  // namespace beitfast::masking
 
-namespace at {
-class Tensor;
-}
+#if defined(BEITFAST_WITH_CUDA)
+#include <cuda_runtime_api.h>
 
 namespace beitfast {
-// Validates the op's arguments and its `out` tensor (masking.cpp) for the CPU and CUDA kernels.
-masking::Params mask_params(const at::Tensor& out, int64_t height, int64_t width,
-                            int64_t num_masking_patches, int64_t min_num_patches,
-                            int64_t max_num_patches, double log_aspect_min, double log_aspect_max);
+// Fills the [batch, height * width] masks on the device (masking_cuda.cu), one thread per image.
+cudaError_t launch_blockwise_masks(bool* masks, int64_t batch, const masking::Params& params, uint64_t seed,
+                                   cudaStream_t stream);
 }  // namespace beitfast
+#endif

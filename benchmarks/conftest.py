@@ -1,0 +1,112 @@
+"""Shared set-up of the benchmark suites (``pytest benchmarks/``).
+
+* Benchmarks marked ``@pytest.mark.gpu`` are skipped, with the reason, where there is no CUDA device.
+* ``record_result(name, **fields)`` saves one measured row to ``results/<name>_<gpu>.json`` when the
+  run has a GPU (kernel timings on CPU mean nothing) and returns it either way.
+* ``record_cpu_result(name, **fields)`` saves to ``results/<name>_cpu.json``, for the few genuine CPU
+  benchmarks (mask generation).
+
+A row holds the fields, the test id, the machine (GPU or CPU model), the versions of Python, torch,
+triton and CUDA, the date and the git commit. A file keeps one row per test id: a rerun replaces the
+rows of the tests it ran and keeps the others.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+
+HAS_GPU = torch.cuda.is_available()
+RESULTS = Path(__file__).parent / "results"
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_GPU:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def _commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine(device_type: str) -> dict[str, Any]:
+    """What a result was measured on: the GPU (or CPU), and the software versions."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    if device_type == "cuda":
+        properties = torch.cuda.get_device_properties(torch.cuda.current_device())
+        device = {"gpu": properties.name, "gpu_memory_bytes": properties.total_memory,
+                  "compute_capability": f"{properties.major}.{properties.minor}"}
+    else:
+        device = {"cpu": _cpu_model(), "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    return {**device, "python": sys.version.split()[0], "torch": torch.__version__, "triton": triton_version,
+            "cuda": torch.version.cuda, "platform": platform.platform(),
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "commit": _commit()}
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")
+
+
+def _save(path: Path, row: dict[str, Any]) -> None:
+    rows = json.loads(path.read_text()) if path.exists() else []
+    rows = [r for r in rows if r.get("test") != row["test"]] + [row]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rows, indent=1) + "\n")
+
+
+def _recorder(request, cpu_benchmark: bool) -> Callable[..., dict[str, Any]]:
+    def record(name: str, **fields: Any) -> dict[str, Any]:
+        on_gpu = HAS_GPU and not cpu_benchmark
+        row = {"benchmark": name, **fields, "test": request.node.nodeid, **machine("cuda" if on_gpu else "cpu")}
+        if cpu_benchmark:
+            _save(RESULTS / f"{_slug(name)}_cpu.json", row)
+        elif on_gpu:
+            _save(RESULTS / f"{_slug(name)}_{_slug(row['gpu'])}.json", row)
+        return row
+
+    return record
+
+
+@pytest.fixture
+def record_result(request) -> Callable[..., dict[str, Any]]:
+    """``record_result(name, **fields)``: a GPU benchmark's row, saved when there is a GPU."""
+    return _recorder(request, cpu_benchmark=False)
+
+
+@pytest.fixture
+def record_cpu_result(request) -> Callable[..., dict[str, Any]]:
+    """``record_cpu_result(name, **fields)``: a CPU benchmark's row, always saved."""
+    return _recorder(request, cpu_benchmark=True)
