@@ -19,6 +19,8 @@
 #include <c10/cuda/CUDAStream.h>
 #endif
 
+#include <algorithm>
+
 #include "masking.h"
 
 namespace beitfast {
@@ -71,8 +73,10 @@ at::Tensor& blockwise_masks_out_cpu(int64_t height, int64_t width, int64_t num_m
                                              max_num_patches, log_aspect_min, log_aspect_max);
   bool* masks = out.data_ptr<bool>();
   const int64_t patches = height * width;
-  // A 14x14 mask takes about a microsecond: chunks of images keep the threading overhead small.
-  at::parallel_for(0, out.size(0), /*grain_size=*/64, [&](int64_t begin, int64_t end) {
+  // Threads pay off only for large batches: waking one can take milliseconds on a busy machine,
+  // about what 2048 masks of 14x14 take on one core. Each thread gets at least ~2^19 patches.
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 19) / patches);
+  at::parallel_for(0, out.size(0), grain, [&](int64_t begin, int64_t end) {
     for (int64_t image = begin; image < end; ++image)
       masking::generate(masks + image * patches, params, static_cast<uint64_t>(seed),
                         static_cast<uint64_t>(image));
