@@ -10,11 +10,6 @@ GPU only; times from ``triton.testing.do_bench``.
 
 from __future__ import annotations
 
-import datetime
-import json
-import re
-import subprocess
-from pathlib import Path
 
 import pytest
 import torch
@@ -35,41 +30,6 @@ SHAPES = {
 }
 BIASED = ["triton", "triton-deterministic", "eager", "sdpa", "flex", "xformers"]
 BIAS_FREE = ["flash", "sdpa-flash-nobias"]
-RESULTS = Path(__file__).parent / "results"
-
-
-def _environment() -> dict:
-    import triton
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = None
-    return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "cuda": torch.version.cuda, "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "commit": commit}
-
-
-def _write_row(name: str, **fields) -> None:
-    """Appends a row to ``results/attention_<gpu>.json`` (used when benchmarks/conftest.py provides
-    no shared ``record_result`` fixture)."""
-    row = {"benchmark": name, **_environment(), **fields}
-    path = RESULTS / f"attention_{re.sub(r'[^A-Za-z0-9]+', '_', row['gpu']).strip('_')}.json"
-    rows = json.loads(path.read_text()) if path.exists() else []
-    rows.append(row)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(rows, indent=1) + "\n")
-
-
-@pytest.fixture
-def record(request):
-    try:
-        return request.getfixturevalue("record_result")
-    except pytest.FixtureLookupError:
-        return _write_row
-
-
 def make_inputs(shape: str, biased: bool):
     B, H, side, D = SHAPES[shape]
     N = 1 + side * side
@@ -111,7 +71,7 @@ def peak_bytes(fn) -> int:
 
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("backend", BIASED + BIAS_FREE)
-def test_attention(backend, shape, record, monkeypatch):
+def test_attention(backend, shape, record_result, monkeypatch):
     from triton.testing import do_bench
 
     inputs = make_inputs(shape, biased=backend in BIASED)
@@ -139,6 +99,6 @@ def test_attention(backend, shape, record, monkeypatch):
     B, H, side, D = SHAPES[shape]
     for mode, fn in (("fwd", forward), ("bwd", backward), ("fwd+bwd", forward_backward)):
         ms = do_bench(fn, warmup=25, rep=100)
-        record("attention", backend=backend, mode=mode, shape=shape, batch=B, heads=H, tokens=1 + side * side,
+        record_result("attention", backend=backend, mode=mode, shape=shape, batch=B, heads=H, tokens=1 + side * side,
                head_dim=D, dtype="bfloat16", bias=backend in BIASED, ms=ms, peak_memory_bytes=peak_bytes(fn))
         assert ms > 0

@@ -14,10 +14,7 @@ the eager logits alone are M * V * 6 bytes: bf16 and fp32 copies). GPU only.
 
 from __future__ import annotations
 
-import json
 import os
-import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -30,26 +27,6 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="kernel ti
 
 SEQ, NUM_MASKED, VOCAB = 196, 75, 8192
 BACKENDS = ["triton", "cuda", "eager", "eager-compiled", "liger", "cut-cross-entropy"]
-RESULTS = Path(__file__).parent / "results" / "cross_entropy.jsonl"
-
-
-def _write_row(name: str, **fields) -> None:
-    # Used only when benchmarks/conftest.py provides no shared ``record_result``.
-    row = {"benchmark": name, "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-           "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **fields}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with RESULTS.open("a") as f:
-        f.write(json.dumps(row) + "\n")
-
-
-@pytest.fixture
-def record(request):
-    try:
-        return request.getfixturevalue("record_result")
-    except pytest.FixtureLookupError:
-        return _write_row
-
-
 def make_inputs(batch: int, dim: int) -> dict:
     on = dict(device="cuda", dtype=torch.bfloat16)
     tokens = torch.randn(batch, SEQ + 1, dim, **on).requires_grad_()
@@ -101,7 +78,7 @@ def measure(fn, repeats: int = 20, warmup: int = 5) -> tuple[float, int]:
 @pytest.mark.parametrize("dim", [768, 1024])
 @pytest.mark.parametrize("batch", [128, 256])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_cross_entropy(backend, batch, dim, record):
+def test_cross_entropy(backend, batch, dim, record_result):
     inputs = make_inputs(batch, dim)
     tokens, weight, bias, mask, labels = (inputs[k] for k in ("tokens", "weight", "bias", "mask", "labels"))
     hidden = tokens[:, 1:]
@@ -124,7 +101,7 @@ def test_cross_entropy(backend, batch, dim, record):
     del grads
     ms, peak = measure(forward_backward)
     rows = int(mask.sum())
-    record("cross_entropy", backend=backend, mode="fwd+bwd", batch=batch, rows=rows, dim=dim, vocab=VOCAB,
+    record_result("cross_entropy", backend=backend, mode="fwd+bwd", batch=batch, rows=rows, dim=dim, vocab=VOCAB,
            precision="bf16", ms=ms, peak_memory_bytes=peak, extra_memory_bytes=peak - grad_bytes,
            eager_logits_bytes=rows * VOCAB * 6, triton_interpret=os.environ.get("TRITON_INTERPRET") == "1")
     assert ms > 0

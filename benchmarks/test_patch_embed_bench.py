@@ -9,10 +9,7 @@ GPU only.
 
 from __future__ import annotations
 
-import json
 import os
-import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,26 +22,6 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="kernel ti
 
 BATCH, DIM, PATCH, NUM_MASKED = 128, 768, 16, 75
 BACKENDS = ["triton", "cuda", "eager", "eager-compiled"]
-RESULTS = Path(__file__).parent / "results" / "patch_embed.jsonl"
-
-
-def _write_row(name: str, **fields) -> None:
-    # Used only when benchmarks/conftest.py provides no shared ``record_result``.
-    row = {"benchmark": name, "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-           "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **fields}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with RESULTS.open("a") as f:
-        f.write(json.dumps(row) + "\n")
-
-
-@pytest.fixture
-def record(request):
-    try:
-        return request.getfixturevalue("record_result")
-    except pytest.FixtureLookupError:
-        return _write_row
-
-
 def make_inputs(size: int, precision: str) -> dict:
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     grid = size // PATCH
@@ -92,7 +69,7 @@ def measure(fn, repeats: int = 20, warmup: int = 5) -> tuple[float, int]:
 @pytest.mark.parametrize("precision", ["autocast", "bf16"])
 @pytest.mark.parametrize("size", [224, 384])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_patch_embed(backend, size, precision, record):
+def test_patch_embed(backend, size, precision, record_result):
     inputs = make_inputs(size, precision)
     if backend in dispatch.backends("patch_embed"):
         why = dispatch.explain("patch_embed", patch_size=PATCH, **inputs)[backend]
@@ -118,7 +95,7 @@ def test_patch_embed(backend, size, precision, record):
     for mode, fn in (("fwd", forward), ("bwd", backward), ("fwd+bwd", forward_backward)):
         ms, peak = measure(fn)
         rows[mode] = ms
-        record("patch_embed", backend=backend, mode=mode, image_size=size, batch=BATCH, dim=DIM,
+        record_result("patch_embed", backend=backend, mode=mode, image_size=size, batch=BATCH, dim=DIM,
                precision=precision, num_masked=NUM_MASKED, ms=ms, peak_memory_bytes=peak,
                triton_interpret=os.environ.get("TRITON_INTERPRET") == "1")
     assert all(ms > 0 for ms in rows.values())

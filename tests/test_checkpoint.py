@@ -226,7 +226,6 @@ def test_resize_identity_at_same_size(grid):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("new_grid", [(7, 7), (3, 3), (4, 6)])
 def test_resize_bias_table_smooth(new_grid, dtype):
-    old = (5, 5)
     heads = 3
     offset = torch.arange(-4, 5.0, dtype=torch.float64)
     dy, dx = torch.meshgrid(offset, offset, indexing="ij")

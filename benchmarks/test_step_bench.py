@@ -1,0 +1,154 @@
+"""End-to-end BEiT pre-training step (forward, masked LM loss, backward, AdamW step; tokenizer excluded).
+
+Compared, at BEiT-B and BEiT-L sizes, batch 64/128/256, bf16 autocast: beitfast (auto backends),
+beitfast with eager backends, torch.compile'd beitfast, Hugging Face ``BeitForMaskedImageModeling``
+(sdpa and eager attention) and a timm-style model (timm's BEiT blocks with an LM head). Reported:
+images/s, peak memory and model FLOP utilisation. GPU only.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import beitfast
+from beitfast import BEiTConfig, MaskingGenerator
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="end-to-end step timings need a CUDA device")
+
+# Dense bf16 tensor-core peak, FLOP/s, by GPU name fragment (vendor data sheets, SXM parts).
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+NUM_MASKED = 75
+
+
+def step_flops(config: BEiTConfig, batch: int, lm_rows_per_image: int) -> float:
+    """Model FLOPs of one training step (forward + backward = 3x forward), counting matmuls only.
+
+    Per layer and token: qkv 3D^2, proj D^2, MLP 2 * mlp_ratio * D^2 multiply-adds; attention scores
+    and values 2 * N * D per token; the patch projection C p^2 D per patch; the LM head D V per
+    predicted row (the HF model predicts every patch; ours only the masked ones: each is charged what
+    it computes usefully, i.e. the masked rows).
+    """
+    D, L = config.embed_dim, config.depth
+    N = config.num_patches + 1
+    per_token = L * ((4 + 2 * config.mlp_ratio) * D * D + 2 * N * D)
+    macs = batch * (N * per_token + config.num_patches * config.in_chans * config.patch_size ** 2 * D)
+    macs += batch * lm_rows_per_image * D * config.vocab_size
+    return 3 * 2 * macs
+
+
+def peak_flops() -> float | None:
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+
+
+class TimmStyleMIM(nn.Module):
+    """timm's BEiT blocks under the BEiT pre-training head (mask token, cls, LM head, loss)."""
+
+    def __init__(self, config: BEiTConfig):
+        super().__init__()
+        import timm
+
+        self.backbone = timm.models.beit.Beit(
+            img_size=config.img_size, patch_size=config.patch_size, embed_dim=config.embed_dim,
+            depth=config.depth, num_heads=config.num_heads, num_classes=0, use_abs_pos_emb=False,
+            use_rel_pos_bias=False, use_shared_rel_pos_bias=True, init_values=config.layer_scale_init_value,
+            drop_path_rate=config.drop_path_rate,
+        )
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, config.embed_dim))
+        self.norm = nn.LayerNorm(config.embed_dim, eps=1e-6)
+        self.lm_head = nn.Linear(config.embed_dim, config.vocab_size)
+
+    def forward(self, images, mask, labels):
+        m = self.backbone
+        x = m.patch_embed(images)
+        w = mask.unsqueeze(-1).type_as(x)
+        x = x * (1 - w) + self.mask_token * w
+        x = torch.cat([m.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        bias = m.rel_pos_bias()
+        for blk in m.blocks:
+            x = blk(x, shared_rel_pos_bias=bias)
+        x = self.norm(x)[:, 1:]
+        return F.cross_entropy(self.lm_head(x[mask]).float(), labels[mask])
+
+
+def build(variant: str, config: BEiTConfig):
+    """A model and a ``loss(images, mask, labels)`` closure for each compared implementation."""
+    if variant.startswith("beitfast"):
+        kernels = "eager" if variant == "beitfast-eager" else "auto"
+        model = beitfast.BEiT(config.replace(kernels=kernels)).cuda()
+        run = torch.compile(model) if variant == "beitfast-compiled" else model
+        return model, lambda x, m, t: run(x, bool_masked_pos=m, labels=t)
+    if variant.startswith("hf"):
+        import transformers
+
+        hf_config = transformers.BeitConfig(
+            image_size=config.img_size, patch_size=config.patch_size, hidden_size=config.embed_dim,
+            num_hidden_layers=config.depth, num_attention_heads=config.num_heads,
+            intermediate_size=int(config.embed_dim * config.mlp_ratio), vocab_size=config.vocab_size,
+            use_mask_token=True, use_shared_relative_position_bias=True, use_absolute_position_embeddings=False,
+            layer_scale_init_value=config.layer_scale_init_value, drop_path_rate=config.drop_path_rate,
+            attn_implementation=variant.split("-")[1],
+        )
+        model = transformers.BeitForMaskedImageModeling(hf_config).cuda()
+        return model, lambda x, m, t: model(pixel_values=x, bool_masked_pos=m, labels=t[m]).loss
+    if variant == "timm":
+        model = TimmStyleMIM(config).cuda()
+        return model, model
+    raise ValueError(variant)
+
+
+VARIANTS = ["beitfast", "beitfast-eager", "beitfast-compiled", "hf-sdpa", "hf-eager", "timm"]
+SIZES = {"base": BEiTConfig.base, "large": BEiTConfig.large}
+
+
+def timed_steps(loss_fn, model, batch, config, steps=10, warmup=3):
+    gen = MaskingGenerator(config.grid, NUM_MASKED, seed=0)
+    images = torch.randn(batch, 3, *config.image_hw, device="cuda")
+    masks = gen.batch(batch).cuda()
+    labels = torch.randint(0, config.vocab_size, (batch, config.num_patches), device="cuda")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, fused=True)
+
+    def step():
+        with torch.autocast("cuda", torch.bfloat16):
+            loss = loss_fn(images, masks, labels)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(steps):
+        step()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3 / steps, torch.cuda.max_memory_allocated()
+
+
+@pytest.mark.parametrize("batch", [64, 128, 256])
+@pytest.mark.parametrize("size", list(SIZES))
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_pretrain_step(variant, size, batch, record_result):
+    config = SIZES[size](drop_path_rate=0.1)
+    torch.cuda.empty_cache()
+    model, loss_fn = build(variant, config)
+    try:
+        seconds, peak = timed_steps(loss_fn, model, batch, config)
+    except torch.OutOfMemoryError:
+        pytest.skip(f"{variant} BEiT-{size} batch {batch} does not fit")
+    finally:
+        del model
+    peak_fl = peak_flops()
+    flops = step_flops(config, batch, NUM_MASKED)
+    record_result(
+        "pretrain_step", variant=variant, model=f"beit-{size}", batch=batch,
+        images_per_s=batch / seconds, step_ms=seconds * 1e3, peak_memory_bytes=peak,
+        mfu=(flops / seconds / peak_fl) if peak_fl else None,
+    )
