@@ -60,7 +60,8 @@ def _gencode_flags(archs: str) -> tuple[list[str], str]:
         arch, _, ptx = entry.partition("+")
         number = arch.replace(".", "")
         if not (number[:2].isdigit() and number[2:] in ("", "a", "f")):
-            raise ValueError(f"BEITFAST_CUDA_ARCHS: cannot read architecture {entry!r} (expected e.g. 80, 90a)")
+            raise ValueError(
+                f"BEITFAST_CUDA_ARCHS: cannot read architecture {entry!r} (expected e.g. 80, 90a)")
         flags.append(f"-gencode=arch=compute_{number},code=sm_{number}")
         if ptx.upper() == "PTX":
             flags.append(f"-gencode=arch=compute_{number},code=compute_{number}")
@@ -152,7 +153,8 @@ def _extensions() -> tuple[list, dict]:
         # check `beitfast-nvcc-check`) use them, as CUDA does by default.
         native_half = ["-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
                        "-U__CUDA_NO_HALF2_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]
-        nvcc_flags = ["-O3", "--use_fast_math", "-std=c++20", "-diag-suppress", "3189"] + native_half + gencode
+        nvcc_flags = ["-O3", "--use_fast_math", "-std=c++20", "-diag-suppress", "3189",
+                      *native_half, *gencode]
         print(f"beitfast: building beitfast._C with CUDA {torch.version.cuda} ({cuda_home}) "
               f"for {torch_arch_list}: {len(cpp_sources)} C++ and {len(cuda_sources)} CUDA sources")
         extension = CUDAExtension(

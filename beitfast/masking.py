@@ -69,7 +69,8 @@ class MaskingGenerator:
 
     def __repr__(self) -> str:
         return (
-            f"MaskingGenerator(({self.height}, {self.width}), num_masking_patches={self.num_masking_patches}, "
+            f"MaskingGenerator(({self.height}, {self.width}), "
+            f"num_masking_patches={self.num_masking_patches}, "
             f"min_num_patches={self.min_num_patches}, max_num_patches={self.max_num_patches}, "
             f"log_aspect_ratio=({self.log_aspect_ratio[0]:.3f}, {self.log_aspect_ratio[1]:.3f}))"
         )
@@ -133,13 +134,15 @@ class MaskingGenerator:
         if backend is None:
             backend = self._default_backend(device)
         if backend not in BACKENDS:
-            raise ValueError(f"MaskingGenerator.batch: backend must be one of {BACKENDS} or None, got {backend!r}")
+            raise ValueError(
+                f"MaskingGenerator.batch: backend must be one of {BACKENDS} or None, got {backend!r}")
         if backend == "python":
             if batch_size == 0:
                 return torch.zeros(0, self.num_patches, dtype=torch.bool, device=device)
             return torch.stack([self().flatten() for _ in range(batch_size)]).to(device)
         if backend == "cuda" and device.type != "cuda":
-            raise ValueError(f"MaskingGenerator.batch: backend 'cuda' needs a CUDA device, got device={device}")
+            raise ValueError(
+                f"MaskingGenerator.batch: backend 'cuda' needs a CUDA device, got device={device}")
         why = _ext.missing(_NATIVE_OP, "cuda" if backend == "cuda" else "cpu")
         if why:
             raise RuntimeError(f"MaskingGenerator.batch: backend {backend!r} is unavailable: {why}")

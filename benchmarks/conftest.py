@@ -90,7 +90,8 @@ def _save(path: Path, row: dict[str, Any]) -> None:
 def _recorder(request, cpu_benchmark: bool) -> Callable[..., dict[str, Any]]:
     def record(name: str, **fields: Any) -> dict[str, Any]:
         on_gpu = HAS_GPU and not cpu_benchmark
-        row = {"benchmark": name, **fields, "test": request.node.nodeid, **machine("cuda" if on_gpu else "cpu")}
+        row = {"benchmark": name, **fields, "test": request.node.nodeid,
+               **machine("cuda" if on_gpu else "cpu")}
         if cpu_benchmark:
             _save(RESULTS / f"{_slug(name)}_cpu.json", row)
         elif on_gpu:

@@ -120,7 +120,8 @@ print(json.dumps(dict(
 """)
     report = json.loads(out.splitlines()[-1])
     assert report["warned_at_import"] == [], "importing beitfast must not warn"
-    assert report["warnings"] == ["beitfast._C is not built: pure PyTorch fallbacks are used; see DEVELOPERS.md"]
+    assert report["warnings"] == [
+        "beitfast._C is not built: pure PyTorch fallbacks are used; see DEVELOPERS.md"]
     assert report["masks"] == [16, 196] and max(report["counts"]) == 75
     assert torch.isfinite(torch.tensor(report["loss"]))
     assert report["loaded"] is False and report["cuda_ops"] is False
@@ -172,7 +173,8 @@ def test_setup_compiles_every_source():
 
 
 def test_setup_cuda_architectures_from_the_environment():
-    if torch.version.cuda is None or not (Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "nvcc").exists():
+    nvcc = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "nvcc"
+    if torch.version.cuda is None or not nvcc.exists():
         pytest.skip("needs torch with CUDA and nvcc")
     config = read_setup(BEITFAST_CUDA_ARCHS="86, 90a+PTX")
     cu = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cu"))

@@ -18,10 +18,10 @@ import torch
 from scipy import ndimage, stats
 
 from beitfast import MaskingGenerator, _ext
-from beitfast.masking import BACKENDS
 
 NATIVE_MISSING = _ext.missing("blockwise_masks.out", "cpu")
-needs_cpp = pytest.mark.skipif(NATIVE_MISSING is not None, reason=f"C++ backend unavailable: {NATIVE_MISSING}")
+needs_cpp = pytest.mark.skipif(NATIVE_MISSING is not None,
+                               reason=f"C++ backend unavailable: {NATIVE_MISSING}")
 
 OFFICIAL = dict(input_size=(14, 14), num_masking_patches=75)
 PYTHON_DRAWS = 2000
@@ -156,7 +156,8 @@ def test_cpp_is_seeded_and_advances():
 def test_cpp_batch_is_the_op_with_a_seed_from_the_generator():
     generator = MaskingGenerator((9, 13), 40, min_num_patches=4, max_num_patches=12, min_aspect=0.5, seed=9)
     expected = torch.ops.beitfast.blockwise_masks(
-        33, 9, 13, 40, 4, 12, math.log(0.5), math.log(2.0), random.Random(9).getrandbits(63), torch.device("cpu"))
+        33, 9, 13, 40, 4, 12, math.log(0.5), math.log(2.0), random.Random(9).getrandbits(63),
+        torch.device("cpu"))
     masks = generator.batch(33, backend="cpp")
     assert masks.dtype == torch.bool and masks.shape == (33, 9 * 13) and masks.device.type == "cpu"
     assert torch.equal(masks, expected)
@@ -181,7 +182,7 @@ def test_cpp_out_form_fills_a_poisoned_tensor():
     assert result.data_ptr() == out.data_ptr() and not out.any(), "num_masking_patches=0 masks nothing"
 
 
-@pytest.mark.parametrize("backend", BACKENDS[:2])
+@pytest.mark.parametrize("backend", ["python", "cpp"])
 @pytest.mark.parametrize("batch", [0, 1, 5])
 def test_batch_shapes(backend, batch):
     if backend == "cpp" and NATIVE_MISSING:
@@ -240,7 +241,8 @@ def test_generator_rejects_bad_settings(kwargs, message):
     [
         (dict(batch_size=-1), "batch_size must be an int >= 0, got -1"),
         (dict(batch_size=2.0), "batch_size must be an int >= 0, got 2.0"),
-        (dict(batch_size=2, backend="numpy"), r"backend must be one of \('python', 'cpp', 'cuda'\) or None, got 'numpy'"),
+        (dict(batch_size=2, backend="numpy"),
+         r"backend must be one of \('python', 'cpp', 'cuda'\) or None, got 'numpy'"),
         (dict(batch_size=2, backend="cuda"), "backend 'cuda' needs a CUDA device, got device=cpu"),
     ],
 )
@@ -271,7 +273,8 @@ def test_op_rejects_bad_arguments(args, message):
     "out, message",
     [
         (torch.zeros(3, 196, dtype=torch.uint8), "out must be a bool tensor, got Byte"),
-        (torch.zeros(3, 195, dtype=torch.bool), r"out must have shape \[batch, 196\] \(height \* width = 14 \* 14\), got \[3, 195\]"),
+        (torch.zeros(3, 195, dtype=torch.bool),
+         r"out must have shape \[batch, 196\] \(height \* width = 14 \* 14\), got \[3, 195\]"),
         (torch.zeros(196, 3, dtype=torch.bool).t(), "out must be contiguous"),
     ],
 )
@@ -327,7 +330,8 @@ def test_cuda_out_form_fills_a_poisoned_tensor_and_compiles():
 
     @torch.compile(fullgraph=True)
     def masked_fraction(seed: int) -> torch.Tensor:
-        masks = torch.ops.beitfast.blockwise_masks(64, 14, 14, 75, 16, 75, -1.2, 1.2, seed, torch.device("cuda"))
+        masks = torch.ops.beitfast.blockwise_masks(64, 14, 14, 75, 16, 75, -1.2, 1.2, seed,
+                                                   torch.device("cuda"))
         return masks.float().mean()
 
     assert 0.3 < masked_fraction(5).item() <= 75 / 196
