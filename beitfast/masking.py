@@ -118,15 +118,17 @@ class MaskingGenerator:
     ) -> torch.Tensor:
         """``[batch_size, Wh * Ww]`` bool masks on ``device`` (default CPU), one independent draw per image.
 
-        ``backend``: ``"python"`` (the loop of ``__call__``), ``"cpp"`` (native, threaded over images;
-        the masks are copied to ``device``) or ``"cuda"`` (native, generated on the CUDA ``device``).
+        ``backend``: ``"python"`` (the loop of ``__call__``), ``"cpp"`` (native, threaded over images in
+        large batches; the masks are copied to ``device``) or ``"cuda"`` (native, generated on the CUDA
+        ``device``).
         None picks ``"cuda"`` for a CUDA device when the extension has the CUDA kernel, else ``"cpp"``
         when the extension is built, else ``"python"``.
 
         Every backend draws from the official distribution. The native backends take a fresh 63-bit
         seed from the generator's ``random.Random`` at each call, so consecutive batches differ and a
         seeded generator repeats its sequence of batches; for the same seed ``"cpp"`` and ``"cuda"``
-        give the same masks, ``"python"`` other masks of the same distribution.
+        give the same masks (up to, in rare draws, a last-bit difference of ``exp`` between the
+        devices), ``"python"`` other masks of the same distribution.
         """
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 0:
             raise ValueError(f"MaskingGenerator.batch: batch_size must be an int >= 0, got {batch_size!r}")
