@@ -114,6 +114,7 @@ def _load_checked(build_ext_class):
                     result = subprocess.run([sys.executable, "-c", _LOAD_CHECK, path], cwd=elsewhere,
                                             capture_output=True, text=True)
                 if result.returncode != 0:
+                    os.remove(path)  # a broken library left in place would fail every later import
                     raise RuntimeError(f"{extension.name} was built but cannot be loaded ({path}):\n"
                                        f"{result.stderr.strip()[-2000:]}")
 
