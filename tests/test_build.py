@@ -22,10 +22,13 @@ BUILT_LIBRARIES = glob.glob(str(ROOT / "beitfast" / "_C*.so")) + glob.glob(str(R
 NOT_BUILT = "beitfast._C is not built here (pip install --no-build-isolation -e .)"
 
 
-def run_python(code: str, env: dict[str, str] | None = None, cwd: Path | str | None = None) -> str:
-    """Runs ``code`` in a fresh interpreter (outside the checkout unless ``cwd``); returns its stdout."""
+def run_python(code: str, env: dict[str, str | None] | None = None, cwd: Path | str | None = None) -> str:
+    """Runs ``code`` in a fresh interpreter (outside the checkout unless ``cwd``) with the environment
+    changed by ``env`` (None removes a variable); returns its stdout."""
+    environment = {**os.environ, **(env or {})}
+    environment = {name: value for name, value in environment.items() if value is not None}
     result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                            cwd=cwd or Path(__file__).parent, env={**os.environ, **(env or {})}, timeout=300)
+                            cwd=cwd or Path(__file__).parent, env=environment, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
 
@@ -152,7 +155,10 @@ print(json.dumps(dict(
 
 
 def read_setup(**env: str) -> dict:
-    return json.loads(run_python(_READ_SETUP, env=env, cwd=ROOT).splitlines()[-1])
+    """setup.py's arguments under the default switches (whatever this shell sets) changed by ``env``."""
+    defaults = {"BEITFAST_BUILD_EXT": None, "BEITFAST_BUILD_CUDA": None, "BEITFAST_CUDA_ARCHS": None,
+                "TORCH_CUDA_ARCH_LIST": None}
+    return json.loads(run_python(_READ_SETUP, env={**defaults, **env}, cwd=ROOT).splitlines()[-1])
 
 
 def test_setup_packages_and_pure_python_switch():
