@@ -13,7 +13,6 @@
 // The row scale (1 / count for a mean, 1 for a sum, or per-row upstream gradients) is a device tensor.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/cuda/CUDABlas.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
@@ -158,28 +157,11 @@ __global__ void __launch_bounds__(kRowThreads)
   }
 }
 
-// grad_weight [V, D] (fp32) += dlogits[C, V]^T @ rows[C, D]: cuBLAS with an fp32 output, so the sum over
-// chunks is never rounded to the compute dtype. Column-major view: gw^T[D, V] += rows^T[D, C] dlogits[C, V].
+// grad_weight [V, D] (fp32) += dlogits[C, V]^T @ rows[C, D]. The chunk's product comes from an ATen
+// GEMM (cuBLAS) in the compute dtype, as autocast's eager linear computes the whole weight gradient; the
+// sum over chunks is kept in fp32. (cuBLAS entry points with an fp32 output are not exported by torch.)
 void accumulate_weight_grad(at::Tensor& grad_weight, const at::Tensor& dlogits, const at::Tensor& rows) {
-  const int64_t count = rows.size(0), dim = rows.size(1), vocab = dlogits.size(1);
-  float* out = grad_weight.data_ptr<float>();
-  switch (rows.scalar_type()) {
-    case at::kFloat:
-      at::cuda::blas::gemm<float>('n', 't', dim, vocab, count, 1.f, rows.const_data_ptr<float>(), dim,
-                                  dlogits.const_data_ptr<float>(), vocab, 1.f, out, dim);
-      break;
-    case at::kHalf:
-      at::cuda::blas::gemm<at::Half, float>('n', 't', dim, vocab, count, 1.f, rows.const_data_ptr<at::Half>(),
-                                            dim, dlogits.const_data_ptr<at::Half>(), vocab, 1.f, out, dim);
-      break;
-    case at::kBFloat16:
-      at::cuda::blas::gemm<at::BFloat16, float>('n', 't', dim, vocab, count, 1.f,
-                                                rows.const_data_ptr<at::BFloat16>(), dim,
-                                                dlogits.const_data_ptr<at::BFloat16>(), vocab, 1.f, out, dim);
-      break;
-    default:
-      TORCH_CHECK(false, "lm_cross_entropy_chunked: unsupported compute dtype ", rows.scalar_type());
-  }
+  grad_weight.add_(at::mm(dlogits.t(), rows));
 }
 
 // Rows per chunk: at most a tenth of them (the logits buffer stays under a tenth of the full logits),
