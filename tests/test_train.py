@@ -4,6 +4,7 @@ fine-tuning and bad input."""
 import json
 import math
 import os
+from pathlib import Path
 import socket
 
 import numpy as np
@@ -229,12 +230,15 @@ def _ddp_worker(rank, world_size, port, output):
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_match_one(tmp_path):
+def test_ddp_two_processes_match_one(tmp_path, monkeypatch):
     import torch.multiprocessing as mp
 
     _, single = pretrain(tiny_config(drop_path_rate=0.0), MeanBrightnessTokenizer(), photos(),
                          TrainConfig(output_dir=str(tmp_path / "one"), steps=4, batch_size=4, warmup_steps=1,
                                      lr=2e-3, checkpoint_every=2, progress=False))
+    # Spawned workers unpickle this module by its import name (tests.test_train) with the parent's
+    # sys.path: put the root there for the duration of this test only.
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "two")), nprocs=2, join=True)
     losses = json.loads((tmp_path / "two" / "losses.json").read_text())
     np.testing.assert_allclose(losses, [r["loss"] for r in single], rtol=1e-5)
