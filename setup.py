@@ -151,7 +151,7 @@ def _extensions() -> tuple[list, dict]:
         gencode, torch_arch_list = _gencode_flags(os.environ.get("BEITFAST_CUDA_ARCHS", DEFAULT_CUDA_ARCHS))
         os.environ["TORCH_CUDA_ARCH_LIST"] = torch_arch_list
         # torch's defaults hide the native half/bfloat16 operators; the kernels (and the one-file
-        # check `beitfast-nvcc-check`) use them, as CUDA does by default.
+        # check `csrc/nvcc_check.sh`) use them, as CUDA does by default.
         native_half = ["-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
                        "-U__CUDA_NO_HALF2_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]
         nvcc_flags = ["-O3", "--use_fast_math", "-std=c++20", "-diag-suppress", "3189",
