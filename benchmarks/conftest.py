@@ -1,8 +1,10 @@
 """Shared set-up of the benchmark suites (``pytest benchmarks/``).
 
-* Benchmarks marked ``@pytest.mark.gpu`` are skipped, with the reason, where there is no CUDA device.
+* Benchmarks marked ``@pytest.mark.gpu`` are skipped where there is no CUDA device (``beitfast.testing``).
 * ``record_result(name, **fields)`` saves one measured row to ``results/<name>_<gpu>.json`` when the
   run has a GPU (kernel timings on CPU mean nothing) and returns it either way.
+* ``measure(fn, repeats=20, warmup=5)`` times a GPU callable with CUDA events:
+  ``(milliseconds per call, peak bytes allocated above what was allocated before)``.
 * ``record_cpu_result(name, **fields)`` saves to ``results/<name>_cpu.json``, for the few genuine CPU
   benchmarks (mask generation).
 
@@ -29,14 +31,6 @@ import torch
 HAS_GPU = torch.cuda.is_available()
 RESULTS = Path(__file__).parent / "results"
 
-
-def pytest_collection_modifyitems(config, items):
-    if HAS_GPU:
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
 
 
 def _commit() -> str | None:
@@ -111,3 +105,24 @@ def record_result(request) -> Callable[..., dict[str, Any]]:
 def record_cpu_result(request) -> Callable[..., dict[str, Any]]:
     """``record_cpu_result(name, **fields)``: a CPU benchmark's row, always saved."""
     return _recorder(request, cpu_benchmark=True)
+
+
+def _measure(fn: Callable[[], Any], repeats: int = 20, warmup: int = 5) -> tuple[float, int]:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeats, torch.cuda.max_memory_allocated() - base
+
+
+@pytest.fixture
+def measure() -> Callable[..., tuple[float, int]]:
+    """``measure(fn, repeats=20, warmup=5)``: (milliseconds per call, peak bytes above the start)."""
+    return _measure

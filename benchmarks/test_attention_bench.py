@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from beitfast import ops
 from beitfast.model import num_relative_positions, relative_position_index
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="kernel timings need a CUDA device")
+pytestmark = pytest.mark.gpu
 
 # name -> (batch, heads, patch grid side, head dim); N = 1 + side^2. Batches fill a 80 GB GPU with
 # the eager backend's [B, H, N, N] scores.

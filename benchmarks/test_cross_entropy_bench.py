@@ -23,7 +23,7 @@ from beitfast import MaskingGenerator
 from beitfast.ops import dispatch, masked_lm_cross_entropy
 from beitfast.ops.cross_entropy import cross_entropy_eager
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="kernel timings need a CUDA device")
+pytestmark = pytest.mark.gpu
 
 SEQ, NUM_MASKED, VOCAB = 196, 75, 8192
 BACKENDS = ["triton", "cuda", "eager", "eager-compiled", "liger", "cut-cross-entropy"]
@@ -59,26 +59,10 @@ def loss_fn(backend: str):
     return lambda h, w, b, y, m: masked_lm_cross_entropy(h, w, b, y, m, backend=backend)
 
 
-def measure(fn, repeats: int = 20, warmup: int = 5) -> tuple[float, int]:
-    """(milliseconds per call, peak bytes allocated above what was allocated before)."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats, torch.cuda.max_memory_allocated() - base
-
-
 @pytest.mark.parametrize("dim", [768, 1024])
 @pytest.mark.parametrize("batch", [128, 256])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_cross_entropy(backend, batch, dim, record_result):
+def test_cross_entropy(backend, batch, dim, record_result, measure):
     inputs = make_inputs(batch, dim)
     tokens, weight, bias, mask, labels = (inputs[k] for k in ("tokens", "weight", "bias", "mask", "labels"))
     hidden = tokens[:, 1:]

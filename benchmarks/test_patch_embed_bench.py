@@ -18,7 +18,7 @@ from beitfast import MaskingGenerator
 from beitfast.ops import dispatch
 from beitfast.ops.patch_embed import masked_patch_embed, patch_embed_eager
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="kernel timings need a CUDA device")
+pytestmark = pytest.mark.gpu
 
 BATCH, DIM, PATCH, NUM_MASKED = 128, 768, 16, 75
 BACKENDS = ["triton", "cuda", "eager", "eager-compiled"]
@@ -50,26 +50,10 @@ def embed_fn(backend: str):
                                         pos_embed=i["pos_embed"], backend=backend)
 
 
-def measure(fn, repeats: int = 20, warmup: int = 5) -> tuple[float, int]:
-    """(milliseconds per call, peak bytes allocated above what was allocated before)."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats, torch.cuda.max_memory_allocated() - base
-
-
 @pytest.mark.parametrize("precision", ["autocast", "bf16"])
 @pytest.mark.parametrize("size", [224, 384])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_patch_embed(backend, size, precision, record_result):
+def test_patch_embed(backend, size, precision, record_result, measure):
     inputs = make_inputs(size, precision)
     if backend in dispatch.backends("patch_embed"):
         why = dispatch.explain("patch_embed", patch_size=PATCH, **inputs)[backend]

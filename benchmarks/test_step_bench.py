@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import beitfast
 from beitfast import BEiTConfig, MaskingGenerator
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="end-to-end step timings need a CUDA device")
+pytestmark = pytest.mark.gpu
 
 # Dense bf16 tensor-core peak, FLOP/s, by GPU name fragment (vendor data sheets, SXM parts).
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -104,7 +104,8 @@ VARIANTS = ["beitfast", "beitfast-eager", "beitfast-compiled", "hf-sdpa", "hf-ea
 SIZES = {"base": BEiTConfig.base, "large": BEiTConfig.large}
 
 
-def timed_steps(loss_fn, model, batch, config, steps=10, warmup=3):
+def step_closure(loss_fn, model, batch, config):
+    """One optimizer step of the recipe on fixed random inputs."""
     gen = MaskingGenerator(config.grid, NUM_MASKED, seed=0)
     images = torch.randn(batch, 3, *config.image_hw, device="cuda")
     masks = gen.batch(batch).cuda()
@@ -119,32 +120,24 @@ def timed_steps(loss_fn, model, batch, config, steps=10, warmup=3):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(warmup):
-        step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(steps):
-        step()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / 1e3 / steps, torch.cuda.max_memory_allocated()
+    return step
 
 
 @pytest.mark.parametrize("batch", [64, 128, 256])
 @pytest.mark.parametrize("size", list(SIZES))
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_pretrain_step(variant, size, batch, record_result):
+def test_pretrain_step(variant, size, batch, record_result, measure):
     config = SIZES[size](drop_path_rate=0.1)
     torch.cuda.empty_cache()
     model, loss_fn = build(variant, config)
     try:
-        seconds, peak = timed_steps(loss_fn, model, batch, config)
+        ms, _ = measure(step_closure(loss_fn, model, batch, config), repeats=10, warmup=3)
+        peak = torch.cuda.max_memory_allocated()  # the whole step: weights, optimizer state, activations
     except torch.OutOfMemoryError:
         pytest.skip(f"{variant} BEiT-{size} batch {batch} does not fit")
     finally:
         del model
+    seconds = ms / 1e3
     peak_fl = peak_flops()
     flops = step_flops(config, batch, NUM_MASKED)
     record_result(
