@@ -224,3 +224,24 @@ def test_bad_input_errors():
         BEiT(small_config(kernels="trtion"))
     with pytest.raises(ValueError, match="vocab_size=0"):
         BEiT(small_config(vocab_size=0))(images, bool_masked_pos=mask)
+
+
+@pytest.mark.parametrize("with_pos_embed", [False, True])
+def test_model_on_triton_kernels_matches_eager(with_pos_embed):
+    """The three fused ops together (Triton interpreter on CPU): loss, accuracy and every gradient."""
+    config = small_config(use_abs_pos_emb=with_pos_embed)
+    reference = randomise(BEiT(config))
+    fused = BEiT(config.replace(kernels="triton"))
+    fused.load_state_dict(reference.state_dict())
+    images = torch.randn(3, 3, 32, 32)
+    mask = random_masks(3, config.grid, 6)
+    tokens = torch.randint(0, 50, (3, 16))
+    results = []
+    for model in (reference, fused):
+        loss, accuracy = model(images, bool_masked_pos=mask, labels=tokens, return_accuracy=True)
+        loss.backward()
+        results.append((loss, accuracy))
+    torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-5)
+    for (name, a), (_, b) in zip(reference.named_parameters(), fused.named_parameters()):
+        assert b.grad is not None, name
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5 * a.grad.abs().max().item(), msg=name)
