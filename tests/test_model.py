@@ -245,3 +245,23 @@ def test_model_on_triton_kernels_matches_eager(with_pos_embed):
     for (name, a), (_, b) in zip(reference.named_parameters(), fused.named_parameters()):
         assert b.grad is not None, name
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5 * a.grad.abs().max().item(), msg=name)
+
+
+def test_whole_model_compiles_as_one_graph():
+    """torch.compile(fullgraph=True) traces the model with its fused ops as single nodes (no graph
+    breaks, no host syncs), forward and backward."""
+    config = small_config(kernels="triton", drop_path_rate=0.1)
+    model = randomise(BEiT(config)).eval()
+    images = torch.randn(3, 3, 32, 32)
+    mask = random_masks(3, config.grid, 6)
+    tokens = torch.randint(0, 50, (3, 16))
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    loss = compiled(images, bool_masked_pos=mask, labels=tokens)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    want = model(images, bool_masked_pos=mask, labels=tokens)
+    want.backward()
+    torch.testing.assert_close(loss, want)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, msg=name)
