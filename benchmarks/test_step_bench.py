@@ -145,3 +145,25 @@ def test_pretrain_step(variant, size, batch, record_result, measure):
         images_per_s=batch / seconds, step_ms=seconds * 1e3, peak_memory_bytes=peak,
         mfu=(flops / seconds / peak_fl) if peak_fl else None,
     )
+
+
+@pytest.mark.parametrize("size", list(SIZES))
+@pytest.mark.parametrize("variant", ["beitfast", "hf-sdpa", "timm"])
+def test_largest_batch(variant, size, record_result):
+    """The largest batch (powers of two from 64) whose training step fits in GPU memory."""
+    config = SIZES[size](drop_path_rate=0.1)
+    largest, batch = None, 64
+    while batch <= 8192:
+        torch.cuda.empty_cache()
+        model, loss_fn = build(variant, config)
+        try:
+            step = step_closure(loss_fn, model, batch, config)
+            step()
+            torch.cuda.synchronize()
+            largest = batch
+        except torch.OutOfMemoryError:
+            break
+        finally:
+            del model, loss_fn
+        batch *= 2
+    record_result("pretrain_largest_batch", variant=variant, model=f"beit-{size}", largest_batch=largest)
