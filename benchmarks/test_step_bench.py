@@ -155,15 +155,14 @@ def test_largest_batch(variant, size, record_result):
     largest, batch = None, 64
     while batch <= 8192:
         torch.cuda.empty_cache()
-        model, loss_fn = build(variant, config)
         try:
-            step = step_closure(loss_fn, model, batch, config)
+            step = step_closure(*reversed(build(variant, config)), batch, config)
             step()
             torch.cuda.synchronize()
             largest = batch
         except torch.OutOfMemoryError:
             break
         finally:
-            del model, loss_fn
+            step = None  # frees the model, its optimizer state and the inputs before the next size
         batch *= 2
     record_result("pretrain_largest_batch", variant=variant, model=f"beit-{size}", largest_batch=largest)
