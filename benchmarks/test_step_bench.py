@@ -156,7 +156,9 @@ def test_largest_batch(variant, size, record_result):
     while batch <= 8192:
         torch.cuda.empty_cache()
         try:
-            step = step_closure(*reversed(build(variant, config)), batch, config)
+            model, loss_fn = build(variant, config)
+            step = step_closure(loss_fn, model, batch, config)
+            del model, loss_fn  # the step holds them
             step()
             torch.cuda.synchronize()
             largest = batch
