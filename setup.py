@@ -174,4 +174,7 @@ def _extensions() -> tuple[list, dict]:
 packages, package_dir = _packages()
 ext_modules, cmdclass = _extensions()
 
-setup(packages=packages, package_dir=package_dir, ext_modules=ext_modules, cmdclass=cmdclass)
+# The measured per-GPU backend orders of the dispatcher (beitfast bench --calibrate).
+package_data = {"beitfast.ops": ["preferences/*.json"]}
+setup(packages=packages, package_dir=package_dir, package_data=package_data, ext_modules=ext_modules,
+      cmdclass=cmdclass)

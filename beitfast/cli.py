@@ -200,6 +200,13 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.pytest:
         return subprocess.call([sys.executable, "-m", "pytest", "benchmarks", *args.pytest_args])
+    if args.calibrate:
+        from .calibrate import calibrate
+
+        device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        table = calibrate(device, output=args.output, warmup=args.warmup, repeats=args.steps)
+        print(json.dumps({key: table[key] for key in ("gpu", "preference", "timings_ms", "skipped", "path")}))
+        return 0
     from .config import BEiTConfig
     from .data import masking_for
     from .masking import MaskingGenerator
@@ -361,7 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser(
         "bench", help="time pre-training steps, or run the benchmark suite",
         description="Times forward+backward+AdamW steps of BEiT pre-training on random data (tokenizer and data "
-                    "loading excluded) and prints one JSON line; --pytest runs `pytest benchmarks/` instead.",
+                    "loading excluded) and prints one JSON line; --pytest runs `pytest benchmarks/` instead; "
+                    "--calibrate measures the fused ops' backends and writes the auto-dispatch table.",
     )
     bench.add_argument("--model", choices=("tiny", "small", "base", "large"), help=f"size preset {_both('model')}")
     bench.add_argument("--depth", type=int, help="number of blocks (default: the preset's, 4 on CPU)")
@@ -374,6 +382,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--kernels", default="auto", help="backend of every fused op (default: auto)")
     bench.add_argument("--threads", type=int, help="CPU threads for tensor math (default: PyTorch's choice)")
     bench.add_argument("--pytest", action="store_true", help="run `pytest benchmarks/` (GPU suites)")
+    bench.add_argument("--calibrate", action="store_true",
+                       help="time every backend of every fused op (fwd+bwd, BEiT-B sizes, --warmup and "
+                            "--steps calls) and write the dispatcher's auto order for this GPU (GPU only)")
+    bench.add_argument("--output", help="with --calibrate: the table to write (default: the package's file "
+                                        "for this GPU, beitfast/ops/preferences/<GPU name>.json)")
     bench.add_argument("pytest_args", nargs="*", help="extra pytest arguments with --pytest")
     bench.set_defaults(func=cmd_bench)
     return parser

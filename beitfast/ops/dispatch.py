@@ -13,18 +13,27 @@ of an op validates its arguments once, then asks ``select`` for a backend:
   or ``BEITFAST_BACKEND=attention=flex,cross_entropy=eager`` (per op).
 
 ``explain(op, **inputs)`` returns each backend's reasons without running anything.
+
+The auto order on CUDA comes from measurement when there is a table for the GPU: the first CUDA
+selection reads ``beitfast/ops/preferences/<GPU name>.json`` (written by ``beitfast bench --calibrate``,
+see :mod:`beitfast.calibrate`) or the file ``BEITFAST_PREFERENCES`` names; backends it lists come first,
+fastest first, the others after in the built-in order. ``set_preference`` calls win over the table.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 __all__ = ["Backend", "register", "backends", "select", "explain", "set_preference", "preference",
-           "may_inspect_values", "accepts_all"]
+           "may_inspect_values", "accepts_all", "gpu_slug", "preference_table_path", "apply_preference_table"]
 
 Reasons = list[str]
 # What the public functions take; the eager definitions run in any of them (float64 is the reference),
@@ -49,7 +58,7 @@ class Backend:
 
 _REGISTRY: dict[str, dict[str, Backend]] = {}
 # Preference per op and device type, fastest first. Backends not listed come last, in the order they
-# were registered. `set_preference` replaces an entry (the measured per-GPU table does that).
+# were registered. `set_preference` and the measured per-GPU table replace entries.
 _PREFERENCE: dict[str, dict[str, list[str]]] = {
     "attention": {
         "cuda": ["triton", "flash", "sdpa", "xformers", "flex", "eager"],
@@ -58,9 +67,20 @@ _PREFERENCE: dict[str, dict[str, list[str]]] = {
     "cross_entropy": {"cuda": ["triton", "cuda", "eager"], "cpu": ["eager"]},
     "patch_embed": {"cuda": ["triton", "cuda", "eager"], "cpu": ["eager"]},
 }
+# What a measured table's unlisted backends fall back to, however many tables were applied.
+_BUILT_IN_PREFERENCE = {op: {dev: list(order) for dev, order in by_device.items()}
+                        for op, by_device in _PREFERENCE.items()}
 # Backends that auto never picks on a device (they remain available by name). Triton on CPU only
 # runs through the interpreter, which is for tests.
 _AUTO_EXCLUDED: dict[str, set[str]] = {"cpu": {"triton", "cuda", "flex", "xformers", "flash"}}
+
+# Measured CUDA preference tables, one per GPU kind (see beitfast.calibrate).
+PREFERENCES_DIR = Path(__file__).parent / "preferences"
+PREFERENCES_ENV = "BEITFAST_PREFERENCES"
+# (op, device type) entries replaced by set_preference: a table read later leaves them alone.
+_SET_BY_USER: set[tuple[str, str]] = set()
+# Whether the CUDA table was looked for; read once per process, on the first CUDA selection.
+_cuda_table_read = False
 
 
 def _always_available() -> str | None:
@@ -111,6 +131,73 @@ def set_preference(op: str, device_type: str, order: list[str]) -> None:
     if unknown:
         raise ValueError(f"set_preference: unknown {op} backends {unknown}; known: {backends(op)}")
     _PREFERENCE.setdefault(op, {})[device_type] = list(order)
+    _SET_BY_USER.add((op, device_type))
+
+
+def gpu_slug(device_name: str) -> str:
+    """The file stem of a GPU kind's table: ``"NVIDIA H100 80GB HBM3"`` -> ``"NVIDIA_H100_80GB_HBM3"``."""
+    return re.sub(r"[^A-Za-z0-9]+", "_", device_name).strip("_")
+
+
+def preference_table_path(device_name: str) -> Path:
+    """The table used for a GPU called ``device_name``: ``BEITFAST_PREFERENCES`` when set, else the
+    package's file for that GPU kind (which may not exist)."""
+    override = os.environ.get(PREFERENCES_ENV, "").strip()
+    if override:
+        return Path(override)
+    return PREFERENCES_DIR / f"{gpu_slug(device_name)}.json"
+
+
+def apply_preference_table(table: dict[str, Any], source: str = "preference table") -> None:
+    """Use a measured table's ``preference`` as the CUDA auto order of each op it names.
+
+    Backends it lists come first, the op's built-in order follows for the rest. Names of backends that
+    do not exist in this install are ignored with a warning; ops replaced by ``set_preference`` keep
+    their order.
+    """
+    orders = table.get("preference") if isinstance(table, dict) else None
+    if not isinstance(orders, dict):
+        raise ValueError(f"{source}: expected an object with a 'preference' mapping of op -> backend names")
+    for op, measured in orders.items():
+        if op not in _REGISTRY:
+            warnings.warn(f"{source}: ignoring unknown op {op!r}; known ops: {sorted(_REGISTRY)}",
+                          stacklevel=2)
+            continue
+        if (op, "cuda") in _SET_BY_USER:
+            continue
+        if not isinstance(measured, list) or not all(isinstance(n, str) for n in measured):
+            raise ValueError(
+                f"{source}: preference[{op!r}] must be a list of backend names, got {measured!r}")
+        unknown = [n for n in measured if n not in _REGISTRY[op]]
+        if unknown:
+            warnings.warn(f"{source}: ignoring unknown {op} backends {unknown}; known: {backends(op)}",
+                          stacklevel=2)
+        listed = [n for n in measured if n in _REGISTRY[op]]
+        built_in = _BUILT_IN_PREFERENCE.get(op, {}).get("cuda", [])
+        _PREFERENCE.setdefault(op, {})["cuda"] = listed + [n for n in built_in if n not in listed]
+
+
+def _read_cuda_table(device: torch.device) -> None:
+    """Apply the table of ``device``'s GPU kind if there is one (see the module docstring). A missing
+    or unreadable ``BEITFAST_PREFERENCES`` file raises on every selection until it is fixed."""
+    global _cuda_table_read
+    device_name = torch.cuda.get_device_name(device)
+    path = preference_table_path(device_name)
+    if not path.is_file():
+        if os.environ.get(PREFERENCES_ENV, "").strip():
+            raise FileNotFoundError(f"{PREFERENCES_ENV}={path}: no such file")
+        _cuda_table_read = True
+        return
+    try:
+        table = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"preference table {path}: cannot read it ({error})") from error
+    if isinstance(table, dict) and table.get("gpu") not in (None, device_name):
+        warnings.warn(
+            f"preference table {path} was measured on {table['gpu']!r}, this GPU is {device_name!r}",
+            stacklevel=2)
+    apply_preference_table(table, source=str(path))
+    _cuda_table_read = True
 
 
 def _known_op(op: str) -> None:
@@ -144,11 +231,11 @@ def explain(op: str, **inputs: Any) -> dict[str, Reasons]:
     return {name: b.reasons(inputs) for name, b in _REGISTRY[op].items()}
 
 
-def _device_type(inputs: dict[str, Any]) -> str:
+def _device(inputs: dict[str, Any]) -> torch.device:
     for value in inputs.values():
         if isinstance(value, torch.Tensor):
-            return value.device.type
-    return "cpu"
+            return value.device
+    return torch.device("cpu")
 
 
 def select(op: str, backend: str | None, **inputs: Any) -> Backend:
@@ -163,7 +250,12 @@ def select(op: str, backend: str | None, **inputs: Any) -> Backend:
         if why:
             raise ValueError(f"{op} backend {requested!r} cannot take these inputs: " + "; ".join(why))
         return chosen
-    device_type = _device_type(inputs)
+    device = _device(inputs)
+    device_type = device.type
+    # File reading is no part of a torch.compile graph: a trace before any eager CUDA call uses the
+    # built-in order, and the guard on this flag recompiles once the table is read.
+    if device_type == "cuda" and not _cuda_table_read and not torch.compiler.is_compiling():
+        _read_cuda_table(device)
     excluded = _AUTO_EXCLUDED.get(device_type, set())
     refusals: dict[str, Reasons] = {}
     for name in preference(op, device_type):
