@@ -170,7 +170,8 @@ def measure_backends(cases: dict[str, Case], time_ms: Timer) -> tuple[dict, dict
     return timings, skipped
 
 
-def _commit() -> str | None:
+def git_commit() -> str | None:
+    """The commit of the checkout beitfast runs from, if it is one."""
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
                               text=True, check=True).stdout.strip() or None
@@ -188,7 +189,7 @@ def preference_table(gpu: str, timings: dict, skipped: dict, shapes: dict, **ext
         triton_version = None
     return {
         "gpu": gpu, "torch": torch.__version__, "triton": triton_version,
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "commit": _commit(),
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "commit": git_commit(),
         "preference": {op: sorted(by_name, key=by_name.__getitem__) for op, by_name in timings.items()},
         "timings_ms": timings, "skipped": skipped, "shapes": shapes, **extra,
     }

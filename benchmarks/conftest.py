@@ -19,8 +19,6 @@ import datetime
 import json
 import os
 import platform
-import re
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -28,17 +26,12 @@ from typing import Any, Callable
 import pytest
 import torch
 
+from beitfast.calibrate import git_commit
+from beitfast.ops.dispatch import gpu_slug
+
 HAS_GPU = torch.cuda.is_available()
 RESULTS = Path(__file__).parent / "results"
 
-
-
-def _commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def _cpu_model() -> str:
@@ -67,11 +60,7 @@ def machine(device_type: str) -> dict[str, Any]:
         device = {"cpu": _cpu_model(), "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
     return {**device, "python": sys.version.split()[0], "torch": torch.__version__, "triton": triton_version,
             "cuda": torch.version.cuda, "platform": platform.platform(),
-            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "commit": _commit()}
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "commit": git_commit()}
 
 
 def _save(path: Path, row: dict[str, Any]) -> None:
@@ -87,9 +76,9 @@ def _recorder(request, cpu_benchmark: bool) -> Callable[..., dict[str, Any]]:
         row = {"benchmark": name, **fields, "test": request.node.nodeid,
                **machine("cuda" if on_gpu else "cpu")}
         if cpu_benchmark:
-            _save(RESULTS / f"{_slug(name)}_cpu.json", row)
+            _save(RESULTS / f"{gpu_slug(name)}_cpu.json", row)
         elif on_gpu:
-            _save(RESULTS / f"{_slug(name)}_{_slug(row['gpu'])}.json", row)
+            _save(RESULTS / f"{gpu_slug(name)}_{gpu_slug(row['gpu'])}.json", row)
         return row
 
     return record
