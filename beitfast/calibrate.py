@@ -23,12 +23,12 @@ import datetime
 import json
 import os
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from ._files import write_atomically
 from .ops import dispatch
 
 __all__ = ["SHAPES", "calibrate", "measure_backends", "preference_table", "write_table"]
@@ -197,18 +197,7 @@ def preference_table(gpu: str, timings: dict, skipped: dict, shapes: dict, **ext
 
 def write_table(table: dict, path: str | os.PathLike) -> Path:
     """Write ``table`` as JSON to ``path`` atomically (readers see the old file or the new one)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as f:
-            json.dump(table, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return path
+    return write_atomically(path, lambda temp: Path(temp).write_text(json.dumps(table, indent=1) + "\n"))
 
 
 def calibrate(device: str | torch.device = "cuda", shapes: str = "beit-base", output: str | None = None,

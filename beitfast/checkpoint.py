@@ -31,14 +31,14 @@ import json
 import math
 import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
 
+from ._files import write_atomically
 from .config import BEiTConfig
 from .model import BEiT, num_relative_positions, relative_position_index
 
@@ -636,23 +636,6 @@ def timm_kwargs(config: BEiTConfig) -> dict[str, Any]:
 # -- files ----------------------------------------------------------------------------------------
 
 
-def _write_atomically(path: Path, write: Callable[[str], None]) -> None:
-    """``write(temp_path)`` into a temporary file of the same folder, then rename it over ``path``:
-    a failure leaves any previous file intact."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(temp)
-        with open(temp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        if os.path.exists(temp):
-            os.remove(temp)
-        raise
-
-
 def _config_json(config: BEiTConfig) -> str:
     return json.dumps(config.to_dict())
 
@@ -666,10 +649,10 @@ def save(model: BEiT, path: str | os.PathLike) -> None:
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if path.suffix == ".safetensors":
         metadata = {"format": "pt", _CONFIG_METADATA_KEY: _config_json(model.config)}
-        _write_atomically(path, lambda temp: safetensors.torch.save_file(state, temp, metadata=metadata))
+        write_atomically(path, lambda temp: safetensors.torch.save_file(state, temp, metadata=metadata))
     elif path.suffix in (".pth", ".pt"):
         payload = {"model": state, "config": json.loads(_config_json(model.config))}
-        _write_atomically(path, lambda temp: torch.save(payload, temp))
+        write_atomically(path, lambda temp: torch.save(payload, temp))
     else:
         raise ValueError(f"save: path must end in .safetensors, .pth or .pt, got {str(path)!r}")
 

@@ -33,9 +33,17 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import checkpoint
+from ._files import write_atomically
 from .config import BEiTConfig
-from .data import (EvalTransform, ImageSource, TwoViewTransform, derive_seed, eval_batches, masking_for,
-                   pretrain_stream)
+from .data import (
+    EvalTransform,
+    ImageSource,
+    TwoViewTransform,
+    derive_seed,
+    eval_batches,
+    masking_for,
+    pretrain_stream,
+)
 from .model import BEiT
 
 __all__ = [
@@ -261,23 +269,8 @@ def ensure_writable(folder: Path) -> None:
         raise PermissionError(f"output folder {str(folder)!r} is not writable: {error}") from error
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, flush to disk, then rename over ``path``: a kill
-    at any moment leaves either the old or the new file, never a torn one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes owner-only files
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def write_bytes_atomically(path: Path, data: bytes) -> None:
+    write_atomically(path, lambda temp: Path(temp).write_bytes(data))
 
 
 def rng_states(device: torch.device) -> dict:
@@ -324,7 +317,7 @@ def plot_metrics(metrics_path: str | os.PathLike, png_path: str | os.PathLike) -
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
-    atomic_write_bytes(Path(png_path), buffer.getvalue())
+    write_bytes_atomically(Path(png_path), buffer.getvalue())
 
 
 # -- the trainer -----------------------------------------------------------------------------------
@@ -436,7 +429,7 @@ class Trainer:
             }
             buffer = io.BytesIO()
             torch.save(payload, buffer)
-            atomic_write_bytes(self.checkpoint_path, buffer.getvalue())
+            write_bytes_atomically(self.checkpoint_path, buffer.getvalue())
         self.last_good = step
 
     def _resume_path(self) -> Path | None:
@@ -489,7 +482,7 @@ class Trainer:
         if self.step > 0 and self.metrics_path.exists():
             kept = [line for line in self.metrics_path.read_text().splitlines()
                     if line.strip() and json.loads(line)["step"] <= self.step]
-        atomic_write_bytes(self.metrics_path, "".join(line + "\n" for line in kept).encode())
+        write_bytes_atomically(self.metrics_path, "".join(line + "\n" for line in kept).encode())
 
     def _set_schedules(self, step: int) -> tuple[float, float]:
         c = self.config
