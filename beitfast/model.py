@@ -22,7 +22,7 @@ def relative_position_index(grid: tuple[int, int]) -> torch.Tensor:
     cls->cls.
     """
     wh, ww = grid
-    num_rows = (2 * wh - 1) * (2 * ww - 1) + 3
+    num_rows = num_relative_positions(grid)
     ys, xs = torch.meshgrid(torch.arange(wh), torch.arange(ww), indexing="ij")
     ys, xs = ys.flatten(), xs.flatten()
     dy = ys[:, None] - ys[None, :] + (wh - 1)
