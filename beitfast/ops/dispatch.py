@@ -22,6 +22,7 @@ fastest first, the others after in the built-in order. ``set_preference`` calls 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -102,10 +103,11 @@ def register(
 
     ``check(**inputs)`` returns the reasons the backend cannot take the inputs; ``available()`` returns
     why the backend is missing in this install (package not importable, extension not built), or None.
+    The install does not change while the process runs, so ``available`` is asked once, not per call.
     """
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
-        _REGISTRY.setdefault(op, {})[name] = Backend(op, name, fn, check, available)
+        _REGISTRY.setdefault(op, {})[name] = Backend(op, name, fn, check, functools.cache(available))
         return fn
 
     return wrap
