@@ -33,13 +33,22 @@ CPU_DEFAULTS = {
 }
 FINETUNE_GPU_DEFAULTS = {"batch_size": 1024, "steps": 125_000, "warmup_steps": 25_000, "lr": 4e-3}
 FINETUNE_CPU_DEFAULTS = {"batch_size": 32, "steps": 300, "warmup_steps": 30, "lr": 1e-3}
+# bench times a few steps: a batch that fits one GPU rather than the pre-training batch.
+BENCH_GPU_DEFAULTS = {**GPU_DEFAULTS, "batch_size": 128}
+BENCH_CPU_DEFAULTS = {**CPU_DEFAULTS, "batch_size": 32}
 DEMO_OUTPUT = "demo-output"
 TOKENIZER_NAME = "tokenizer.safetensors"
 
 
+def _device(name: str) -> str:
+    """``--device`` with "auto" made concrete: "cuda" when a GPU is present, else "cpu"."""
+    if name != "auto":
+        return name
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _defaults(table_gpu: dict, table_cpu: dict, device: str) -> dict:
-    on_gpu = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
-    return table_gpu if on_gpu else table_cpu
+    return table_gpu if _device(device).startswith("cuda") else table_cpu
 
 
 def _fill(args: argparse.Namespace, defaults: dict) -> None:
@@ -203,8 +212,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.calibrate:
         from .calibrate import calibrate
 
-        device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        table = calibrate(device, output=args.output, warmup=args.warmup, repeats=args.steps)
+        table = calibrate(_device(args.device), output=args.output, warmup=args.warmup, repeats=args.steps)
         print(json.dumps({key: table[key] for key in ("gpu", "preference", "timings_ms", "skipped", "path")}))
         return 0
     from .config import BEiTConfig
@@ -212,8 +220,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .masking import MaskingGenerator
     from .model import BEiT
 
-    _fill(args, _defaults(GPU_DEFAULTS, CPU_DEFAULTS, args.device))
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    _fill(args, _defaults(BENCH_GPU_DEFAULTS, BENCH_CPU_DEFAULTS, args.device))
+    device = torch.device(_device(args.device))
     overrides = {"depth": args.depth} if args.depth else {}
     config = getattr(BEiTConfig, args.model)(img_size=args.img_size, patch_size=args.patch_size, kernels=args.kernels,
                                              **overrides)
@@ -375,7 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--depth", type=int, help="number of blocks (default: the preset's, 4 on CPU)")
     bench.add_argument("--img-size", type=int, help=f"image size {_both('img_size')}")
     bench.add_argument("--patch-size", type=int, help=f"patch size {_both('patch_size')}")
-    bench.add_argument("--batch-size", type=int, help="batch size (default: 128 with a GPU, 32 on CPU)")
+    bench.add_argument("--batch-size", type=int,
+                       help=f"batch size {_both('batch_size', BENCH_GPU_DEFAULTS, BENCH_CPU_DEFAULTS)}")
     bench.add_argument("--steps", type=int, default=10, help="timed steps (default: 10)")
     bench.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: 3)")
     bench.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda'")
@@ -396,8 +405,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
-    if args.func is cmd_bench and args.batch_size is None:
-        args.batch_size = 128 if _defaults(GPU_DEFAULTS, CPU_DEFAULTS, args.device) is GPU_DEFAULTS else 32
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, PermissionError) as error:
