@@ -659,12 +659,10 @@ def save(model: BEiT, path: str | os.PathLike) -> None:
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], BEiTConfig | None]:
     import safetensors
-    import safetensors.torch
 
     with safetensors.safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-    config = metadata.get(_CONFIG_METADATA_KEY)
-    state = safetensors.torch.load_file(str(path))
+        config = (f.metadata() or {}).get(_CONFIG_METADATA_KEY)
+        state = {name: f.get_tensor(name) for name in f.keys()}
     return state, (BEiTConfig.from_dict(json.loads(config)) if config else None)
 
 
@@ -687,16 +685,21 @@ def _hf_config_in(folder: Path) -> BEiTConfig | None:
     return config_from_hf(hf_config) if hf_config.get("model_type") == "beit" else None
 
 
+def _read_weights_file(path: Path) -> tuple[Any, BEiTConfig | None]:
+    """The checkpoint in the file ``path`` and the config stored in it, if any."""
+    return _read_safetensors(path) if path.suffix == ".safetensors" else _read_torch(path)
+
+
 def _read_hf_folder(folder: Path) -> dict[str, torch.Tensor]:
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (folder / name).exists():
-            return _read_file(folder / name)[0]
+            return _read_weights_file(folder / name)[0]
         index = folder / f"{name}.index.json"
         if index.exists():
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
             state: dict[str, torch.Tensor] = {}
             for shard in shards:
-                state.update(unwrap_state_dict(_read_file(folder / shard)[0]))
+                state.update(unwrap_state_dict(_read_weights_file(folder / shard)[0]))
             return state
     raise FileNotFoundError(f"load: {str(folder)!r} holds no model.safetensors or pytorch_model.bin")
 
@@ -705,10 +708,7 @@ def _read_file(path: Path) -> tuple[Any, BEiTConfig | None]:
     """The checkpoint in ``path`` and the config it stores or has beside it (transformers)."""
     if path.is_dir():
         return _read_hf_folder(path), _hf_config_in(path)
-    if path.suffix == ".safetensors":
-        payload, config = _read_safetensors(path)
-    else:
-        payload, config = _read_torch(path)
+    payload, config = _read_weights_file(path)
     return payload, config or _hf_config_in(path.parent)
 
 
