@@ -125,8 +125,6 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from .train import CHECKPOINT_NAME, METRICS_NAME, PLOT_NAME, ensure_writable, pretrain
 
     if args.demo:
-        args.data = args.data or "embedded"
-        args.tokenizer = args.tokenizer or "kmeans"
         args.output = args.output or DEMO_OUTPUT
         args.resume = args.resume or "none"
         args.device = "cpu" if args.device == "auto" else args.device
