@@ -26,12 +26,12 @@ from typing import Any, Callable
 import pytest
 import torch
 
+from beitfast._files import write_atomically
 from beitfast.calibrate import git_commit
 from beitfast.ops.dispatch import gpu_slug
 
 HAS_GPU = torch.cuda.is_available()
 RESULTS = Path(__file__).parent / "results"
-
 
 
 def _cpu_model() -> str:
@@ -66,8 +66,8 @@ def machine(device_type: str) -> dict[str, Any]:
 def _save(path: Path, row: dict[str, Any]) -> None:
     rows = json.loads(path.read_text()) if path.exists() else []
     rows = [r for r in rows if r.get("test") != row["test"]] + [row]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(rows, indent=1) + "\n")
+    # An interrupted run must not leave a torn results file that every later run fails to parse.
+    write_atomically(path, lambda temp: Path(temp).write_text(json.dumps(rows, indent=1) + "\n"))
 
 
 def _recorder(request, cpu_benchmark: bool) -> Callable[..., dict[str, Any]]:
