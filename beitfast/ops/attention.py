@@ -12,7 +12,6 @@ packages are installed.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import os
 
 import torch
@@ -117,10 +116,6 @@ _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TRITON_MAX_BATCH_HEADS = 65535
 
 
-def _triton_available() -> str | None:
-    return None if importlib.util.find_spec("triton") else "triton is not installed"
-
-
 def _triton_check(q, bias_table, **_) -> list[str]:
     reasons = []
     interpreted = os.environ.get("TRITON_INTERPRET") == "1" and q.device.type == "cpu"
@@ -138,7 +133,7 @@ def _triton_check(q, bias_table, **_) -> list[str]:
     return reasons
 
 
-@dispatch.register(OP, "triton", _triton_check, _triton_available)
+@dispatch.register(OP, "triton", _triton_check, dispatch.needs_package("triton"))
 def attention_triton(q, k, v, bias_table, rel_index, scale):
     # Imported here so `import beitfast` does not load Triton; torch.compile traces this import.
     from ..kernels import attention as kernels
@@ -203,12 +198,6 @@ def attention_flex(q, k, v, bias_table, rel_index, scale):
 # xformers: memory-efficient attention with the gathered bias
 
 
-def _xformers_available() -> str | None:
-    if importlib.util.find_spec("xformers") is None:
-        return "xformers is not installed"
-    return None
-
-
 def _xformers_check(q, **_) -> list[str]:
     reasons = []
     if q.device.type != "cuda":
@@ -218,7 +207,7 @@ def _xformers_check(q, **_) -> list[str]:
     return reasons
 
 
-@dispatch.register(OP, "xformers", _xformers_check, _xformers_available)
+@dispatch.register(OP, "xformers", _xformers_check, dispatch.needs_package("xformers"))
 def attention_xformers(q, k, v, bias_table, rel_index, scale):
     import xformers.ops as xops
 
@@ -240,12 +229,6 @@ def attention_xformers(q, k, v, bias_table, rel_index, scale):
 # flash: flash-attn, only for calls without bias
 
 
-def _flash_available() -> str | None:
-    if importlib.util.find_spec("flash_attn") is None:
-        return "flash-attn is not installed"
-    return None
-
-
 def _flash_check(q, bias_table, **_) -> list[str]:
     reasons = []
     if bias_table is not None:
@@ -259,7 +242,7 @@ def _flash_check(q, bias_table, **_) -> list[str]:
     return reasons
 
 
-@dispatch.register(OP, "flash", _flash_check, _flash_available)
+@dispatch.register(OP, "flash", _flash_check, dispatch.needs_package("flash_attn", "flash-attn"))
 def attention_flash(q, k, v, bias_table, rel_index, scale):
     from flash_attn import flash_attn_func
 

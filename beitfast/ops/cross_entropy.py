@@ -20,7 +20,6 @@ when labels are ``[B, N]`` (its cuBLAS sizes are host values; ``[num_masked]`` l
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -248,10 +247,6 @@ def _fused_reasons(hidden, weight, bias, **_) -> list[str]:
 # triton
 
 
-def _triton_missing() -> str | None:
-    return None if importlib.util.find_spec("triton") else "triton is not installed"
-
-
 def _triton_check(hidden, **inputs) -> list[str]:
     reasons = _fused_reasons(hidden, **inputs)
     if hidden.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
@@ -262,7 +257,7 @@ def _triton_check(hidden, **inputs) -> list[str]:
     return reasons
 
 
-@dispatch.register(OP, "triton", _triton_check, _triton_missing)
+@dispatch.register(OP, "triton", _triton_check, dispatch.needs_package("triton"))
 def cross_entropy_triton(hidden, weight, bias, labels, mask, ignore_index, reduction):
     # Imported here so `import beitfast` does not load Triton; torch.compile traces this import.
     from ..kernels import cross_entropy as kernels

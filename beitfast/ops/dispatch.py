@@ -23,6 +23,7 @@ fastest first, the others after in the built-in order. ``set_preference`` calls 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import os
 import re
@@ -34,7 +35,7 @@ from typing import Any, Callable
 import torch
 
 __all__ = ["Backend", "register", "backends", "select", "explain", "set_preference", "preference",
-           "may_inspect_values", "accepts_all", "gpu_slug", "preference_table_path", "apply_preference_table"]
+           "may_inspect_values", "accepts_all", "needs_package", "gpu_slug", "preference_table_path", "apply_preference_table"]
 
 Reasons = list[str]
 # What the public functions take; the eager definitions run in any of them (float64 is the reference),
@@ -86,6 +87,13 @@ _cuda_table_read = False
 
 def _always_available() -> str | None:
     return None
+
+
+def needs_package(module: str, package: str | None = None) -> Callable[[], str | None]:
+    """The ``available`` of a backend that imports ``module`` (installed as ``package``, default the
+    module's name)."""
+    missing = f"{package or module} is not installed"
+    return lambda: None if importlib.util.find_spec(module) else missing
 
 
 def accepts_all(**_: Any) -> Reasons:

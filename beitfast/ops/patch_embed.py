@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import importlib.util
 import os
 from typing import Callable, Optional
 
@@ -208,10 +207,6 @@ def _fused_dtype_reasons(images, weight, **_) -> list[str]:
     ]
 
 
-def _triton_missing() -> str | None:
-    return None if importlib.util.find_spec("triton") else "triton is not installed"
-
-
 def _triton_check(images, **inputs) -> list[str]:
     reasons = _fused_dtype_reasons(images, **inputs)
     interpreted = os.environ.get("TRITON_INTERPRET") == "1" and images.device.type == "cpu"
@@ -242,7 +237,7 @@ def _triton_backward(grad, images, weight, patch_size, mask, has_cls, need_image
     )
 
 
-dispatch.register(OP, "triton", _triton_check, _triton_missing)(
+dispatch.register(OP, "triton", _triton_check, dispatch.needs_package("triton"))(
     _define_fused("patch_embed_triton", _triton_forward, _triton_backward)
 )
 
