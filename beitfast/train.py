@@ -551,7 +551,13 @@ class Trainer:
                 tick = time.perf_counter()
                 lr, wd = self._set_schedules(step)
                 loss, accuracy, _ = self._train_step(next(batches))
-                loss_value = loss.item()
+                max_norm = c.clip_grad if c.clip_grad is not None else float("inf")
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+                if hasattr(grad_norm, "full_tensor"):  # FSDP: a sharded norm
+                    grad_norm = grad_norm.full_tensor()
+                # One host synchronisation per step brings back every number the record needs.
+                loss_value, accuracy_value, grad_norm_value = torch.stack(
+                    [loss, accuracy, grad_norm.to(loss.device, torch.float32)]).tolist()
                 if not math.isfinite(loss_value):
                     where = (f"the last good checkpoint is {str(self.checkpoint_path)!r} (step {self.last_good})"
                              if self.last_good else "no checkpoint was written yet")
@@ -559,15 +565,11 @@ class Trainer:
                         f"the loss became {loss_value} at step {step + 1}; training stopped and nothing was "
                         f"saved after it: {where}. Lower the learning rate or check the data."
                     )
-                max_norm = c.clip_grad if c.clip_grad is not None else float("inf")
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
-                if hasattr(grad_norm, "full_tensor"):  # FSDP: a sharded norm
-                    grad_norm = grad_norm.full_tensor()
                 self.optimizer.step()
                 self.step = step + 1
                 elapsed = time.perf_counter() - tick
-                record = {"step": self.step, "loss": loss_value, "accuracy": accuracy.item(), "lr": lr,
-                          "weight_decay": wd, "grad_norm": float(grad_norm),
+                record = {"step": self.step, "loss": loss_value, "accuracy": accuracy_value, "lr": lr,
+                          "weight_decay": wd, "grad_norm": grad_norm_value,
                           "images_per_s": c.batch_size / elapsed, "elapsed_s": time.perf_counter() - started}
                 records.append(record)
                 if self.ctx.is_main:
