@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import beitfast
-from beitfast import BEiTConfig, MaskingGenerator
+from beitfast import BEiTConfig, MaskingGenerator, checkpoint
 
 pytestmark = pytest.mark.gpu
 
@@ -84,14 +84,10 @@ def build(variant: str, config: BEiTConfig):
     if variant.startswith("hf"):
         import transformers
 
-        hf_config = transformers.BeitConfig(
-            image_size=config.img_size, patch_size=config.patch_size, hidden_size=config.embed_dim,
-            num_hidden_layers=config.depth, num_attention_heads=config.num_heads,
-            intermediate_size=int(config.embed_dim * config.mlp_ratio), vocab_size=config.vocab_size,
-            use_mask_token=True, use_shared_relative_position_bias=True, use_absolute_position_embeddings=False,
-            layer_scale_init_value=config.layer_scale_init_value, drop_path_rate=config.drop_path_rate,
-            attn_implementation=variant.split("-")[1],
-        )
+        # The same model as ours; hf_config_kwargs turns drop path off (inference), training keeps it.
+        hf_kwargs = {**checkpoint.hf_config_kwargs(config, "masked_image_modeling"),
+                     "drop_path_rate": config.drop_path_rate}
+        hf_config = transformers.BeitConfig(**hf_kwargs, attn_implementation=variant.split("-")[1])
         model = transformers.BeitForMaskedImageModeling(hf_config).cuda()
         return model, lambda x, m, t: model(pixel_values=x, bool_masked_pos=m, labels=t[m]).loss
     if variant == "timm":
