@@ -650,7 +650,7 @@ def evaluate(model: BEiT, source: ImageSource, transform: EvalTransform, batch_s
     for images, labels in eval_batches(source, transform, batch_size, ctx.rank, ctx.world_size):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = model(images.to(device))
-        hits[0] += (logits.argmax(-1).cpu() == labels).sum().item()
+        hits[0] += (logits.argmax(-1) == labels.to(device)).sum()
         hits[1] += labels.numel()
     if ctx.enabled:
         dist.all_reduce(hits)
