@@ -182,11 +182,9 @@ def test_cpp_out_form_fills_a_poisoned_tensor():
     assert result.data_ptr() == out.data_ptr() and not out.any(), "num_masking_patches=0 masks nothing"
 
 
-@pytest.mark.parametrize("backend", ["python", "cpp"])
+@pytest.mark.parametrize("backend", ["python", pytest.param("cpp", marks=needs_cpp)])
 @pytest.mark.parametrize("batch", [0, 1, 5])
 def test_batch_shapes(backend, batch):
-    if backend == "cpp" and NATIVE_MISSING:
-        pytest.skip(NATIVE_MISSING)
     masks = MaskingGenerator((6, 11), 20, min_num_patches=4, seed=0).batch(batch, backend=backend)
     assert masks.dtype == torch.bool and masks.shape == (batch, 66)
     assert (masks.sum(1) <= 20).all()
@@ -286,22 +284,22 @@ def test_op_out_rejects_bad_tensors(out, message):
 # --- CUDA -------------------------------------------------------------------------------------------
 
 CUDA_MISSING = _ext.missing("blockwise_masks.out", "cuda") if torch.cuda.is_available() else "no CUDA device"
+needs_cuda_backend = pytest.mark.skipif(CUDA_MISSING is not None,
+                                        reason=f"CUDA backend unavailable: {CUDA_MISSING}")
 
 
 @pytest.mark.gpu
+@needs_cuda_backend
 def test_cuda_matches_official_distribution(official_sample):
-    if CUDA_MISSING:
-        pytest.skip(CUDA_MISSING)
     native = native_masks(MaskingGenerator(**OFFICIAL, seed=4), backend="cuda")
     assert distribution_differences(official_sample, native) == []
     assert native.any(0).all()
 
 
 @pytest.mark.gpu
+@needs_cuda_backend
 @pytest.mark.parametrize("grid, num_masking_patches", [((14, 14), 75), ((7, 20), 50), ((24, 24), 230)])
 def test_cuda_equals_cpp_for_the_same_seed(grid, num_masking_patches):
-    if CUDA_MISSING:
-        pytest.skip(CUDA_MISSING)
     on_gpu = MaskingGenerator(grid, num_masking_patches, seed=13).batch(4099, device="cuda", backend="cuda")
     assert on_gpu.device.type == "cuda" and on_gpu.dtype == torch.bool
     on_cpu = MaskingGenerator(grid, num_masking_patches, seed=13).batch(4099, backend="cpp")
@@ -312,18 +310,16 @@ def test_cuda_equals_cpp_for_the_same_seed(grid, num_masking_patches):
 
 
 @pytest.mark.gpu
+@needs_cuda_backend
 def test_cuda_is_the_default_on_a_cuda_device_and_seeded():
-    if CUDA_MISSING:
-        pytest.skip(CUDA_MISSING)
     default = MaskingGenerator(**OFFICIAL, seed=14).batch(300, device="cuda")
     explicit = MaskingGenerator(**OFFICIAL, seed=14).batch(300, device="cuda", backend="cuda")
     assert default.device.type == "cuda" and torch.equal(default, explicit)
 
 
 @pytest.mark.gpu
+@needs_cuda_backend
 def test_cuda_out_form_fills_a_poisoned_tensor_and_compiles():
-    if CUDA_MISSING:
-        pytest.skip(CUDA_MISSING)
     out = torch.ones(70, 196, dtype=torch.bool, device="cuda")
     torch.ops.beitfast.blockwise_masks.out(14, 14, 0, 16, 75, -1.0, 1.0, 3, out=out)
     assert not out.any()
