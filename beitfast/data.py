@@ -80,6 +80,16 @@ def color_jitter(image: Image.Image, strength: float, rng: random.Random) -> Ima
     return image
 
 
+def flip_and_crop_box(image: Image.Image, rng: random.Random, flip: bool, scale, ratio
+                      ) -> tuple[Image.Image, tuple[int, int, int, int]]:
+    """RandomHorizontalFlip (when ``flip``), then a RandomResizedCrop box ``(left, top, right, bottom)``
+    for ``image.resize(..., box=box)``."""
+    if flip and rng.random() < 0.5:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    left, top, w, h = random_resized_crop_box(image.width, image.height, rng, scale, ratio)
+    return image, (left, top, left + w, top + h)
+
+
 def to_tensor(image: Image.Image) -> torch.Tensor:
     """``[3, H, W]`` float32 in ``[0, 1]``."""
     array = np.asarray(image, dtype=np.uint8)
@@ -114,21 +124,19 @@ class TwoViewTransform:
 
     def _augment(self, image: Image.Image, rng: random.Random) -> tuple[Image.Image, tuple[int, int, int, int]]:
         image = color_jitter(image.convert("RGB"), self.jitter, rng)
-        if self.flip and rng.random() < 0.5:
-            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        left, top, w, h = random_resized_crop_box(image.width, image.height, rng, self.scale, self.ratio)
-        return image, (left, top, left + w, top + h)
+        return flip_and_crop_box(image, rng, self.flip, self.scale, self.ratio)
+
+    def _tokenizer_view(self, image: Image.Image, box: tuple[int, int, int, int]) -> torch.Tensor:
+        return to_tensor(image.resize((self.tokenizer_size,) * 2, Image.Resampling.LANCZOS, box=box))
 
     def __call__(self, image: Image.Image, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
         image, box = self._augment(image, rng)
         model_view = image.resize((self.model_size,) * 2, Image.Resampling.BICUBIC, box=box)
-        tokenizer_view = image.resize((self.tokenizer_size,) * 2, Image.Resampling.LANCZOS, box=box)
-        return normalize(to_tensor(model_view)), to_tensor(tokenizer_view)
+        return normalize(to_tensor(model_view)), self._tokenizer_view(image, box)
 
     def tokenizer_view(self, image: Image.Image, rng: random.Random) -> torch.Tensor:
         """The tokenizer view alone (same augmentation)."""
-        image, box = self._augment(image, rng)
-        return to_tensor(image.resize((self.tokenizer_size,) * 2, Image.Resampling.LANCZOS, box=box))
+        return self._tokenizer_view(*self._augment(image, rng))
 
 
 class ClassifyTransform:
@@ -139,12 +147,8 @@ class ClassifyTransform:
         self.size, self.scale, self.ratio, self.flip = size, tuple(scale), tuple(ratio), flip
 
     def __call__(self, image: Image.Image, rng: random.Random) -> torch.Tensor:
-        image = image.convert("RGB")
-        if self.flip and rng.random() < 0.5:
-            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        left, top, w, h = random_resized_crop_box(image.width, image.height, rng, self.scale, self.ratio)
-        view = image.resize((self.size,) * 2, Image.Resampling.BICUBIC, box=(left, top, left + w, top + h))
-        return normalize(to_tensor(view))
+        image, box = flip_and_crop_box(image.convert("RGB"), rng, self.flip, self.scale, self.ratio)
+        return normalize(to_tensor(image.resize((self.size,) * 2, Image.Resampling.BICUBIC, box=box)))
 
 
 class EvalTransform:
