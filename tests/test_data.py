@@ -105,7 +105,7 @@ def test_folder_labels(tmp_path):
     folder = ImageFolder(tmp_path, labelled=True)
     assert folder.classes == ["cats", "dogs"]
     assert sorted(set(folder.labels)) == [0, 1]
-    images, labels = next(classify_stream(folder, ClassifyTransform(12), 4).batch(0) for _ in range(1))
+    images, labels = classify_stream(folder, ClassifyTransform(12), 4).batch(0)
     assert images.shape == (4, 3, 12, 12) and labels.dtype == torch.long
     seen = sum(len(y) for _, y in eval_batches(folder, EvalTransform(12), batch_size=4))
     assert seen == 6
