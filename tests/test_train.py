@@ -264,7 +264,14 @@ def test_finetune_from_checkpoint_and_linear_probe(tmp_path):
     tc = train_config(tmp_path / "ft", steps=3, layer_decay=0.65, label_smoothing=0.1)
     records = Trainer(model, Classification(tc.label_smoothing), stream, tc).fit()
     assert len(records) == 3 and all(math.isfinite(r["loss"]) for r in records)
-    assert 0 <= evaluate(model, labelled, EvalTransform(16, crop_pct=1.0), batch_size=3) <= 1
+    eval_transform = EvalTransform(16, crop_pct=1.0)
+    accuracy = evaluate(model, labelled, eval_transform, batch_size=3)
+    assert 0 <= accuracy <= 1
+    with torch.no_grad():  # the same count over one batch of every image
+        images = torch.stack([eval_transform(labelled.load(i)) for i in range(len(labelled))])
+        logits = model.eval()(images)
+    model.train()
+    assert accuracy == pytest.approx((logits.argmax(-1) == torch.tensor(labelled.labels)).double().mean().item())
 
     probe = classifier_from_pretrained(tmp_path / "pre" / CHECKPOINT_NAME, num_classes=3)
     before = {k: v.clone() for k, v in probe.state_dict().items()}
