@@ -12,7 +12,6 @@ packages are installed.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import torch.nn.functional as F
@@ -111,20 +110,14 @@ def attention_eager(q, k, v, bias_table, rel_index, scale):
 
 # Any multiple of 8 up to 128 (the kernels pad D to a power of two); the dot products need >= 16.
 TRITON_HEAD_DIMS = tuple(range(16, 129, 8))
-_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Batch * heads is the second grid axis, which CUDA limits to 65535.
 _TRITON_MAX_BATCH_HEADS = 65535
 
 
 def _triton_check(q, bias_table, **_) -> list[str]:
-    reasons = []
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1" and q.device.type == "cpu"
-    if q.device.type != "cuda" and not interpreted:
-        reasons.append(f"triton needs CUDA tensors (or CPU ones with TRITON_INTERPRET=1), got {q.device}")
-    if q.dtype not in _TRITON_DTYPES:
+    reasons = dispatch.triton_device_reasons(q.device, q.dtype)
+    if q.dtype not in dispatch.FUSED_DTYPES:
         reasons.append(f"triton takes q, k, v in float32/float16/bfloat16, got {q.dtype}")
-    elif interpreted and q.dtype == torch.bfloat16:
-        reasons.append("the Triton interpreter computes bfloat16 wrongly; use float32/float16 on CPU")
     B, H, _, D = q.shape
     if D not in TRITON_HEAD_DIMS:
         reasons.append(f"triton takes head dims that are multiples of 8 from 16 to 128, got {D}")

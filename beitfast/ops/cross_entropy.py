@@ -20,7 +20,6 @@ when labels are ``[B, N]`` (its cuBLAS sizes are host values; ``[num_masked]`` l
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -33,7 +32,6 @@ from . import dispatch
 
 OP = "cross_entropy"
 _REDUCTIONS = ("mean", "sum", "none")
-_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def masked_lm_cross_entropy(
@@ -235,26 +233,13 @@ def _finish(loss_rows: Tensor, hits: Tensor, plan: RowPlan, reduction: str):
     return loss_rows, accuracy
 
 
-def _fused_reasons(hidden, weight, bias, **_) -> list[str]:
-    return [
-        f"{arg} dtype {t.dtype} is not supported (float32, float16, bfloat16)"
-        for arg, t in (("hidden", hidden), ("weight", weight), ("bias", bias))
-        if t is not None and t.dtype not in _FUSED_DTYPES
-    ]
-
-
 # ---------------------------------------------------------------------------------------------------
 # triton
 
 
-def _triton_check(hidden, **inputs) -> list[str]:
-    reasons = _fused_reasons(hidden, **inputs)
-    if hidden.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
-        if compute_dtype(hidden) == torch.bfloat16:
-            reasons.append("the Triton interpreter computes bfloat16 wrongly (CPU); use a CUDA device")
-    elif hidden.device.type != "cuda":
-        reasons.append(f"needs CUDA tensors (or CPU ones with TRITON_INTERPRET=1), got {hidden.device}")
-    return reasons
+def _triton_check(hidden, weight, bias, **_) -> list[str]:
+    return (dispatch.unsupported_dtypes(hidden=hidden, weight=weight, bias=bias)
+            + dispatch.triton_device_reasons(hidden.device, compute_dtype(hidden)))
 
 
 @dispatch.register(OP, "triton", _triton_check, dispatch.needs_package("triton"))
@@ -279,8 +264,8 @@ def cross_entropy_triton(hidden, weight, bias, labels, mask, ignore_index, reduc
 # reruns the chunked op with the incoming per-row gradients as the row scales.
 
 
-def _cuda_check(hidden, **inputs) -> list[str]:
-    reasons = _fused_reasons(hidden, **inputs)
+def _cuda_check(hidden, weight, bias, **_) -> list[str]:
+    reasons = dispatch.unsupported_dtypes(hidden=hidden, weight=weight, bias=bias)
     if hidden.device.type != "cuda":
         reasons.append(f"needs CUDA tensors, got {hidden.device}")
     return reasons

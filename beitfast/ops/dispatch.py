@@ -35,12 +35,15 @@ from typing import Any, Callable
 import torch
 
 __all__ = ["Backend", "register", "backends", "select", "explain", "set_preference", "preference",
-           "may_inspect_values", "accepts_all", "needs_package", "gpu_slug", "preference_table_path", "apply_preference_table"]
+           "may_inspect_values", "accepts_all", "needs_package", "unsupported_dtypes", "triton_device_reasons",
+           "gpu_slug", "preference_table_path", "apply_preference_table"]
 
 Reasons = list[str]
 # What the public functions take; the eager definitions run in any of them (float64 is the reference),
 # the fused backends say in their ``check`` which they support.
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+# What the fused (Triton and CUDA) backends compute in.
+FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @dataclass(frozen=True)
@@ -278,6 +281,26 @@ def select(op: str, backend: str | None, **inputs: Any) -> Backend:
         refusals[name] = why
     lines = "\n".join(f"  {n}: {'; '.join(r)}" for n, r in refusals.items())
     raise ValueError(f"no {op} backend can take these inputs:\n{lines}")
+
+
+def unsupported_dtypes(**tensors: torch.Tensor | None) -> Reasons:
+    """A fused backend's reasons for the named tensors (None ones skipped) outside ``FUSED_DTYPES``."""
+    return [
+        f"{arg} dtype {t.dtype} is not supported (float32, float16, bfloat16)"
+        for arg, t in tensors.items() if t is not None and t.dtype not in FUSED_DTYPES
+    ]
+
+
+def triton_device_reasons(device: torch.device, *dtypes: torch.dtype) -> Reasons:
+    """Triton runs on CUDA tensors, or on CPU ones through its interpreter (``TRITON_INTERPRET=1``, for
+    tests), which computes bfloat16 wrongly; ``dtypes`` are those the kernels load or compute in."""
+    if device.type == "cuda":
+        return []
+    if device.type != "cpu" or os.environ.get("TRITON_INTERPRET") != "1":
+        return [f"needs CUDA tensors (or CPU ones with TRITON_INTERPRET=1), got {device}"]
+    if torch.bfloat16 in dtypes:
+        return ["the Triton interpreter computes bfloat16 wrongly; use float32/float16 on CPU"]
+    return []
 
 
 def may_inspect_values(t: torch.Tensor) -> bool:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import os
 from typing import Callable, Optional
 
 import torch
@@ -115,12 +114,9 @@ def patch_embed_eager(images, weight, bias, patch_size, mask, mask_token, cls_to
 
 # -- fused backends ---------------------------------------------------------------------------------
 
-_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
 def _compute_dtype(images: Tensor, weight: Tensor) -> torch.dtype:
     device_type = images.device.type
-    if weight.dtype in _FUSED_DTYPES and torch.is_autocast_enabled(device_type):
+    if weight.dtype in dispatch.FUSED_DTYPES and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return weight.dtype
 
@@ -200,21 +196,9 @@ def _define_fused(name: str, forward: Callable, backward: Callable) -> Callable:
     return run
 
 
-def _fused_dtype_reasons(images, weight, **_) -> list[str]:
-    return [
-        f"{arg} dtype {t.dtype} is not supported (float32, float16, bfloat16)"
-        for arg, t in (("images", images), ("weight", weight)) if t.dtype not in _FUSED_DTYPES
-    ]
-
-
-def _triton_check(images, **inputs) -> list[str]:
-    reasons = _fused_dtype_reasons(images, **inputs)
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1" and images.device.type == "cpu"
-    if images.device.type != "cuda" and not interpreted:
-        reasons.append(f"needs CUDA tensors (or CPU ones with TRITON_INTERPRET=1), got {images.device}")
-    elif interpreted and torch.bfloat16 in (images.dtype, _compute_dtype(images, inputs["weight"])):
-        reasons.append("the Triton interpreter computes bfloat16 wrongly; use float32/float16 on CPU")
-    return reasons
+def _triton_check(images, weight, **_) -> list[str]:
+    return (dispatch.unsupported_dtypes(images=images, weight=weight)
+            + dispatch.triton_device_reasons(images.device, images.dtype, _compute_dtype(images, weight)))
 
 
 @functools.cache
@@ -242,8 +226,8 @@ dispatch.register(OP, "triton", _triton_check, dispatch.needs_package("triton"))
 )
 
 
-def _cuda_check(images, **inputs) -> list[str]:
-    reasons = _fused_dtype_reasons(images, **inputs)
+def _cuda_check(images, weight, **_) -> list[str]:
+    reasons = dispatch.unsupported_dtypes(images=images, weight=weight)
     if images.device.type != "cuda":
         reasons.append(f"needs CUDA tensors, got {images.device}")
     return reasons
