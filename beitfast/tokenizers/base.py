@@ -19,8 +19,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 __all__ = [
-    "Tokenizer", "FILE_FORMAT", "check_images", "is_safetensors_file", "write_tokenizer_file",
-    "read_tokenizer_file",
+    "Tokenizer", "FILE_FORMAT", "check_patch_size", "check_images", "is_safetensors_file",
+    "write_tokenizer_file", "read_tokenizer_file",
 ]
 
 FILE_FORMAT = "beitfast.tokenizer"
@@ -38,11 +38,7 @@ class Tokenizer(torch.nn.Module):
 
     def __init__(self, vocab_size: int, input_size: int, patch_size: int):
         super().__init__()
-        if patch_size < 1 or input_size % patch_size:
-            raise ValueError(
-                f"{type(self).__name__}: input_size ({input_size}) must be a multiple of "
-                f"patch_size ({patch_size})"
-            )
+        check_patch_size(input_size, patch_size, type(self).__name__)
         self.vocab_size = int(vocab_size)
         self.input_size = int(input_size)
         self.patch_size = int(patch_size)
@@ -79,6 +75,14 @@ class Tokenizer(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"vocab_size={self.vocab_size}, input_size={self.input_size}, patch_size={self.patch_size}"
+
+
+def check_patch_size(input_size: int, patch_size: int, name: str) -> None:
+    """Raise a clear error unless ``patch_size`` tiles the ``input_size`` view exactly."""
+    if patch_size < 1 or input_size % patch_size:
+        raise ValueError(
+            f"{name}: input_size ({input_size}) must be a multiple of patch_size ({patch_size})"
+        )
 
 
 def check_images(images: torch.Tensor, input_size: int, name: str) -> None:

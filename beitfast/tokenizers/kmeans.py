@@ -28,7 +28,7 @@ from typing import Any, Iterable
 
 import torch
 
-from .base import Tokenizer, check_images
+from .base import Tokenizer, check_images, check_patch_size
 
 __all__ = ["KMeansTokenizer", "normalized_patches"]
 
@@ -76,6 +76,11 @@ def _nearest_centroid(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.T
         return torch.cat(indices), torch.cat(distances)
 
 
+def _check_contrast_floor(contrast_floor: float, name: str) -> None:
+    if contrast_floor <= 0:
+        raise ValueError(f"{name}: contrast_floor must be > 0, got {contrast_floor}")
+
+
 class KMeansTokenizer(Tokenizer):
     """Nearest-centroid tokens of normalised patches; ``KMeansTokenizer.fit(images)`` trains one.
 
@@ -101,8 +106,7 @@ class KMeansTokenizer(Tokenizer):
             )
         if centroids.shape[0] < 1:
             raise ValueError("KMeansTokenizer: centroids must hold at least one centroid")
-        if contrast_floor <= 0:
-            raise ValueError(f"KMeansTokenizer: contrast_floor must be > 0, got {contrast_floor}")
+        _check_contrast_floor(contrast_floor, "KMeansTokenizer")
         super().__init__(vocab_size=centroids.shape[0], input_size=input_size, patch_size=patch_size)
         self.contrast_floor = float(contrast_floor)
         self.register_buffer("centroids", centroids.detach().float().contiguous())
@@ -134,13 +138,9 @@ class KMeansTokenizer(Tokenizer):
                             ("max_patches", max_patches), ("patch_size", patch_size)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"KMeansTokenizer.fit: {name} must be a positive int, got {value!r}")
-        if input_size % patch_size:
-            raise ValueError(
-                f"KMeansTokenizer.fit: input_size ({input_size}) must be a multiple of "
-                f"patch_size ({patch_size})"
-            )
-        if contrast_floor <= 0:
-            raise ValueError(f"KMeansTokenizer.fit: contrast_floor must be > 0, got {contrast_floor}")
+        # Checked before the (long) fit, not only when the tokenizer is built at its end.
+        check_patch_size(input_size, patch_size, "KMeansTokenizer.fit")
+        _check_contrast_floor(contrast_floor, "KMeansTokenizer.fit")
         generator = torch.Generator().manual_seed(seed)
         patches = _sample_patches(
             images, input_size, patch_size, contrast_floor, max_patches, device, generator
