@@ -512,19 +512,16 @@ class Trainer:
         with autocast:
             loss, accuracy, count = self.task(self.wrapped, batch)
         count = count.to(self.device, torch.float32)
+        stats = torch.stack([loss.detach().float() * count, accuracy.detach().float() * count, count])
         if self.ctx.enabled:
+            dist.all_reduce(stats)  # one collective gives the global metrics and the global row count
             # DDP averages gradients over ranks; weighting each rank's mean by its share of the counted
             # rows makes that average the mean over the whole global batch.
-            total = count.clone()
-            dist.all_reduce(total)
-            objective = loss * (count * self.ctx.world_size / total)
+            objective = loss * (count * self.ctx.world_size / stats[2])
         else:
             objective = loss
         self.optimizer.zero_grad(set_to_none=True)
         objective.backward()
-        stats = torch.stack([loss.detach().float() * count, accuracy.detach().float() * count, count])
-        if self.ctx.enabled:
-            dist.all_reduce(stats)
         return stats[0] / stats[2], stats[1] / stats[2], objective
 
     def fit(self) -> list[dict]:
