@@ -267,6 +267,13 @@ def test_triton_refuses_bfloat16_in_interpreter():
     x = torch.randn(1, 2, 7, 32, dtype=torch.bfloat16)
     reasons = ops.explain("attention", q=x, k=x, v=x, bias_table=None, rel_index=None, scale=0.1)
     assert any("bfloat16" in r for r in reasons["triton"])
+    # float32 inputs that bfloat16 autocast would cast before the kernels run
+    x = x.float()
+    assert not any("bfloat16" in r for r in ops.explain("attention", q=x, k=x, v=x, bias_table=None,
+                                                         rel_index=None, scale=0.1)["triton"])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reasons = ops.explain("attention", q=x, k=x, v=x, bias_table=None, rel_index=None, scale=0.1)
+    assert any("bfloat16" in r for r in reasons["triton"])
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -115,7 +115,11 @@ _TRITON_MAX_BATCH_HEADS = 65535
 
 
 def _triton_check(q, bias_table, **_) -> list[str]:
-    reasons = dispatch.triton_device_reasons(q.device, q.dtype)
+    device_type = q.device.type
+    # Under autocast the kernels run in the autocast dtype (see kernels.attention.rel_pos_attention).
+    autocast = torch.is_autocast_enabled(device_type)
+    run_dtype = torch.get_autocast_dtype(device_type) if autocast else q.dtype
+    reasons = dispatch.triton_device_reasons(q.device, q.dtype, run_dtype)
     if q.dtype not in dispatch.FUSED_DTYPES:
         reasons.append(f"triton takes q, k, v in float32/float16/bfloat16, got {q.dtype}")
     B, H, _, D = q.shape
