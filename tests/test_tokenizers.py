@@ -194,8 +194,15 @@ def test_kmeans_fit_errors():
         KMeansTokenizer.fit([], vocab_size=4, input_size=SIZE)
     with pytest.raises(ValueError, match="vocab_size must be a positive int, got 0"):
         KMeansTokenizer.fit(torch.rand(2, 3, 32, 32), vocab_size=0, input_size=SIZE)
-    with pytest.raises(ValueError, match=r"input_size \(30\) must be a multiple of patch_size \(8\)"):
+    not_a_multiple = r"input_size \(30\) must be a multiple of patch_size \(8\)"
+    with pytest.raises(ValueError, match=rf"^KMeansTokenizer.fit: {not_a_multiple}"):
         KMeansTokenizer.fit(torch.rand(2, 3, 30, 30), input_size=30)
+    with pytest.raises(ValueError, match=r"^KMeansTokenizer.fit: contrast_floor must be > 0, got 0.0"):
+        KMeansTokenizer.fit(torch.rand(2, 3, 32, 32), vocab_size=4, input_size=SIZE, contrast_floor=0.0)
+    with pytest.raises(ValueError, match=r"^KMeansTokenizer: contrast_floor must be > 0, got -1"):
+        KMeansTokenizer(torch.randn(5, 192), contrast_floor=-1)
+    with pytest.raises(ValueError, match=rf"^KMeansTokenizer: {not_a_multiple}"):
+        KMeansTokenizer(torch.randn(5, 192), input_size=30)
     with pytest.raises(ValueError, match=r"centroids must be \[vocab_size, 192\].*got \[5, 48\]"):
         KMeansTokenizer(torch.randn(5, 48))
 
