@@ -266,7 +266,7 @@ def _row_splits(M: int, D: int, K: int, device: torch.device) -> tuple[int, int]
 
 
 def patch_embed_backward(grad, images, weight, patch_size, mask, has_cls, need_images):
-    """Gradients ``(images or None, weight, bias, mask_token or None, patch_sum_per_position)``.
+    """Gradients ``(images or None, weight, bias, mask_token or None)``; bias and mask token in fp32.
 
     ``grad`` is the output gradient ``[B, (1+)N, D]`` (contiguous). The position-embedding and cls
     gradients are plain batch sums of ``grad``; the caller takes them.
