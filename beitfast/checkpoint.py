@@ -428,7 +428,10 @@ def _load_checked(config: BEiTConfig, state_dict: Mapping[str, torch.Tensor], st
         if strict:
             raise ValueError(message + " (strict=False loads the rest)")
         warnings.warn(message + "; missing ones get the initialisation of a new model", stacklevel=3)
-        model.reset_parameters()
+        if missing:
+            # A whole new model: reset_parameters alone would leave the parameters it does not draw
+            # (zero biases and tables, layer scale, the patch projection) as uninitialised memory.
+            model = BEiT(config)
     model.load_state_dict({k: v for k, v in state_dict.items() if k in expected}, strict=False)
     return model
 

@@ -161,6 +161,41 @@ def test_missing_and_unexpected_keys_listed():
     assert torch.equal(loaded.blocks[0].attn.v_bias, sd["blocks.0.attn.v_bias"])
 
 
+def test_not_strict_gives_missing_parameters_a_new_models_values(monkeypatch):
+    """Every kind of parameter a checkpoint may lack (zero biases and tables, layer scale, the conv
+    projection, linear layers) gets what a new model has, never the memory of the meta-device load."""
+    uninitialised = checkpoint._uninitialised_model
+
+    def poisoned(config):
+        model = uninitialised(config)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.fill_(math.nan)
+        return model
+
+    monkeypatch.setattr(checkpoint, "_uninitialised_model", poisoned)
+    model = random_model()
+    sd = model.state_dict()
+    absent = ["blocks.1.attn.q_bias", "blocks.1.gamma_1", "rel_pos_bias.relative_position_bias_table",
+              "patch_embed.proj.weight", "patch_embed.proj.bias", "blocks.0.mlp.fc2.weight", "norm.weight"]
+    for key in absent:
+        del sd[key]
+    with pytest.warns(UserWarning, match="missing keys"):
+        loaded = BEiT.from_state_dict(sd, model.config, strict=False)
+    state = loaded.state_dict()
+    assert all(torch.isfinite(v).all() for v in state.values())
+    assert torch.equal(state["blocks.1.attn.q_bias"], torch.zeros(48))
+    assert torch.equal(state["blocks.1.gamma_1"], torch.full((48,), model.config.layer_scale_init_value))
+    assert torch.equal(state["rel_pos_bias.relative_position_bias_table"], torch.zeros(9 * 9 + 3, 3))
+    assert torch.equal(state["norm.weight"], torch.ones(48))
+    fan_in_bound = 1 / math.sqrt(3 * 4 * 4)  # PyTorch's default conv initialisation
+    assert state["patch_embed.proj.bias"].abs().max() <= fan_in_bound
+    assert state["patch_embed.proj.bias"].abs().sum() > 0
+    assert state["blocks.0.mlp.fc2.weight"].abs().max() <= model.config.init_std
+    for key, value in sd.items():
+        assert torch.equal(state[key], value), key
+
+
 def test_pretrained_backbone_into_classifier_config_not_strict():
     """Official fine-tuning start: the LM head and mask token are dropped, a new head and fc_norm
     initialised, the shared table copied into every layer."""
