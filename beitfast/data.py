@@ -350,11 +350,13 @@ class BatchStream(torch.utils.data.IterableDataset):
                 return image, (None if labels is None else labels[i])
         raise RuntimeError(f"BatchStream: none of the {n} images of the data set can be decoded")
 
-    def batch(self, step: int) -> tuple[torch.Tensor, ...]:
-        """This rank's part of global batch ``step``, collated."""
+    def batch(self, step: int, limit: int | None = None) -> tuple[torch.Tensor, ...]:
+        """This rank's part of global batch ``step``, collated; with ``limit``, only its first ``limit``
+        samples (the same ones the whole part starts with)."""
         first = self.rank * self.local_batch_size
+        size = self.local_batch_size if limit is None else min(limit, self.local_batch_size)
         samples = []
-        for j in range(first, first + self.local_batch_size):
+        for j in range(first, first + size):
             image, label = self._image(step * self.batch_size + j)
             rng = random.Random(derive_seed(self.seed, step, j))
             samples.append(self.make_sample(image, label, rng, (self.seed, step, j)))
@@ -420,7 +422,7 @@ def tokenizer_views(source: ImageSource, count: int, size: int, seed: int = 0, b
     stream = BatchStream(source, TokenizerViewSample(TwoViewTransform(size, size)), batch_size,
                          seed=derive_seed(seed, "tokenizer"))
     for step in range(math.ceil(count / batch_size)):
-        yield stream.batch(step)[0][: count - step * batch_size]
+        yield stream.batch(step, limit=count - step * batch_size)[0]
 
 
 def eval_batches(source: ImageSource, transform: EvalTransform, batch_size: int, rank: int = 0, world_size: int = 1):

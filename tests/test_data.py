@@ -10,7 +10,7 @@ from PIL import Image
 
 from beitfast.data import (IMAGENET_MEAN, IMAGENET_STD, ClassifyTransform, EvalTransform, ImageFolder, ImageList,
                            TwoViewTransform, classify_stream, derive_seed, embedded_photos, eval_batches,
-                           masking_for, pretrain_stream, random_resized_crop_box)
+                           masking_for, pretrain_stream, random_resized_crop_box, tokenizer_views)
 
 
 def random_photo(seed: int, size=(53, 41)) -> Image.Image:
@@ -148,6 +148,17 @@ def test_stream_ranks_split_the_global_batch():
         assert all(torch.equal(a, b) for a, b in zip(joined, whole.batch(step)))
     with pytest.raises(ValueError, match="multiple of the world size"):
         pretrain_stream(photos, TwoViewTransform(16, 8), masking_for((4, 4)), batch_size=5, world_size=2)
+
+
+def test_stream_limit_and_tokenizer_views_are_prefixes_of_whole_batches():
+    photos = ImageList([random_photo(i) for i in range(5)])
+    stream = pretrain_stream(photos, TwoViewTransform(16, 8), masking_for((2, 2)), batch_size=6, seed=4)
+    whole, first = stream.batch(3), stream.batch(3, limit=4)
+    assert first[0].shape[0] == 4 and all(torch.equal(a, b[:4]) for a, b in zip(first, whole))
+    views = list(tokenizer_views(photos, count=7, size=8, seed=4, batch_size=3))
+    assert [v.shape for v in views] == [(3, 3, 8, 8), (3, 3, 8, 8), (1, 3, 8, 8)]
+    more = list(tokenizer_views(photos, count=9, size=8, seed=4, batch_size=3))
+    assert torch.equal(torch.cat(views), torch.cat(more)[:7])
 
 
 def test_stream_workers_keep_the_order():
