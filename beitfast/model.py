@@ -224,10 +224,13 @@ class BEiT(nn.Module):
         if self.mask_token is None:
             raise ValueError("BEiT: bool_masked_pos needs a mask token; this model has vocab_size=0")
         B = images.shape[0]
-        if bool_masked_pos.dtype != torch.bool or tuple(bool_masked_pos.shape) != (B, c.num_patches):
+        is_tensor = isinstance(bool_masked_pos, torch.Tensor)
+        mask_shape = (B, c.num_patches)
+        if not is_tensor or bool_masked_pos.dtype != torch.bool or tuple(bool_masked_pos.shape) != mask_shape:
+            got = (f"{bool_masked_pos.dtype} {tuple(bool_masked_pos.shape)}" if is_tensor
+                   else type(bool_masked_pos).__name__)
             raise ValueError(
-                f"BEiT: bool_masked_pos must be a bool [B, N] = [{B}, {c.num_patches}] tensor, "
-                f"got {bool_masked_pos.dtype} {tuple(bool_masked_pos.shape)}"
+                f"BEiT: bool_masked_pos must be a bool [B, N] = [{B}, {c.num_patches}] tensor, got {got}"
             )
 
     def forward_features(self, images: torch.Tensor, bool_masked_pos: torch.Tensor | None = None) -> torch.Tensor:

@@ -214,6 +214,9 @@ def test_bad_input_errors():
         model(images, bool_masked_pos=mask[:, :10])
     with pytest.raises(ValueError, match="bool_masked_pos must be a bool"):
         model(images, bool_masked_pos=mask.long())
+    not_a_tensor = r"bool_masked_pos must be a bool \[B, N\] = \[2, 16\] tensor, got list"
+    with pytest.raises(ValueError, match=not_a_tensor):
+        model(images, bool_masked_pos=mask.tolist())
     with pytest.raises(ValueError, match=r"labels must lie in \[0, V=50\)"):
         model(images, bool_masked_pos=mask, labels=torch.full((2, 16), 50))
     with pytest.raises(ValueError, match="labels has 3 entries but mask selects 8 rows"):
