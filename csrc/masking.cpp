@@ -50,8 +50,6 @@ void check_out(const at::Tensor& out, int64_t height, int64_t width) {
   TORCH_CHECK(out.is_contiguous(), "blockwise_masks: out must be contiguous");
 }
 
-}  // namespace
-
 // Validates the op's arguments and its `out` tensor for every kernel of the out form.
 masking::Params mask_params(const at::Tensor& out, int64_t height, int64_t width,
                             int64_t num_masking_patches, int64_t min_num_patches,
@@ -62,8 +60,6 @@ masking::Params mask_params(const at::Tensor& out, int64_t height, int64_t width
   return {height, width, num_masking_patches, min_num_patches, max_num_patches, log_aspect_min,
           log_aspect_max};
 }
-
-namespace {
 
 at::Tensor& blockwise_masks_out_cpu(int64_t height, int64_t width, int64_t num_masking_patches,
                                     int64_t min_num_patches, int64_t max_num_patches,
