@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from beitfast._files import write_atomically
-from beitfast.calibrate import git_commit
+from beitfast.calibrate import cuda_event_timer, git_commit
 from beitfast.ops.dispatch import gpu_slug
 
 HAS_GPU = torch.cuda.is_available()
@@ -102,13 +102,8 @@ def _measure(fn: Callable[[], Any], repeats: int = 20, warmup: int = 5) -> tuple
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats, torch.cuda.max_memory_allocated() - base
+    ms = cuda_event_timer(warmup=0, repeats=repeats)(fn)
+    return ms, torch.cuda.max_memory_allocated() - base
 
 
 @pytest.fixture
