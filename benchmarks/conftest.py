@@ -5,6 +5,7 @@
   run has a GPU (kernel timings on CPU mean nothing) and returns it either way.
 * ``measure(fn, repeats=20, warmup=5)`` times a GPU callable with CUDA events:
   ``(milliseconds per call, peak bytes allocated above what was allocated before)``.
+* ``training_modes(forward, params)`` gives the ``fwd``, ``bwd`` and ``fwd+bwd`` callables of an op.
 * ``record_cpu_result(name, **fields)`` saves to ``results/<name>_cpu.json``, for the few genuine CPU
   benchmarks (mask generation).
 
@@ -110,3 +111,23 @@ def _measure(fn: Callable[[], Any], repeats: int = 20, warmup: int = 5) -> tuple
 def measure() -> Callable[..., tuple[float, int]]:
     """``measure(fn, repeats=20, warmup=5)``: (milliseconds per call, peak bytes above the start)."""
     return _measure
+
+
+def _training_modes(forward: Callable[[], torch.Tensor], params: list[torch.Tensor]) -> list[tuple[str, Callable]]:
+    """``[(mode, fn)]`` for forward, backward (through one kept graph) and forward + backward."""
+    out = forward()
+    grad = torch.randn_like(out)
+
+    def backward():
+        torch.autograd.grad(out, params, grad, retain_graph=True)
+
+    def forward_backward():
+        torch.autograd.grad(forward(), params, grad)
+
+    return [("fwd", forward), ("bwd", backward), ("fwd+bwd", forward_backward)]
+
+
+@pytest.fixture
+def training_modes() -> Callable[..., list[tuple[str, Callable]]]:
+    """``training_modes(forward, params)``: the fwd, bwd and fwd+bwd callables of an op."""
+    return _training_modes

@@ -71,7 +71,7 @@ def peak_bytes(fn) -> int:
 
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("backend", BIASED + BIAS_FREE)
-def test_attention(backend, shape, record_result, monkeypatch):
+def test_attention(backend, shape, record_result, training_modes, monkeypatch):
     from triton.testing import do_bench
 
     inputs = make_inputs(shape, biased=backend in BIASED)
@@ -87,17 +87,8 @@ def test_attention(backend, shape, record_result, monkeypatch):
     def forward():
         return attend(*inputs)
 
-    out = forward()
-    grad = torch.randn_like(out)
-
-    def backward():
-        torch.autograd.grad(out, params, grad, retain_graph=True)
-
-    def forward_backward():
-        torch.autograd.grad(forward(), params, grad)
-
     B, H, side, D = SHAPES[shape]
-    for mode, fn in (("fwd", forward), ("bwd", backward), ("fwd+bwd", forward_backward)):
+    for mode, fn in training_modes(forward, params):
         ms = do_bench(fn, warmup=25, rep=100)
         record_result("attention", backend=backend, mode=mode, shape=shape, batch=B, heads=H, tokens=1 + side * side,
                head_dim=D, dtype="bfloat16", bias=backend in BIASED, ms=ms, peak_memory_bytes=peak_bytes(fn))

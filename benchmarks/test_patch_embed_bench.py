@@ -53,7 +53,7 @@ def embed_fn(backend: str):
 @pytest.mark.parametrize("precision", ["autocast", "bf16"])
 @pytest.mark.parametrize("size", [224, 384])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_patch_embed(backend, size, precision, record_result, measure):
+def test_patch_embed(backend, size, precision, record_result, measure, training_modes):
     inputs = make_inputs(size, precision)
     if backend in dispatch.backends("patch_embed"):
         why = dispatch.explain("patch_embed", patch_size=PATCH, **inputs)[backend]
@@ -66,17 +66,8 @@ def test_patch_embed(backend, size, precision, record_result, measure):
         with torch.autocast("cuda", torch.bfloat16, enabled=precision == "autocast"):
             return embed(inputs)
 
-    out = forward()
-    grad = torch.randn_like(out)
-
-    def backward():
-        torch.autograd.grad(out, params, grad, retain_graph=True)
-
-    def forward_backward():
-        torch.autograd.grad(forward(), params, grad)
-
     rows = {}
-    for mode, fn in (("fwd", forward), ("bwd", backward), ("fwd+bwd", forward_backward)):
+    for mode, fn in training_modes(forward, params):
         ms, peak = measure(fn)
         rows[mode] = ms
         record_result("patch_embed", backend=backend, mode=mode, image_size=size, batch=BATCH, dim=DIM,
