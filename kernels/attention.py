@@ -34,7 +34,7 @@ import triton.language as tl
 
 __all__ = ["rel_pos_attention", "deterministic_mode"]
 
-LOG2E = 1.4426950408889634
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -373,7 +373,7 @@ def _forward(q, k, v, bias_table, rel_index, scale):
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)  # noqa: E731
     _fwd_kernel[grid](
         q, k, v, table, index, out, lse,
-        scale * LOG2E,
+        scale * LOG2E.value,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *bias_strides,
         H, N, D,
         HAS_BIAS=bias_table is not None, PRECISION=_precision(q.dtype), BLOCK_D=_block_d(D),
@@ -390,7 +390,7 @@ def _backward(dout, q, k, v, out, lse, bias_table, rel_index, scale, determinist
     delta = _new_buffer(q, (B, H, N), torch.float32)
     _bwd_dq_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)](
         q, k, v, table, index, out, dout, lse, delta, dq,
-        scale, scale * LOG2E,
+        scale, scale * LOG2E.value,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(), *bias_strides,
         H, N, D, HAS_BIAS=has_bias, **tile,
     )
@@ -399,7 +399,7 @@ def _backward(dout, q, k, v, out, lse, bias_table, rel_index, scale, determinist
     dense = torch.zeros(H, N, N if atomic else 0, device=q.device, dtype=torch.float32)
     _bwd_dkdv_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * H)](
         q, k, v, table, index, dout, lse, delta, dk, dv, dense,
-        scale, scale * LOG2E,
+        scale, scale * LOG2E.value,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *bias_strides,
         H, N, D, HAS_BIAS=has_bias, ATOMIC_DBIAS=atomic, **tile,
     )
@@ -409,7 +409,7 @@ def _backward(dout, q, k, v, out, lse, bias_table, rel_index, scale, determinist
         dense = _new_buffer(q, (H, N, N), torch.float32)
         _bwd_dbias_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]), H)](
             q, k, v, table, index, dout, lse, delta, dense,
-            scale * LOG2E,
+            scale * LOG2E.value,
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *bias_strides,
             B, H, N, D, **tile,
         )
