@@ -7,8 +7,11 @@ BIN := $(VENV)/bin
 CUDA_HOME ?= /usr/local/cuda
 export CUDA_HOME
 PYTEST_ARGS ?=
+# triton 3.6 (the GPU machines' version) beside the environment's 3.8, for the compile gate only.
+TRITON36 ?= $(HOME)/.cache/beitfast/triton-3.6.0
+GATE := $(BIN)/python benchmarks/compile_gate.py
 
-.PHONY: env install test demo bench clean
+.PHONY: env install triton36 test demo bench compile-gate compile-report clean
 
 env: $(VENV)/.ready
 
@@ -21,8 +24,22 @@ $(VENV)/.ready: requirements-dev.txt
 install: env
 	$(BIN)/pip install --no-build-isolation --no-deps -e .
 
-test: install
-	$(BIN)/pytest -n 2 tests $(PYTEST_ARGS)
+triton36: $(TRITON36)/.ready
+
+$(TRITON36)/.ready: $(VENV)/.ready
+	$(BIN)/pip install -q --no-deps --target $(TRITON36) triton==3.6.0
+	touch $@
+
+test: install triton36
+	BEITFAST_TRITON36=$(TRITON36) $(BIN)/pytest -n 2 tests $(PYTEST_ARGS)
+
+# The compile gate alone, triton 3.8 then 3.6; reports in benchmarks/results/compile_*.json.
+compile-gate: install triton36
+	$(GATE) $(GATE_ARGS)
+	PYTHONPATH=$(TRITON36) $(GATE) $(GATE_ARGS)
+
+compile-report:
+	$(GATE) --report
 
 demo: install
 	$(BIN)/beitfast pretrain --demo
