@@ -3,7 +3,80 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
+import numbers
 from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+__all__ = ["BEiTConfig", "check_int", "check_real", "check_bool", "check_choice"]
+
+
+# -- field checks, shared with TrainConfig: each returns the value in its plain Python type (NumPy
+# scalars become int/float/bool, so configs stay JSON-serialisable) or raises TypeError (wrong type)
+# or ValueError (out of range) naming the owner, the field and the expected form.
+
+def _reject(error: type, owner: str, name: str, expected: str, value: Any) -> None:
+    raise error(f"{owner}: {name} must be {expected}, got {value!r} ({type(value).__name__})")
+
+
+def check_int(owner: str, name: str, value: Any, minimum: int | None = None,
+              optional: bool = False) -> int | None:
+    """An integer (Python or NumPy, not bool) that is at least ``minimum``; None too if ``optional``."""
+    expected = "an int" if minimum is None else f"an int >= {minimum}"
+    if optional:
+        if value is None:
+            return None
+        expected += " or None"
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        _reject(TypeError, owner, name, expected, value)
+    if minimum is not None and value < minimum:
+        _reject(ValueError, owner, name, expected, value)
+    return int(value)
+
+
+def check_real(owner: str, name: str, value: Any, low: float = -math.inf, high: float = math.inf,
+               low_open: bool = False, high_open: bool = False, optional: bool = False) -> float | None:
+    """A finite real number (int, float or NumPy, not bool) in the interval from ``low`` to ``high``
+    (each bound included unless open); None too if ``optional``."""
+    if low > -math.inf and high < math.inf:
+        expected = f"a number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    elif low > -math.inf:
+        expected = f"a number {'>' if low_open else '>='} {low:g}"
+    elif high < math.inf:
+        expected = f"a number {'<' if high_open else '<='} {high:g}"
+    else:
+        expected = "a finite number"
+    if optional:
+        if value is None:
+            return None
+        expected += " or None"
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        _reject(TypeError, owner, name, expected, value)
+    value = float(value)
+    inside = (low < value if low_open else low <= value) and (value < high if high_open else value <= high)
+    if not (math.isfinite(value) and inside):
+        _reject(ValueError, owner, name, expected, value)
+    return value
+
+
+def check_bool(owner: str, name: str, value: Any) -> bool:
+    """True or False (Python or NumPy), not a truthy stand-in such as 1 or "no"."""
+    if not isinstance(value, (bool, np.bool_)):
+        _reject(TypeError, owner, name, "True or False", value)
+    return bool(value)
+
+
+def check_choice(owner: str, name: str, value: Any, choices: Sequence[str]) -> str:
+    """One of the strings ``choices``."""
+    expected = f"one of {list(choices)}"
+    if not isinstance(value, str):
+        _reject(TypeError, owner, name, expected, value)
+    if value not in choices:
+        _reject(ValueError, owner, name, expected, value)
+    return value
 
 
 @dataclass
@@ -37,20 +110,35 @@ class BEiTConfig:
     kernels: str = "auto"  # "auto" or a backend name for every fused op
 
     def __post_init__(self) -> None:
-        if isinstance(self.img_size, (list, tuple)):
-            self.img_size = (int(self.img_size[0]), int(self.img_size[1]))
+        owner = "BEiTConfig"
+        self.img_size = _check_img_size(self.img_size)
+        for name, minimum in (("patch_size", 1), ("in_chans", 1), ("embed_dim", 1), ("depth", 1),
+                              ("num_heads", 1), ("vocab_size", 0), ("num_classes", 0)):
+            setattr(self, name, check_int(owner, name, getattr(self, name), minimum))
+        for field in dataclasses.fields(self):
+            if field.type == "bool":  # every switch, however many are added
+                setattr(self, field.name, check_bool(owner, field.name, getattr(self, field.name)))
+        real = functools.partial(check_real, owner)
+        self.mlp_ratio = real("mlp_ratio", self.mlp_ratio, 0, low_open=True)
+        self.layer_scale_init_value = real("layer_scale_init_value", self.layer_scale_init_value, 0)
+        self.drop_path_rate = real("drop_path_rate", self.drop_path_rate, 0, 1, high_open=True)
+        self.init_std = real("init_std", self.init_std, 0, low_open=True)
+        self.init_scale = real("init_scale", self.init_scale, 0)
+        self.layer_norm_eps = real("layer_norm_eps", self.layer_norm_eps, 0, low_open=True)
+        # Imported here: the ops import nothing from the config, but the backends register on import.
+        from .ops import dispatch
+
+        check_choice(owner, "kernels", self.kernels, ["auto", *dispatch.backend_names()])
         h, w = self.image_hw
         checks = [
-            (self.patch_size > 0, f"patch_size must be positive, got {self.patch_size}"),
             (h % self.patch_size == 0 and w % self.patch_size == 0,
              f"img_size {h}x{w} is not divisible by patch_size {self.patch_size}"),
-            (self.embed_dim % max(self.num_heads, 1) == 0 and self.num_heads > 0,
+            (self.embed_dim % self.num_heads == 0,
              f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}"),
-            (self.depth > 0, f"depth must be positive, got {self.depth}"),
-            (self.vocab_size >= 0 and self.num_classes >= 0, "vocab_size and num_classes must be >= 0"),
+            (int(self.embed_dim * self.mlp_ratio) >= 1,
+             f"mlp_ratio {self.mlp_ratio} leaves the MLP no units (int(embed_dim * mlp_ratio) = 0)"),
             (not (self.use_rel_pos_bias and self.use_shared_rel_pos_bias),
              "use_rel_pos_bias (per layer) and use_shared_rel_pos_bias exclude each other"),
-            (0.0 <= self.drop_path_rate < 1.0, f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -78,6 +166,7 @@ class BEiTConfig:
         return self.embed_dim // self.num_heads
 
     def replace(self, **changes) -> "BEiTConfig":
+        _check_names("BEiTConfig.replace", changes)
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
@@ -85,10 +174,9 @@ class BEiTConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "BEiTConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"BEiTConfig.from_dict: unknown fields {unknown}")
+        if not isinstance(values, dict):
+            raise TypeError(f"BEiTConfig.from_dict: values must be a dict, got {type(values).__name__}")
+        _check_names("BEiTConfig.from_dict", values)
         return cls(**values)
 
     @classmethod
@@ -108,3 +196,25 @@ class BEiTConfig:
         return cls(
             **{"embed_dim": 1024, "depth": 24, "num_heads": 16, "layer_scale_init_value": 1e-5, **overrides}
         )
+
+
+def _check_names(owner: str, values: dict) -> None:
+    known = [f.name for f in dataclasses.fields(BEiTConfig)]
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"{owner}: unknown fields {unknown}; known: {known}")
+
+
+def _check_img_size(value: Any) -> int | tuple[int, int]:
+    """An int, or a (height, width) pair of ints, each >= 1."""
+    owner, expected = "BEiTConfig", "an int >= 1 or a (height, width) pair of ints >= 1"
+    pair = isinstance(value, (list, tuple))
+    sizes = list(value) if pair else [value]
+    if pair and len(sizes) != 2:
+        _reject(ValueError, owner, "img_size", expected, value)
+    for size in sizes:
+        if isinstance(size, (bool, np.bool_)) or not isinstance(size, numbers.Integral):
+            _reject(TypeError, owner, "img_size", expected, value)
+        if size < 1:
+            _reject(ValueError, owner, "img_size", expected, value)
+    return (int(sizes[0]), int(sizes[1])) if pair else int(value)

@@ -14,6 +14,7 @@ import random
 import torch
 
 from . import _ext
+from .config import check_int, check_real
 
 __all__ = ["MaskingGenerator", "BACKENDS"]
 
@@ -43,23 +44,22 @@ class MaskingGenerator:
         max_aspect: float | None = None,
         seed: int | None = None,
     ):
-        if isinstance(input_size, int):
-            input_size = (input_size, input_size)
-        self.height, self.width = int(input_size[0]), int(input_size[1])
+        owner = "MaskingGenerator"
+        sizes = input_size if isinstance(input_size, (list, tuple)) else (input_size, input_size)
+        if len(sizes) != 2:
+            raise ValueError(
+                f"{owner}: input_size must be an int or a (height, width) pair, got {input_size!r}")
+        self.height, self.width = (check_int(owner, "input_size", size, 1) for size in sizes)
         self.num_patches = self.height * self.width
+        num_masking_patches = check_int(owner, "num_masking_patches", num_masking_patches)
         if not 0 <= num_masking_patches <= self.num_patches:
             raise ValueError(
-                f"MaskingGenerator: num_masking_patches must be in [0, {self.num_patches}], "
-                f"got {num_masking_patches}"
-            )
-        if min_num_patches < 1:
-            raise ValueError(f"MaskingGenerator: min_num_patches must be >= 1, got {min_num_patches}")
-        if max_num_patches is not None and max_num_patches < 1:
-            raise ValueError(f"MaskingGenerator: max_num_patches must be >= 1, got {max_num_patches}")
-        if min_aspect <= 0:
-            raise ValueError(f"MaskingGenerator: min_aspect must be > 0, got {min_aspect}")
-        if max_aspect is not None and max_aspect <= 0:
-            raise ValueError(f"MaskingGenerator: max_aspect must be > 0 or None, got {max_aspect}")
+                f"{owner}: num_masking_patches must be in [0, {self.num_patches}], got {num_masking_patches}")
+        min_num_patches = check_int(owner, "min_num_patches", min_num_patches, 1)
+        max_num_patches = check_int(owner, "max_num_patches", max_num_patches, 1, optional=True)
+        min_aspect = check_real(owner, "min_aspect", min_aspect, 0, low_open=True)
+        max_aspect = check_real(owner, "max_aspect", max_aspect, 0, low_open=True, optional=True)
+        seed = check_int(owner, "seed", seed, optional=True)
         self.num_masking_patches = num_masking_patches
         self.min_num_patches = min_num_patches
         self.max_num_patches = num_masking_patches if max_num_patches is None else max_num_patches
@@ -130,9 +130,13 @@ class MaskingGenerator:
         give the same masks (up to, in rare draws, a last-bit difference of ``exp`` between the
         devices), ``"python"`` other masks of the same distribution.
         """
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 0:
-            raise ValueError(f"MaskingGenerator.batch: batch_size must be an int >= 0, got {batch_size!r}")
-        device = torch.device("cpu" if device is None else device)
+        batch_size = check_int("MaskingGenerator.batch", "batch_size", batch_size, 0)
+        try:
+            device = torch.device("cpu" if device is None else device)
+        except (RuntimeError, TypeError) as error:
+            raise ValueError(
+                f"MaskingGenerator.batch: device must be a torch.device or a device string such as 'cpu' "
+                f"or 'cuda:0', got {device!r} ({error})") from None
         if backend is None:
             backend = self._default_backend(device)
         if backend not in BACKENDS:

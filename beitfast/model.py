@@ -156,10 +156,10 @@ class BEiT(nn.Module):
 
     def __init__(self, config: BEiTConfig | None = None, **overrides):
         super().__init__()
+        if config is not None and not isinstance(config, BEiTConfig):
+            raise TypeError(f"BEiT: config must be a BEiTConfig or None, got {type(config).__name__}")
+        # replace() checks every field again, also of a config changed after it was made.
         config = (config or BEiTConfig()).replace(**overrides)
-        known = {name for op in ("attention", "cross_entropy", "patch_embed") for name in ops.backends(op)}
-        if config.kernels != "auto" and config.kernels not in known:
-            raise ValueError(f"BEiT: config.kernels must be 'auto' or one of {sorted(known)}, got {config.kernels!r}")
         self.config = config
         dim = config.embed_dim
         self.patch_embed = PatchEmbed(config)
@@ -216,22 +216,24 @@ class BEiT(nn.Module):
     def _check_inputs(self, images: torch.Tensor, bool_masked_pos: torch.Tensor | None) -> None:
         c = self.config
         expected = (c.in_chans, *c.image_hw)
-        if not isinstance(images, torch.Tensor) or images.dim() != 4 or tuple(images.shape[1:]) != expected:
-            got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-            raise ValueError(f"BEiT: images must be [B, {expected[0]}, {expected[1]}, {expected[2]}], got {got}")
+        form = f"a floating-point [B, {expected[0]}, {expected[1]}, {expected[2]}] tensor"
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(f"BEiT: images must be {form}, got {type(images).__name__}")
+        if not images.is_floating_point():
+            raise TypeError(f"BEiT: images must be {form}, got {images.dtype}")
+        if images.dim() != 4 or tuple(images.shape[1:]) != expected:
+            raise ValueError(f"BEiT: images must be {form}, got {tuple(images.shape)}")
         if bool_masked_pos is None:
             return
         if self.mask_token is None:
             raise ValueError("BEiT: bool_masked_pos needs a mask token; this model has vocab_size=0")
-        B = images.shape[0]
-        is_tensor = isinstance(bool_masked_pos, torch.Tensor)
-        mask_shape = (B, c.num_patches)
-        if not is_tensor or bool_masked_pos.dtype != torch.bool or tuple(bool_masked_pos.shape) != mask_shape:
-            got = (f"{bool_masked_pos.dtype} {tuple(bool_masked_pos.shape)}" if is_tensor
-                   else type(bool_masked_pos).__name__)
-            raise ValueError(
-                f"BEiT: bool_masked_pos must be a bool [B, N] = [{B}, {c.num_patches}] tensor, got {got}"
-            )
+        form = f"a bool [B, N] = [{images.shape[0]}, {c.num_patches}] tensor"
+        if not isinstance(bool_masked_pos, torch.Tensor):
+            raise TypeError(f"BEiT: bool_masked_pos must be {form}, got {type(bool_masked_pos).__name__}")
+        if bool_masked_pos.dtype != torch.bool:
+            raise TypeError(f"BEiT: bool_masked_pos must be {form}, got {bool_masked_pos.dtype}")
+        if tuple(bool_masked_pos.shape) != (images.shape[0], c.num_patches):
+            raise ValueError(f"BEiT: bool_masked_pos must be {form}, got {tuple(bool_masked_pos.shape)}")
 
     def forward_features(self, images: torch.Tensor, bool_masked_pos: torch.Tensor | None = None) -> torch.Tensor:
         """Final hidden states ``[B, 1 + N, D]`` (after the final norm)."""

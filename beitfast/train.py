@@ -16,6 +16,7 @@ process with the whole batch.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import json
 import math
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 
 from . import checkpoint
 from ._files import write_atomically
-from .config import BEiTConfig
+from .config import BEiTConfig, check_bool, check_choice, check_int, check_real
 from .data import (
     EvalTransform,
     ImageSource,
@@ -90,22 +91,37 @@ class TrainConfig:
     resume: str | None = "auto"  # "auto": the output folder's checkpoint if any; a path; None
 
     def __post_init__(self) -> None:
-        checks = [
-            (self.steps > 0, f"steps must be positive, got {self.steps}"),
-            (self.batch_size > 0, f"batch_size must be positive, got {self.batch_size}"),
-            (0 <= self.warmup_steps, f"warmup_steps must be >= 0, got {self.warmup_steps}"),
-            (self.lr >= 0 and self.min_lr >= 0, f"lr and min_lr must be >= 0, got {self.lr}, {self.min_lr}"),
-            (self.checkpoint_every > 0, f"checkpoint_every must be positive, got {self.checkpoint_every}"),
-            (self.precision in ("auto", "bf16", "fp32"), f"precision must be auto, bf16 or fp32, got {self.precision!r}"),
-            (self.parallel in ("ddp", "fsdp"), f"parallel must be ddp or fsdp, got {self.parallel!r}"),
-            (self.layer_decay is None or 0 < self.layer_decay <= 1,
-             f"layer_decay must be in (0, 1], got {self.layer_decay}"),
-            (0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(f"TrainConfig: {message}")
-        self.betas = tuple(self.betas)
+        owner = "TrainConfig"
+        for name, minimum in (("steps", 1), ("batch_size", 1), ("warmup_steps", 0), ("checkpoint_every", 1),
+                              ("seed", 0), ("num_workers", 0)):
+            setattr(self, name, check_int(owner, name, getattr(self, name), minimum))
+        real = functools.partial(check_real, owner)
+        for name in ("lr", "min_lr", "weight_decay"):
+            setattr(self, name, real(name, getattr(self, name), 0))
+        self.eps = real("eps", self.eps, 0, low_open=True)
+        self.label_smoothing = real("label_smoothing", self.label_smoothing, 0, 1, high_open=True)
+        self.weight_decay_end = real("weight_decay_end", self.weight_decay_end, 0, optional=True)
+        self.clip_grad = real("clip_grad", self.clip_grad, 0, low_open=True, optional=True)
+        self.layer_decay = real("layer_decay", self.layer_decay, 0, 1, low_open=True, optional=True)
+        if not isinstance(self.betas, (list, tuple)) or len(self.betas) != 2:
+            raise TypeError(f"{owner}: betas must be a pair of numbers in [0, 1), got {self.betas!r}")
+        self.betas = tuple(real("betas", beta, 0, 1, high_open=True) for beta in self.betas)
+        for field in dataclasses.fields(self):
+            if field.type == "bool":  # every switch, however many are added
+                setattr(self, field.name, check_bool(owner, field.name, getattr(self, field.name)))
+        check_choice(owner, "precision", self.precision, ("auto", "bf16", "fp32"))
+        check_choice(owner, "parallel", self.parallel, ("ddp", "fsdp"))
+        for name, optional in (("output_dir", False), ("resume", True)):
+            value = getattr(self, name)
+            if not (isinstance(value, (str, os.PathLike)) or (optional and value is None)):
+                expected = "a path or None" if optional else "a path"
+                raise TypeError(f"{owner}: {name} must be {expected}, got {value!r}")
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError) as error:
+                raise ValueError(f"{owner}: device must be 'auto' or a torch device such as 'cpu' or "
+                                 f"'cuda:0', got {self.device!r} ({error})") from None
 
 
 # -- schedules and parameter groups ----------------------------------------------------------------

@@ -1,5 +1,7 @@
 """The dispatcher: explicit choice, auto choice, the environment override and the error messages."""
 
+import re
+
 import pytest
 import torch
 
@@ -65,12 +67,42 @@ def test_environment_override(toy_op, monkeypatch):
     monkeypatch.setenv("BEITFAST_BACKEND", "toy=picky,attention=eager")
     with pytest.raises(ValueError, match="picky refuses everything"):
         run(toy_op, None, torch.zeros(2))
-    monkeypatch.setenv("BEITFAST_BACKEND", "toy=missing")
-    with pytest.raises(ValueError, match="BEITFAST_BACKEND names toy backend 'missing'"):
-        run(toy_op, None, torch.zeros(2))
-    # a global name the op does not have leaves it on auto
+    # auto for an op: no override
+    monkeypatch.setenv("BEITFAST_BACKEND", "toy=auto,attention=eager")
+    assert run(toy_op, None, torch.zeros(2)) == "fast"
+    assert run(toy_op, "plain", torch.zeros(2)) == "plain"
+    # a global name another op has leaves this one on auto
     monkeypatch.setenv("BEITFAST_BACKEND", "sdpa")
     assert run(toy_op, None, torch.zeros(2)) == "fast"
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        # a misspelt name used to leave every op silently on auto
+        ("trtion", r"unknown backend 'trtion'; known backends: \['absent', .*'eager', .*'triton'.*\], or op=name "
+                   r"pairs separated by commas with ops \['attention', 'cross_entropy', 'patch_embed', 'toy'\]"),
+        # an unknown op, even when another op is the one selected
+        ("attn=flex", r"unknown op 'attn'; known ops: \['attention', 'cross_entropy', 'patch_embed', 'toy'\]"),
+        ("toy=plain,crossentropy=eager", "unknown op 'crossentropy'"),
+        # a misspelt backend of another op than the one selected
+        ("toy=plain,attention=flesh", r"unknown attention backend 'flesh'; known: \['auto', 'eager', .*'flex'"),
+        ("toy=missing", r"unknown toy backend 'missing'; known: \['auto', 'plain', 'picky', 'fast', 'absent'\]"),
+        # malformed entries
+        ("toy=plain,eager", r"'eager' is not an op=name pair \(e.g. attention=eager\)"),
+        ("toy=", "'toy=' is not an op=name pair"),
+        ("toy=plain,", "'' is not an op=name pair"),
+    ],
+)
+def test_environment_typos_are_errors_listing_the_known_names(toy_op, monkeypatch, value, message):
+    monkeypatch.setenv("BEITFAST_BACKEND", value)
+    with pytest.raises(ValueError, match=rf"^BEITFAST_BACKEND='{re.escape(value)}': {message}"):
+        run(toy_op, None, torch.zeros(2))
+
+
+def test_backend_argument_must_be_a_name(toy_op):
+    with pytest.raises(TypeError, match=r"backend must be None, 'auto' or a toy backend name .*, got \['fast'\]"):
+        run(toy_op, ["fast"], torch.zeros(2))
 
 
 def test_set_preference(toy_op):

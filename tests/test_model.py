@@ -1,7 +1,9 @@
 """The eager BEiT model: shapes, the forward contract, the semantics of each piece, bad input."""
 
+import json
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -54,6 +56,66 @@ def test_config_errors():
         BEiTConfig(use_rel_pos_bias=True, use_shared_rel_pos_bias=True)
     with pytest.raises(ValueError, match="unknown fields"):
         BEiTConfig.from_dict({"embed_dim": 8, "bogus": 1})
+
+
+@pytest.mark.parametrize(
+    "field, value, error, message",
+    [
+        # the values of the issue, each accepted before and failing deep in torch or giving constant weights
+        ("img_size", 0, ValueError, r"img_size must be an int >= 1 or a \(height, width\) pair of ints >= 1, got 0"),
+        ("depth", 2.5, TypeError, r"depth must be an int >= 1, got 2.5 \(float\)"),
+        ("mlp_ratio", -1, ValueError, r"mlp_ratio must be a number > 0, got -1"),
+        ("in_chans", 0, ValueError, r"in_chans must be an int >= 1, got 0"),
+        ("init_std", -0.02, ValueError, r"init_std must be a number > 0, got -0.02"),
+        ("init_std", 0.0, ValueError, r"init_std must be a number > 0, got 0.0"),
+        # and the other fields
+        ("img_size", (224,), ValueError, r"img_size must be .* pair of ints >= 1, got \(224,\)"),
+        ("img_size", (224, 224.5), TypeError, r"img_size must be .*, got \(224, 224.5\)"),
+        ("img_size", "224", TypeError, r"img_size must be an int >= 1 or .*, got '224'"),
+        ("patch_size", 16.0, TypeError, r"patch_size must be an int >= 1, got 16.0"),
+        ("patch_size", True, TypeError, r"patch_size must be an int >= 1, got True"),
+        ("embed_dim", -12, ValueError, r"embed_dim must be an int >= 1, got -12"),
+        ("num_heads", 0, ValueError, r"num_heads must be an int >= 1, got 0"),
+        ("vocab_size", -1, ValueError, r"vocab_size must be an int >= 0, got -1"),
+        ("num_classes", 1.5, TypeError, r"num_classes must be an int >= 0, got 1.5"),
+        ("mlp_ratio", float("nan"), ValueError, r"mlp_ratio must be a number > 0, got nan"),
+        ("mlp_ratio", "4", TypeError, r"mlp_ratio must be a number > 0, got '4' \(str\)"),
+        ("mlp_ratio", 0.001, ValueError, r"mlp_ratio 0.001 leaves the MLP no units"),
+        ("use_abs_pos_emb", "no", TypeError, r"use_abs_pos_emb must be True or False, got 'no'"),
+        ("use_mean_pooling", 1, TypeError, r"use_mean_pooling must be True or False, got 1"),
+        ("layer_scale_init_value", -0.1, ValueError, r"layer_scale_init_value must be a number >= 0, got -0.1"),
+        ("drop_path_rate", 1.0, ValueError, r"drop_path_rate must be a number in \[0, 1\), got 1.0"),
+        ("init_scale", float("inf"), ValueError, r"init_scale must be a number >= 0, got inf"),
+        ("layer_norm_eps", 0, ValueError, r"layer_norm_eps must be a number > 0, got 0"),
+        ("kernels", "trtion", ValueError, r"kernels must be one of \['auto', .*'eager'.*'triton'.*\], got 'trtion'"),
+        ("kernels", None, TypeError, r"kernels must be one of .*, got None"),
+    ],
+)
+def test_config_rejects_each_bad_field(field, value, error, message):
+    with pytest.raises(error, match=f"^BEiTConfig: {message}"):
+        BEiTConfig(**{field: value})
+    with pytest.raises(error, match=f"^BEiTConfig: {message}"):
+        BEiT(small_config(), **{field: value})
+
+
+def test_config_accepts_numpy_scalars_as_plain_python_values():
+    config = BEiTConfig(img_size=(np.int64(32), np.int32(48)), patch_size=np.int64(16), depth=np.uint8(2),
+                        mlp_ratio=np.float32(2.0), use_abs_pos_emb=np.bool_(True), drop_path_rate=np.float64(0))
+    assert config.to_dict() == BEiTConfig(img_size=(32, 48), patch_size=16, depth=2, mlp_ratio=2.0,
+                                          use_abs_pos_emb=True, drop_path_rate=0.0).to_dict()
+    assert type(config.patch_size) is int and type(config.mlp_ratio) is float and type(config.img_size[0]) is int
+    json.dumps(config.to_dict())  # a checkpoint's model_config is JSON
+
+
+def test_config_changed_after_construction_is_checked_by_the_model():
+    config = small_config()
+    config.depth = 2.5
+    with pytest.raises(TypeError, match="BEiTConfig: depth must be an int >= 1, got 2.5"):
+        BEiT(config)
+    with pytest.raises(TypeError, match="BEiT: config must be a BEiTConfig or None, got dict"):
+        BEiT({"depth": 2})
+    with pytest.raises(ValueError, match=r"BEiTConfig.replace: unknown fields \['dpeth'\]; known: \['img_size'"):
+        BEiT(small_config(), dpeth=2)
 
 
 def test_base_parameter_count():
@@ -206,25 +268,32 @@ def test_bad_input_errors():
     model = BEiT(small_config())
     images = torch.randn(2, 3, 32, 32)
     mask = random_masks(2, model.config.grid, 4)
-    with pytest.raises(ValueError, match=r"images must be \[B, 3, 32, 32\], got \(2, 3, 40, 40\)"):
+    form = r"images must be a floating-point \[B, 3, 32, 32\] tensor, got"
+    with pytest.raises(ValueError, match=rf"BEiT: {form} \(2, 3, 40, 40\)"):
         model(torch.randn(2, 3, 40, 40))
-    with pytest.raises(ValueError, match=r"images must be \[B, 3, 32, 32\], got \(2, 1, 32, 32\)"):
+    with pytest.raises(ValueError, match=rf"BEiT: {form} \(2, 1, 32, 32\)"):
         model(torch.randn(2, 1, 32, 32))
-    with pytest.raises(ValueError, match=r"bool_masked_pos must be a bool \[B, N\] = \[2, 16\]"):
+    with pytest.raises(TypeError, match=rf"BEiT: {form} list"):
+        model(images.tolist())
+    with pytest.raises(TypeError, match=rf"BEiT: {form} torch.uint8"):
+        model(images.to(torch.uint8))
+    with pytest.raises(TypeError, match=rf"BEiT: {form} list"):
+        model.forward_features(images.tolist())
+    mask_form = r"bool_masked_pos must be a bool \[B, N\] = \[2, 16\] tensor, got"
+    with pytest.raises(ValueError, match=rf"BEiT: {mask_form} \(2, 10\)"):
         model(images, bool_masked_pos=mask[:, :10])
-    with pytest.raises(ValueError, match="bool_masked_pos must be a bool"):
+    with pytest.raises(TypeError, match=rf"BEiT: {mask_form} torch.int64"):
         model(images, bool_masked_pos=mask.long())
-    not_a_tensor = r"bool_masked_pos must be a bool \[B, N\] = \[2, 16\] tensor, got list"
-    with pytest.raises(ValueError, match=not_a_tensor):
+    with pytest.raises(TypeError, match=rf"BEiT: {mask_form} list"):
         model(images, bool_masked_pos=mask.tolist())
+    with pytest.raises(TypeError, match="labels must be an int64 or int32 tensor, got list"):
+        model(images, bool_masked_pos=mask, labels=torch.zeros(2, 16, dtype=torch.long).tolist())
     with pytest.raises(ValueError, match=r"labels must lie in \[0, V=50\)"):
         model(images, bool_masked_pos=mask, labels=torch.full((2, 16), 50))
     with pytest.raises(ValueError, match="labels has 3 entries but mask selects 8 rows"):
         model(images, bool_masked_pos=mask, labels=torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match="need bool_masked_pos"):
         model(images, labels=torch.zeros(2, 16, dtype=torch.long))
-    with pytest.raises(ValueError, match="config.kernels must be 'auto' or one of"):
-        BEiT(small_config(kernels="trtion"))
     with pytest.raises(ValueError, match="vocab_size=0"):
         BEiT(small_config(vocab_size=0))(images, bool_masked_pos=mask)
 

@@ -309,7 +309,7 @@ def test_resume_other_architecture(tmp_path):
 
 
 def test_train_config_errors(tmp_path):
-    with pytest.raises(ValueError, match="steps must be positive, got 0"):
+    with pytest.raises(ValueError, match="steps must be an int >= 1, got 0"):
         train_config(tmp_path, steps=0)
     with pytest.raises(ValueError, match="precision"):
         train_config(tmp_path, precision="fp8")

@@ -10,7 +10,8 @@ of an op validates its arguments once, then asks ``select`` for a backend:
 * ``backend=None`` / ``"auto"`` takes the first backend in the op's preference order for the input's
   device that accepts the inputs; if none does, the error lists every backend's reasons.
 * ``BEITFAST_BACKEND`` overrides both: ``BEITFAST_BACKEND=eager`` (every op that has such a backend)
-  or ``BEITFAST_BACKEND=attention=flex,cross_entropy=eager`` (per op).
+  or ``BEITFAST_BACKEND=attention=flex,cross_entropy=eager`` (per op). A name no op has, an unknown
+  op or a malformed entry is an error listing what is known (a typo must not fall back to auto).
 
 ``explain(op, **inputs)`` returns each backend's reasons without running anything.
 
@@ -34,9 +35,9 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["Backend", "register", "backends", "select", "explain", "set_preference", "preference",
-           "may_inspect_values", "accepts_all", "needs_package", "unsupported_dtypes", "triton_device_reasons",
-           "gpu_slug", "preference_table_path", "apply_preference_table"]
+__all__ = ["Backend", "register", "backends", "backend_names", "select", "explain", "set_preference",
+           "preference", "may_inspect_values", "accepts_all", "needs_package", "unsupported_dtypes",
+           "triton_device_reasons", "gpu_slug", "preference_table_path", "apply_preference_table"]
 
 Reasons = list[str]
 # What the public functions take; the eager definitions run in any of them (float64 is the reference),
@@ -130,6 +131,11 @@ def backends(op: str) -> list[str]:
     return list(_REGISTRY[op])
 
 
+def backend_names() -> list[str]:
+    """Every backend name of every op, sorted (what ``config.kernels`` and ``BEITFAST_BACKEND`` take)."""
+    return sorted({name for by_name in _REGISTRY.values() for name in by_name})
+
+
 def preference(op: str, device_type: str) -> list[str]:
     _known_op(op)
     listed = [n for n in _PREFERENCE.get(op, {}).get(device_type, []) if n in _REGISTRY[op]]
@@ -219,23 +225,31 @@ def _known_op(op: str) -> None:
 
 
 def _env_choice(op: str) -> str | None:
+    """The backend ``BEITFAST_BACKEND`` names for ``op``, or None (unset, "auto", or a global name
+    ``op`` has no backend of). The whole value is checked at every call, whichever op asks."""
     value = os.environ.get("BEITFAST_BACKEND", "").strip()
-    if not value:
+    if not value or value == "auto":
         return None
+    where = f"BEITFAST_BACKEND={value!r}"
     if "=" not in value:
         # A global name applies to the ops that have such a backend and leaves the others on auto.
-        return value if value in _REGISTRY[op] and value != "auto" else None
+        if value not in backend_names():
+            raise ValueError(
+                f"{where}: unknown backend {value!r}; known backends: {backend_names()}, or op=name "
+                f"pairs separated by commas with ops {sorted(_REGISTRY)}")
+        return value if value in _REGISTRY[op] else None
+    chosen = {}
     for item in value.split(","):
-        key, _, name = item.partition("=")
-        if key.strip() == op:
-            name = name.strip()
-            if name not in _REGISTRY[op] and name != "auto":
-                raise ValueError(
-                    f"BEITFAST_BACKEND names {op} backend {name!r}, which does not exist; "
-                    f"known: {backends(op)}"
-                )
-            return None if name == "auto" else name
-    return None
+        key, equals, name = (part.strip() for part in item.partition("="))
+        if not equals or not key or not name:
+            raise ValueError(f"{where}: {item.strip()!r} is not an op=name pair (e.g. attention=eager)")
+        if key not in _REGISTRY:
+            raise ValueError(f"{where}: unknown op {key!r}; known ops: {sorted(_REGISTRY)}")
+        if name not in _REGISTRY[key] and name != "auto":
+            raise ValueError(f"{where}: unknown {key} backend {name!r}; known: {['auto', *backends(key)]}")
+        chosen[key] = name
+    name = chosen.get(op, "auto")
+    return None if name == "auto" else name
 
 
 def explain(op: str, **inputs: Any) -> dict[str, Reasons]:
@@ -254,6 +268,9 @@ def _device(inputs: dict[str, Any]) -> torch.device:
 def select(op: str, backend: str | None, **inputs: Any) -> Backend:
     """The backend that runs ``op`` on ``inputs`` (see the module docstring for the rules)."""
     _known_op(op)
+    if backend is not None and not isinstance(backend, str):
+        raise TypeError(f"backend must be None, 'auto' or a {op} backend name {backends(op)}, "
+                        f"got {backend!r} ({type(backend).__name__})")
     requested = _env_choice(op) or (None if backend in (None, "auto") else backend)
     if requested is not None:
         if requested not in _REGISTRY[op]:

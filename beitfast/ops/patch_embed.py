@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _ext
+from ..config import check_int
 from . import dispatch
 
 OP = "patch_embed"
@@ -45,7 +46,7 @@ def masked_patch_embed(
     ``pos_embed`` (``[1, T, D]`` or ``[T, D]`` with ``T`` the output length) is added last. Returns
     ``[B, N, D]``, or ``[B, 1 + N, D]`` with a cls token, in ``weight``'s dtype.
     """
-    _validate(images, weight, bias, patch_size, mask, mask_token, cls_token, pos_embed)
+    patch_size = _validate(images, weight, bias, patch_size, mask, mask_token, cls_token, pos_embed)
     impl = dispatch.select(
         OP, backend, images=images, weight=weight, bias=bias, patch_size=patch_size, mask=mask,
         mask_token=mask_token, cls_token=cls_token, pos_embed=pos_embed,
@@ -53,22 +54,35 @@ def masked_patch_embed(
     return impl.fn(images, weight, bias, patch_size, mask, mask_token, cls_token, pos_embed)
 
 
-def _validate(images, weight, bias, patch_size, mask, mask_token, cls_token, pos_embed) -> None:
+def _validate(images, weight, bias, patch_size, mask, mask_token, cls_token, pos_embed) -> int:
+    """Raise TypeError (not a tensor, wrong dtype) or ValueError (shape, device) naming the argument
+    and the expected form; return ``patch_size`` as a Python int (NumPy integers are accepted)."""
     name = "masked_patch_embed"
-    if not isinstance(images, torch.Tensor) or images.dim() != 4:
-        got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise ValueError(f"{name}: images must be [B, C, H, W], got {got}")
-    if images.dtype not in dispatch.FLOAT_DTYPES:
-        raise TypeError(f"{name}: images must be a floating-point (float64/32/16, bfloat16), got {images.dtype}")
-    if not isinstance(patch_size, int) or patch_size < 1:
-        raise ValueError(f"{name}: patch_size must be a positive int, got {patch_size!r}")
+    floats = "float64/float32/float16/bfloat16"
+    for arg, t, optional in (("images", images, False), ("weight", weight, False), ("bias", bias, True),
+                             ("mask", mask, True), ("mask_token", mask_token, True),
+                             ("cls_token", cls_token, True), ("pos_embed", pos_embed, True)):
+        if t is None and optional:
+            continue
+        wanted = "a bool tensor" if arg == "mask" else f"a {floats} tensor"
+        wanted += " or None" if optional else ""
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: {arg} must be {wanted}, got {type(t).__name__}")
+        if not (t.dtype == torch.bool if arg == "mask" else t.dtype in dispatch.FLOAT_DTYPES):
+            raise TypeError(f"{name}: {arg} must be {wanted}, got {t.dtype}")
+        if t.device != images.device:
+            raise ValueError(f"{name}: {arg} must be on images' device {images.device}, got {t.device}")
+    p = check_int(name, "patch_size", patch_size, 1)
+    if images.dim() != 4:
+        raise ValueError(f"{name}: images must be [B, C, H, W], got {tuple(images.shape)}")
     B, C, H, W = images.shape
-    p = patch_size
     if weight.dim() != 4 or tuple(weight.shape[1:]) != (C, p, p):
         raise ValueError(
             f"{name}: weight must be [D, C={C}, {p}, {p}] for {C}-channel images and patch {p}, "
             f"got {tuple(weight.shape)}"
         )
+    if H < p or W < p:
+        raise ValueError(f"{name}: image size {H}x{W} is smaller than one {p}x{p} patch")
     if H % p or W % p:
         raise ValueError(f"{name}: image size {H}x{W} is not divisible by patch_size {p}")
     D = weight.shape[0]
@@ -76,25 +90,23 @@ def _validate(images, weight, bias, patch_size, mask, mask_token, cls_token, pos
     if bias is not None and tuple(bias.shape) != (D,):
         raise ValueError(f"{name}: bias must be [D={D}], got {tuple(bias.shape)}")
     if mask is not None:
-        if mask.dtype != torch.bool or tuple(mask.shape) != (B, N):
+        if tuple(mask.shape) != (B, N):
             raise ValueError(
-                f"{name}: mask must be a bool [B, N] = [{B}, {N}] tensor, got {mask.dtype} {tuple(mask.shape)}"
-            )
+                f"{name}: mask must be a bool [B, N] = [{B}, {N}] tensor, got {tuple(mask.shape)}")
         if mask_token is None:
             raise ValueError(f"{name}: a mask needs a mask_token")
     for arg, t in (("mask_token", mask_token), ("cls_token", cls_token)):
-        if t is not None and (t.numel() != D or t.shape[-1] != D):
-            raise ValueError(f"{name}: {arg} must hold D={D} values ([D] or [1, 1, D]), got {tuple(t.shape)}")
+        if t is not None and tuple(t.shape) not in ((D,), (1, D), (1, 1, D)):
+            raise ValueError(
+                f"{name}: {arg} must hold D={D} values ([D], [1, D] or [1, 1, D]), got {tuple(t.shape)}")
     if pos_embed is not None:
         T = N + (cls_token is not None)
-        if pos_embed.shape[-1] != D or pos_embed.numel() != T * D or pos_embed.dim() not in (2, 3):
+        if tuple(pos_embed.shape) not in ((1, T, D), (T, D)):
             raise ValueError(
-                f"{name}: pos_embed must be [1, {T}, {D}] (output length x D), got {tuple(pos_embed.shape)}"
+                f"{name}: pos_embed must be [1, {T}, {D}] or [{T}, {D}] (output length x D), "
+                f"got {tuple(pos_embed.shape)}"
             )
-    for arg, t in (("weight", weight), ("bias", bias), ("mask", mask), ("mask_token", mask_token),
-                   ("cls_token", cls_token), ("pos_embed", pos_embed)):
-        if t is not None and t.device != images.device:
-            raise ValueError(f"{name}: {arg} is on {t.device}, images on {images.device}")
+    return p
 
 
 @dispatch.register(OP, "eager", dispatch.accepts_all)
