@@ -4,18 +4,24 @@ labels)`` without the fused backends ever holding the ``[M, V]`` logits.
 The eager backend is the definition: gather the counted rows, a linear layer in the input dtype
 (the autocast dtype under autocast), cross-entropy in float32 (float64 stays float64).
 
-Fused backends:
+Fused backends (``triton``: ``beitfast.kernels.cross_entropy``; ``cuda``: ``csrc/cross_entropy_cuda.cu``)
+share one design and one autograd wrapper here; only ``lm_cross_entropy_chunked`` differs. Rows go in
+chunks: per chunk one GEMM into a bounded logits buffer, one fused row pass (max, log-sum-exp, loss,
+argmax hit, the logits turned in place into their gradient), then an fp32 ``dW`` GEMM and ``dh`` written
+straight into the selected rows of a ``[B, N, D]`` gradient. No atomics: deterministic by construction.
+For mean and sum the gradient is computed in the forward (three GEMMs, no recompute) for
+``grad_output = 1`` and scaled in place in the backward; ``reduction="none"`` reruns the op in the
+backward with the per-row upstream gradients.
 
-* ``triton`` (``beitfast.kernels.cross_entropy``): tiles over rows and vocabulary with an online
-  log-sum-exp; reads the selected rows of ``hidden`` in place; recomputes the logits in the backward.
-* ``cuda`` (``csrc/cross_entropy_cuda.cu``): rows in chunks; per chunk a cuBLAS GEMM into a small logits
-  buffer, one kernel for the loss, argmax and the logits gradient, two GEMMs for the gradients. The
-  gradient is computed in the forward for ``grad_output = 1`` and scaled in the backward.
+Rows are selected on the device (:class:`RowPlan`): no gathered copy of hidden and no host sync for
+mean and sum (``reduction="none"`` with ``[B, N]`` labels reads the row count: the output shape
+depends on it). The triton backend reads the count on the device; the cuda backend's cuBLAS GEMMs
+take host sizes, so it covers the upper bound ``B * N`` (rows past the count cost GEMM work).
 
-Both see the rows through a :class:`RowPlan`: no gathered copy and no host sync to select them. The
-triton backend never syncs for mean and sum; the cuda backend reads the number of selected rows once
-when labels are ``[B, N]`` (its cuBLAS sizes are host values; ``[num_masked]`` labels avoid it), and
-``reduction="none"`` with ``[B, N]`` labels reads it in both (the output shape depends on the mask).
+Invalid labels. A counted label outside ``[0, V)`` is a user error. On CPU, or with
+``BEITFAST_CHECKS=1`` on a GPU (a host sync), the call raises ValueError. Otherwise nothing is read on
+the host: the fused backends treat such rows as ignored (no loss, no gradient, not in the mean's
+count) and add them to a device-side counter, :func:`invalid_label_count`, for the trainer to report.
 """
 
 from __future__ import annotations
@@ -177,18 +183,18 @@ def cross_entropy_eager(hidden, weight, bias, labels, mask, ignore_index, reduct
 
 
 # ---------------------------------------------------------------------------------------------------
-# fused backends: shared row bookkeeping
+# fused backends: row bookkeeping, invalid labels
 
 
 @dataclass(frozen=True)
 class RowPlan:
     """The rows a fused backend computes, selected on the device without a gathered copy.
 
-    ``row_labels`` ``[R]`` int64 holds ``ignore_index`` on rows that do not count; ``source_rows``
+    ``row_labels`` ``[R]`` int64 holds ``ignore_index`` on rows that do not exist; ``source_rows``
     ``[R]`` is the row of ``hidden`` (flattened over ``[B, N]``) that row ``r`` reads, None when row ``r``
     is row ``r`` of an ``[M, D]`` hidden. With a mask and ``[B, N]`` labels the number of selected rows
     is only known on the device: ``R = B * N`` is an upper bound, ``row_count`` the true count, and the
-    rows past it carry ``ignore_index``.
+    rows past it carry ``ignore_index``. ``counted`` marks the rows that count (label in ``[0, V)``).
     """
 
     row_labels: Tensor
@@ -197,20 +203,55 @@ class RowPlan:
     row_count: Tensor | None
 
 
-def plan_rows(labels: Tensor, mask: Tensor | None, ignore_index: int) -> RowPlan:
+def counted_labels(labels: Tensor, ignore_index: int, vocab: int) -> Tensor:
+    """Which labels count: not ``ignore_index`` and inside ``[0, vocab)`` (the fused kernels' rule)."""
+    return (labels != ignore_index) & (labels >= 0) & (labels < vocab)
+
+
+def plan_rows(labels: Tensor, mask: Tensor | None, ignore_index: int, vocab: int) -> RowPlan:
     if mask is None:
         row_labels = labels.long()
-        return RowPlan(row_labels, None, row_labels != ignore_index, None)
+        return RowPlan(row_labels, None, counted_labels(row_labels, ignore_index, vocab), None)
     selected = mask.reshape(-1)
     # Selected rows first, in hidden[mask] order (stable sort of "not selected").
     order = torch.argsort(~selected, stable=True)
     if labels.dim() == 1:
         row_labels = labels.long()
-        return RowPlan(row_labels, order[: labels.shape[0]], row_labels != ignore_index, None)
+        return RowPlan(row_labels, order[: labels.shape[0]], counted_labels(row_labels, ignore_index, vocab), None)
     row_count = selected.sum()
     live = torch.arange(order.shape[0], device=order.device) < row_count
     row_labels = torch.where(live, labels.reshape(-1)[order].long(), ignore_index)
-    return RowPlan(row_labels, order, row_labels != ignore_index, row_count)
+    return RowPlan(row_labels, order, counted_labels(row_labels, ignore_index, vocab), row_count)
+
+
+_INVALID_LABELS: dict[torch.device, Tensor] = {}
+
+
+def _counter_device(device: torch.device | str) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def invalid_label_count(device: torch.device | str = "cuda") -> Tensor:
+    """Rows the fused backends treated as ignored because their label lay outside ``[0, V)``, since
+    the last :func:`reset_invalid_label_count`: an int64 scalar on ``device``, updated without host
+    syncs (reading it syncs). A trainer reads it when it logs and warns when it is not zero."""
+    device = _counter_device(device)
+    if device not in _INVALID_LABELS:
+        _INVALID_LABELS[device] = torch.zeros((), dtype=torch.int64, device=device)
+    return _INVALID_LABELS[device]
+
+
+def reset_invalid_label_count() -> None:
+    for counter in _INVALID_LABELS.values():
+        counter.zero_()
+
+
+def _count_invalid_labels(row_labels: Tensor, ignore_index: int, vocab: int) -> None:
+    invalid = (row_labels != ignore_index) & ~counted_labels(row_labels, ignore_index, vocab)
+    invalid_label_count(row_labels.device).add_(invalid.sum())
 
 
 def compute_dtype(hidden: Tensor) -> torch.dtype:
@@ -234,7 +275,141 @@ def _finish(loss_rows: Tensor, hits: Tensor, plan: RowPlan, reduction: str):
 
 
 # ---------------------------------------------------------------------------------------------------
-# triton
+# fused backends: two implementations of lm_cross_entropy_chunked under two custom ops.
+#
+# `lm_cross_entropy_reduced` (mean/sum with gradients): the chunked op computes the gradient of the
+# reduced loss in the forward, for grad_output = 1; the backward scales it in place. The scale of a row
+# (1 / count for mean) is a device tensor, so no sync either.
+# `lm_cross_entropy_rows` (reduction "none", or no gradient needed): forward only; its backward reruns
+# the chunked op with the incoming per-row gradients as the row scales.
+
+
+def _chunked(backend, hidden, weight, bias, row_labels, source_rows, row_count, row_scale, ignore_index, dtype):
+    """``lm_cross_entropy_chunked`` of ``backend`` on an ``[M, D]`` or ``[B, N, D]`` hidden: per-row loss
+    and hits, and with ``row_scale`` the gradients of ``sum(row_scale * loss_rows)`` (else empty)."""
+    h3 = hidden if hidden.dim() == 3 else hidden.unsqueeze(0)
+    if backend == "triton":
+        # Imported here so `import beitfast` does not load Triton.
+        from ..kernels.cross_entropy import lm_cross_entropy_chunked
+    else:
+        lm_cross_entropy_chunked = torch.ops.beitfast.lm_cross_entropy_chunked
+    loss_rows, hits, grad_hidden, grad_weight, grad_bias = lm_cross_entropy_chunked(
+        h3, weight, bias, row_labels, source_rows, row_count, row_scale, ignore_index, dtype
+    )
+    if row_scale is not None:
+        grad_hidden = grad_hidden.view(hidden.shape)
+    return loss_rows, hits, grad_hidden, grad_weight, grad_bias
+
+
+@torch.library.custom_op("beitfast::lm_cross_entropy_reduced", mutates_args=())
+def _fused_reduced(
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], row_labels: Tensor, source_rows: Optional[Tensor],
+    row_count: Optional[Tensor], row_scale: Tensor, ignore_index: int, dtype: torch.dtype, backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(sum(row_scale * loss_rows), hits, dloss/dhidden, dloss/dweight, dloss/dbias)``."""
+    _count_invalid_labels(row_labels, ignore_index, weight.shape[0])
+    loss_rows, hits, grad_hidden, grad_weight, grad_bias = _chunked(
+        backend, hidden, weight, bias, row_labels, source_rows, row_count, row_scale, ignore_index, dtype
+    )
+    return loss_rows.sum() * row_scale, hits, grad_hidden, grad_weight, grad_bias
+
+
+@_fused_reduced.register_fake
+def _(hidden, weight, bias, row_labels, source_rows, row_count, row_scale, ignore_index, dtype, backend):
+    grad_bias = bias.new_empty(bias.shape) if bias is not None else weight.new_empty(0, dtype=torch.float32)
+    return (
+        hidden.new_empty((), dtype=torch.float32), row_labels.new_empty(row_labels.shape, dtype=torch.bool),
+        hidden.new_empty(hidden.shape), weight.new_empty(weight.shape), grad_bias,
+    )
+
+
+def _reduced_setup_context(ctx, inputs, output):
+    ctx.has_bias = inputs[2] is not None
+    ctx.scaled = False
+    ctx.save_for_backward(*output[2:])
+    ctx.mark_non_differentiable(*output[1:])
+    # The gradient outputs get no gradient: no [B, N, D] and [V, D] zeros for them in the backward.
+    ctx.set_materialize_grads(False)
+
+
+def _reduced_backward(ctx, grad_loss, *_):
+    # In place: a copy of dhidden ([B, N, D]) and dweight would double the gradients' memory.
+    if ctx.scaled:
+        raise RuntimeError(
+            "masked_lm_cross_entropy: the fused backends scale their saved gradient in place, so their "
+            "graph cannot be backpropagated twice (retain_graph); use backend='eager' for that"
+        )
+    ctx.scaled = True
+    grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+    grad_hidden.mul_(grad_loss)
+    grad_weight.mul_(grad_loss)
+    if ctx.has_bias:
+        grad_bias.mul_(grad_loss)
+    return (
+        grad_hidden, grad_weight, grad_bias if ctx.has_bias else None,
+        None, None, None, None, None, None, None,
+    )
+
+
+_fused_reduced.register_autograd(_reduced_backward, setup_context=_reduced_setup_context)
+
+
+@torch.library.custom_op("beitfast::lm_cross_entropy_rows", mutates_args=())
+def _fused_rows(
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], row_labels: Tensor, source_rows: Optional[Tensor],
+    row_count: Optional[Tensor], ignore_index: int, dtype: torch.dtype, backend: str,
+) -> tuple[Tensor, Tensor]:
+    """Per-row loss ``[R]`` and argmax hit ``[R]``, no gradient work."""
+    _count_invalid_labels(row_labels, ignore_index, weight.shape[0])
+    loss_rows, hits, *_ = _chunked(
+        backend, hidden, weight, bias, row_labels, source_rows, row_count, None, ignore_index, dtype
+    )
+    return loss_rows, hits
+
+
+@_fused_rows.register_fake
+def _(hidden, weight, bias, row_labels, source_rows, row_count, ignore_index, dtype, backend):
+    loss_rows = hidden.new_empty(row_labels.shape, dtype=torch.float32)
+    return loss_rows, row_labels.new_empty(row_labels.shape, dtype=torch.bool)
+
+
+def _rows_setup_context(ctx, inputs, output):
+    hidden, weight, bias, row_labels, source_rows, row_count, ignore_index, dtype, backend = inputs
+    ctx.save_for_backward(hidden, weight, bias, row_labels, source_rows, row_count)
+    ctx.ignore_index, ctx.dtype, ctx.backend = ignore_index, dtype, backend
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
+
+
+def _rows_backward(ctx, grad_rows, _):
+    hidden, weight, bias, row_labels, source_rows, row_count = ctx.saved_tensors
+    _, _, grad_hidden, grad_weight, grad_bias = _chunked(
+        ctx.backend, hidden, weight, bias, row_labels, source_rows, row_count, grad_rows.float().contiguous(),
+        ctx.ignore_index, ctx.dtype,
+    )
+    return (grad_hidden, grad_weight, grad_bias if bias is not None else None,
+            None, None, None, None, None, None)
+
+
+_fused_rows.register_autograd(_rows_backward, setup_context=_rows_setup_context)
+
+
+def _fused(backend, hidden, weight, bias, labels, mask, ignore_index, reduction):
+    plan = plan_rows(labels, mask, ignore_index, weight.shape[0])
+    dtype = compute_dtype(hidden)
+    args = (hidden, weight, bias, plan.row_labels, plan.source_rows, plan.row_count)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias)
+    )
+    if reduction == "none" or not needs_grad:
+        loss_rows, hits = _fused_rows(*args, ignore_index, dtype, backend)
+        return _finish(loss_rows, hits, plan, reduction)
+    if reduction == "mean":
+        row_scale = plan.counted.sum().clamp(min=1).float().reciprocal()
+    else:
+        row_scale = torch.ones((), device=hidden.device)
+    loss, hits, *_ = _fused_reduced(*args, row_scale, ignore_index, dtype, backend)
+    return loss, hit_rate(hits, plan.counted)
 
 
 def _triton_check(hidden, weight, bias, **_) -> list[str]:
@@ -244,24 +419,7 @@ def _triton_check(hidden, weight, bias, **_) -> list[str]:
 
 @dispatch.register(OP, "triton", _triton_check, dispatch.needs_package("triton"))
 def cross_entropy_triton(hidden, weight, bias, labels, mask, ignore_index, reduction):
-    # Imported here so `import beitfast` does not load Triton; torch.compile traces this import.
-    from ..kernels import cross_entropy as kernels
-
-    plan = plan_rows(labels, mask, ignore_index)
-    loss_rows, hits = kernels.lm_cross_entropy(
-        hidden, weight, bias, plan.row_labels, plan.source_rows, ignore_index, compute_dtype(hidden)
-    )
-    return _finish(loss_rows, hits, plan, reduction)
-
-
-# ---------------------------------------------------------------------------------------------------
-# cuda: beitfast::lm_cross_entropy_chunked (csrc/cross_entropy_cuda.cu) under two custom ops.
-#
-# `lm_cross_entropy_cuda_reduced` (mean/sum with gradients): the chunked op computes the gradient of
-# the reduced loss in the forward, for grad_output = 1; the backward only scales it. The scale of a row
-# (1 / count for mean) is a device tensor, so no sync either.
-# `lm_cross_entropy_cuda_rows` (reduction "none", or no gradient needed): forward only; its backward
-# reruns the chunked op with the incoming per-row gradients as the row scales.
+    return _fused("triton", hidden, weight, bias, labels, mask, ignore_index, reduction)
 
 
 def _cuda_check(hidden, weight, bias, **_) -> list[str]:
@@ -271,107 +429,6 @@ def _cuda_check(hidden, weight, bias, **_) -> list[str]:
     return reasons
 
 
-def _chunked(hidden, weight, bias, row_labels, source_rows, row_count, row_scale, ignore_index, dtype):
-    """The C++ op on an ``[M, D]`` or ``[B, N, D]`` hidden. Gradients (of ``sum(row_scale * loss_rows)``)
-    only when ``row_scale`` is given, else empty tensors."""
-    h3 = hidden if hidden.dim() == 3 else hidden.unsqueeze(0)
-    loss_rows, hits, grad_hidden, grad_weight, grad_bias = torch.ops.beitfast.lm_cross_entropy_chunked(
-        h3, weight, bias, row_labels, source_rows, row_count, row_scale, ignore_index, dtype
-    )
-    if row_scale is not None:
-        grad_hidden = grad_hidden.view(hidden.shape)
-    return loss_rows, hits, grad_hidden, grad_weight, grad_bias
-
-
-@torch.library.custom_op("beitfast::lm_cross_entropy_cuda_reduced", mutates_args=())
-def _cuda_reduced(
-    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], row_labels: Tensor, source_rows: Optional[Tensor],
-    row_count: Optional[Tensor], row_scale: Tensor, ignore_index: int, dtype: torch.dtype,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(sum(row_scale * loss_rows), hits, dloss/dhidden, dloss/dweight, dloss/dbias)``."""
-    loss_rows, hits, grad_hidden, grad_weight, grad_bias = _chunked(
-        hidden, weight, bias, row_labels, source_rows, row_count, row_scale, ignore_index, dtype
-    )
-    return loss_rows.sum() * row_scale, hits, grad_hidden, grad_weight, grad_bias
-
-
-@_cuda_reduced.register_fake
-def _(hidden, weight, bias, row_labels, source_rows, row_count, row_scale, ignore_index, dtype):
-    grad_bias = bias.new_empty(bias.shape) if bias is not None else weight.new_empty(0)
-    return (
-        hidden.new_empty((), dtype=torch.float32), row_labels.new_empty(row_labels.shape, dtype=torch.bool),
-        hidden.new_empty(hidden.shape), weight.new_empty(weight.shape), grad_bias,
-    )
-
-
-def _reduced_setup_context(ctx, inputs, output):
-    ctx.has_bias = inputs[2] is not None
-    ctx.save_for_backward(*output[2:])
-    ctx.mark_non_differentiable(*output[1:])
-
-
-def _reduced_backward(ctx, grad_loss, *_):
-    grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
-    return (
-        grad_hidden * grad_loss, grad_weight * grad_loss, grad_bias * grad_loss if ctx.has_bias else None,
-        None, None, None, None, None, None,
-    )
-
-
-_cuda_reduced.register_autograd(_reduced_backward, setup_context=_reduced_setup_context)
-
-
-@torch.library.custom_op("beitfast::lm_cross_entropy_cuda_rows", mutates_args=())
-def _cuda_rows(
-    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], row_labels: Tensor, source_rows: Optional[Tensor],
-    row_count: Optional[Tensor], ignore_index: int, dtype: torch.dtype,
-) -> tuple[Tensor, Tensor]:
-    """Per-row loss ``[R]`` and argmax hit ``[R]``, no gradient work."""
-    loss_rows, hits, *_ = _chunked(
-        hidden, weight, bias, row_labels, source_rows, row_count, None, ignore_index, dtype
-    )
-    return loss_rows, hits
-
-
-@_cuda_rows.register_fake
-def _(hidden, weight, bias, row_labels, source_rows, row_count, ignore_index, dtype):
-    loss_rows = hidden.new_empty(row_labels.shape, dtype=torch.float32)
-    return loss_rows, row_labels.new_empty(row_labels.shape, dtype=torch.bool)
-
-
-def _rows_setup_context(ctx, inputs, output):
-    hidden, weight, bias, row_labels, source_rows, row_count, ignore_index, dtype = inputs
-    ctx.save_for_backward(hidden, weight, bias, row_labels, source_rows, row_count)
-    ctx.ignore_index, ctx.dtype = ignore_index, dtype
-    ctx.mark_non_differentiable(output[1])
-
-
-def _rows_backward(ctx, grad_rows, _):
-    hidden, weight, bias, row_labels, source_rows, row_count = ctx.saved_tensors
-    _, _, grad_hidden, grad_weight, grad_bias = _chunked(
-        hidden, weight, bias, row_labels, source_rows, row_count, grad_rows.float().contiguous(),
-        ctx.ignore_index, ctx.dtype,
-    )
-    return grad_hidden, grad_weight, grad_bias if bias is not None else None, None, None, None, None, None
-
-
-_cuda_rows.register_autograd(_rows_backward, setup_context=_rows_setup_context)
-
-
 @dispatch.register(OP, "cuda", _cuda_check, _ext.available("lm_cross_entropy_chunked", "cuda"))
 def cross_entropy_cuda(hidden, weight, bias, labels, mask, ignore_index, reduction):
-    plan = plan_rows(labels, mask, ignore_index)
-    dtype = compute_dtype(hidden)
-    args = (hidden, weight, bias, plan.row_labels, plan.source_rows, plan.row_count)
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (hidden, weight, bias)
-    )
-    if reduction == "none" or not needs_grad:
-        loss_rows, hits = _cuda_rows(*args, ignore_index, dtype)
-        return _finish(loss_rows, hits, plan, reduction)
-    if reduction == "mean":
-        row_scale = plan.counted.sum().clamp(min=1).float().reciprocal()
-    else:
-        row_scale = torch.ones((), device=hidden.device)
-    loss, hits, *_ = _cuda_reduced(*args, row_scale, ignore_index, dtype)
-    return loss, hit_rate(hits, plan.counted)
+    return _fused("cuda", hidden, weight, bias, labels, mask, ignore_index, reduction)
