@@ -108,6 +108,10 @@ class BEiTConfig:
     init_scale: float = 0.001  # scales the classifier's initial weights (official fine-tuning)
     layer_norm_eps: float = 1e-6
     kernels: str = "auto"  # "auto" or a backend name for every fused op
+    # The step around the fused ops (none changes parameters or state dicts; README "Fast step"):
+    fuse_blocks: str = "auto"  # "compile": each block through Inductor; "off"; "auto": compile on CUDA
+    residual_dtype: str = "float32"  # "float32" (official) or "autocast": the residual stream's dtype
+    checkpoint_blocks: int = 0  # recompute the activations of the first n blocks in backward; -1: all
 
     def __post_init__(self) -> None:
         owner = "BEiTConfig"
@@ -135,14 +139,22 @@ class BEiTConfig:
              f"img_size {h}x{w} is not divisible by patch_size {self.patch_size}"),
             (self.embed_dim % self.num_heads == 0,
              f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}"),
-            (int(self.embed_dim * self.mlp_ratio) >= 1,
-             f"mlp_ratio {self.mlp_ratio} leaves the MLP no units (int(embed_dim * mlp_ratio) = 0)"),
+            (1 <= self.embed_dim * self.mlp_ratio < math.inf,
+             f"mlp_ratio must give the MLP int(embed_dim * mlp_ratio) >= 1 units (and finitely many), "
+             f"got int({self.embed_dim} * {self.mlp_ratio})"),
             (not (self.use_rel_pos_bias and self.use_shared_rel_pos_bias),
              "use_rel_pos_bias (per layer) and use_shared_rel_pos_bias exclude each other"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"BEiTConfig: {message}")
+        self._check_fast_step()
+
+    def _check_fast_step(self) -> None:
+        owner = "BEiTConfig"
+        check_choice(owner, "fuse_blocks", self.fuse_blocks, ("auto", "compile", "off"))
+        check_choice(owner, "residual_dtype", self.residual_dtype, ("float32", "autocast"))
+        self.checkpoint_blocks = check_int(owner, "checkpoint_blocks", self.checkpoint_blocks, -1)
 
     @property
     def image_hw(self) -> tuple[int, int]:

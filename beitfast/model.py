@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from . import ops
 from .config import BEiTConfig
@@ -54,13 +56,14 @@ def trunc_normal_(tensor: torch.Tensor, std: float) -> torch.Tensor:
     return tensor
 
 
-def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
-    """Stochastic depth: drop the whole residual branch of a sample with probability ``rate``."""
+def drop_path_scale(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor | None:
+    """Stochastic depth: the per-sample factor ``[B, 1, ..., 1]`` of a residual branch, 0 (dropped,
+    probability ``rate``) or ``1 / (1 - rate)``; None when nothing is dropped."""
     if rate == 0.0 or not training:
-        return x
+        return None
     keep = 1.0 - rate
     shape = (x.shape[0],) + (1,) * (x.dim() - 1)
-    return x * x.new_empty(shape).bernoulli_(keep).div_(keep)
+    return x.new_empty(shape, dtype=torch.float32).bernoulli_(keep).div_(keep)
 
 
 class RelativePositionBias(nn.Module):
@@ -113,7 +116,13 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: BEiTConfig, drop_path_rate: float):
+    """Pre-norm Transformer block with layer scale and drop path (the official ``Block``).
+
+    The fast step (``BEiTConfig.fuse_blocks``, ``residual_dtype``, ``checkpoint_blocks``) changes how
+    the block runs, never its parameters: see :meth:`body`.
+    """
+
+    def __init__(self, config: BEiTConfig, drop_path_rate: float, checkpointed: bool = False):
         super().__init__()
         dim = config.embed_dim
         self.norm1 = nn.LayerNorm(dim, eps=config.layer_norm_eps)
@@ -121,6 +130,9 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=config.layer_norm_eps)
         self.mlp = Mlp(dim, int(dim * config.mlp_ratio))
         self.drop_path_rate = drop_path_rate
+        self.fuse = config.fuse_blocks
+        self.residual_in_autocast_dtype = config.residual_dtype == "autocast"
+        self.checkpointed = checkpointed
         if config.layer_scale_init_value > 0:
             self.gamma_1 = nn.Parameter(torch.full((dim,), float(config.layer_scale_init_value)))
             self.gamma_2 = nn.Parameter(torch.full((dim,), float(config.layer_scale_init_value)))
@@ -128,10 +140,65 @@ class Block(nn.Module):
             self.gamma_1 = self.gamma_2 = None
 
     def forward(self, x, rel_index, shared_table=None):
-        y = self.attn(self.norm1(x), rel_index, shared_table)
-        x = x + drop_path(y if self.gamma_1 is None else self.gamma_1 * y, self.drop_path_rate, self.training)
-        y = self.mlp(self.norm2(x))
-        return x + drop_path(y if self.gamma_2 is None else self.gamma_2 * y, self.drop_path_rate, self.training)
+        # Drop-path factors are drawn here, outside a compiled body, in the order of the plain block
+        # (attention branch, then MLP branch): the same random stream, and one compiled graph serves
+        # every block whatever its rate.
+        scale_1 = drop_path_scale(x, self.drop_path_rate, self.training)
+        scale_2 = drop_path_scale(x, self.drop_path_rate, self.training)
+        body = self.body
+        if self._fused(x):
+            body = functools.partial(_compiled_block_body(), self)
+        if self.checkpointed and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(body, x, rel_index, shared_table, scale_1, scale_2,
+                                                     use_reentrant=False)
+        return body(x, rel_index, shared_table, scale_1, scale_2)
+
+    def _fused(self, x: torch.Tensor) -> bool:
+        if torch.compiler.is_compiling():  # inside a compiled model: Inductor fuses the plain body
+            return False
+        return self.fuse == "compile" or (self.fuse == "auto" and x.is_cuda)
+
+    def body(self, x, rel_index, shared_table, scale_1, scale_2):
+        """The block on a residual stream ``x`` with drop-path factors ``scale_1``, ``scale_2``.
+
+        Under autocast the LayerNorm outputs are cast to the autocast dtype, which the next linear
+        layer does anyway (same numerics; a fused LayerNorm then writes 16-bit activations). The
+        residual stream stays float32 as in the official code (``gamma * y`` promotes) unless
+        ``residual_dtype="autocast"``; the branch ``gamma * y * scale`` is computed in float32 either
+        way and rounded once when added to a 16-bit stream.
+        """
+        compute = _autocast_dtype(x)
+        keep = self.residual_in_autocast_dtype and compute is not None
+        if keep:
+            x = x.to(compute)
+        h = self.norm1(x)
+        y = self.attn(h if compute is None else h.to(compute), rel_index, shared_table)
+        x = _residual_add(x, y, self.gamma_1, scale_1, keep)
+        h = self.norm2(x)
+        y = self.mlp(h if compute is None else h.to(compute))
+        return _residual_add(x, y, self.gamma_2, scale_2, keep)
+
+
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+
+def _residual_add(x, y, gamma, scale, keep_dtype: bool):
+    """``x + drop_path(gamma * y)``: layer scale, stochastic depth and the residual add (one fused
+    kernel when compiled), in the promoted dtype (official) or, with ``keep_dtype``, in ``x``'s."""
+    branch = y if gamma is None else gamma * y
+    if scale is not None:
+        branch = branch * scale
+    return x + branch.to(x.dtype) if keep_dtype else x + branch
+
+
+@functools.cache
+def _compiled_block_body():
+    """``Block.body`` through Inductor, shared by every block (parameters are graph inputs): LayerNorm
+    with its cast, bias + GELU, and layer scale + drop path + residual become one kernel each; the
+    fused ops stay single nodes."""
+    return torch.compile(Block.body, fullgraph=True)
 
 
 class PatchEmbed(nn.Module):
@@ -175,7 +242,8 @@ class BEiT(nn.Module):
         self.register_buffer("rel_pos_index", relative_position_index(config.grid), persistent=False)
         # On the CPU explicitly: models built on the meta device (checkpoint loading) need real values here.
         rates = torch.linspace(0, config.drop_path_rate, config.depth, device="cpu").tolist()
-        self.blocks = nn.ModuleList(Block(config, rate) for rate in rates)
+        checkpointed = config.depth if config.checkpoint_blocks < 0 else config.checkpoint_blocks
+        self.blocks = nn.ModuleList(Block(config, rate, i < checkpointed) for i, rate in enumerate(rates))
         pooled_norm = config.use_mean_pooling and config.vocab_size == 0
         self.norm = nn.Identity() if pooled_norm else nn.LayerNorm(dim, eps=config.layer_norm_eps)
         self.fc_norm = nn.LayerNorm(dim, eps=config.layer_norm_eps) if pooled_norm else None
