@@ -50,7 +50,7 @@ from .model import BEiT
 __all__ = [
     "TrainConfig", "Trainer", "NonFiniteLossError", "cosine_schedule", "layer_id", "param_groups",
     "MaskedImageModeling", "Classification", "pretrain", "classifier_from_pretrained", "evaluate",
-    "setup_distributed", "plot_metrics", "CHECKPOINT_NAME", "METRICS_NAME", "PLOT_NAME",
+    "setup_distributed", "plot_metrics", "float8_training", "CHECKPOINT_NAME", "METRICS_NAME", "PLOT_NAME",
 ]
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -89,6 +89,11 @@ class TrainConfig:
     parallel: str = "ddp"  # under torchrun: "ddp" or "fsdp"
     progress: bool = True
     resume: str | None = "auto"  # "auto": the output folder's checkpoint if any; a path; None
+    # The fast step (README "Fast step"; the model's own options are in BEiTConfig):
+    fused_optimizer: bool = True  # AdamW's fused kernel (one launch for every parameter; CPU and CUDA)
+    compile: bool = False  # torch.compile the whole model
+    cuda_graphs: bool = False  # compile with CUDA graphs (mode "reduce-overhead"): fixed shapes, CUDA only
+    fp8: bool = False  # float8 training of the blocks' linear layers (torchao, rowwise scaling), CUDA >= sm_89
 
     def __post_init__(self) -> None:
         owner = "TrainConfig"
@@ -336,12 +341,36 @@ def plot_metrics(metrics_path: str | os.PathLike, png_path: str | os.PathLike) -
     write_bytes_atomically(Path(png_path), buffer.getvalue())
 
 
+def float8_training(model: BEiT, device: torch.device) -> None:
+    """Swap the linear layers of the blocks for torchao's float8 training layers (rowwise scaling:
+    a scale per row of each operand), in place. Needs a CUDA GPU of compute capability 8.9 or more
+    (Ada, Hopper) and torchao; the LM head (inside the fused loss) and the patch projection stay."""
+    if device.type != "cuda":
+        raise ValueError(f"fp8: float8 linear layers need a CUDA GPU of compute capability >= 8.9 (Ada, "
+                         f"Hopper); this run is on {device}, where there are no float8 matrix units")
+    capability = torch.cuda.get_device_capability(device)
+    if capability < (8, 9):
+        raise ValueError(f"fp8: float8 linear layers need compute capability >= 8.9, "
+                         f"{torch.cuda.get_device_name(device)} has {capability[0]}.{capability[1]}")
+    try:
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    except ImportError as error:
+        raise ImportError(f"fp8: needs torchao (pip install torchao): {error}") from error
+
+    def in_blocks(module, name):  # float8 GEMMs need both dimensions divisible by 16
+        return name.startswith("blocks.") and module.in_features % 16 == 0 and module.out_features % 16 == 0
+
+    convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name("rowwise"),
+                               module_filter_fn=in_blocks)
+
+
 # -- the trainer -----------------------------------------------------------------------------------
 
 
 def _architecture(config: BEiTConfig | dict) -> dict:
     values = config.to_dict() if isinstance(config, BEiTConfig) else dict(config)
-    values.pop("kernels", None)  # the kernel choice does not change the function
+    for how in ("kernels", "fuse_blocks", "residual_dtype", "checkpoint_blocks"):
+        values.pop(how, None)  # how the model runs, not what it computes
     values["img_size"] = list(values["img_size"]) if isinstance(values["img_size"], (list, tuple)) else values["img_size"]
     return values
 
@@ -377,11 +406,15 @@ class Trainer:
         if config.linear_probe:
             for name, param in model.named_parameters():
                 param.requires_grad_(name.startswith("head."))
+        if config.cuda_graphs and self.device.type != "cuda":
+            raise ValueError(f"TrainConfig: cuda_graphs needs a CUDA device, this run is on {self.device}")
+        if config.fp8:
+            float8_training(model, self.device)
         self.wrapped = self._wrap(model)
         self.groups = param_groups(model, config.weight_decay, config.layer_decay)
         self.optimizer = torch.optim.AdamW(
             [{k: v for k, v in g.items() if k != "names"} for g in self.groups],
-            lr=config.lr, betas=config.betas, eps=config.eps,
+            lr=config.lr, betas=config.betas, eps=config.eps, fused=config.fused_optimizer,
         )
         self.params = [p for g in self.groups for p in g["params"]]
         self.checkpoint_path = self.output / CHECKPOINT_NAME
@@ -390,18 +423,24 @@ class Trainer:
         self.step = 0
 
     def _wrap(self, model: BEiT):
-        if not self.ctx.enabled:
-            return model
-        if self.config.parallel == "fsdp":
+        """DDP or FSDP under torchrun, then torch.compile when asked (compile goes outside DDP)."""
+        wrapped = model
+        if self.ctx.enabled and self.config.parallel == "fsdp":
             from torch.distributed.fsdp import fully_shard
 
-            for block in model.blocks:
+            for block in model.blocks:  # each block's parameters gathered just before it runs
                 fully_shard(block)
-            return fully_shard(model)
-        from torch.nn.parallel import DistributedDataParallel
+            wrapped = fully_shard(model)
+        elif self.ctx.enabled:
+            from torch.nn.parallel import DistributedDataParallel
 
-        device_ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=device_ids)
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            wrapped = DistributedDataParallel(model, device_ids=device_ids)
+        if self.config.cuda_graphs:
+            return torch.compile(wrapped, mode="reduce-overhead")
+        if self.config.compile:
+            return torch.compile(wrapped)
+        return wrapped
 
     # -- checkpoints -------------------------------------------------------------------------------
 
@@ -523,6 +562,8 @@ class Trainer:
         return iter(loader)
 
     def _train_step(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.config.cuda_graphs:  # the previous step's graph outputs may be overwritten from here on
+            torch.compiler.cudagraph_mark_step_begin()
         batch = tuple(t.to(self.device, non_blocking=True) for t in batch)
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
         with autocast:
