@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance
 
+from . import _ext
 from .masking import MaskingGenerator
 
 __all__ = [
@@ -31,6 +32,9 @@ __all__ = [
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# ColorJitter's operations, in the order of torchvision's (and PIL's ImageEnhance classes).
+JITTER_OPERATIONS = ("brightness", "contrast", "saturation")
+_ENHANCERS = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
@@ -68,25 +72,57 @@ def random_resized_crop_box(
     return (width - w) // 2, (height - h) // 2, w, h
 
 
+def draw_jitter(strength: float, rng: random.Random) -> list[tuple[int, float]]:
+    """The draws of ColorJitter(strength, strength, strength): ``[(operation, factor)]`` in the order
+    they apply, operations being indices into ``JITTER_OPERATIONS`` and factors drawn from
+    ``[1 - strength, 1 + strength]``; empty when ``strength <= 0``."""
+    if strength <= 0:
+        return []
+    operations = list(range(len(JITTER_OPERATIONS)))
+    rng.shuffle(operations)
+    return [(op, rng.uniform(max(0.0, 1 - strength), 1 + strength)) for op in operations]
+
+
+def apply_color_jitter(image: Image.Image, jitter: list[tuple[int, float]], grey_mean: float | None = None
+                       ) -> Image.Image:
+    """``draw_jitter``'s draws applied to an RGB image with PIL's ImageEnhance operations.
+
+    ``grey_mean``: for a view cut from a larger image, the grey mean (0-255) of that whole image before
+    the jitter, which contrast blends towards (carried through the brightness factors applied before
+    it, without clipping); None: the image's own mean, as ImageEnhance.Contrast computes it."""
+    brightness = 1.0
+    for op, factor in jitter:
+        if op == JITTER_OPERATIONS.index("contrast") and grey_mean is not None:
+            mean = int(min(grey_mean * brightness, 255) + 0.5)
+            image = Image.blend(Image.new("RGB", image.size, (mean,) * 3), image, factor)
+        else:
+            image = _ENHANCERS[op](image).enhance(factor)
+        if op == JITTER_OPERATIONS.index("brightness"):
+            brightness *= factor
+    return image
+
+
 def color_jitter(image: Image.Image, strength: float, rng: random.Random) -> Image.Image:
     """ColorJitter(strength, strength, strength): brightness, contrast and saturation factors drawn
     from ``[1 - strength, 1 + strength]`` and applied in a random order."""
-    if strength <= 0:
-        return image
-    enhancers = [ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color]
-    rng.shuffle(enhancers)
-    for enhancer in enhancers:
-        image = enhancer(image).enhance(rng.uniform(max(0.0, 1 - strength), 1 + strength))
-    return image
+    return apply_color_jitter(image, draw_jitter(strength, rng))
+
+
+def draw_flip_and_box(width: int, height: int, rng: random.Random, flip: bool, scale, ratio
+                      ) -> tuple[bool, tuple[int, int, int, int]]:
+    """The draws of RandomHorizontalFlip (when ``flip``) then RandomResizedCrop: whether the image is
+    flipped, and the crop ``(left, top, w, h)`` in the flipped image."""
+    flipped = flip and rng.random() < 0.5
+    return flipped, random_resized_crop_box(width, height, rng, scale, ratio)
 
 
 def flip_and_crop_box(image: Image.Image, rng: random.Random, flip: bool, scale, ratio
                       ) -> tuple[Image.Image, tuple[int, int, int, int]]:
     """RandomHorizontalFlip (when ``flip``), then a RandomResizedCrop box ``(left, top, right, bottom)``
     for ``image.resize(..., box=box)``."""
-    if flip and rng.random() < 0.5:
+    flipped, (left, top, w, h) = draw_flip_and_box(image.width, image.height, rng, flip, scale, ratio)
+    if flipped:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    left, top, w, h = random_resized_crop_box(image.width, image.height, rng, scale, ratio)
     return image, (left, top, left + w, top + h)
 
 
@@ -138,6 +174,13 @@ class TwoViewTransform:
         """The tokenizer view alone (same augmentation)."""
         return self._tokenizer_view(*self._augment(image, rng))
 
+    def draw(self, width: int, height: int, rng: random.Random
+             ) -> tuple[list[tuple[int, float]], bool, tuple[int, int, int, int]]:
+        """The random choices ``__call__`` makes for a ``width`` x ``height`` image with ``rng``, in the
+        same order: ``(jitter, flipped, (left, top, w, h))`` (``draw_jitter``, ``draw_flip_and_box``)."""
+        jitter = draw_jitter(self.jitter, rng)
+        return (jitter, *draw_flip_and_box(width, height, rng, self.flip, self.scale, self.ratio))
+
 
 class ClassifyTransform:
     """Fine-tuning augmentation: RandomResizedCrop (bicubic) and flip, normalised. ``scale=(1, 1)``
@@ -172,15 +215,79 @@ class EvalTransform:
 # -- image sources ---------------------------------------------------------------------------------
 
 
+class DecodeError(Exception):
+    """An image could not be decoded; raised by a sample maker that decodes its own images (its cause
+    is the decoder's error). The stream skips the image, counted by the source."""
+
+
 class ImageSource(Protocol):
-    """What a stream reads: ``len(source)`` images, ``source.load(i)`` a PIL image or None if it
-    cannot be decoded; ``source.labels`` a class index per image, or None."""
+    """What a stream reads: ``len(source)`` images; ``source.load(i)`` the decoded RGB image, or None
+    if it cannot be decoded; ``source.open(i)`` the image opened but not yet decoded (so that a fast
+    path can ask a JPEG decoder for a reduced size first), or None; ``source.reject(i, error)``
+    records an image that failed to decode after ``open``; ``source.labels`` a class index per
+    image, or None."""
 
     labels: Sequence[int] | None
 
     def __len__(self) -> int: ...
 
     def load(self, index: int) -> Image.Image | None: ...
+
+    def open(self, index: int) -> Image.Image | None: ...
+
+    def reject(self, index: int, error: Exception) -> None: ...
+
+
+def decode_rgb(image: Image.Image) -> Image.Image:
+    """The pixels of an opened image, as RGB (decodes now; PIL decodes lazily)."""
+    image.load()
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+class ImageFiles:
+    """Shared by sources of encoded images: ``load`` = ``open`` + decode, undecodable images skipped
+    (``load`` and ``open`` return None), counted in ``skipped`` and named in a warning. Subclasses
+    implement ``_open(index)``, returning a lazily decoding PIL image."""
+
+    def __init__(self):
+        self.bad: set[int] = set()
+
+    @property
+    def skipped(self) -> int:
+        return len(self.bad)
+
+    def _name(self, index: int) -> str:
+        raise NotImplementedError
+
+    def _open(self, index: int) -> Image.Image:
+        raise NotImplementedError
+
+    def reject(self, index: int, error: Exception) -> None:
+        self.bad.add(index)
+        warnings.warn(
+            f"{type(self).__name__}: skipping {self._name(index)!r} ({type(error).__name__}: {error}); "
+            f"{self.skipped} undecodable image(s) skipped so far",
+            stacklevel=3,
+        )
+
+    def open(self, index: int) -> Image.Image | None:
+        if index in self.bad:
+            return None
+        try:
+            return self._open(index)
+        except Exception as error:  # PIL raises many types for corrupt files
+            self.reject(index, error)
+            return None
+
+    def load(self, index: int) -> Image.Image | None:
+        image = self.open(index)
+        if image is None:
+            return None
+        try:
+            return decode_rgb(image)  # PIL closes a file it opened once the pixels are read
+        except Exception as error:
+            self.reject(index, error)
+            return None
 
 
 class ImageList:
@@ -200,8 +307,13 @@ class ImageList:
     def load(self, index: int) -> Image.Image:
         return self.images[index]
 
+    open = load
 
-class ImageFolder:
+    def reject(self, index: int, error: Exception) -> None:
+        raise RuntimeError(f"ImageList: image {index} is in memory, yet failed to decode") from error
+
+
+class ImageFolder(ImageFiles):
     """Every image under ``root`` (recursive, extensions in ``IMAGE_EXTENSIONS``, sorted paths).
 
     With ``labelled=True`` the first-level sub-folders are the classes (ImageNet layout). Files that
@@ -209,6 +321,7 @@ class ImageFolder:
     """
 
     def __init__(self, root: str | os.PathLike, labelled: bool = False, extensions=IMAGE_EXTENSIONS):
+        super().__init__()
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"ImageFolder: data folder {str(self.root)!r} does not exist or is not a folder")
@@ -227,29 +340,15 @@ class ImageFolder:
                 raise ValueError(f"ImageFolder: labelled data needs class sub-folders under {str(self.root)!r}")
             index = {name: i for i, name in enumerate(self.classes)}
             self.labels = [index[p.relative_to(self.root).parts[0]] for p in self.paths]
-        self.bad: set[int] = set()
-
-    @property
-    def skipped(self) -> int:
-        return len(self.bad)
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def load(self, index: int) -> Image.Image | None:
-        if index in self.bad:
-            return None
-        try:
-            with Image.open(self.paths[index]) as image:
-                return image.convert("RGB")
-        except Exception as error:  # PIL raises many types for corrupt files
-            self.bad.add(index)
-            warnings.warn(
-                f"ImageFolder: skipping {str(self.paths[index])!r} ({type(error).__name__}: {error}); "
-                f"{self.skipped} undecodable image(s) skipped so far",
-                stacklevel=2,
-            )
-            return None
+    def _name(self, index: int) -> str:
+        return str(self.paths[index])
+
+    def _open(self, index: int) -> Image.Image:
+        return Image.open(self.paths[index])
 
 
 # Real colour photographs shipped with scikit-image, and two grey ones (converted to RGB).
@@ -307,7 +406,11 @@ def masking_for(grid: tuple[int, int], mask_ratio: float = 0.4, min_num_patches:
 class BatchStream(torch.utils.data.IterableDataset):
     """An endless stream of batches; batch ``step`` is ``make_sample(image, label, rng, key)`` over the
     global batch positions this rank owns, ``rng`` being a ``random.Random`` seeded by
-    ``(seed, step, position)``.
+    ``(seed, step, position)``, collated by ``make_sample.collate(samples, seed, step, positions)``
+    when it has one (else each part is stacked).
+
+    A sample maker with ``decodes = True`` gets the image opened but not decoded (``source.open``)
+    and raises ``DecodeError`` when it cannot decode it.
 
     Images are visited in a fresh random permutation every epoch (of the source). Iterating yields the
     batches of ``start_step, start_step + 1, ...``; DataLoader workers take every ``num_workers``-th
@@ -337,17 +440,25 @@ class BatchStream(torch.utils.data.IterableDataset):
             self._permutation = (epoch, order)
         return self._permutation[1]
 
-    def _image(self, index: int) -> tuple[Image.Image, int | None]:
+    def _sample(self, step: int, position: int):
         n = len(self.source)
-        epoch, position = divmod(index, n)
+        epoch, offset_in_epoch = divmod(step * self.batch_size + position, n)
         order = self._order(epoch)
-        # An undecodable image is replaced by the next decodable one of the same permutation.
+        decodes = getattr(self.make_sample, "decodes", False)
+        # An undecodable image is replaced by the next decodable one of the same permutation; the
+        # random draws restart, so the replacement gets the draws the first image would have had.
         for offset in range(n):
-            i = order[(position + offset) % n]
-            image = self.source.load(i)
-            if image is not None:
-                labels = self.source.labels
-                return image, (None if labels is None else labels[i])
+            i = order[(offset_in_epoch + offset) % n]
+            image = self.source.open(i) if decodes else self.source.load(i)
+            if image is None:
+                continue
+            labels = self.source.labels
+            rng = random.Random(derive_seed(self.seed, step, position))
+            try:
+                return self.make_sample(image, None if labels is None else labels[i], rng,
+                                        (self.seed, step, position))
+            except DecodeError as error:
+                self.source.reject(i, error.__cause__ or error)
         raise RuntimeError(f"BatchStream: none of the {n} images of the data set can be decoded")
 
     def batch(self, step: int, limit: int | None = None) -> tuple[torch.Tensor, ...]:
@@ -355,11 +466,11 @@ class BatchStream(torch.utils.data.IterableDataset):
         samples (the same ones the whole part starts with)."""
         first = self.rank * self.local_batch_size
         size = self.local_batch_size if limit is None else min(limit, self.local_batch_size)
-        samples = []
-        for j in range(first, first + size):
-            image, label = self._image(step * self.batch_size + j)
-            rng = random.Random(derive_seed(self.seed, step, j))
-            samples.append(self.make_sample(image, label, rng, (self.seed, step, j)))
+        positions = range(first, first + size)
+        samples = [self._sample(step, j) for j in positions]
+        collate = getattr(self.make_sample, "collate", None)
+        if collate is not None:
+            return collate(samples, self.seed, step, positions)
         return tuple(torch.stack(parts) for parts in zip(*samples))
 
     def __iter__(self):
@@ -371,16 +482,33 @@ class BatchStream(torch.utils.data.IterableDataset):
             step += workers
 
 
+def batch_masks(masking: dict, seed: int, step: int, positions: range) -> torch.Tensor:
+    """Blockwise masks ``[len(positions), Wh * Ww]`` of the given positions of global batch ``step``.
+
+    With the native generator (``MaskingGenerator.batch``, C++), the mask at position ``j`` is draw
+    ``j`` of a generator seeded by ``(seed, step)``: each image has its own random stream, so a mask
+    depends on its position only, not on how the batch is split over ranks or workers. Without the
+    extension, one Python generator per sample, seeded by ``(seed, step, j)``.
+    """
+    if _ext.missing("blockwise_masks.out", "cpu") is None:
+        generator = MaskingGenerator(**masking, seed=derive_seed("mask", seed, step))
+        return generator.batch(positions.stop, backend="cpp")[positions.start:]
+    return torch.stack([MaskingGenerator(**masking, seed=derive_seed("mask", seed, step, j))().flatten()
+                        for j in positions])
+
+
 class PretrainSample:
-    """One pre-training sample: the two views and a blockwise mask ``[Wh * Ww]``."""
+    """One pre-training sample: the two views; a batch adds its blockwise masks ``[b, Wh * Ww]``."""
 
     def __init__(self, transform: TwoViewTransform, masking: dict):
         self.transform, self.masking = transform, masking
 
     def __call__(self, image, label, rng, key):
-        model_view, tokenizer_view = self.transform(image, rng)
-        mask = MaskingGenerator(**self.masking, seed=derive_seed("mask", *key))().flatten()
-        return model_view, tokenizer_view, mask
+        return self.transform(image, rng)
+
+    def collate(self, samples, seed: int, step: int, positions: range) -> tuple[torch.Tensor, ...]:
+        model_views, tokenizer_views = (torch.stack(parts) for parts in zip(*samples))
+        return model_views, tokenizer_views, batch_masks(self.masking, seed, step, positions)
 
 
 class ClassifySample:

@@ -1,0 +1,158 @@
+"""``beitfast bench --data``: the input pipeline alone and the tokenizer alone, one JSON line each.
+
+The images are JPEGs written from the embedded photographs (longer side ``max_side``, 500 by default:
+ImageNet's typical 500x375), read from a folder as in training. Paths:
+
+* ``pil``: today's path, ``TwoViewTransform`` (PIL; jitter on the whole image) and one Python mask
+  generator per sample; the reference;
+* ``fast-cpu``: ``FastPretrainSample`` (pipeline.py) and the native batch mask generator;
+* ``device-<type>``: ``DeviceTwoView`` on the device (nvJPEG and matrix-product resampling on a GPU),
+  fed the encoded files; measured on a GPU only unless asked for (on CPU it is a test reference).
+
+``images_per_s_per_core`` is measured in this process with one thread; ``images_per_s`` with
+``workers`` DataLoader processes of one thread each (the host paths), or as the per-core rate for the
+device path, whose host side is this one thread.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .data import (BatchStream, ImageFolder, PretrainSample, TwoViewTransform, derive_seed, embedded_photos,
+                   masking_for)
+from .pipeline import DeviceTwoView, FastPretrainSample
+
+__all__ = ["write_jpegs", "bench_paths", "bench_tokenizers"]
+
+
+def write_jpegs(folder: str | os.PathLike, max_side: int = 500, quality: int = 90) -> list[Path]:
+    """The embedded photographs as JPEG files in ``folder``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, image in enumerate(embedded_photos(max_side=max_side).images):
+        path = folder / f"photo{i:02d}.jpg"
+        image.save(path, "JPEG", quality=quality)
+        paths.append(path)
+    return paths
+
+
+def _one_thread(worker_id: int) -> None:
+    torch.set_num_threads(1)
+
+
+def _stream_rates(stream: BatchStream, batches: int, workers: int) -> tuple[float, float]:
+    """(images/s in this process with one thread, images/s with ``workers`` DataLoader processes)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        stream.batch(0)  # warm-up: lazy imports, first allocations
+        started = time.perf_counter()
+        for step in range(1, batches + 1):
+            stream.batch(step)
+        per_core = batches * stream.local_batch_size / (time.perf_counter() - started)
+    finally:
+        torch.set_num_threads(threads)
+    if workers <= 1:
+        return per_core, per_core
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
+                                         worker_init_fn=_one_thread, prefetch_factor=2)
+    iterator = iter(loader)
+    for _ in range(workers):  # every worker started and warm
+        next(iterator)
+    started = time.perf_counter()
+    for _ in range(batches * workers):
+        next(iterator)
+    total = batches * workers * stream.local_batch_size / (time.perf_counter() - started)
+    del iterator
+    return per_core, total
+
+
+def _device_rate(folder: Path, transform: TwoViewTransform, device: torch.device, batch_size: int,
+                 batches: int) -> float:
+    blobs = [path.read_bytes() for path in sorted(folder.glob("*.jpg"))]
+    device_views = DeviceTwoView(transform, device)
+
+    def run(step: int):
+        chosen = [blobs[(step * batch_size + j) % len(blobs)] for j in range(batch_size)]
+        rngs = [random.Random(derive_seed(0, step, j)) for j in range(batch_size)]
+        return device_views.views(chosen, rngs)
+
+    run(0)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    for step in range(1, batches + 1):
+        run(step)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return batches * batch_size / (time.perf_counter() - started)
+
+
+def bench_paths(batch_size: int = 32, batches: int = 4, workers: int | None = None, model_size: int = 224,
+                tokenizer_size: int = 112, patch_size: int = 16, max_side: int = 500, device: str = "cpu",
+                device_path: bool | None = None) -> list[dict]:
+    """One row per input path (see the module docstring), on the same JPEGs."""
+    workers = (os.cpu_count() or 1) if workers is None else workers
+    device = torch.device(device)
+    transform = TwoViewTransform(model_size, tokenizer_size)
+    grid = (model_size // patch_size, model_size // patch_size)
+    masking = masking_for(grid)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="beitfast-bench-") as folder:
+        folder = Path(folder)
+        write_jpegs(folder, max_side=max_side)
+        source = ImageFolder(folder)
+        for path, sample in (("pil", PretrainSample(transform, masking)),
+                             ("fast-cpu", FastPretrainSample(transform, masking))):
+            per_core, total = _stream_rates(BatchStream(source, sample, batch_size), batches, workers)
+            rows.append({"path": path, "images_per_s": total, "images_per_s_per_core": per_core,
+                         "workers": workers})
+        if device_path if device_path is not None else device.type == "cuda":
+            rate = _device_rate(folder, transform, device, batch_size, batches)
+            rows.append({"path": f"device-{device.type}", "images_per_s": rate, "images_per_s_per_core": rate,
+                         "workers": 1})
+    reference = rows[0]["images_per_s_per_core"]
+    common = {"batch_size": batch_size, "images": batch_size * batches, "model_size": model_size,
+              "tokenizer_size": tokenizer_size, "max_side": max_side, "device": _device_name(device)}
+    for row in rows:
+        row.update(common, speedup_per_core_vs_pil=row["images_per_s_per_core"] / reference)
+    return rows
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def bench_tokenizers(batch_size: int = 64, batches: int = 3, input_size: int = 112, device: str = "cpu",
+                     vocab_size: int = 8192) -> list[dict]:
+    """Tokens per second of the k-means tokenizer (8x8 patches) and the DALL-E encoder (random weights:
+    the speed does not depend on them) on random views, on ``device``."""
+    from .tokenizers import DalleTokenizer, KMeansTokenizer
+
+    device = torch.device(device)
+    images = torch.rand(batch_size, 3, input_size, input_size, device=device)
+    tokenizers = {"kmeans": KMeansTokenizer(torch.randn(vocab_size, 3 * 8 * 8), input_size=input_size),
+                  "dalle": DalleTokenizer(vocab_size=vocab_size, input_size=input_size)}
+    rows = []
+    for name, tokenizer in tokenizers.items():
+        tokenizer.to(device)
+        tokenizer.tokenize(images)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        for _ in range(batches):
+            tokenizer.tokenize(images)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        rate = batches * batch_size / (time.perf_counter() - started)
+        rows.append({"path": f"tokenizer-{name}", "images_per_s": rate, "batch_size": batch_size,
+                     "input_size": input_size, "vocab_size": vocab_size, "device": _device_name(device),
+                     "threads": torch.get_num_threads()})
+    return rows

@@ -1,0 +1,276 @@
+"""The fast input path of pre-training: ``TwoViewTransform``'s augmentation with the same random draws,
+restructured so that the costly work is done once, on small images, and in batches.
+
+``TwoViewTransform`` (the official order) jitters the colours of the whole decoded image, flips it,
+then crops and resizes twice. Here:
+
+* the image is decoded once for both views; a JPEG is decoded at 1/2, 1/4 or 1/8 of its size in the
+  DCT domain (PIL's ``draft``) when the crop keeps at least ``reducing_gap`` times the model view's
+  side, Pillow's rule for ``thumbnail``;
+* the crop is resized first (PIL's bicubic and Lanczos filters on 8-bit pixels, ``reducing_gap``:
+  an integer box reduction first when the crop is over twice the view); the flip is applied to the
+  views (the mirrored crop, resized, then mirrored);
+* the colour jitter runs on the views of the whole batch at once: each of its operations is an
+  affine map of a pixel's RGB values (brightness ``f x``, contrast ``f x + (1 - f) m`` with ``m``
+  the grey mean of the whole image, saturation ``f x + (1 - f) grey(x)``), so a stage is one
+  batched 3x3 matrix product and a clamp to ``[0, 1]``.
+
+Approximations, whose size tests/test_pipeline.py bounds against ``TwoViewTransform``: jitter after
+the resize differs where the official order clips values to ``[0, 255]`` before resizing; no
+rounding to 8 bits of the resized views on the tensor path; the contrast mean is estimated on a regular
+1-in-16 pixel subsample and carried through a brightness drawn before it without clipping; the
+DCT-domain and box reductions instead of a full-size resampling filter.
+
+``DeviceTwoView`` runs the same augmentation as tensor code on any device (the GPU path: nvJPEG
+through ``torchvision.io.decode_jpeg``, resampling as two matrix products per view with PIL's
+filters, the same batched jitter); on CPU it is the reference the tests compare with.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageStat
+
+from .data import (IMAGENET_MEAN, IMAGENET_STD, JITTER_OPERATIONS, DecodeError, TwoViewTransform, apply_color_jitter,
+                   batch_masks, decode_rgb)
+
+__all__ = ["GREY_WEIGHTS", "jitter_stages", "apply_jitter", "FastTwoView", "FastPretrainSample",
+           "resampling_matrix", "DeviceTwoView"]
+
+# ITU-R 601-2 luma: PIL's convert("L"), the grey of ImageEnhance.Color and Contrast.
+GREY_WEIGHTS = (0.299, 0.587, 0.114)
+BRIGHTNESS, CONTRAST, SATURATION = (JITTER_OPERATIONS.index(name) for name in ("brightness", "contrast", "saturation"))
+# JPEG decoders scale by 1/2, 1/4 or 1/8 in the DCT domain.
+_DRAFT_REDUCTIONS = (8, 4, 2)
+_MEAN_SUBSAMPLE = 4
+
+
+def jitter_stages(jitters: Sequence[Sequence[tuple[int, float]]]) -> tuple[torch.Tensor, ...]:
+    """Each sample's jitter (``TwoViewTransform.draw``'s first part) as stages for ``apply_jitter``: colour matrices ``[stages, B, 3, 3]``; the contrast stages' ``1 - factor``
+    ``[stages, B]`` (0 elsewhere) and the product of the brightness factors drawn before them, which
+    scale the image's grey mean. A sample with fewer operations gets identity stages."""
+    batch = len(jitters)
+    stages = max((len(j) for j in jitters), default=0)
+    matrices = torch.eye(3, dtype=torch.float64).repeat(stages, batch, 1, 1)
+    contrast = torch.zeros(stages, batch, dtype=torch.float64)
+    brightness_before = torch.ones(stages, batch, dtype=torch.float64)
+    grey = torch.tensor(GREY_WEIGHTS, dtype=torch.float64)
+    for i, jitter in enumerate(jitters):
+        brightness = 1.0
+        for stage, (op, factor) in enumerate(jitter):
+            matrices[stage, i] *= factor
+            if op == BRIGHTNESS:
+                brightness *= factor
+            elif op == CONTRAST:
+                contrast[stage, i], brightness_before[stage, i] = 1 - factor, brightness
+            elif op == SATURATION:
+                matrices[stage, i] += (1 - factor) * grey.expand(3, 3)
+    return matrices.float(), contrast.float(), brightness_before.float()
+
+
+def apply_jitter(views: torch.Tensor, stages: tuple[torch.Tensor, ...], grey_means: torch.Tensor) -> torch.Tensor:
+    """``views`` ``[B, 3, H, W]``, float pixel values in ``[0, 255]``, through the ``stages`` of
+    ``jitter_stages``; ``grey_means`` ``[B]`` is the grey mean of each whole image in ``[0, 255]``.
+    Each stage ends as PIL's 8-bit blend does: truncated to an integer, clipped to ``[0, 255]``.
+    No host synchronisation."""
+    matrices, contrast, brightness_before = (t.to(views.device, non_blocking=True) for t in stages)
+    # PIL blends with a grey image of the mean rounded to 8 bits.
+    means = (grey_means.to(views.device)[None, :] * brightness_before).clamp_(max=255).round_()
+    offsets = (contrast * means)[..., None, None].expand(-1, -1, 3, 1)
+    flat = views.reshape(views.shape[0], 3, -1)
+    for matrix, offset in zip(matrices, offsets):
+        flat = torch.baddbmm(offset, matrix, flat).floor_().clamp_(0, 255)
+    return flat.view(views.shape)
+
+
+def _normalize_(views: torch.Tensor) -> torch.Tensor:
+    """Pixel values in ``[0, 255]`` normalised with the ImageNet mean and std of ``[0, 1]`` values."""
+    mean = torch.tensor(IMAGENET_MEAN, device=views.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD, device=views.device).view(1, 3, 1, 1) * 255
+    return views.sub_(mean).div_(std)
+
+
+def _grey_mean(image: Image.Image) -> float:
+    """The grey mean (0-255) of an RGB image, from a regular 1-in-16 pixel subsample."""
+    subsample = image.resize((max(1, image.width // _MEAN_SUBSAMPLE), max(1, image.height // _MEAN_SUBSAMPLE)),
+                             Image.Resampling.NEAREST)
+    return float(np.dot(ImageStat.Stat(subsample).mean, GREY_WEIGHTS))
+
+
+def _unflipped_box(width: int, flipped: bool, box: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+    """The crop ``(left, top, w, h)`` drawn in the flipped image, in the image as decoded."""
+    left, top, w, h = box
+    return (width - left - w if flipped else left), top, w, h
+
+
+class FastTwoView:
+    """The CPU fast path of ``transform``: ``view(image, rng)`` decodes an opened (not yet decoded) PIL
+    image and returns its two views as 8-bit ``[3, S, S]`` tensors, flipped but not jittered, with the
+    jitter draws and the image's grey mean; ``finish(samples)`` jitters and normalises a batch of them
+    into ``TwoViewTransform``'s outputs ``([B, 3, S, S] normalised, [B, 3, s, s] in [0, 1])``."""
+
+    def __init__(self, transform: TwoViewTransform, reducing_gap: float = 2.0):
+        if reducing_gap < 1:
+            raise ValueError(f"FastTwoView: reducing_gap must be >= 1, got {reducing_gap}")
+        self.transform, self.reducing_gap = transform, float(reducing_gap)
+
+    def _draft(self, image: Image.Image, crop_side: int) -> None:
+        for reduction in _DRAFT_REDUCTIONS:
+            if crop_side >= reduction * self.reducing_gap * self.transform.model_size:
+                image.draft("RGB", (math.ceil(image.width / reduction), math.ceil(image.height / reduction)))
+                return
+
+    def view(self, image: Image.Image, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
+        width, height = image.size
+        jitter, flipped, box = self.transform.draw(width, height, rng)
+        left, top, w, h = _unflipped_box(width, flipped, box)
+        self._draft(image, min(w, h))
+        try:
+            image = decode_rgb(image)
+        except Exception as error:  # PIL raises many types for corrupt files
+            raise DecodeError(f"cannot decode the image: {error}") from error
+        sx, sy = image.width / width, image.height / height
+        # A drafted image is smaller: the box, scaled, is rounded to its pixels.
+        left, top, right, bottom = (round(left * sx), round(top * sy), round((left + w) * sx), round((top + h) * sy))
+        grey_mean = _grey_mean(image)
+        # torch's antialiased bicubic on 8-bit channels-last pixels computes PIL's filter, vectorised.
+        crop = torch.from_numpy(np.asarray(image)[top:bottom, left:right]).permute(2, 0, 1)[None]
+        size = self.transform.model_size
+        model_view = torch.nn.functional.interpolate(crop, size=(size, size), mode="bicubic", antialias=True)
+        model_view = apply_color_jitter(Image.fromarray(model_view[0].permute(1, 2, 0).contiguous().numpy()),
+                                        jitter, grey_mean)
+        size = self.transform.tokenizer_size
+        if size <= self.transform.model_size:
+            tokenizer_view = model_view.resize((size, size), Image.Resampling.LANCZOS)
+        else:
+            tokenizer_view = apply_color_jitter(image.resize((size, size), Image.Resampling.LANCZOS,
+                                                             box=(left, top, right, bottom)), jitter, grey_mean)
+        views = (model_view, tokenizer_view)
+        if flipped:
+            views = (view.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for view in views)
+        return tuple(torch.from_numpy(np.asarray(view)) for view in views)
+
+    @staticmethod
+    def finish(samples) -> tuple[torch.Tensor, torch.Tensor]:
+        model_views, tokenizer_views = (torch.stack(views).permute(0, 3, 1, 2) for views in zip(*samples))
+        model_views = model_views.to(torch.float32, memory_format=torch.contiguous_format)
+        tokenizer_views = tokenizer_views.to(torch.float32, memory_format=torch.contiguous_format)
+        return _normalize_(model_views), tokenizer_views.div_(255)
+
+
+class FastPretrainSample:
+    """``PretrainSample`` through ``FastTwoView``: same batches up to the documented approximations."""
+
+    decodes = True
+
+    def __init__(self, transform: TwoViewTransform, masking: dict, reducing_gap: float = 2.0):
+        self.fast, self.masking = FastTwoView(transform, reducing_gap), masking
+
+    def __call__(self, image, label, rng, key):
+        return self.fast.view(image, rng)
+
+    def collate(self, samples, seed: int, step: int, positions: range) -> tuple[torch.Tensor, ...]:
+        return (*self.fast.finish(samples), batch_masks(self.masking, seed, step, positions))
+
+
+# -- tensor path (GPU) -----------------------------------------------------------------------------
+
+
+def _bicubic(x: torch.Tensor) -> torch.Tensor:
+    a = -0.5  # PIL's (and Keys') cubic
+    x = x.abs()
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+    return torch.where(x < 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
+
+
+def _lanczos(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(x.abs() < 3, torch.sinc(x) * torch.sinc(x / 3), torch.zeros_like(x))
+
+
+_FILTERS = {"bicubic": (_bicubic, 2.0), "lanczos": (_lanczos, 3.0)}
+
+
+def resampling_matrix(in_size: int, start: float, end: float, out_size: int, kind: str,
+                      device: torch.device | str | None = None) -> torch.Tensor:
+    """``[out_size, in_size]`` float64 weights resampling the span ``[start, end)`` of a line of
+    ``in_size`` pixels to ``out_size`` pixels as PIL's ``resize(box=...)`` does (its filters, widened
+    by the reduction factor when shrinking, so antialiased; each row normalised)."""
+    kernel, support = _FILTERS[kind]
+    scale = (end - start) / out_size
+    filter_scale = max(scale, 1.0)
+    support *= filter_scale
+    centre = start + (torch.arange(out_size, dtype=torch.float64, device=device) + 0.5) * scale
+    first = (centre - support + 0.5).floor().clamp_min(0)
+    last = (centre + support + 0.5).floor().clamp_max(in_size)  # exclusive
+    x = torch.arange(in_size, dtype=torch.float64, device=device)
+    weights = kernel((x[None, :] - centre[:, None] + 0.5) / filter_scale)
+    weights = weights * ((x[None, :] >= first[:, None]) & (x[None, :] < last[:, None]))
+    return weights / weights.sum(dim=1, keepdim=True)
+
+
+class DeviceTwoView:
+    """``TwoViewTransform`` as batched tensor code on ``device``: ``views(encoded, rngs)`` takes encoded
+    images (JPEG bytes, decoded by ``torchvision.io.decode_jpeg`` on the device, nvJPEG on a GPU) and one
+    ``random.Random`` per image, and returns ``([B, 3, S, S] normalised, [B, 3, s, s] in [0, 1])`` on
+    ``device``, drawing exactly what ``TwoViewTransform`` draws.
+
+    Resampling is two matrix products per view (``resampling_matrix``, PIL's filters, no rounding to 8
+    bits between the passes); the flip is the model view's column order; the jitter is
+    ``apply_jitter``, the contrast mean the exact grey mean of the decoded image.
+    """
+
+    def __init__(self, transform: TwoViewTransform, device: torch.device | str = "cpu"):
+        self.transform, self.device = transform, torch.device(device)
+        # float32 products: 8-bit pixels and the weights are exact enough; TF32 would not be.
+        self.dtype = torch.float32
+
+    def _decode(self, encoded: Sequence[bytes]) -> list[torch.Tensor]:
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        data = [torch.frombuffer(bytearray(blob), dtype=torch.uint8) for blob in encoded]
+        try:
+            return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
+        except RuntimeError as error:
+            raise DecodeError(f"cannot decode a JPEG of the batch: {error}") from error
+
+    def _matrix(self, in_size: int, start: int, length: int, size: int, kind: str) -> tuple[torch.Tensor, slice]:
+        """The resampling weights (built on the host, no synchronisation) restricted to the input
+        lines the filters reach, on the device, and those lines."""
+        weights = resampling_matrix(in_size, start, start + length, size, kind)
+        used = weights.any(0).nonzero()
+        lines = slice(int(used[0]), int(used[-1]) + 1)
+        return weights[:, lines].to(self.device, self.dtype, non_blocking=True), lines
+
+    def _resize(self, image: torch.Tensor, box, flipped: bool, size: int, kind: str) -> torch.Tensor:
+        left, top, w, h = box
+        rows, row_lines = self._matrix(image.shape[1], top, h, size, kind)
+        cols, col_lines = self._matrix(image.shape[2], left, w, size, kind)
+        if flipped:
+            cols = cols.flip(0)
+        pixels = image[:, row_lines, col_lines].to(self.dtype)
+        return (rows @ pixels @ cols.T).clamp_(0, 255)
+
+    def views(self, encoded: Sequence[bytes], rngs: Sequence[random.Random]) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(encoded) != len(rngs):
+            raise ValueError(f"DeviceTwoView.views: {len(encoded)} images but {len(rngs)} random generators")
+        sizes = [Image.open(io.BytesIO(blob)).size for blob in encoded]  # headers only
+        draws = [self.transform.draw(width, height, rng) for (width, height), rng in zip(sizes, rngs)]
+        images = self._decode(encoded)
+        grey = torch.tensor(GREY_WEIGHTS, device=self.device, dtype=self.dtype)
+        model_views, tokenizer_views, grey_means = [], [], []
+        for image, (width, _), (_, flipped, box) in zip(images, sizes, draws):
+            box = _unflipped_box(width, flipped, box)
+            model_views.append(self._resize(image, box, flipped, self.transform.model_size, "bicubic"))
+            tokenizer_views.append(self._resize(image, box, flipped, self.transform.tokenizer_size, "lanczos"))
+            grey_means.append(torch.einsum("chw,c->", image.to(self.dtype), grey) / (image.shape[1] * image.shape[2]))
+        stages, grey_means = jitter_stages([jitter for jitter, _, _ in draws]), torch.stack(grey_means)
+        model = apply_jitter(torch.stack(model_views), stages, grey_means)
+        tokenizer = apply_jitter(torch.stack(tokenizer_views), stages, grey_means)
+        return _normalize_(model), tokenizer.div_(255)
