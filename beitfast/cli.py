@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .train import NonFiniteLossError
+from .train import NonFiniteLossError, resolve_device
 
 # Per-device defaults of the options left unset; printed by --help.
 GPU_DEFAULTS = {
@@ -40,6 +40,10 @@ DEMO_OUTPUT = "demo-output"
 TOKENIZER_NAME = "tokenizer.safetensors"
 
 
+class CommandError(Exception):
+    """An expected failure the user can fix (not a bug): one line on stderr, exit code 2."""
+
+
 def _device(name: str) -> str:
     """``--device`` with "auto" made concrete: "cuda" when a GPU is present, else "cpu"."""
     if name != "auto":
@@ -51,10 +55,16 @@ def _defaults(table_gpu: dict, table_cpu: dict, device: str) -> dict:
     return table_gpu if _device(device).startswith("cuda") else table_cpu
 
 
-def _fill(args: argparse.Namespace, defaults: dict) -> None:
+def _fill(args: argparse.Namespace, defaults: dict) -> set[str]:
+    """Give the options left unset their defaults; returns the names of those the user set."""
+    given = {key for key in defaults if getattr(args, key, None) is not None}
     for key, value in defaults.items():
-        if getattr(args, key, None) is None:
+        if key not in given:
             setattr(args, key, value)
+    if "warmup_steps" in defaults and "warmup_steps" not in given:
+        # The default warmup is the recipe's fraction of the run: a short run still reaches its peak lr.
+        args.warmup_steps = args.steps * defaults["warmup_steps"] // defaults["steps"]
+    return given
 
 
 def _both(key: str, gpu: dict = GPU_DEFAULTS, cpu: dict = CPU_DEFAULTS) -> str:
@@ -68,8 +78,26 @@ def _image_source(data: str):
     from .data import ImageFolder, embedded_photos
 
     if data == "embedded":
-        return embedded_photos()
+        try:
+            return embedded_photos()
+        except ImportError as error:  # scikit-image and scikit-learn are the optional data extra
+            raise CommandError(f"--data embedded: {error}; or give an image folder") from error
     return ImageFolder(data)
+
+
+def _check_file(path: str, option: str) -> None:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{option}: {path!r} does not exist or is not a file")
+
+
+def _check_run_paths(args, output: Path) -> None:
+    """What a run writes and reads, checked before any data or model work."""
+    from .train import ensure_writable
+
+    if _main_process():
+        ensure_writable(output)
+    if args.resume not in ("auto", "none"):
+        _check_file(args.resume, "--resume")
 
 
 def _fit_kmeans(source, args, log):
@@ -98,22 +126,33 @@ def _train_config(args, output: str, **extra):
     from .train import TrainConfig
 
     resume = None if args.resume == "none" else args.resume
+    # Without the bar, a line at least once per checkpoint interval, about twenty in a run.
+    log_every = args.log_every if args.log_every is not None else min(args.checkpoint_every, max(1, args.steps // 20))
     return TrainConfig(
         output_dir=output, steps=args.steps, batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr,
         warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, clip_grad=args.clip_grad or None,
         checkpoint_every=args.checkpoint_every, seed=args.seed, num_workers=args.workers, device=args.device,
-        precision=args.precision, parallel=args.parallel, progress=not args.no_progress, resume=resume, **extra,
+        precision=args.precision, parallel=args.parallel, progress=not args.no_progress, log_every=log_every,
+        resume=resume, **extra,
     )
 
 
-def _summary(records: list[dict], window: int = 10) -> str:
+def _summary(trainer, records: list[dict], window: int = 10) -> str:
+    """The final line: the run's progress, and where it resumed from if it did."""
+    resumed = ""
+    if trainer.resumed_from is not None:
+        path, step = trainer.resumed_from
+        if not records:
+            return f"nothing to do: {path} is at step {step}, --steps is {trainer.config.steps}"
+        resumed = f"resumed from {path} at step {step}; steps {step + 1}-{records[-1]['step']}: "
     head, tail = records[:window], records[-window:]
 
     def mean(rows, key):
         return sum(r[key] for r in rows) / len(rows)
 
-    return (f"loss {mean(head, 'loss'):.3f} -> {mean(tail, 'loss'):.3f}, accuracy {mean(head, 'accuracy'):.3f} -> "
-            f"{mean(tail, 'accuracy'):.3f} (means of the first and last {len(tail)} steps)")
+    return (f"{resumed}loss {mean(head, 'loss'):.3f} -> {mean(tail, 'loss'):.3f}, accuracy "
+            f"{mean(head, 'accuracy'):.3f} -> {mean(tail, 'accuracy'):.3f} (means of the first and last "
+            f"{len(tail)} steps)")
 
 
 # -- commands --------------------------------------------------------------------------------------
@@ -122,43 +161,64 @@ def _summary(records: list[dict], window: int = 10) -> str:
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from .config import BEiTConfig
     from .tokenizers import load_tokenizer
-    from .train import CHECKPOINT_NAME, METRICS_NAME, PLOT_NAME, ensure_writable, pretrain
+    from .tokenizers.base import check_patch_size
+    from .train import CHECKPOINT_NAME, METRICS_NAME, PLOT_NAME, pretraining_trainer
 
     if args.demo:
         args.output = args.output or DEMO_OUTPUT
         args.resume = args.resume or "none"
         args.device = "cpu" if args.device == "auto" else args.device
-    _fill(args, _defaults(GPU_DEFAULTS, CPU_DEFAULTS, args.device))
+    resolve_device(args.device)  # a GPU that is not there fails now, not after the tokenizer fit
+    given = _fill(args, _defaults(GPU_DEFAULTS, CPU_DEFAULTS, args.device))
     args.data = args.data or "embedded"
     args.tokenizer = args.tokenizer or "kmeans"
     args.output = args.output or "beitfast-pretrain"
     args.resume = args.resume or "auto"
     output = Path(args.output)
-    if _main_process():
-        ensure_writable(output)  # before fitting anything
-    source = _image_source(args.data)
     tokenizer_path = output / TOKENIZER_NAME
+    tokenizer, tokenizer_file = None, None
     if args.tokenizer != "kmeans":
-        tokenizer = load_tokenizer(args.tokenizer)
+        _check_file(args.tokenizer, "--tokenizer")
+        tokenizer, tokenizer_file = load_tokenizer(args.tokenizer), args.tokenizer
     elif args.resume != "none" and tokenizer_path.exists() and (output / CHECKPOINT_NAME).exists():
-        tokenizer = load_tokenizer(tokenizer_path)  # resuming: the targets must not change
+        tokenizer, tokenizer_file = load_tokenizer(tokenizer_path), tokenizer_path  # resuming: same targets
         _log(f"tokenizer: {tokenizer_path} (from the run being resumed)")
+    # One token per patch: the model's patch grid follows a given tokenizer, a k-means tokenizer to be
+    # fitted follows the model, and a contradiction set explicitly is refused before any work.
+    if tokenizer is not None:
+        grid, source_of_grid = tokenizer.input_size // tokenizer.patch_size, f"the tokenizer {tokenizer_file}"
+        if "img_size" not in given:
+            args.img_size = grid * args.patch_size
     else:
+        if "tokenizer_size" not in given:
+            args.tokenizer_size = args.img_size // args.patch_size * args.tokenizer_patch_size
+        check_patch_size(args.tokenizer_size, args.tokenizer_patch_size, "--tokenizer-size/--tokenizer-patch-size")
+        grid, source_of_grid = args.tokenizer_size // args.tokenizer_patch_size, "--tokenizer-size / --tokenizer-patch-size"
+    preset = getattr(BEiTConfig, args.model)
+    overrides = {"depth": args.depth} if args.depth else {}
+    config = preset(img_size=args.img_size, patch_size=args.patch_size,
+                    vocab_size=tokenizer.vocab_size if tokenizer is not None else args.vocab_size,
+                    drop_path_rate=args.drop_path, kernels=args.kernels, **overrides)
+    if config.grid != (grid, grid):
+        raise CommandError(
+            f"{source_of_grid} gives a {grid}x{grid} token grid but the model's patch grid is "
+            f"{config.grid[0]}x{config.grid[1]} (--img-size {args.img_size} / --patch-size {args.patch_size}); "
+            f"every patch needs one token: use --img-size {grid * args.patch_size} or leave the sizes unset"
+        )
+    train_config = _train_config(args, str(output))
+    _check_run_paths(args, output)
+    source = _image_source(args.data)
+    if tokenizer is None:
         tokenizer = _fit_kmeans(source, args, _log)
         if _main_process():
             tokenizer.save(tokenizer_path)
-    preset = getattr(BEiTConfig, args.model)
-    overrides = {"depth": args.depth} if args.depth else {}
-    config = preset(img_size=args.img_size, patch_size=args.patch_size, vocab_size=tokenizer.vocab_size,
-                    drop_path_rate=args.drop_path, kernels=args.kernels, **overrides)
-    train_config = _train_config(args, str(output))
     _log(f"pre-training BEiT-{args.model} (dim {config.embed_dim}, depth {config.depth}, {config.image_hw[0]} px, "
          f"patch {config.patch_size}, vocab {config.vocab_size}) on {args.data} for {args.steps} steps of "
          f"{args.batch_size} images")
-    _, records = pretrain(config, tokenizer, source, train_config, mask_ratio=args.mask_ratio)
+    trainer = pretraining_trainer(config, tokenizer, source, train_config, mask_ratio=args.mask_ratio)
+    records = trainer.fit()
     if _main_process():
-        if records:
-            print(f"done: {_summary(records)}")
+        print(f"done: {_summary(trainer, records)}")
         for name, what in ((CHECKPOINT_NAME, "checkpoint"), (METRICS_NAME, "metrics"), (PLOT_NAME, "plot"),
                            (TOKENIZER_NAME, "tokenizer")):
             if (output / name).exists():
@@ -170,24 +230,28 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from .data import ClassifyTransform, EvalTransform, ImageFolder, classify_stream
     from .train import Classification, Trainer, classifier_from_pretrained, evaluate, setup_distributed
 
+    resolve_device(args.device)
     _fill(args, _defaults(FINETUNE_GPU_DEFAULTS, FINETUNE_CPU_DEFAULTS, args.device))
-    train_set = ImageFolder(args.data, labelled=True)
-    val_set = ImageFolder(args.val_data, labelled=True) if args.val_data else None
-    if val_set is not None and val_set.classes != train_set.classes:
-        raise SystemExit(f"finetune: --val-data classes {val_set.classes} differ from --data classes {train_set.classes}")
-    model = classifier_from_pretrained(args.pretrained, len(train_set.classes), drop_path_rate=args.drop_path)
-    size = model.config.image_hw[0]
+    args.resume = args.resume or "auto"
     layer_decay = None if args.linear_probe else args.layer_decay
     train_config = _train_config(args, args.output, layer_decay=layer_decay, label_smoothing=args.label_smoothing,
                                  linear_probe=args.linear_probe)
+    _check_file(args.pretrained, "--pretrained")
+    _check_run_paths(args, Path(args.output))
+    train_set = ImageFolder(args.data, labelled=True)
+    val_set = ImageFolder(args.val_data, labelled=True) if args.val_data else None
+    if val_set is not None and val_set.classes != train_set.classes:
+        raise CommandError(f"--val-data classes {val_set.classes} differ from --data classes {train_set.classes}")
+    model = classifier_from_pretrained(args.pretrained, len(train_set.classes), drop_path_rate=args.drop_path)
+    size = model.config.image_hw[0]
     ctx = setup_distributed()
     stream = classify_stream(train_set, ClassifyTransform(size), args.batch_size, seed=args.seed, rank=ctx.rank,
                              world_size=ctx.world_size)
     _log(f"{'linear probing' if args.linear_probe else 'fine-tuning'} on {len(train_set)} images of "
          f"{len(train_set.classes)} classes for {args.steps} steps")
-    records = Trainer(model, Classification(args.label_smoothing), stream, train_config).fit()
-    if records:
-        _log(f"done: {_summary(records)}")
+    trainer = Trainer(model, Classification(args.label_smoothing), stream, train_config)
+    records = trainer.fit()
+    _log(f"done: {_summary(trainer, records)}")
     if val_set is not None:
         accuracy = evaluate(model, val_set, EvalTransform(size), device=train_config.device)
         _log(f"validation top-1 accuracy: {accuracy:.4f} on {len(val_set) - val_set.skipped} images")
@@ -197,7 +261,14 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    from .tokenizers.base import check_patch_size
+    from .train import ensure_writable
+
+    output = Path(args.output)
+    if output.is_dir():
+        raise CommandError(f"--output {args.output!r} is a folder; give the file to write")
+    ensure_writable(output.parent)
+    check_patch_size(args.tokenizer_size, args.tokenizer_patch_size, "--tokenizer-size/--tokenizer-patch-size")
     tokenizer = _fit_kmeans(_image_source(args.data), args, print)
     tokenizer.save(args.output)
     print(f"saved: {args.output}")
@@ -218,8 +289,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .masking import MaskingGenerator
     from .model import BEiT
 
+    device = resolve_device(args.device)
     _fill(args, _defaults(BENCH_GPU_DEFAULTS, BENCH_CPU_DEFAULTS, args.device))
-    device = torch.device(_device(args.device))
     overrides = {"depth": args.depth} if args.depth else {}
     config = getattr(BEiTConfig, args.model)(img_size=args.img_size, patch_size=args.patch_size, kernels=args.kernels,
                                              **overrides)
@@ -293,7 +364,11 @@ def _add_training_options(parser: argparse.ArgumentParser, gpu: dict, cpu: dict)
     run.add_argument("--threads", type=int,
                      help="CPU threads of each process for tensor math (default: PyTorch's choice; 1 helps on a "
                           "machine shared with other jobs)")
-    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--no-progress", action="store_true",
+                     help="no progress bar: one line of progress every --log-every steps instead")
+    run.add_argument("--log-every", type=int,
+                     help="with --no-progress, steps between progress lines (default: a twentieth of the run, at "
+                          "least one line per checkpoint)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -405,8 +480,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, PermissionError) as error:
-        print(f"beitfast {args.command}: error: {error}", file=sys.stderr)
+    # Expected failures (bad values, files, folders, disk, missing optional packages): one line, no traceback.
+    except (CommandError, ValueError, OSError) as error:
+        print(f"beitfast {args.command}: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
     except NonFiniteLossError as error:
         print(f"beitfast {args.command}: stopped: {error}", file=sys.stderr)

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import random
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from . import checkpoint
 from ._files import write_atomically
@@ -49,7 +51,8 @@ from .model import BEiT
 
 __all__ = [
     "TrainConfig", "Trainer", "NonFiniteLossError", "cosine_schedule", "layer_id", "param_groups",
-    "MaskedImageModeling", "Classification", "pretrain", "classifier_from_pretrained", "evaluate",
+    "MaskedImageModeling", "Classification", "pretrain", "pretraining_trainer",
+    "classifier_from_pretrained", "evaluate",
     "setup_distributed", "plot_metrics", "float8_training", "CHECKPOINT_NAME", "METRICS_NAME", "PLOT_NAME",
 ]
 
@@ -87,7 +90,8 @@ class TrainConfig:
     device: str = "auto"  # "auto": the GPU of this rank when there is one, else CPU
     precision: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU), "bf16" or "fp32"
     parallel: str = "ddp"  # under torchrun: "ddp" or "fsdp"
-    progress: bool = True
+    progress: bool = True  # a progress bar; without it, a line every ``log_every`` steps (0: none)
+    log_every: int = 0
     resume: str | None = "auto"  # "auto": the output folder's checkpoint if any; a path; None
     # The fast step (README "Fast step"; the model's own options are in BEiTConfig):
     fused_optimizer: bool = True  # AdamW's fused kernel (one launch for every parameter; CPU and CUDA)
@@ -116,6 +120,10 @@ class TrainConfig:
                 setattr(self, field.name, check_bool(owner, field.name, getattr(self, field.name)))
         check_choice(owner, "precision", self.precision, ("auto", "bf16", "fp32"))
         check_choice(owner, "parallel", self.parallel, ("ddp", "fsdp"))
+        self.log_every = check_int(owner, "log_every", self.log_every, 0)
+        if 0 < self.warmup_steps >= self.steps:
+            # The learning rate would reach its peak at the last step at best: surely not what was meant.
+            raise ValueError(f"{owner}: warmup_steps ({self.warmup_steps}) must be smaller than steps ({self.steps})")
         for name, optional in (("output_dir", False), ("resume", True)):
             value = getattr(self, name)
             if not (isinstance(value, (str, os.PathLike)) or (optional and value is None)):
@@ -272,10 +280,22 @@ def setup_distributed() -> Distributed:
     return Distributed(dist.get_rank(), dist.get_world_size(), local_rank)
 
 
-def resolve_device(name: str, ctx: Distributed) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """The device called ``name`` ("auto": this rank's GPU when there is one, else CPU); a CUDA device
+    that is not there is a ``ValueError`` at once, not a failure after the data and tokenizer work."""
     if name == "auto":
-        return torch.device(f"cuda:{ctx.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    return torch.device(name)
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}") from error
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device {name!r}: no CUDA GPU is available here; use 'cpu' or 'auto'")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"device {name!r}: there are {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+    return device
 
 
 # -- files -----------------------------------------------------------------------------------------
@@ -397,7 +417,7 @@ class Trainer:
             )
         if stream.batch_size != config.batch_size:
             raise ValueError(f"Trainer: stream batch_size {stream.batch_size} != config batch_size {config.batch_size}")
-        self.device = resolve_device(config.device, self.ctx)
+        self.device = resolve_device(config.device, self.ctx.local_rank)
         self.precision = config.precision if config.precision != "auto" else (
             "bf16" if self.device.type == "cuda" else "fp32")
         self.model = model.to(self.device)
@@ -421,6 +441,8 @@ class Trainer:
         self.metrics_path = self.output / METRICS_NAME
         self.last_good: int | None = None
         self.step = 0
+        self.resumed_from: tuple[Path, int] | None = None  # (checkpoint, step) when fit() resumed
+        self.plotting = True  # until matplotlib turns out to be missing
 
     def _wrap(self, model: BEiT):
         """DDP or FSDP under torchrun, then torch.compile when asked (compile goes outside DDP)."""
@@ -549,15 +571,35 @@ class Trainer:
             group["weight_decay"] = wd if group["decay"] else 0.0
         return lr, wd
 
+    # -- output ------------------------------------------------------------------------------------
+
+    def _log(self, message: str) -> None:
+        if self.ctx.is_main:
+            tqdm.write(message, file=sys.stdout)  # above a progress bar if there is one
+            sys.stdout.flush()
+
+    def _plot(self) -> None:
+        if not self.plotting:
+            return
+        try:
+            plot_metrics(self.metrics_path, self.output / PLOT_NAME)
+        except ImportError as error:  # matplotlib is optional (the data extra); the numbers are in the metrics
+            self.plotting = False
+            self._log(f"{PLOT_NAME} is not drawn: matplotlib cannot be imported ({error}); {METRICS_NAME} has "
+                      f"every number (pip install matplotlib for the plot)")
+
     # -- the loop ----------------------------------------------------------------------------------
 
     def _batches(self):
         self.stream.start_step = self.step
         if self.config.num_workers == 0:
             return iter(self.stream)
+        # Creating the iterator draws a seed from the loader's generator: from torch's global one, that
+        # draw would shift drop path (and differ from a run without workers). The batches use no torch
+        # randomness (they are functions of the step), so a fixed generator of its own changes nothing else.
         loader = torch.utils.data.DataLoader(
             self.stream, batch_size=None, num_workers=self.config.num_workers,
-            pin_memory=self.device.type == "cuda", prefetch_factor=4,
+            pin_memory=self.device.type == "cuda", prefetch_factor=4, generator=torch.Generator(),
         )
         return iter(loader)
 
@@ -586,16 +628,17 @@ class Trainer:
         resume = self._resume_path()
         if resume is not None:
             self.load_checkpoint(resume)
+            self.resumed_from = (resume, self.step)
+            self._log(f"{self.task.name}: resumed from {resume} at step {self.step} of {c.steps}")
         else:
             self._seed_rngs(0)
         if self.ctx.is_main:
             self._start_metrics()
         if self.step >= c.steps:
             return []
-        from tqdm.auto import tqdm
-
+        desc = self.task.name if resume is None else f"{self.task.name} (resumed at {self.step})"
         bar = tqdm(total=c.steps, initial=self.step, disable=not (c.progress and self.ctx.is_main),
-                   desc=self.task.name, dynamic_ncols=True)
+                   desc=desc, dynamic_ncols=True)
         records: list[dict] = []
         batches = self._batches()
         self.wrapped.train()
@@ -632,10 +675,14 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_value:.3f}", acc=f"{record['accuracy']:.3f}", lr=f"{lr:.2e}",
                                 img_s=f"{record['images_per_s']:.0f}")
+                if not c.progress and c.log_every and (self.step % c.log_every == 0 or self.step == c.steps):
+                    self._log(f"{self.task.name} step {self.step}/{c.steps}: loss {loss_value:.4f}, accuracy "
+                              f"{accuracy_value:.3f}, lr {lr:.2e}, {record['images_per_s']:.0f} images/s, "
+                              f"{record['elapsed_s']:.0f} s")
                 if self.step % c.checkpoint_every == 0 or self.step == c.steps:
                     self.save_checkpoint(self.step)
                     if self.ctx.is_main:
-                        plot_metrics(self.metrics_path, self.output / PLOT_NAME)
+                        self._plot()
                 if self.on_step is not None:
                     self.on_step(self.step, record)
         finally:
@@ -651,6 +698,14 @@ def pretrain(model_config: BEiTConfig, tokenizer, source: ImageSource, config: T
     """Masked image modeling on ``source`` with ``tokenizer``'s tokens; returns the model and the
     metric records. The model view has ``model_config.img_size`` pixels, the tokenizer view
     ``tokenizer.input_size``."""
+    trainer = pretraining_trainer(model_config, tokenizer, source, config, mask_ratio, crop_scale, on_step)
+    return trainer.model, trainer.fit()
+
+
+def pretraining_trainer(model_config: BEiTConfig, tokenizer, source: ImageSource, config: TrainConfig,
+                        mask_ratio: float = 0.4, crop_scale=(0.08, 1.0), on_step=None) -> Trainer:
+    """The :class:`Trainer` :func:`pretrain` runs (a new model, its stream and task), for callers that
+    want the trainer's state after ``fit()`` (``resumed_from``)."""
     ctx = setup_distributed()
     if model_config.image_hw[0] != model_config.image_hw[1]:
         raise ValueError(f"pretrain: square images only, got img_size {model_config.img_size}")
@@ -659,8 +714,7 @@ def pretrain(model_config: BEiTConfig, tokenizer, source: ImageSource, config: T
     transform = TwoViewTransform(model_config.image_hw[0], tokenizer.input_size, scale=crop_scale)
     stream = pretrain_stream(source, transform, masking_for(model_config.grid, mask_ratio), config.batch_size,
                              seed=config.seed, rank=ctx.rank, world_size=ctx.world_size)
-    trainer = Trainer(model, MaskedImageModeling(tokenizer), stream, config, on_step=on_step)
-    return model, trainer.fit()
+    return Trainer(model, MaskedImageModeling(tokenizer), stream, config, on_step=on_step)
 
 
 def classifier_from_pretrained(pretrained: BEiT | str | os.PathLike, num_classes: int,
@@ -697,7 +751,7 @@ def evaluate(model: BEiT, source: ImageSource, transform: EvalTransform, batch_s
              device: str | torch.device = "auto") -> float:
     """Top-1 accuracy of ``model`` on every decodable image of ``source`` (all ranks together)."""
     ctx = setup_distributed()
-    device = resolve_device(device, ctx) if isinstance(device, str) else device
+    device = resolve_device(device, ctx.local_rank) if isinstance(device, str) else device
     was_training = model.training
     model.eval().to(device)
     hits = torch.zeros(2, dtype=torch.float64, device=device)

@@ -13,8 +13,9 @@ from PIL import Image
 
 from beitfast.cli import build_parser, main
 
-TINY = ["--model", "tiny", "--depth", "1", "--img-size", "16", "--patch-size", "4", "--batch-size", "4",
-        "--warmup-steps", "1", "--device", "cpu", "--threads", "1", "--no-progress"]
+TINY_MODEL = ["--model", "tiny", "--depth", "1", "--batch-size", "4", "--device", "cpu", "--threads", "1",
+              "--no-progress"]
+TINY = [*TINY_MODEL, "--img-size", "16", "--patch-size", "4"]
 TINY_TOKENIZER = ["--tokenizer-size", "16", "--tokenizer-patch-size", "4", "--vocab-size", "8",
                   "--tokenizer-images", "48", "--tokenizer-iters", "5"]
 
@@ -70,11 +71,23 @@ def test_module_entry_point(tmp_path):
     assert result.returncode == 0 and "pretrain" in result.stdout
 
 
+def one_line_error(capsys, *phrases):
+    """The error a user sees: one line on stderr naming what is wrong, no traceback."""
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    for phrase in phrases:
+        assert phrase in err, err
+    return err
+
+
 def test_pretrain_end_to_end_resume_and_finetune(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["pretrain", "--data", "embedded", "--steps", "3", "--output", str(out), *TINY, *TINY_TOKENIZER]) == 0
     printed = capsys.readouterr().out
     assert "k-means tokenizer: 8 tokens" in printed and "done: loss" in printed
+    # --no-progress: one line per step here (a twentieth of a 3-step run), not silence until the end.
+    assert [line.split(":")[0] for line in printed.splitlines() if line.startswith("pretrain step")] == [
+        "pretrain step 1/3", "pretrain step 2/3", "pretrain step 3/3"]
     for name in ("checkpoint.pt", "metrics.jsonl", "curves.png", "tokenizer.safetensors"):
         assert (out / name).is_file() and str((out / name).resolve()) in printed
     checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
@@ -82,7 +95,11 @@ def test_pretrain_end_to_end_resume_and_finetune(tmp_path, capsys):
 
     # Resuming (the default) continues at step 4 with the saved tokenizer.
     assert main(["pretrain", "--data", "embedded", "--steps", "5", "--output", str(out), *TINY, *TINY_TOKENIZER]) == 0
-    assert "from the run being resumed" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "from the run being resumed" in printed
+    checkpoint_file = out / "checkpoint.pt"
+    assert f"pretrain: resumed from {checkpoint_file} at step 3 of 5" in printed  # the progress output says so
+    assert f"done: resumed from {checkpoint_file} at step 3; steps 4-5: loss" in printed  # and the summary
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5]
 
@@ -96,12 +113,60 @@ def test_pretrain_end_to_end_resume_and_finetune(tmp_path, capsys):
 
 
 def test_tokenizer_train_then_pretrain_with_it(tmp_path, capsys):
+    # A 14x14 token grid, as `tokenizer train` makes by default (112 / 8), on smaller views.
     path = tmp_path / "tok.safetensors"
-    assert main(["tokenizer", "train", "--output", str(path), "--vocab-size", "8", "--tokenizer-size", "16",
-                 "--tokenizer-patch-size", "4", "--tokenizer-images", "32", "--tokenizer-iters", "5"]) == 0
+    assert main(["tokenizer", "train", "--output", str(path), "--vocab-size", "8", "--tokenizer-size", "28",
+                 "--tokenizer-patch-size", "2", "--tokenizer-images", "32", "--tokenizer-iters", "5"]) == 0
     assert path.is_file() and "saved" in capsys.readouterr().out
-    assert main(["pretrain", "--tokenizer", str(path), "--steps", "1", "--output", str(tmp_path / "run"), *TINY]) == 0
-    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["model_config"]["vocab_size"] == 8
+    # On CPU the model's patch grid follows the tokenizer's: 14 patches of 8 pixels (the CPU default).
+    run = tmp_path / "run"
+    assert main(["pretrain", "--tokenizer", str(path), "--steps", "1", "--batch-size", "2", "--output", str(run),
+                 *TINY_MODEL]) == 0
+    model_config = torch.load(run / "checkpoint.pt", weights_only=True)["model_config"]
+    assert model_config["vocab_size"] == 8 and model_config["patch_size"] == 8 and model_config["img_size"] == 112
+
+    # A grid contradicted explicitly is refused before any work (nothing is written).
+    other = tmp_path / "other"
+    assert main(["pretrain", "--tokenizer", str(path), "--img-size", "64", "--steps", "1", "--output", str(other),
+                 *TINY_MODEL]) == 2
+    one_line_error(capsys, "14x14", "8x8", "--img-size 112")
+    assert not other.exists()
+    # A k-means tokenizer to be fitted follows the model's grid unless its size is given.
+    assert main(["pretrain", "--img-size", "24", "--patch-size", "4", "--tokenizer-size", "16", "--steps", "1",
+                 "--output", str(other), *TINY_MODEL]) == 2
+    one_line_error(capsys, "--tokenizer-size / --tokenizer-patch-size", "4x4", "6x6")
+    assert not other.exists()
+
+
+def test_short_run_warmup(tmp_path, capsys):
+    # The default warmup is the recipe's share of the run (40 of 400 on CPU): 2 of a 20-step run.
+    out = tmp_path / "run"
+    assert main(["pretrain", "--steps", "20", "--lr", "1e-3", "--output", str(out), *TINY, *TINY_TOKENIZER]) == 0
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["train_config"]["warmup_steps"] == 2
+    lrs = [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert lrs[:2] == [0.0, 1e-3] and max(lrs) == 1e-3
+    capsys.readouterr()
+    # A warmup as long as the run is an error, before any work.
+    other = tmp_path / "other"
+    assert main(["pretrain", "--steps", "5", "--warmup-steps", "5", "--output", str(other), *TINY,
+                 *TINY_TOKENIZER]) == 2
+    one_line_error(capsys, "warmup_steps (5) must be smaller than steps (5)")
+    assert not other.exists()
+
+
+def test_missing_gpu_fails_at_once(tmp_path, capsys):
+    absent = f"cuda:{torch.cuda.device_count()}"  # "cuda" itself on a machine without a GPU
+    out = tmp_path / "run"
+    assert main(["pretrain", "--steps", "2", "--output", str(out), *TINY, *TINY_TOKENIZER, "--device", absent]) == 2
+    captured = capsys.readouterr()
+    assert "k-means" not in captured.out and not out.exists()
+    assert len(captured.err.strip().splitlines()) == 1 and f"device {absent!r}" in captured.err
+    data = labelled_folder(tmp_path / "labelled")
+    assert main(["finetune", "--pretrained", str(out / "none.pt"), "--data", str(data), "--output", str(out),
+                 "--device", absent]) == 2
+    one_line_error(capsys, f"device {absent!r}")
+    assert main(["bench", "--device", absent]) == 2
+    one_line_error(capsys, f"device {absent!r}")
 
 
 def test_bench_prints_a_json_row(capsys):
@@ -114,18 +179,74 @@ def test_bench_prints_a_json_row(capsys):
 def test_user_errors(tmp_path, capsys):
     assert main(["pretrain", "--data", str(tmp_path / "missing"), "--steps", "1", "--output", str(tmp_path / "o"),
                  *TINY]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    one_line_error(capsys, "does not exist")
 
     blocker = tmp_path / "file"
     blocker.write_text("x")
     assert main(["pretrain", "--steps", "1", "--output", str(blocker / "out"), *TINY, *TINY_TOKENIZER]) == 2
-    assert "not writable" in capsys.readouterr().err
+    one_line_error(capsys, "not writable")
+    assert main(["tokenizer", "train", "--output", str(blocker / "tok.safetensors"), "--vocab-size", "8"]) == 2
+    one_line_error(capsys, "not writable")
+
+    # Files that are not there are named before any work (no k-means fit, no data loaded).
+    assert main(["pretrain", "--steps", "1", "--output", str(tmp_path / "o"), "--tokenizer", str(tmp_path / "t"),
+                 *TINY]) == 2
+    one_line_error(capsys, "--tokenizer", "does not exist")
+    assert main(["pretrain", "--steps", "1", "--output", str(tmp_path / "o"), "--resume", str(tmp_path / "c.pt"),
+                 *TINY, *TINY_TOKENIZER]) == 2
+    captured = capsys.readouterr()
+    assert "k-means" not in captured.out and "--resume" in captured.err and len(captured.err.splitlines()) == 1
+    data = labelled_folder(tmp_path / "labelled")
+    finetune = ["finetune", "--data", str(data), "--output", str(tmp_path / "ft"), "--steps", "1", "--batch-size",
+                "2", "--device", "cpu", "--threads", "1", "--no-progress"]
+    assert main([*finetune, "--pretrained", str(tmp_path / "p.pt")]) == 2
+    one_line_error(capsys, "--pretrained", "does not exist")
 
     out = str(tmp_path / "run")
     assert main(["pretrain", "--steps", "1", "--output", out, *TINY, *TINY_TOKENIZER]) == 0
     assert main(["pretrain", "--steps", "2", "--output", out, *TINY, *TINY_TOKENIZER, "--depth", "2"]) == 2
-    assert "another architecture" in capsys.readouterr().err
+    one_line_error(capsys, "another architecture")
+    other_classes = tmp_path / "other-classes"
+    (other_classes / "triangle").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(other_classes / "triangle" / "0.png")
+    assert main([*finetune, "--pretrained", str(tmp_path / "run" / "checkpoint.pt"), "--val-data",
+                 str(other_classes)]) == 2
+    one_line_error(capsys, "--val-data classes ['triangle'] differ")
 
     with pytest.raises(SystemExit):
         main(["pretrain", "--model", "huge"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+# Runs the command in a fresh interpreter where matplotlib cannot be imported, as after a plain
+# `pip install .` (matplotlib is in the data extra only).
+WITHOUT_MATPLOTLIB = """
+import importlib.abc, sys
+
+class NoMatplotlib(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "matplotlib":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+sys.meta_path.insert(0, NoMatplotlib())
+from beitfast.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_training_without_matplotlib(tmp_path):
+    def run(*args):
+        result = subprocess.run([sys.executable, "-c", WITHOUT_MATPLOTLIB, *args], cwd=tmp_path, capture_output=True,
+                                text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.count("curves.png is not drawn: matplotlib cannot be imported") == 1, result.stdout
+        return result
+
+    out = tmp_path / "run"
+    run("pretrain", "--steps", "2", "--checkpoint-every", "1", "--output", str(out), *TINY, *TINY_TOKENIZER)
+    assert (out / "checkpoint.pt").is_file() and (out / "metrics.jsonl").is_file()
+    assert not (out / "curves.png").exists()
+    data = labelled_folder(tmp_path / "labelled")
+    run("finetune", "--pretrained", str(out / "checkpoint.pt"), "--data", str(data), "--output", str(tmp_path / "ft"),
+        "--steps", "1", "--batch-size", "2", "--device", "cpu", "--threads", "1", "--no-progress")
+    assert (tmp_path / "ft" / "checkpoint.pt").is_file() and not (tmp_path / "ft" / "curves.png").exists()

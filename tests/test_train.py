@@ -17,7 +17,7 @@ from beitfast import BEiT, BEiTConfig
 from beitfast.data import ClassifyTransform, EvalTransform, ImageList, classify_stream
 from beitfast.train import (CHECKPOINT_NAME, METRICS_NAME, PLOT_NAME, Classification, MaskedImageModeling,
                             NonFiniteLossError, TrainConfig, Trainer, classifier_from_pretrained, cosine_schedule,
-                            evaluate, layer_id, param_groups, pretrain)
+                            evaluate, layer_id, param_groups, pretrain, pretraining_trainer, resolve_device)
 
 
 @pytest.fixture(autouse=True)
@@ -172,6 +172,40 @@ def test_resume_is_exact(tmp_path):
     assert all(torch.equal(final[k], v) for k, v in model.state_dict().items())
 
 
+def test_workers_do_not_change_the_run(tmp_path):
+    """Batches from 0, 1 or 2 DataLoader workers: the same run bit for bit, drop path included."""
+    runs = {}
+    for workers in (0, 1, 2):
+        model, records = run_pretrain(tmp_path / str(workers), steps=3, num_workers=workers)
+        runs[workers] = [(r["loss"], r["accuracy"], r["grad_norm"]) for r in records], model.state_dict()
+    assert tiny_config().drop_path_rate > 0
+    for workers in (1, 2):
+        assert runs[workers][0] == runs[0][0]
+        assert all(torch.equal(value, runs[0][1][key]) for key, value in runs[workers][1].items())
+
+
+def test_progress_lines_and_resume_notice(tmp_path, capsys):
+    def stop_after_4(step, record):
+        if step == 4:
+            raise StopHere
+
+    with pytest.raises(StopHere):
+        pretrain(tiny_config(), MeanBrightnessTokenizer(), photos(), train_config(tmp_path, log_every=2),
+                 on_step=stop_after_4)
+
+    def step_lines(text):
+        return [line.split(":")[0] for line in text.splitlines() if line.startswith("pretrain step")]
+
+    assert step_lines(capsys.readouterr().out) == ["pretrain step 2/6", "pretrain step 4/6"]
+    trainer = pretraining_trainer(tiny_config(), MeanBrightnessTokenizer(), photos(),
+                                  train_config(tmp_path, log_every=2))
+    assert [r["step"] for r in trainer.fit()] == [4, 5, 6]
+    assert trainer.resumed_from == (tmp_path / CHECKPOINT_NAME, 3)
+    printed = capsys.readouterr().out
+    assert f"pretrain: resumed from {tmp_path / CHECKPOINT_NAME} at step 3 of 6" in printed
+    assert step_lines(printed) == ["pretrain step 4/6", "pretrain step 6/6"]
+
+
 class NaNAtStep(MaskedImageModeling):
     def __init__(self, tokenizer, bad_call):
         super().__init__(tokenizer)
@@ -253,7 +287,7 @@ def test_ddp_two_processes_match_one(tmp_path, monkeypatch):
 
 
 def test_finetune_from_checkpoint_and_linear_probe(tmp_path):
-    run_pretrain(tmp_path / "pre", steps=2, checkpoint_every=2)
+    run_pretrain(tmp_path / "pre", steps=2, warmup_steps=1, checkpoint_every=2)
     labelled = photos(n=8, labels=[0, 1, 2, 0, 1, 2, 0, 1])
     model = classifier_from_pretrained(tmp_path / "pre" / CHECKPOINT_NAME, num_classes=3)
     pre = torch.load(tmp_path / "pre" / CHECKPOINT_NAME, weights_only=True)["model"]
@@ -275,7 +309,7 @@ def test_finetune_from_checkpoint_and_linear_probe(tmp_path):
 
     probe = classifier_from_pretrained(tmp_path / "pre" / CHECKPOINT_NAME, num_classes=3)
     before = {k: v.clone() for k, v in probe.state_dict().items()}
-    tc = train_config(tmp_path / "probe", steps=2, linear_probe=True)
+    tc = train_config(tmp_path / "probe", steps=2, warmup_steps=1, linear_probe=True)
     Trainer(probe, Classification(0.0), classify_stream(labelled, ClassifyTransform(16), 4), tc).fit()
     changed = {k for k, v in probe.state_dict().items() if not torch.equal(v, before[k])}
     assert changed == {"head.weight", "head.bias"}
@@ -299,13 +333,31 @@ def test_tokenizer_must_fit_the_model(tmp_path):
 
 
 def test_resume_other_architecture(tmp_path):
-    run_pretrain(tmp_path, steps=2, checkpoint_every=2)
+    run_pretrain(tmp_path, steps=2, warmup_steps=1, checkpoint_every=2)
     with pytest.raises(ValueError, match="another architecture.*embed_dim: checkpoint 32 vs model 64"):
         run_pretrain(tmp_path, config=tiny_config(embed_dim=64), steps=4)
     with pytest.raises(ValueError, match="batch_size=4"):
         run_pretrain(tmp_path, steps=4, batch_size=8)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         run_pretrain(tmp_path / "other", resume=str(tmp_path / "missing.pt"))
+
+
+def test_device_that_is_not_there(tmp_path):
+    absent = f"cuda:{torch.cuda.device_count()}"  # "cuda" itself on a machine without a GPU
+    with pytest.raises(ValueError, match=f"device '{absent}'"):
+        resolve_device(absent)
+    with pytest.raises(ValueError, match=f"device '{absent}'"):
+        run_pretrain(tmp_path, device=absent)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU is available"):
+            resolve_device("cuda")
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
+def test_warmup_must_end_before_the_run(tmp_path):
+    with pytest.raises(ValueError, match=r"warmup_steps \(6\) must be smaller than steps \(6\)"):
+        train_config(tmp_path, steps=6, warmup_steps=6)
+    assert train_config(tmp_path, steps=1, warmup_steps=0).warmup_steps == 0
 
 
 def test_train_config_errors(tmp_path):

@@ -1,0 +1,138 @@
+"""Exact resume after ``kill -9``: the ``beitfast pretrain`` command in a subprocess is killed in the
+middle of a step, in the middle of a checkpoint write and at an arbitrary moment from outside, resumed
+each time, and must end with the metrics and the weights of a run never stopped, bit for bit, with 0 or
+2 DataLoader workers (on CPU)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from beitfast.cli import main
+
+STEPS, CHECKPOINT_EVERY = 8, 3
+RUN = ["pretrain", "--model", "tiny", "--depth", "1", "--img-size", "16", "--patch-size", "4", "--batch-size", "4",
+       "--steps", str(STEPS), "--checkpoint-every", str(CHECKPOINT_EVERY), "--device", "cpu", "--threads", "1",
+       "--no-progress", "--log-every", "1"]
+
+# The command with a kill -9 of its own process at a chosen moment (KILL_AT="<moment>:<n>"):
+#   step:n              the n-th step, after the backward pass and before the optimizer step;
+#   checkpoint-write:n  the n-th checkpoint write, its temporary file complete but not yet renamed.
+KILLABLE_COMMAND = """
+import os, signal, sys
+import torch
+
+moment, _, n = os.environ.get("KILL_AT", "").partition(":")
+calls = 0
+
+def kill_on_call(function, applies=lambda *args, **kwargs: True):
+    def wrapper(*args, **kwargs):
+        global calls
+        if applies(*args, **kwargs):
+            calls += 1
+            if calls == int(n):
+                os.kill(os.getpid(), signal.SIGKILL)
+        return function(*args, **kwargs)
+    return wrapper
+
+if moment == "step":
+    torch.nn.utils.clip_grad_norm_ = kill_on_call(torch.nn.utils.clip_grad_norm_)
+elif moment == "checkpoint-write":
+    os.replace = kill_on_call(os.replace, lambda src, dst: "checkpoint" in os.path.basename(dst))
+from beitfast.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def run_command(folder, args, kill_at="", kill_after_line=None):
+    """Run the command in a session of its own (DataLoader workers included); returns (exit code, stdout).
+    ``kill_after_line``: kill -9 the session from here once stdout shows a line starting with it."""
+    log = folder / f"stdout-{time.monotonic_ns()}.txt"
+    with open(log, "w") as out:
+        process = subprocess.Popen([sys.executable, "-c", KILLABLE_COMMAND, *args], cwd=folder, stdout=out,
+                                   stderr=subprocess.STDOUT, env={**os.environ, "KILL_AT": kill_at},
+                                   start_new_session=True)
+    try:
+        if kill_after_line is not None:
+            deadline = time.monotonic() + 300
+            while process.poll() is None and time.monotonic() < deadline:
+                if any(line.startswith(kill_after_line) for line in log.read_text().splitlines()):
+                    os.killpg(process.pid, signal.SIGKILL)
+                    break
+                time.sleep(0.02)
+        code = process.wait(timeout=300)
+    finally:
+        try:  # workers left behind by a killed main process
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return code, log.read_text()
+
+
+def resumed_step(output: str) -> int:
+    line = next(line for line in output.splitlines() if line.startswith("pretrain: resumed from"))
+    return int(line.split(" at step ")[1].split()[0])
+
+
+def final_state(output_dir):
+    """The numbers of every step (not the timings) and the final model and optimizer state."""
+    keys = ("step", "loss", "accuracy", "lr", "weight_decay", "grad_norm")
+    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    payload = torch.load(output_dir / "checkpoint.pt", weights_only=True)
+    return [tuple(r[k] for k in keys) for r in records], payload["model"], payload["optimizer"]["state"], payload["step"]
+
+
+def assert_identical(got, expected):
+    records, model, optimizer, step = got
+    assert records == expected[0] and step == expected[3] == STEPS
+    assert model.keys() == expected[1].keys() and all(torch.equal(model[k], expected[1][k]) for k in model)
+    assert optimizer.keys() == expected[2].keys()
+    for index, state in optimizer.items():
+        assert all(torch.equal(state[k], expected[2][index][k]) for k in state)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A few images, a k-means tokenizer fitted on them and the uninterrupted run."""
+    root = tmp_path_factory.mktemp("resume")
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir()
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(root / "images" / f"{i}.png")
+    threads = torch.get_num_threads()
+    assert main(["tokenizer", "train", "--data", str(root / "images"), "--output", str(root / "tok.safetensors"),
+                 "--vocab-size", "16", "--tokenizer-size", "16", "--tokenizer-patch-size", "4",
+                 "--tokenizer-images", "48", "--tokenizer-iters", "5"]) == 0
+    torch.set_num_threads(threads)
+    args = [*RUN, "--data", str(root / "images"), "--tokenizer", str(root / "tok.safetensors")]
+    code, output = run_command(root, [*args, "--output", str(root / "straight")])
+    assert code == 0, output
+    return root, args, final_state(root / "straight")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [0, 2])
+def test_kill_and_resume_is_exact(setup, workers):
+    root, args, straight = setup
+    output = root / f"killed-{workers}"
+    args = [*args, "--workers", str(workers), "--output", str(output)]
+
+    # Killed in step 5: the checkpoint of step 3 is the one to resume from.
+    code, printed = run_command(root, args, kill_at="step:5")
+    assert code == -signal.SIGKILL, printed
+    # Resumed at step 3, killed while writing the checkpoint of step 6: step 3's must still be there.
+    code, printed = run_command(root, args, kill_at="checkpoint-write:1")
+    assert code == -signal.SIGKILL and resumed_step(printed) == CHECKPOINT_EVERY, printed
+    # Resumed at step 3 again, killed from outside once step 5 is reported (wherever it is by then).
+    code, printed = run_command(root, args, kill_after_line="pretrain step 5/")
+    assert code == -signal.SIGKILL and resumed_step(printed) == CHECKPOINT_EVERY, printed
+    code, printed = run_command(root, args)
+    assert code == 0 and "done: resumed from" in printed, printed
+    assert_identical(final_state(output), straight)
