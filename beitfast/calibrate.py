@@ -2,9 +2,10 @@
 dispatcher reads (``beitfast bench --calibrate``).
 
 Each op runs forward + backward at BEiT-B pre-training sizes, as the model calls it (bf16 autocast,
-the same layouts and dtypes): attention ``[32, 12, 197, 64]`` with the relative position bias, the
-LM-head cross-entropy over 32 x 75 masked rows of width 768 into 8192 tokens, the patch embedding of
-32 images of 224 pixels with 16-pixel patches and 75 masked patches each. Backends that refuse the
+the same layouts and dtypes) at the batch the step benchmark and the goals use (128): attention
+``[128, 12, 197, 64]`` with the relative position bias, the LM-head cross-entropy over 128 x 75 masked
+rows of width 768 into 8192 tokens, the patch embedding of 128 images of 224 pixels with 16-pixel
+patches and 75 masked patches each. The order measured at one batch need not hold at another. Backends that refuse the
 inputs or fail are left out of the order, with the reason recorded; the dispatcher puts them after
 the measured ones.
 
@@ -23,6 +24,7 @@ import datetime
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,11 +33,12 @@ import torch
 from ._files import write_atomically
 from .ops import dispatch
 
-__all__ = ["SHAPES", "calibrate", "measure_backends", "preference_table", "write_table"]
+__all__ = ["SHAPES", "calibrate", "measure_backends", "preference_table", "write_table", "time_trials",
+           "cuda_event_timer"]
 
 # Sizes of one calibration run, by name.
 SHAPES: dict[str, dict[str, int]] = {
-    "beit-base": {"batch": 32, "heads": 12, "grid": 14, "head_dim": 64, "vocab": 8192, "num_masked": 75,
+    "beit-base": {"batch": 128, "heads": 12, "grid": 14, "head_dim": 64, "vocab": 8192, "num_masked": 75,
                   "patch_size": 16, "channels": 3},
 }
 
@@ -131,21 +134,41 @@ def _cases(sizes: dict[str, int], device: torch.device) -> dict[str, Case]:
             "patch_embed": (embed_inputs, patch_embed)}
 
 
+def time_trials(fn: Callable[[], Any], trials: int, repeats: int, warmup: int = 0,
+                device_type: str = "cuda") -> list[float]:
+    """Milliseconds per call of ``fn`` in each of ``trials`` trials of ``repeats`` calls, after
+    ``warmup`` untimed calls: the one timer of the calibration and of every benchmark suite.
+
+    On CUDA each trial lies between two CUDA events (GPU time, no host overhead counted when the GPU
+    is busy). On a CPU (the benchmarks' smoke mode, never a claim) it is the wall clock.
+    """
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(trials):
+        if device_type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            for _ in range(repeats):
+                fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / repeats)
+        else:
+            began = time.perf_counter()
+            for _ in range(repeats):
+                fn()
+            times.append((time.perf_counter() - began) * 1e3 / repeats)
+    return times
+
+
 def cuda_event_timer(warmup: int, repeats: int) -> Timer:
-    """Milliseconds per call of a CUDA callable: ``warmup`` untimed calls, then ``repeats`` between
-    two CUDA events."""
+    """Milliseconds per call of a CUDA callable: ``warmup`` untimed calls, then one trial of
+    ``repeats`` calls between two CUDA events."""
 
     def time_ms(fn: Callable[[], Any]) -> float:
-        for _ in range(warmup):
-            fn()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        start.record()
-        for _ in range(repeats):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / repeats
+        return time_trials(fn, 1, repeats, warmup)[0]
 
     return time_ms
 

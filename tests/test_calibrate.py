@@ -307,3 +307,23 @@ def test_calibrate_on_the_gpu(tmp_path, capsys):
         assert [times[n] for n in order] == sorted(times.values())
         assert all(t > 0 for t in times.values())
         assert set(order) | set(table["skipped"][op]) == set(dispatch.backends(op))
+
+
+def test_time_trials_counts_and_times_every_call():
+    """The one timer of calibration and benchmarks: warm-up calls untimed, then ``trials`` trials of
+    ``repeats`` calls each (wall clock on CPU, the smoke mode; CUDA events on a GPU)."""
+    import time
+
+    calls = []
+
+    def sleepy():
+        calls.append(1)
+        time.sleep(0.002)
+
+    times = calibrate.time_trials(sleepy, trials=3, repeats=4, warmup=2, device_type="cpu")
+    assert len(calls) == 2 + 3 * 4 and len(times) == 3
+    assert all(2.0 <= ms < 50.0 for ms in times)  # milliseconds per call, not per trial
+
+
+def test_calibration_runs_at_the_benchmarked_batch():
+    assert calibrate.SHAPES["beit-base"]["batch"] == 128  # the step benchmark's and the goals' batch
