@@ -1,0 +1,142 @@
+"""Sharded tar files in the WebDataset layout: data sets of millions of images as a few hundred files.
+
+A shard ``<prefix>-000000.tar`` holds, per sample, its encoded image ``<key>.<ext>`` (the original file's
+bytes and extension) and, for labelled data, ``<key>.cls`` (the class index as text); keys are the
+sample's index in the data set, zero-padded, so the files of one sample are adjacent. ``pack_shards``
+(``beitfast data pack``) writes them from an image folder.
+
+``ShardedImages`` reads them as an image source for ``BatchStream``: it indexes every member once
+(tar headers only) and reads a sample with one seek. Under ``torchrun`` every rank opens the same
+shards and reads only the samples of its part of each global batch (``BatchStream(rank=...,
+world_size=...)``), so every sample is seen exactly once per epoch over all ranks, the order is the
+global shuffle of the stream and resuming at a step stays exact. Undecodable images are skipped and
+counted (``skipped``), as in ``ImageFolder``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from pathlib import Path
+from typing import Sequence
+
+from PIL import Image
+
+from ._files import write_atomically
+from .data import IMAGE_EXTENSIONS, ImageFiles, ImageFolder
+
+__all__ = ["pack_shards", "ShardedImages", "shard_paths"]
+
+LABEL_EXTENSION = "cls"
+
+
+def shard_paths(location: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+    """The shards of ``location``: a folder (its ``*.tar`` files, sorted), one tar file, or a list."""
+    if isinstance(location, (str, os.PathLike)):
+        location = Path(location)
+        if location.is_dir():
+            paths = sorted(location.glob("*.tar"))
+            if not paths:
+                raise ValueError(f"shards: no .tar files in the folder {str(location)!r}")
+            return paths
+        location = [location]
+    paths = [Path(p) for p in location]
+    for path in paths:
+        if not path.is_file():
+            raise FileNotFoundError(f"shards: shard {str(path)!r} does not exist or is not a file")
+    if not paths:
+        raise ValueError("shards: no shard files given")
+    return paths
+
+
+def pack_shards(folder: str | os.PathLike, output: str | os.PathLike, images_per_shard: int = 1000,
+                labelled: bool = False, prefix: str = "shard") -> list[Path]:
+    """Write every image of ``ImageFolder(folder, labelled)`` into tar shards of ``images_per_shard``
+    samples in ``output``; returns the shard paths. The files are copied, not decoded (an undecodable
+    one is skipped when read). Each shard is written atomically."""
+    if isinstance(images_per_shard, bool) or not isinstance(images_per_shard, int) or images_per_shard < 1:
+        raise ValueError(f"pack_shards: images_per_shard must be a positive int, got {images_per_shard!r}")
+    source = ImageFolder(folder, labelled=labelled)
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    digits = max(6, len(str(len(source) - 1)))
+    shards = []
+    for first in range(0, len(source), images_per_shard):
+        indices = range(first, min(first + images_per_shard, len(source)))
+        path = output / f"{prefix}-{len(shards):06d}.tar"
+
+        def write(temp, indices=indices):
+            with tarfile.open(temp, "w", format=tarfile.PAX_FORMAT) as tar:
+                for i in indices:
+                    key = f"{i:0{digits}d}"
+                    tar.add(source.paths[i], arcname=f"{key}{source.paths[i].suffix.lower()}")
+                    if source.labels is not None:
+                        _add_bytes(tar, f"{key}.{LABEL_EXTENSION}", str(source.labels[i]).encode())
+
+        write_atomically(path, write)
+        shards.append(path)
+    return shards
+
+
+def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+class ShardedImages(ImageFiles):
+    """The samples of WebDataset-layout tar shards (``shard_paths``), in shard then member order.
+
+    ``labels`` are the ``.cls`` class indices when every sample has one, else None. Open files are
+    per process (DataLoader workers reopen them).
+    """
+
+    def __init__(self, shards: str | os.PathLike | Sequence[str | os.PathLike]):
+        super().__init__()
+        self.shards = shard_paths(shards)
+        self.entries: list[tuple[int, int, int, str]] = []  # (shard, offset, size, member name)
+        keys: list[tuple[int, str]] = []
+        class_of: dict[tuple[int, str], int] = {}
+        for shard_index, path in enumerate(self.shards):
+            with tarfile.open(path, "r:") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    # WebDataset: a sample's files share the path up to the first dot of the file name.
+                    folder, name = os.path.split(member.name)
+                    stem, _, extension = name.partition(".")
+                    key, extension = (shard_index, os.path.join(folder, stem)), extension.lower()
+                    if extension == LABEL_EXTENSION:
+                        class_of[key] = int(tar.extractfile(member).read().decode().strip())
+                    elif f".{extension}" in IMAGE_EXTENSIONS:  # other files of a sample are ignored
+                        keys.append(key)
+                        self.entries.append((shard_index, member.offset_data, member.size, member.name))
+        if not self.entries:
+            raise ValueError(f"ShardedImages: no images in the {len(self.shards)} shard(s) given")
+        self.labels = [class_of[key] for key in keys] if all(key in class_of for key in keys) else None
+        self._files: dict[int, object] = {}
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def _name(self, index: int) -> str:
+        shard, _, _, name = self.entries[index]
+        return f"{self.shards[shard]}:{name}"
+
+    def _read(self, index: int) -> bytes:
+        shard, offset, size, _ = self.entries[index]
+        if self._pid != os.getpid():  # a forked worker must not share the parent's file positions
+            self._files, self._pid = {}, os.getpid()
+        if shard not in self._files:
+            self._files[shard] = open(self.shards[shard], "rb")
+        file = self._files[shard]
+        file.seek(offset)
+        return file.read(size)
+
+    def _open(self, index: int) -> Image.Image:
+        return Image.open(io.BytesIO(self._read(index)))
+
+    def __getstate__(self):
+        return {**self.__dict__, "_files": {}}
