@@ -1,16 +1,21 @@
 // CUDA backend of the masked-token cross-entropy of the LM head (Python side:
 // beitfast/ops/cross_entropy.py, which wraps this op in the custom ops
-// beitfast::lm_cross_entropy_cuda_{reduced,rows} with autograd and fake kernels; this op is only called
-// from their implementations, never traced, so it needs no fake kernel of its own).
+// beitfast::lm_cross_entropy_{reduced,rows} with autograd and fake kernels; this op is only called
+// from their implementations, never traced, so it needs no fake kernel of its own). The Triton backend
+// (kernels/cross_entropy.py) is the same design with the same contract.
 //
-// Chunked design: the selected rows go in chunks of at most a tenth of them. Per chunk:
+// Rows go in chunks of about a 32nd of R (rows_per_chunk). Per chunk:
 //   gather the rows of hidden (any strides) into a [C, D] buffer in the compute dtype
 //   -> cuBLAS GEMM (+ bias) into a [C, V] logits buffer in the compute dtype (as the eager linear)
-//   -> one kernel per row: max, log-sum-exp, loss, argmax hit, and (when gradients are asked) the
-//      logits overwritten by their gradient (softmax - onehot) * row_scale
-//   -> dW += dlogits^T @ rows (fp32 accumulator, cuBLAS), db += column sums (fp32),
-//      dhidden rows = dlogits @ W, scattered back to their [B, N] positions.
-// The row scale (1 / count for a mean, 1 for a sum, or per-row upstream gradients) is a device tensor.
+//   -> one block per row: max, log-sum-exp, loss, argmax hit, and (when gradients are asked) the
+//      logits overwritten by their gradient (softmax - onehot) * row_scale (zeros on uncounted rows)
+//   -> dW += dlogits^T @ rows into the fp32 [V, D] gradient (cuBLAS with fp32 output, no 16-bit
+//      temporary), db += column sums (fp32), dhidden rows = dlogits @ W stored into their [B, N, D] rows.
+// No atomics: deterministic. No host sync: the row count (row_count, with an upper bound R) stays on
+// the device and the custom kernels read it; the cuBLAS GEMMs take host sizes, so they cover all R rows
+// (rows past the count are zeros with ignore_index labels: the result is the same, the work is not).
+// A counted label outside [0, V) is treated as ignored (never an out-of-bounds read); the Python side
+// counts such rows.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -32,9 +37,12 @@
 namespace beitfast {
 namespace {
 
-constexpr int kCopyThreads = 256;
+constexpr int kCopyThreads = 128;
 constexpr int kRowThreads = 256;
 constexpr int kWarps = kRowThreads / 32;
+// Chunks per call and the smallest chunk, as in kernels/cross_entropy.py (rows_per_chunk).
+constexpr int64_t kChunks = 32;
+constexpr int64_t kMinChunkRows = 64;
 
 // Where row r of the plan lies in hidden [B, N, D].
 struct RowSource {
@@ -49,31 +57,36 @@ struct RowSource {
   }
 };
 
-unsigned int copy_blocks(int64_t n) {
-  // A grid-stride loop covers the rest.
-  return static_cast<unsigned int>(std::clamp<int64_t>((n + kCopyThreads - 1) / kCopyThreads, 1, 65535 * 8));
+// Rows of the plan that exist: the device-side count, or all of them.
+__device__ int64_t live_rows(const int64_t* row_count, int64_t rows) {
+  return row_count != nullptr ? min(max(*row_count, int64_t{0}), rows) : rows;
 }
 
+// One block per row of the chunk; rows past the count become zeros (finite logits, zero gradient).
 template <typename in_t, typename out_t>
-__global__ void gather_rows_kernel(const in_t* __restrict__ hidden, RowSource source, int64_t first,
-                                   int64_t count, int64_t dim, out_t* __restrict__ rows) {
-  const int64_t n = count * dim;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t r = i / dim, d = i - r * dim;
-    rows[i] = static_cast<out_t>(static_cast<float>(hidden[source.offset(first + r) + d * source.stride_d]));
+__global__ void gather_rows_kernel(const in_t* __restrict__ hidden, RowSource source, const int64_t* row_count,
+                                   int64_t rows, int64_t first, int64_t dim, out_t* __restrict__ out) {
+  const int64_t r = first + blockIdx.x;
+  out_t* dst = out + static_cast<int64_t>(blockIdx.x) * dim;
+  if (r >= live_rows(row_count, rows)) {
+    for (int64_t d = threadIdx.x; d < dim; d += blockDim.x) dst[d] = out_t(0.f);
+    return;
+  }
+  const in_t* src = hidden + source.offset(r);
+  for (int64_t d = threadIdx.x; d < dim; d += blockDim.x) {
+    dst[d] = static_cast<out_t>(static_cast<float>(src[d * source.stride_d]));
   }
 }
 
+// One block per row of the chunk: row r of the GEMM output into its [B, N, D] row of grad_hidden.
 template <typename in_t, typename out_t>
-__global__ void scatter_rows_kernel(const in_t* __restrict__ rows, RowSource source, int64_t first,
-                                    int64_t count, int64_t dim, out_t* __restrict__ grad_hidden) {
-  const int64_t n = count * dim;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t r = i / dim, d = i - r * dim;
-    grad_hidden[source.flat(first + r) * dim + d] = static_cast<out_t>(static_cast<float>(rows[i]));
-  }
+__global__ void scatter_rows_kernel(const in_t* __restrict__ rows_in, RowSource source, const int64_t* row_count,
+                                    int64_t rows, int64_t first, int64_t dim, out_t* __restrict__ grad_hidden) {
+  const int64_t r = first + blockIdx.x;
+  if (r >= live_rows(row_count, rows)) return;
+  const in_t* src = rows_in + static_cast<int64_t>(blockIdx.x) * dim;
+  out_t* dst = grad_hidden + source.flat(r) * dim;
+  for (int64_t d = threadIdx.x; d < dim; d += blockDim.x) dst[d] = static_cast<out_t>(static_cast<float>(src[d]));
 }
 
 // Running maximum, sum of exp(x - max) and first index of the maximum.
@@ -119,18 +132,32 @@ __device__ MaxSum block_merge(MaxSum v) {
 }
 
 // One block per row of the chunk. With row_scale, the row's logits are overwritten by
-// (softmax - onehot) * row_scale[row * scale_stride] (zeros on rows that do not count).
+// (softmax - onehot) * row_scale[row * scale_stride], zeros on rows that do not count. Rows past the
+// count get loss 0 and no hit.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kRowThreads)
     row_loss_kernel(scalar_t* __restrict__ logits, int64_t vocab, const int64_t* __restrict__ labels,
-                    int64_t ignore_index, const float* __restrict__ row_scale, int64_t scale_stride,
-                    float* __restrict__ loss, bool* __restrict__ hits) {
-  const int64_t row = blockIdx.x;
-  scalar_t* x = logits + row * vocab;
-  const int64_t label = labels[row];
-  const bool counted = label != ignore_index;
+                    const int64_t* row_count, int64_t rows, int64_t first, int64_t ignore_index,
+                    const float* __restrict__ row_scale, int64_t scale_stride, float* __restrict__ loss,
+                    bool* __restrict__ hits) {
+  const int64_t row = first + blockIdx.x;
+  scalar_t* x = logits + static_cast<int64_t>(blockIdx.x) * vocab;
+  const bool live = row < live_rows(row_count, rows);
+  const int64_t label = live ? labels[row] : ignore_index;
+  const bool counted = live && label != ignore_index && label >= 0 && label < vocab;
+  if (!counted) {
+    // Uniform over the block: no thread reaches block_merge's barriers.
+    if (threadIdx.x == 0) {
+      loss[row] = 0.f;
+      hits[row] = false;
+    }
+    if (row_scale != nullptr) {
+      for (int64_t j = threadIdx.x; j < vocab; j += kRowThreads) x[j] = scalar_t(0.f);
+    }
+    return;
+  }
   // Read before block_merge's barriers, hence before any thread overwrites the row.
-  const float label_logit = (threadIdx.x == 0 && counted) ? static_cast<float>(x[label]) : 0.f;
+  const float label_logit = threadIdx.x == 0 ? static_cast<float>(x[label]) : 0.f;
 
   MaxSum acc{-INFINITY, 0.f, vocab};
   for (int64_t j = threadIdx.x; j < vocab; j += kRowThreads) {
@@ -146,35 +173,33 @@ __global__ void __launch_bounds__(kRowThreads)
   acc = block_merge(acc);
   const float lse = acc.max + logf(acc.sum);
   if (threadIdx.x == 0) {
-    loss[row] = counted ? lse - label_logit : 0.f;
-    hits[row] = counted && acc.arg == label;
+    loss[row] = lse - label_logit;
+    hits[row] = acc.arg == label;
   }
   if (row_scale == nullptr) return;
-  const float scale = counted ? row_scale[row * scale_stride] : 0.f;
+  const float scale = row_scale[row * scale_stride];
   for (int64_t j = threadIdx.x; j < vocab; j += kRowThreads) {
     const float p = expf(static_cast<float>(x[j]) - lse);
     x[j] = static_cast<scalar_t>((p - (j == label ? 1.f : 0.f)) * scale);
   }
 }
 
-// grad_weight [V, D] (fp32) += dlogits[C, V]^T @ rows[C, D]. The chunk's product comes from an ATen
-// GEMM (cuBLAS) in the compute dtype, as autocast's eager linear computes the whole weight gradient; the
-// sum over chunks is kept in fp32. (cuBLAS entry points with an fp32 output are not exported by torch.)
+// grad_weight [V, D] (fp32) += dlogits[C, V]^T @ rows[C, D] by one cuBLAS GEMM with fp32 output: no
+// temporary in the compute dtype, the sum over chunks exact to fp32.
 void accumulate_weight_grad(at::Tensor& grad_weight, const at::Tensor& dlogits, const at::Tensor& rows) {
-  grad_weight.add_(at::mm(dlogits.t(), rows));
+  if (rows.scalar_type() == at::kFloat) {
+    at::addmm_out(grad_weight, grad_weight, dlogits.t(), rows);
+  } else {
+    at::addmm_out(grad_weight, grad_weight, dlogits.t(), rows, at::kFloat);
+  }
 }
 
-// Rows per chunk: at most a tenth of them (the logits buffer stays under a tenth of the full logits),
-// in multiples of 64 for the GEMM tiles, and never fewer than 128 (small problems run in one chunk).
-int64_t chunk_rows(int64_t rows) {
-  const int64_t tenth = (rows + 9) / 10;
-  return std::min(rows, std::max<int64_t>(128, tenth / 64 * 64));
+int64_t rows_per_chunk(int64_t rows) {
+  return std::min(rows, std::max(kMinChunkRows, rows / kChunks / kMinChunkRows * kMinChunkRows));
 }
 
-bool stream_is_capturing(cudaStream_t stream) {
-  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
-  return status != cudaStreamCaptureStatusNone;
+unsigned int row_threads(int64_t dim) {
+  return static_cast<unsigned int>(std::clamp<int64_t>((dim + 31) / 32 * 32, 32, kCopyThreads));
 }
 
 void check_inputs(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -195,7 +220,8 @@ void check_inputs(const at::Tensor& hidden, const at::Tensor& weight, const std:
               name, ": source_rows must be int64 [R=", rows, "]");
   TORCH_CHECK(source_rows.has_value() || rows <= hidden.size(0) * hidden.size(1), name,
               ": without source_rows, R=", rows, " exceeds hidden's B*N rows");
-  TORCH_CHECK(!row_count.has_value() || row_count->numel() == 1, name, ": row_count must hold one value");
+  TORCH_CHECK(!row_count.has_value() || (row_count->numel() == 1 && row_count->scalar_type() == at::kLong),
+              name, ": row_count must be one int64 value, got ", row_count->scalar_type(), " ", row_count->sizes());
   TORCH_CHECK(!row_scale.has_value() ||
                   (row_scale->scalar_type() == at::kFloat && (row_scale->numel() == 1 || row_scale->numel() == rows)),
               name, ": row_scale must be float32 with 1 or R=", rows, " values");
@@ -216,26 +242,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lm_cross_
 
   const int64_t rows = row_labels.size(0), vocab = weight.size(0), dim = weight.size(1);
   const bool with_grad = row_scale.has_value();
-  // The GEMM sizes are host values: with an upper bound R, the true count is read once (the cuBLAS
-  // calls need it). Under CUDA-graph capture no read is possible: all R rows run (the rows past the
-  // count carry ignore_index, so the result is the same, only slower).
-  int64_t live = rows;
-  if (row_count.has_value() && rows > 0 && !stream_is_capturing(stream)) {
-    live = std::clamp<int64_t>(row_count->item<int64_t>(), 0, rows);
-  }
-
   const auto f32 = hidden.options().dtype(at::kFloat);
-  at::Tensor loss = at::zeros({rows}, f32);
-  at::Tensor hits = at::zeros({rows}, hidden.options().dtype(at::kBool));
+  at::Tensor loss = at::empty({rows}, f32);
+  at::Tensor hits = at::empty({rows}, hidden.options().dtype(at::kBool));
   at::Tensor grad_hidden = with_grad ? at::zeros(hidden.sizes(), hidden.options()) : at::empty({0}, hidden.options());
+  // fp32 accumulators; for fp32 parameters they are the gradients themselves.
   at::Tensor grad_weight = with_grad ? at::zeros({vocab, dim}, f32) : at::empty({0}, weight.options());
   const bool bias_grad = with_grad && bias.has_value();
   at::Tensor grad_bias = bias_grad ? at::zeros({vocab}, f32) : at::empty({0}, f32);
-  if (live == 0) {
-    return {loss, hits, grad_hidden, grad_weight.to(weight.scalar_type()),
-            bias_grad ? grad_bias.to(bias->scalar_type()) : grad_bias};
-  }
+  auto finish = [&] {
+    return std::make_tuple(loss, hits, grad_hidden, with_grad ? grad_weight.to(weight.scalar_type()) : grad_weight,
+                           bias_grad ? grad_bias.to(bias->scalar_type()) : grad_bias);
+  };
+  if (rows == 0) return finish();
 
+  // Cast once per call (no copy when already in the compute dtype and contiguous).
   const at::Tensor weight_c = weight.to(compute_dtype).contiguous();
   const std::optional<at::Tensor> bias_c =
       bias.has_value() ? std::optional<at::Tensor>(bias->to(compute_dtype)) : std::nullopt;
@@ -245,59 +266,60 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lm_cross_
   const std::optional<at::Tensor> scales =
       with_grad ? std::optional<at::Tensor>(row_scale->contiguous()) : std::nullopt;
   const int64_t scale_stride = with_grad && scales->numel() > 1 ? 1 : 0;
+  const int64_t* count = row_count.has_value() ? row_count->const_data_ptr<int64_t>() : nullptr;
 
   const RowSource source{sources.has_value() ? sources->const_data_ptr<int64_t>() : nullptr, hidden.size(1),
                          hidden.stride(0), hidden.stride(1), hidden.stride(2)};
-  const int64_t chunk = chunk_rows(live);
+  const int64_t chunk = rows_per_chunk(rows);
   const auto compute = hidden.options().dtype(compute_dtype);
   at::Tensor row_buffer = at::empty({chunk, dim}, compute);
   at::Tensor logits_buffer = at::empty({chunk, vocab}, compute);
 
-  for (int64_t first = 0; first < live; first += chunk) {
-    const int64_t count = std::min(chunk, live - first);
-    at::Tensor chunk_rows_c = row_buffer.narrow(0, 0, count);
-    at::Tensor logits = logits_buffer.narrow(0, 0, count);
+  for (int64_t first = 0; first < rows; first += chunk) {
+    const int64_t size = std::min(chunk, rows - first);
+    const auto blocks = static_cast<unsigned int>(size);
+    at::Tensor chunk_rows = row_buffer.narrow(0, 0, size);
+    at::Tensor logits = logits_buffer.narrow(0, 0, size);
 
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(), "gather_rows", [&] {
       using in_t = scalar_t;
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, compute_dtype, "gather_rows_out", [&] {
-        gather_rows_kernel<in_t, scalar_t><<<copy_blocks(count * dim), kCopyThreads, 0, stream>>>(
-            hidden.const_data_ptr<in_t>(), source, first, count, dim, chunk_rows_c.mutable_data_ptr<scalar_t>());
+        gather_rows_kernel<in_t, scalar_t><<<blocks, row_threads(dim), 0, stream>>>(
+            hidden.const_data_ptr<in_t>(), source, count, rows, first, dim, chunk_rows.mutable_data_ptr<scalar_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
 
     if (bias_c.has_value()) {
-      at::addmm_out(logits, *bias_c, chunk_rows_c, weight_c.t());
+      at::addmm_out(logits, *bias_c, chunk_rows, weight_c.t());
     } else {
-      at::mm_out(logits, chunk_rows_c, weight_c.t());
+      at::mm_out(logits, chunk_rows, weight_c.t());
     }
 
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, compute_dtype, "row_loss", [&] {
-      row_loss_kernel<scalar_t><<<static_cast<unsigned int>(count), kRowThreads, 0, stream>>>(
-          logits.mutable_data_ptr<scalar_t>(), vocab, labels.const_data_ptr<int64_t>() + first, ignore_index,
-          with_grad ? scales->const_data_ptr<float>() + first * scale_stride : nullptr, scale_stride,
-          loss.mutable_data_ptr<float>() + first, hits.mutable_data_ptr<bool>() + first);
+      row_loss_kernel<scalar_t><<<blocks, kRowThreads, 0, stream>>>(
+          logits.mutable_data_ptr<scalar_t>(), vocab, labels.const_data_ptr<int64_t>(), count, rows, first,
+          ignore_index, with_grad ? scales->const_data_ptr<float>() : nullptr, scale_stride,
+          loss.mutable_data_ptr<float>(), hits.mutable_data_ptr<bool>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     if (!with_grad) continue;
 
     // `logits` now holds dlogits. The weight gradient reads the gathered rows before the hidden
     // gradient overwrites them.
-    accumulate_weight_grad(grad_weight, logits, chunk_rows_c);
+    accumulate_weight_grad(grad_weight, logits, chunk_rows);
     if (bias_grad) grad_bias.add_(at::sum(logits, {0}, false, at::kFloat));
-    at::mm_out(chunk_rows_c, logits, weight_c);
+    at::mm_out(chunk_rows, logits, weight_c);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, compute_dtype, "scatter_rows", [&] {
       using in_t = scalar_t;
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(), "scatter_rows_out", [&] {
-        scatter_rows_kernel<in_t, scalar_t><<<copy_blocks(count * dim), kCopyThreads, 0, stream>>>(
-            chunk_rows_c.const_data_ptr<in_t>(), source, first, count, dim, grad_hidden.mutable_data_ptr<scalar_t>());
+        scatter_rows_kernel<in_t, scalar_t><<<blocks, row_threads(dim), 0, stream>>>(
+            chunk_rows.const_data_ptr<in_t>(), source, count, rows, first, dim, grad_hidden.mutable_data_ptr<scalar_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
   }
-  return {loss, hits, grad_hidden, with_grad ? grad_weight.to(weight.scalar_type()) : grad_weight,
-          bias_grad ? grad_bias.to(bias->scalar_type()) : grad_bias};
+  return finish();
 }
 
 }  // namespace beitfast
