@@ -17,9 +17,13 @@ embedding are resized when the config has another image size (:func:`resize_rel_
 :func:`resize_pos_embed`).
 
 Files (:func:`save`, :func:`load`): ``.safetensors`` with the config as JSON in the metadata, and
-``.pth``/``.pt`` holding ``{"model": state_dict, "config": dict}``; both written atomically.
-:func:`load` also reads official ``.pth`` files, Hugging Face ``model.safetensors`` /
-``pytorch_model.bin`` (or their folder, whose ``config.json`` is then used) and timm files.
+``.pth``/``.pt`` holding ``{"model": state_dict, "config": dict}``; both written atomically, with a
+SHA-256 of the tensors (:mod:`beitfast._files`) that :func:`load` verifies. :func:`load` also reads
+the trainer's ``checkpoint.pt`` (with its model config), official ``.pth`` files, Hugging Face
+``model.safetensors`` / ``pytorch_model.bin`` (or their folder, whose ``config.json`` is then used)
+and timm files. Every file read must hold finite weights; those without a checksum (foreign files,
+files of older beitfast versions) get that check only. An empty, truncated or damaged file is a
+:class:`beitfast._files.FileIntegrityError` (a ``ValueError``) naming it and what failed.
 """
 
 from __future__ import annotations
@@ -38,7 +42,10 @@ from typing import Any, Mapping
 import torch
 import torch.nn.functional as F
 
-from ._files import write_atomically
+from ._files import (
+    DIGEST_KEY, FileIntegrityError, add_digest, check_contents, check_not_empty, content_digest,
+    read_torch_file, split_digest, write_atomically,
+)
 from .config import BEiTConfig
 from .model import BEiT, num_relative_positions, relative_position_index
 
@@ -46,7 +53,7 @@ __all__ = [
     "FORMATS", "HF_TASKS", "unwrap_state_dict", "detect_format", "to_official_names", "infer_config",
     "adapt_state_dict", "from_state_dict", "resize_rel_pos_bias_table", "resize_pos_embed",
     "to_hf_state_dict", "hf_config_kwargs", "config_from_hf", "to_timm_state_dict", "timm_kwargs",
-    "save", "load",
+    "save", "load", "read_training_checkpoint", "TRAIN_CHECKPOINT_FORMAT",
 ]
 
 FORMATS = ("official", "hf-v4", "hf-v5")
@@ -61,6 +68,8 @@ _WRAPPER_KEYS = ("model", "state_dict", "module", "model_state_dict")
 _STRIPPED_PREFIXES = ("module.", "_orig_mod.")
 _SHARED_TABLE = "rel_pos_bias.relative_position_bias_table"
 _CONFIG_METADATA_KEY = "beitfast_config"
+# The "format" of the trainer's checkpoint.pt (beitfast.train): model, optimizer, step, RNG states.
+TRAIN_CHECKPOINT_FORMAT = "beitfast.train-checkpoint"
 
 # -- Hugging Face names ---------------------------------------------------------------------------
 # Official name (a parameter, or a module whose ".weight"/".bias" follow) -> Hugging Face name, inside
@@ -448,7 +457,8 @@ def from_state_dict(
     error. The model is on the CPU, in float32 (the checkpoint's dtype is cast).
     """
     state, _ = to_official_names(state_dict)
-    config = (config or infer_config(state)).replace(**overrides)
+    # Overrides go into the inference: they may give what the shapes do not tell (num_heads, img_size).
+    config = config.replace(**overrides) if config is not None else infer_config(state, **overrides)
     return _load_checked(config, adapt_state_dict(state, config), strict)
 
 
@@ -644,40 +654,67 @@ def _config_json(config: BEiTConfig) -> str:
 
 
 def save(model: BEiT, path: str | os.PathLike) -> None:
-    """Writes the weights and config: ``.safetensors`` (config JSON in the metadata) or
-    ``.pth``/``.pt`` (``{"model": state_dict, "config": dict}``), atomically."""
+    """Writes the weights and config: ``.safetensors`` (config JSON and the tensors' SHA-256 in the
+    metadata) or ``.pth``/``.pt`` (``{"model": state_dict, "config": dict, "beitfast_sha256": str}``),
+    atomically."""
     import safetensors.torch
 
     path = Path(path)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if path.suffix == ".safetensors":
-        metadata = {"format": "pt", _CONFIG_METADATA_KEY: _config_json(model.config)}
+        metadata = {"format": "pt", _CONFIG_METADATA_KEY: _config_json(model.config),
+                    DIGEST_KEY: content_digest(state)}
         write_atomically(path, lambda temp: safetensors.torch.save_file(state, temp, metadata=metadata))
     elif path.suffix in (".pth", ".pt"):
-        payload = {"model": state, "config": json.loads(_config_json(model.config))}
+        payload = add_digest({"model": state, "config": json.loads(_config_json(model.config))})
         write_atomically(path, lambda temp: torch.save(payload, temp))
     else:
         raise ValueError(f"save: path must end in .safetensors, .pth or .pt, got {str(path)!r}")
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], BEiTConfig | None]:
+    """The tensors of a safetensors file, checked (digest if recorded, finiteness), and its config."""
     import safetensors
 
-    with safetensors.safe_open(str(path), framework="pt") as f:
-        config = (f.metadata() or {}).get(_CONFIG_METADATA_KEY)
-        state = {name: f.get_tensor(name) for name in f.keys()}
+    check_not_empty(path)
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            state = {name: f.get_tensor(name) for name in f.keys()}
+    except (safetensors.SafetensorError, OSError, ValueError, RuntimeError) as error:
+        reason = f"{type(error).__name__}: {error}"
+        raise FileIntegrityError(
+            path, f"cannot be read as a safetensors file, truncated or damaged ({reason})"
+        ) from None
+    check_contents(path, state, metadata.get(DIGEST_KEY))
+    config = metadata.get(_CONFIG_METADATA_KEY)
     return state, (BEiTConfig.from_dict(json.loads(config)) if config else None)
 
 
 def _read_torch(path: Path) -> tuple[Any, BEiTConfig | None]:
+    """The payload of a ``torch.save`` file, checked (digest if recorded, finiteness), and the config it
+    stores: ours (``config``, or ``model_config`` in a training checkpoint) only."""
     # Official training checkpoints also hold their argparse arguments.
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+    payload, digest = split_digest(read_torch_file(path, safe_globals=[argparse.Namespace]))
+    check_contents(path, payload, digest)
+    if isinstance(payload, Mapping) and payload.get("format") == TRAIN_CHECKPOINT_FORMAT:
+        return payload["model"], BEiTConfig.from_dict(payload["model_config"])
     config = payload.get("config") if isinstance(payload, Mapping) else None
     # Other training scripts store their own "config"; only ours has BEiTConfig fields only.
     fields = {f.name for f in dataclasses.fields(BEiTConfig)}
     ours = isinstance(config, Mapping) and bool(config) and set(config) <= fields
     return payload, (BEiTConfig.from_dict(config) if ours else None)
+
+
+def read_training_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """The payload of a checkpoint of the trainer (:mod:`beitfast.train`), verified: its checksum (when it
+    has one: files of older versions do not) and finite model and optimizer values. A damaged file is a
+    :class:`~beitfast._files.FileIntegrityError`, another kind of file a ``ValueError``."""
+    payload, digest = split_digest(read_torch_file(path))
+    if not isinstance(payload, dict) or payload.get("format") != TRAIN_CHECKPOINT_FORMAT:
+        raise ValueError(f"resume: {str(path)!r} is not a beitfast training checkpoint")
+    check_contents(path, payload, digest)
+    return payload
 
 
 def _hf_config_in(folder: Path) -> BEiTConfig | None:

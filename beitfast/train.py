@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import checkpoint
-from ._files import write_atomically
+from ._files import FileIntegrityError, add_digest, keep_previous, remove_stale_temporaries, write_atomically
 from .config import BEiTConfig, check_bool, check_choice, check_int, check_real
 from .data import (
     EvalTransform,
@@ -54,12 +54,14 @@ __all__ = [
     "MaskedImageModeling", "Classification", "pretrain", "pretraining_trainer",
     "classifier_from_pretrained", "evaluate",
     "setup_distributed", "plot_metrics", "float8_training", "CHECKPOINT_NAME", "METRICS_NAME", "PLOT_NAME",
+    "PREVIOUS_CHECKPOINT_NAME",
 ]
 
 CHECKPOINT_NAME = "checkpoint.pt"
+PREVIOUS_CHECKPOINT_NAME = "checkpoint-previous.pt"  # the one before: resume falls back to it
 METRICS_NAME = "metrics.jsonl"
 PLOT_NAME = "curves.png"
-CHECKPOINT_FORMAT = "beitfast.train-checkpoint"
+CHECKPOINT_FORMAT = checkpoint.TRAIN_CHECKPOINT_FORMAT
 
 
 class NonFiniteLossError(RuntimeError):
@@ -485,8 +487,13 @@ class Trainer:
         self.model.load_state_dict(model_state)
         self.optimizer.load_state_dict(optimizer_state)
 
+    @property
+    def previous_checkpoint_path(self) -> Path:
+        return self.output / PREVIOUS_CHECKPOINT_NAME
+
     def save_checkpoint(self, step: int) -> None:
-        """Every rank takes part (state gathering); rank 0 writes ``checkpoint.pt`` atomically."""
+        """Every rank takes part (state gathering); rank 0 writes ``checkpoint.pt`` atomically, with the
+        SHA-256 of its contents, after keeping the one it replaces as ``checkpoint-previous.pt``."""
         model_state, optimizer_state = self._state()
         states = rng_states(self.device)
         if self.ctx.enabled:
@@ -505,25 +512,55 @@ class Trainer:
                 "data": {"next_step": step, "seed": self.stream.seed},
             }
             buffer = io.BytesIO()
-            torch.save(payload, buffer)
+            torch.save(add_digest(payload), buffer)
+            keep_previous(self.checkpoint_path, self.previous_checkpoint_path)
             write_bytes_atomically(self.checkpoint_path, buffer.getvalue())
         self.last_good = step
 
-    def _resume_path(self) -> Path | None:
+    def _verified_checkpoints(self):
+        """``(path, payload, problem)`` of the output folder's checkpoints, newest first: the payload if
+        it passed the checks (:func:`beitfast.checkpoint.read_training_checkpoint`), else ``None`` and
+        why not."""
+        for path in (self.checkpoint_path, self.previous_checkpoint_path):
+            if path.exists():
+                try:
+                    yield path, checkpoint.read_training_checkpoint(path), None
+                except FileIntegrityError as error:
+                    yield path, None, error.problem
+
+    def _resume_checkpoint(self) -> tuple[Path | None, dict | None]:
+        """The checkpoint to resume from and its verified payload: the ``resume`` path, or with ``"auto"``
+        the output folder's newest good one (a damaged newest one is reported in one line, and the
+        previous one used); ``(None, None)`` to start afresh."""
+        if self.ctx.is_main:  # left by a run killed while writing
+            remove_stale_temporaries(self.output, (CHECKPOINT_NAME, PREVIOUS_CHECKPOINT_NAME, METRICS_NAME,
+                                                   PLOT_NAME))
         resume = self.config.resume
         if resume is None:
-            return None
-        if resume == "auto":
-            return self.checkpoint_path if self.checkpoint_path.exists() else None
-        path = Path(resume)
-        if not path.exists():
-            raise FileNotFoundError(f"resume: checkpoint {str(path)!r} does not exist")
-        return path
+            return None, None
+        if resume != "auto":
+            path = Path(resume)
+            if not path.exists():
+                raise FileNotFoundError(f"resume: checkpoint {str(path)!r} does not exist")
+            return path, checkpoint.read_training_checkpoint(path)
+        problems = []
+        for path, payload, problem in self._verified_checkpoints():
+            if payload is None:
+                problems.append(f"{path}: {problem}")
+                continue
+            if problems and self.ctx.is_main:
+                print(f"resume: {problems[0]}; resuming from {path} (step {payload['step']}) instead",
+                      file=sys.stderr, flush=True)
+            return path, payload
+        if problems:
+            raise FileIntegrityError(self.output, "no usable checkpoint to resume from: " + "; ".join(problems) +
+                                     ". Move them away to start afresh, or pass a checkpoint to resume")
+        return None, None
 
-    def load_checkpoint(self, path: Path) -> None:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"resume: {str(path)!r} is not a beitfast training checkpoint")
+    def load_checkpoint(self, path: Path, payload: dict | None = None) -> None:
+        """Continue from the training checkpoint ``path`` (``payload``: its contents, already verified)."""
+        if payload is None:
+            payload = checkpoint.read_training_checkpoint(path)
         if payload["task"] != self.task.name:
             raise ValueError(f"resume: {str(path)!r} is a {payload['task']} checkpoint, this run is {self.task.name}")
         theirs, ours = _architecture(payload["model_config"]), _architecture(self.model.config)
@@ -544,6 +581,16 @@ class Trainer:
         else:  # another process count: the drop-path randomness cannot continue the same sequence
             self._seed_rngs(payload["step"])
         self.step = self.last_good = payload["step"]
+
+    def _last_good_checkpoint(self) -> str:
+        """Where the non-finite-loss message sends the user: the newest checkpoint of the folder that
+        passes the checks now (a file can be damaged after it was written)."""
+        if self.last_good is None:
+            return "no checkpoint was written yet"
+        for path, payload, _ in self._verified_checkpoints():
+            if payload is not None:
+                return f"the last good checkpoint is {str(path)!r} (step {payload['step']})"
+        return f"no checkpoint in {str(self.output)!r} passes the integrity checks"
 
     def _seed_rngs(self, step: int) -> None:
         seed = derive_seed(self.config.seed, "train", self.ctx.rank, step)
@@ -625,9 +672,9 @@ class Trainer:
 
     def fit(self) -> list[dict]:
         c = self.config
-        resume = self._resume_path()
+        resume, payload = self._resume_checkpoint()
         if resume is not None:
-            self.load_checkpoint(resume)
+            self.load_checkpoint(resume, payload)
             self.resumed_from = (resume, self.step)
             self._log(f"{self.task.name}: resumed from {resume} at step {self.step} of {c.steps}")
         else:
@@ -656,8 +703,7 @@ class Trainer:
                 loss_value, accuracy_value, grad_norm_value = torch.stack(
                     [loss, accuracy, grad_norm.to(loss.device, torch.float32)]).tolist()
                 if not math.isfinite(loss_value):
-                    where = (f"the last good checkpoint is {str(self.checkpoint_path)!r} (step {self.last_good})"
-                             if self.last_good else "no checkpoint was written yet")
+                    where = self._last_good_checkpoint()
                     raise NonFiniteLossError(
                         f"the loss became {loss_value} at step {step + 1}; training stopped and nothing was "
                         f"saved after it: {where}. Lower the learning rate or check the data."

@@ -126,6 +126,19 @@ def test_infers_heads_from_default_head_dim_without_table():
         checkpoint.infer_config(BEiT(small_config(use_shared_rel_pos_bias=False)).state_dict())
 
 
+def test_overrides_are_applied_before_inference():
+    """Without a bias table the shapes do not tell the heads; num_heads given as an override does."""
+    model = random_model(use_shared_rel_pos_bias=False, use_rel_pos_bias=False, use_abs_pos_emb=True)
+    state = model.state_dict()
+    with pytest.raises(ValueError, match="embed_dim 48 is not a multiple of the default head dim 64"):
+        BEiT.from_state_dict(state)
+    loaded = BEiT.from_state_dict(state, num_heads=3, kernels="eager", drop_path_rate=0.0)
+    assert loaded.config == model.config
+    images, mask = inputs(model.config)
+    expected = model(images, bool_masked_pos=mask)
+    torch.testing.assert_close(loaded.eval()(images, bool_masked_pos=mask), expected, rtol=0, atol=0)
+
+
 def test_infers_image_size_from_bias_table():
     model = BEiT(small_config(img_size=28))  # 7x7 grid, table of 13*13+3 rows
     assert checkpoint.infer_config(model.state_dict()).img_size == 28

@@ -356,6 +356,39 @@ def test_dalle_loads_the_official_pickle_and_matches_it(
     assert generic.tokenize(torch.rand(1, 3, 112, 112)).shape == (1, 14, 14)
 
 
+def test_a_pickled_module_tree_that_contains_itself_is_refused(official_dall_e, monkeypatch, tmp_path):
+    path = tmp_path / "encoder.pkl"
+    encoder = official_dall_e.Encoder(n_hid=8, n_blk_per_group=1, vocab_size=24)
+    encoder.blocks.group_1.add_module("loop", encoder)  # a crafted file: the tree holds its own root
+    torch.save(encoder, path)
+    for name in ("dall_e", "dall_e.utils", "dall_e.encoder"):
+        monkeypatch.delitem(sys.modules, name)
+    with pytest.raises(ValueError, match=r"encoder.pkl: pickled module 'blocks.group_1.loop' appears twice"):
+        DalleTokenizer.from_file(path)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "nan"])
+def test_damaged_dalle_files_are_refused(official_dall_e, monkeypatch, tmp_path, damage):
+    from beitfast._files import FileIntegrityError
+
+    path = tmp_path / "encoder.pkl"
+    encoder = official_dall_e.Encoder(n_hid=8, n_blk_per_group=1, vocab_size=24)
+    if damage == "nan":
+        with torch.no_grad():
+            encoder.blocks.group_2.block_1.res_path.conv_3.w[0, 0, 1, 1] = float("nan")
+    torch.save(encoder, path)
+    for name in ("dall_e", "dall_e.utils", "dall_e.encoder"):
+        monkeypatch.delitem(sys.modules, name)
+    if damage != "nan":
+        with open(path, "r+b") as f:
+            f.truncate(0 if damage == "empty" else os.path.getsize(path) // 2)
+    reason = {"truncated": "cannot be read as a torch.save file", "empty": "empty file",
+              "nan": r"non-finite weights: 'blocks.group_2.block_1.res_path.conv_3.w' has 1 NaN"}[damage]
+    for load in (DalleTokenizer.from_file, load_tokenizer):
+        with pytest.raises(FileIntegrityError, match=rf"^{path}: {reason}"):
+            load(path)
+
+
 def test_map_pixels_is_the_official_one():
     images = torch.rand(2, 3, 5, 7, dtype=torch.float64)
     torch.testing.assert_close(map_pixels(images), (1 - 2 * 0.1) * images + 0.1, rtol=0, atol=1e-15)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 
+from .._files import check_not_empty
 from .base import Tokenizer, is_safetensors_file, read_tokenizer_file
 from .dvae import DalleTokenizer
 from .kmeans import KMeansTokenizer
@@ -25,8 +26,10 @@ _PICKLE_PROTOCOLS_2_TO_5 = tuple(bytes([0x80, protocol]) for protocol in range(2
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """A tokenizer saved by ``Tokenizer.save`` (safetensors), or the official DALL-E ``encoder.pkl``
-    (read without running code from it). Tensors are loaded on the CPU."""
+    (read without running code from it). Tensors are loaded on the CPU. An empty, truncated or damaged
+    file, or one with non-finite tensors, is a ``beitfast._files.FileIntegrityError`` (a ``ValueError``)."""
     path = os.fspath(path)
+    check_not_empty(path)
     if is_safetensors_file(path):
         kind, tensors, config = read_tokenizer_file(path)
         if kind not in _KINDS:

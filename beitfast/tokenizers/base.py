@@ -4,8 +4,9 @@ A tokenizer maps the small view of an image (``[B, 3, S, S]``, values in ``[0, 1
 ``input_size``, 112 for BEiT at 224/16) to one token id per ``patch_size`` x ``patch_size`` pixels:
 ``[B, S / patch_size, S / patch_size]`` int64, the targets of masked image modelling.
 
-Saved tokenizers are safetensors files (tensors only, nothing executable) whose metadata holds
-``format`` = ``beitfast.tokenizer``, the tokenizer ``kind`` and its JSON ``config``.
+Saved tokenizers are safetensors files (tensors only, nothing executable), written atomically, whose
+metadata holds ``format`` = ``beitfast.tokenizer``, the tokenizer ``kind``, its JSON ``config`` and the
+SHA-256 of the tensors (``beitfast_sha256``), verified when read; the tensors must be finite.
 """
 
 from __future__ import annotations
@@ -17,6 +18,10 @@ from typing import Any, ClassVar
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+from .._files import (
+    DIGEST_KEY, FileIntegrityError, check_contents, check_not_empty, content_digest, write_atomically,
+)
 
 __all__ = [
     "Tokenizer", "FILE_FORMAT", "check_patch_size", "check_images", "is_safetensors_file",
@@ -102,24 +107,25 @@ def check_images(images: torch.Tensor, input_size: int, name: str) -> None:
 def write_tokenizer_file(
     path: str | os.PathLike, kind: str, tensors: dict[str, torch.Tensor], config: dict[str, Any]
 ) -> None:
-    metadata = {"format": FILE_FORMAT, "kind": kind, "config": json.dumps(config)}
     tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}
-    save_file(tensors, os.fspath(path), metadata=metadata)
+    metadata = {"format": FILE_FORMAT, "kind": kind, "config": json.dumps(config),
+                DIGEST_KEY: content_digest(tensors)}
+    write_atomically(path, lambda temp: save_file(tensors, temp, metadata=metadata))
 
 
 def is_safetensors_file(path: str | os.PathLike) -> bool:
-    """Whether ``path`` starts like a safetensors file: an 8-byte little-endian header length, then a
-    JSON object of that length."""
+    """Whether ``path`` starts like a safetensors file: an 8-byte little-endian header length, then the
+    ``{`` of its JSON header (whether the file is complete is for the reader to check)."""
     with open(path, "rb") as f:
         head = f.read(9)
-        size = os.fstat(f.fileno()).st_size
-    return len(head) == 9 and 8 + int.from_bytes(head[:8], "little") <= size and head[8:] == b"{"
+    return len(head) == 9 and head[8:] == b"{"
 
 
 def read_tokenizer_file(path: str | os.PathLike) -> tuple[str, dict[str, torch.Tensor], dict[str, Any]]:
     """``(kind, tensors, config)`` of a file written by ``write_tokenizer_file``; ``ValueError`` if it is
-    not one."""
+    not one, :class:`~beitfast._files.FileIntegrityError` (a ``ValueError``) if it is damaged."""
     path = os.fspath(path)
+    check_not_empty(path)
     try:
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}
@@ -129,6 +135,15 @@ def read_tokenizer_file(path: str | os.PathLike) -> tuple[str, dict[str, torch.T
                     f"{metadata.get('format')!r}, expected {FILE_FORMAT!r})"
                 )
             tensors = {key: f.get_tensor(key) for key in f.keys()}
-    except SafetensorError as error:
-        raise ValueError(f"{path}: not a safetensors file ({error})") from None
-    return metadata["kind"], tensors, json.loads(metadata["config"])
+    except (SafetensorError, OSError) as error:
+        raise FileIntegrityError(
+            path, f"cannot be read as a safetensors file, truncated or damaged ({error})"
+        ) from None
+    check_contents(path, tensors, metadata.get(DIGEST_KEY))
+    try:
+        config = json.loads(metadata["config"])
+    except (KeyError, json.JSONDecodeError) as error:
+        raise FileIntegrityError(
+            path, f"the tokenizer config in the metadata is missing or not JSON ({error})"
+        ) from None
+    return metadata.get("kind"), tensors, config

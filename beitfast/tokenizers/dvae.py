@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._files import check_contents
 from . import safe_pickle
 from .base import Tokenizer
 
@@ -172,7 +173,10 @@ class DalleTokenizer(Tokenizer):
                 raise ValueError(
                     f"{os.fspath(path)}: holds a {obj.qualified_name}, not a dall_e.encoder.Encoder"
                 )
-            state_dict = _pickled_module_state_dict(obj)
+            try:
+                state_dict = _pickled_module_state_dict(obj)
+            except ValueError as error:
+                raise ValueError(f"{os.fspath(path)}: {error}") from None
         elif isinstance(obj, Mapping) and all(isinstance(v, torch.Tensor) for v in obj.values()):
             state_dict = obj
         else:
@@ -180,6 +184,7 @@ class DalleTokenizer(Tokenizer):
                 f"{os.fspath(path)}: expected a pickled dall_e.encoder.Encoder or its state dict, "
                 f"got {type(obj).__name__}"
             )
+        check_contents(path, state_dict, None)  # a foreign file: no checksum to verify
         return cls.from_state_dict(state_dict, input_size=input_size)
 
     def _tokenize(self, images: torch.Tensor) -> torch.Tensor:
@@ -197,19 +202,28 @@ class DalleTokenizer(Tokenizer):
         return cls.from_state_dict(tensors, input_size=config["input_size"])
 
 
-def _pickled_module_state_dict(
-    module: safe_pickle.PickledObject, prefix: str = ""
-) -> dict[str, torch.Tensor]:
-    """Parameters and buffers of a pickled ``nn.Module`` tree, named as ``state_dict`` would name them."""
+def _pickled_module_state_dict(root: safe_pickle.PickledObject) -> dict[str, torch.Tensor]:
+    """Parameters and buffers of a pickled ``nn.Module`` tree, named as ``state_dict`` would name them.
+    Walked without recursion; a module met twice (a crafted file whose tree contains itself) is refused."""
     tensors: dict[str, torch.Tensor] = {}
-    for table in ("_parameters", "_buffers"):
-        for name, tensor in (module.state.get(table) or {}).items():
-            if tensor is not None:
-                tensors[prefix + name] = tensor.detach()
-    for name, child in (module.state.get("_modules") or {}).items():
-        if child is None:  # nn.Module allows empty submodule slots
-            continue
-        if not isinstance(child, safe_pickle.PickledObject):
-            raise ValueError(f"pickled module {prefix + name!r} is a {type(child).__name__}, not a module")
-        tensors.update(_pickled_module_state_dict(child, f"{prefix}{name}."))
+    pending = [(root, "")]
+    seen = {id(root)}
+    while pending:
+        module, prefix = pending.pop()
+        for table in ("_parameters", "_buffers"):
+            for name, tensor in (module.state.get(table) or {}).items():
+                if tensor is not None:
+                    tensors[prefix + name] = tensor.detach()
+        for name, child in (module.state.get("_modules") or {}).items():
+            if child is None:  # nn.Module allows empty submodule slots
+                continue
+            if not isinstance(child, safe_pickle.PickledObject):
+                raise ValueError(
+                    f"pickled module {prefix + name!r} is a {type(child).__name__}, not a module"
+                )
+            if id(child) in seen:
+                raise ValueError(f"pickled module {prefix + name!r} appears twice in the module tree (it "
+                                 "contains itself, or is shared): not an encoder's module tree")
+            seen.add(id(child))
+            pending.append((child, f"{prefix}{name}."))
     return tensors

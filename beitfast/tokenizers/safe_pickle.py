@@ -12,6 +12,7 @@ pickle module whose ``find_class`` resolves only an allowlist:
 
 Any other global raises ``UnsafePickleError`` naming it, before anything is called. Both the zip
 format (``data.pkl`` plus ``data/<storage>``) and the legacy format of old ``torch.save`` are read.
+An empty, truncated or damaged file is a ``beitfast._files.FileIntegrityError`` naming it.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ import types
 import warnings
 from typing import Any
 
-import torch
 import torch._utils
+
+from .._files import read_torch_file
 
 __all__ = ["UnsafePickleError", "PickledObject", "load"]
 
@@ -125,6 +127,6 @@ def load(path: str | os.PathLike) -> Any:
         # The legacy format stores the source of module classes to compare it with the installed one;
         # the stand-ins have none, which is expected.
         warnings.filterwarnings("ignore", message="Couldn't retrieve source code")
-        return torch.load(
-            os.fspath(path), map_location="cpu", pickle_module=restricted_pickle_module, weights_only=False
+        return read_torch_file(
+            path, passthrough=(UnsafePickleError,), pickle_module=restricted_pickle_module, weights_only=False
         )
