@@ -770,13 +770,8 @@ def classifier_from_pretrained(pretrained: BEiT | str | os.PathLike, num_classes
     if isinstance(pretrained, BEiT):
         state, config = pretrained.state_dict(), pretrained.config
     else:
-        path = Path(pretrained)
-        payload = torch.load(path, map_location="cpu", weights_only=True) if path.suffix in (".pt", ".pth") else None
-        if isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT:
-            state, config = payload["model"], BEiTConfig.from_dict(payload["model_config"])
-        else:
-            model = BEiT.from_file(path)
-            state, config = model.state_dict(), model.config
+        model = BEiT.from_file(pretrained)  # verified; a training checkpoint gives its model config
+        state, config = model.state_dict(), model.config
     target = config.replace(vocab_size=0, num_classes=num_classes, use_mean_pooling=True,
                             drop_path_rate=drop_path_rate, **overrides)
     model = BEiT(target)

@@ -215,6 +215,34 @@ def test_damaged_training_checkpoint_is_refused(tmp_path, damage):
         train(tmp_path, steps=4, resume=str(path))
 
 
+def test_fine_tuning_from_a_damaged_checkpoint_is_refused(tmp_path):
+    from beitfast.train import classifier_from_pretrained
+
+    train(tmp_path, steps=2)
+    assert classifier_from_pretrained(tmp_path / CHECKPOINT_NAME, num_classes=3).head.out_features == 3
+    overwrite_4kib(tmp_path / CHECKPOINT_NAME)
+    assert_refused(lambda path: classifier_from_pretrained(path, num_classes=3), tmp_path / CHECKPOINT_NAME,
+                   "checksum|non-finite|cannot be read")
+
+
+def test_training_checkpoint_without_checksum_gets_the_finiteness_check(tmp_path):
+    """A checkpoint of an older version (no checksum) resumes; non-finite optimizer state is refused."""
+    with pytest.raises(Stop):
+        train(tmp_path, steps=4, on_step=stop_after(3))
+    path = tmp_path / CHECKPOINT_NAME
+    payload = torch.load(path, weights_only=True)
+    del payload["beitfast_sha256"]
+    torch.save(payload, path)
+    _, records = train(tmp_path, steps=4)
+    assert [r["step"] for r in records] == [3, 4]
+    payload = torch.load(path, weights_only=True)
+    del payload["beitfast_sha256"]
+    payload["optimizer"]["state"][0]["exp_avg"].view(-1)[0] = float("inf")
+    torch.save(payload, path)
+    with pytest.raises(FileIntegrityError, match=r"'optimizer.state.0.exp_avg' has 0 NaN and 1 infinite"):
+        train(tmp_path, steps=6, resume=str(path))
+
+
 def test_trainer_keeps_the_last_two_checkpoints(tmp_path):
     train(tmp_path, steps=6)
     steps = [torch.load(tmp_path / name, weights_only=True)["step"]
@@ -269,6 +297,18 @@ def test_non_finite_loss_names_a_verified_checkpoint(tmp_path):
     message = str(info.value)
     assert "nan at step 5" in message
     assert f"{PREVIOUS_CHECKPOINT_NAME}' (step 2)" in message, message
+
+
+def test_previous_checkpoint_is_a_copy_where_there_are_no_hard_links(tmp_path, monkeypatch):
+    def no_hard_links(*args, **kwargs):
+        raise PermissionError("this file system has no hard links")
+
+    monkeypatch.setattr(os, "link", no_hard_links)
+    train(tmp_path, steps=4)
+    steps = [torch.load(tmp_path / name, weights_only=True)["step"]
+             for name in (CHECKPOINT_NAME, PREVIOUS_CHECKPOINT_NAME)]
+    assert steps == [4, 2]
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]
 
 
 def test_stale_temporary_files_are_removed(tmp_path):
