@@ -270,8 +270,7 @@ class Capture:
 # ---------------------------------------------------------------------------------------------------
 # Compile and weigh (in worker processes forked after the capture).
 
-_JOBS: list[Launch] = []
-_TARGET: GPUTarget | None = None
+_JOBS: list[tuple[GPUTarget, Launch]] = []
 
 _RESOURCE = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
 _ATOMIC = re.compile(r"^\s*(?:@%p\d+\s+)?(atom|red)(\.[\w:]+)+", re.M)
@@ -313,12 +312,12 @@ def _atomics(ptx: str) -> dict[str, int]:
 
 
 def _compile(index: int) -> dict:
-    job = _JOBS[index]
+    target, job = _JOBS[index]
     start = time.perf_counter()
     row = dict(kernel=job.name, variant=job.variant, config=job.config, scenarios=job.scenarios)
     try:
         kernel = triton.compile(ASTSource(job.kernel, job.signature, job.constexprs, job.attrs),
-                                target=_TARGET, options=job.options)
+                                target=target, options=job.options)
     except Exception as exc:
         message = str(exc).strip().splitlines()
         row["error"] = f"{type(exc).__name__}: {' | '.join(message[-6:])}"[:1500]
@@ -355,16 +354,23 @@ def failures(row: dict, arch: Arch) -> list[str]:
     return why
 
 
+def _demangle(names: list[str]) -> list[str]:
+    try:
+        out = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return names
+    return [re.sub(r"\(anonymous namespace\)::|c10::|beitfast::", "", line) for line in out.splitlines()]
+
+
 def cuda_rows(library: str | None) -> list[dict]:
     """Resource usage of the CUDA kernels built into ``beitfast._C`` (every architecture in it)."""
     if library is None:
         return []
-    rows = []
-    for key, usage in sorted(resource_usage(library).items()):
-        name, _, arch = key.partition("@")
-        rows.append(dict(kernel=name, arch=arch, registers=usage["registers"], spill_bytes=usage["local"],
-                         stack_bytes=usage["stack"], shared_bytes=usage["shared_static"]))
-    return rows
+    usage = sorted(resource_usage(library).items())
+    names = _demangle([key.partition("@")[0] for key, _ in usage])
+    return [dict(kernel=name, arch=key.partition("@")[2], registers=u["registers"], spill_bytes=u["local"],
+                 stack_bytes=u["stack"], shared_bytes=u["shared_static"])
+            for name, (key, u) in zip(names, usage)]
 
 
 def cuda_failures(row: dict) -> list[str]:
@@ -393,20 +399,26 @@ def _load_scenarios(path: str):
     return module.SCENARIOS
 
 
-def gate(arch: Arch, scenario_sets: dict, only: str | None, jobs: int) -> tuple[list[dict], list[str]]:
-    """Captures, compiles and checks every launch for one architecture: (rows, failures)."""
-    global _JOBS, _TARGET
-    capture = Capture(arch)
-    problems = capture.run([s for make in scenario_sets.values() for s in make()])
-    _JOBS = [job for job in capture.launches.values() if not only or only in job.name]
-    _TARGET = capture.target
-    context = multiprocessing.get_context("fork")
-    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+def gate(archs: list[Arch], scenario_sets: dict, only: str | None, jobs: int) -> dict[int, tuple[list, list]]:
+    """Captures every launch for each architecture, compiles them all in one pool and checks them:
+    ``{capability: (rows, failures)}``."""
+    global _JOBS
+    captured, launch_errors = [], {}
+    for arch in archs:
+        capture = Capture(arch)
+        launch_errors[arch.capability] = capture.run([s for make in scenario_sets.values() for s in make()])
+        captured += [(arch, capture.target, job) for job in capture.launches.values() if not only or only in job.name]
+    _JOBS = [(target, job) for _, target, job in captured]
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
         rows = list(pool.map(_compile, range(len(_JOBS))))
-    for row in rows:
+    results = {arch.capability: ([], launch_errors[arch.capability]) for arch in archs}
+    for (arch, _, _), row in zip(captured, rows):
         row["failures"] = failures(row, arch)
-        problems += [f"sm_{arch.capability} {row['kernel']} [{row['variant']}] [{row['config']}]: {why}" for why in row["failures"]]
-    return rows, problems
+        arch_rows, problems = results[arch.capability]
+        arch_rows.append(row)
+        problems += [f"sm_{arch.capability} {row['kernel']} [{row['variant']}] [{row['config']}] "
+                     f"({row['scenarios'][0]}): {why}" for why in row["failures"]]
+    return results
 
 
 def _compact(variant: str) -> str:
@@ -470,18 +482,17 @@ def main(argv=None) -> int:
         scenario_sets = {op: scenario_sets[op] for op in args.ops}
     library = None if args.scenarios else _built_library()
     problems = []
-    for capability in args.arch:
-        arch = ARCHS[capability]
-        start = time.perf_counter()
-        rows, found = gate(arch, scenario_sets, args.only, args.jobs)
+    start = time.perf_counter()
+    results = gate([ARCHS[capability] for capability in args.arch], scenario_sets, args.only, args.jobs)
+    elapsed = time.perf_counter() - start
+    for capability, (rows, found) in results.items():
         sm = f"sm_{capability}a" if capability == 90 else f"sm_{capability}"
         cuda = [row for row in cuda_rows(library) if row["arch"].startswith(f"sm_{capability}")]
         for row in cuda:
             row["failures"] = cuda_failures(row)
             found += [f"{row['arch']} CUDA {row['kernel']}: {why}" for why in row["failures"]]
         problems += found
-        elapsed = time.perf_counter() - start
-        print(_table(rows, f"\n## triton {triton.__version__}, {sm}: {len(rows)} compilations in {elapsed:.0f} s"))
+        print(_table(rows, f"\n## triton {triton.__version__}, {sm}: {len(rows)} compilations"))
         if not args.no_write and not args.only:
             args.out.mkdir(parents=True, exist_ok=True)
             path = args.out / f"compile_{triton.__version__}_sm{capability}.json"
@@ -489,9 +500,11 @@ def main(argv=None) -> int:
                 triton=triton.__version__, torch=torch.__version__, target=sm,
                 date=datetime.date.today().isoformat(), commit=_commit(),
                 shapes=dict(B=B, N=N, D=D, H=H, V=V, img=IMG, patch=PATCH, masked=MASKED),
-                shared_limit=arch.shared_per_block, triton_kernels=rows, cuda_kernels=cuda,
+                shared_limit=ARCHS[capability].shared_per_block, triton_kernels=rows, cuda_kernels=cuda,
             ), indent=1) + "\n")
             print(f"wrote {path}")
+    print(f"\n{sum(len(rows) for rows, _ in results.values())} compilations in {elapsed:.0f} s "
+          f"({args.jobs} processes)")
     for problem in problems:
         print("FAIL", problem)
     print(f"compile gate (triton {triton.__version__}): {'FAILED, ' + str(len(problems)) + ' problem(s)' if problems else 'passed'}")
