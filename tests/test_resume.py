@@ -130,9 +130,10 @@ def test_kill_and_resume_is_exact(setup, workers):
     # Resumed at step 3, killed while writing the checkpoint of step 6: step 3's must still be there.
     code, printed = run_command(root, args, kill_at="checkpoint-write:1")
     assert code == -signal.SIGKILL and resumed_step(printed) == CHECKPOINT_EVERY, printed
-    # Resumed at step 3 again, killed from outside once step 5 is reported (wherever it is by then).
-    code, printed = run_command(root, args, kill_after_line="pretrain step 5/")
-    assert code == -signal.SIGKILL and resumed_step(printed) == CHECKPOINT_EVERY, printed
+    # Resumed at step 3 again, killed from outside once step 4 is reported, wherever it is by then (on a
+    # very busy machine it may even have finished: then the last run has nothing left to do).
+    code, printed = run_command(root, args, kill_after_line="pretrain step 4/")
+    assert code in (-signal.SIGKILL, 0) and resumed_step(printed) == CHECKPOINT_EVERY, printed
     code, printed = run_command(root, args)
-    assert code == 0 and "done: resumed from" in printed, printed
+    assert code == 0 and "done: " in printed and resumed_step(printed) >= CHECKPOINT_EVERY, printed
     assert_identical(final_state(output), straight)
