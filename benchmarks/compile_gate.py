@@ -446,16 +446,31 @@ def _table(rows: list[dict], header: str) -> str:
     return "\n".join(lines)
 
 
+def summary(rows: list[dict]) -> str:
+    """One line per kernel: configs compiled, register range, worst spill, largest shared memory."""
+    lines = [f"{'kernel':44} {'compiled':>8} {'registers':>9} {'max spill':>9} {'max smem':>8} {'failing':>7}"]
+    for name in dict.fromkeys(row["kernel"] for row in rows):
+        mine = [row for row in rows if row["kernel"] == name]
+        built = [row for row in mine if "error" not in row]
+        regs = sorted(row["registers"] for row in built) or [0]
+        lines.append(
+            f"{name:44} {len(built):>4}/{len(mine):<3} {regs[0]:>4}-{regs[-1]:<4} "
+            f"{max((row['spill_bytes'] + row['stack_bytes'] for row in built), default=0):>9} "
+            f"{max((row['shared_bytes'] for row in built), default=0):>8} "
+            f"{sum(bool(row.get('failures')) for row in mine):>7}")
+    return "\n".join(lines)
+
+
 def report(paths: list[Path]) -> str:
     out = []
     for path in paths:
         data = json.loads(path.read_text())
-        out.append(_table(data["triton_kernels"], f"\n## {path.name}: triton {data['triton']}, {data['target']}, "
-                                                  f"commit {data['commit']}"))
+        head = f"\n## {path.name}: triton {data['triton']}, {data['target']}, commit {data['commit']}"
+        out += [_table(data["triton_kernels"], head), "", summary(data["triton_kernels"])]
         if data.get("cuda_kernels"):
             out.append("\nCUDA kernels (beitfast._C)")
             for row in data["cuda_kernels"]:
-                out.append(f"  {row['kernel'][:70]:70} {row['arch']:8} reg {row['registers']:>3} "
+                out.append(f"  {row['kernel'][:90]:90} {row['arch']:7} reg {row['registers']:>3} "
                            f"spill {row['spill_bytes'] + row['stack_bytes']:>4} smem {row['shared_bytes']:>6}")
     return "\n".join(out)
 
