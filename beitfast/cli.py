@@ -487,6 +487,15 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as error:
         print(f"beitfast {args.command}: stopped: {error}", file=sys.stderr)
         return 1
+    except torch.cuda.OutOfMemoryError as error:
+        print(f"beitfast {args.command}: error: {' '.join(str(error).split())} (a smaller --batch-size needs less "
+              f"memory)", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"beitfast {args.command}: interrupted; the same command resumes from the last checkpoint"
+              if args.command in ("pretrain", "finetune") else f"beitfast {args.command}: interrupted",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -250,3 +250,17 @@ def test_training_without_matplotlib(tmp_path):
     run("finetune", "--pretrained", str(out / "checkpoint.pt"), "--data", str(data), "--output", str(tmp_path / "ft"),
         "--steps", "1", "--batch-size", "2", "--device", "cpu", "--threads", "1", "--no-progress")
     assert (tmp_path / "ft" / "checkpoint.pt").is_file() and not (tmp_path / "ft" / "curves.png").exists()
+
+
+@pytest.mark.parametrize("failure,code,phrase", [
+    (torch.cuda.OutOfMemoryError("CUDA out of memory.\nTried to allocate 2.00 GiB"), 2, "smaller --batch-size"),
+    (KeyboardInterrupt(), 130, "interrupted"),
+])
+def test_out_of_memory_and_interrupt(monkeypatch, capsys, failure, code, phrase):
+    def fail(args):
+        raise failure
+
+    monkeypatch.setattr("beitfast.cli.cmd_pretrain", fail)
+    assert main(["pretrain"]) == code
+    err = one_line_error(capsys, phrase)
+    assert "resumes from the last checkpoint" in err or code == 2
