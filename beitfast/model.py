@@ -92,16 +92,21 @@ class Attention(nn.Module):
             self.relative_position_bias_table = None
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, rel_index, shared_table=None):
+    def forward(self, x, rel_index, shared_bias=None):
+        """``shared_bias``: the dense bias of the table all layers share, gathered once per forward
+        (``ops.relative_position_bias``); a layer with a table of its own gathers it here."""
         B, N, C = x.shape
         qkv_bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
         qkv = F.linear(x, self.qkv.weight, qkv_bias)
-        q, k, v = qkv.reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        table = self.relative_position_bias_table if self.relative_position_bias_table is not None else shared_table
-        out = ops.rel_pos_attention(
-            q, k, v, table, rel_index if table is not None else None, self.scale, backend=self.backend
+        bias = shared_bias
+        if self.relative_position_bias_table is not None:
+            bias = ops.relative_position_bias(self.relative_position_bias_table, rel_index)
+        # Packed in, [B, N, H, D] out: the Triton kernels need no copy either way.
+        out = ops.rel_pos_attention_packed(
+            qkv.reshape(B, N, 3, self.num_heads, C // self.num_heads), bias=bias, scale=self.scale,
+            backend=self.backend,
         )
-        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+        return self.proj(out.reshape(B, N, C))
 
 
 class Mlp(nn.Module):
@@ -139,7 +144,7 @@ class Block(nn.Module):
         else:
             self.gamma_1 = self.gamma_2 = None
 
-    def forward(self, x, rel_index, shared_table=None):
+    def forward(self, x, rel_index, shared_bias=None):
         # Drop-path factors are drawn here, outside a compiled body, in the order of the plain block
         # (attention branch, then MLP branch): the same random stream, and one compiled graph serves
         # every block whatever its rate.
@@ -149,16 +154,16 @@ class Block(nn.Module):
         if self._fused(x):
             body = functools.partial(_compiled_block_body(), self)
         if self.checkpointed and self.training and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(body, x, rel_index, shared_table, scale_1, scale_2,
+            return torch.utils.checkpoint.checkpoint(body, x, rel_index, shared_bias, scale_1, scale_2,
                                                      use_reentrant=False)
-        return body(x, rel_index, shared_table, scale_1, scale_2)
+        return body(x, rel_index, shared_bias, scale_1, scale_2)
 
     def _fused(self, x: torch.Tensor) -> bool:
         if torch.compiler.is_compiling():  # inside a compiled model: Inductor fuses the plain body
             return False
         return self.fuse == "compile" or (self.fuse == "auto" and x.is_cuda)
 
-    def body(self, x, rel_index, shared_table, scale_1, scale_2):
+    def body(self, x, rel_index, shared_bias, scale_1, scale_2):
         """The block on a residual stream ``x`` with drop-path factors ``scale_1``, ``scale_2``.
 
         Under autocast the LayerNorm outputs are cast to the autocast dtype, which the next linear
@@ -172,7 +177,7 @@ class Block(nn.Module):
         if keep:
             x = x.to(compute)
         h = self.norm1(x)
-        y = self.attn(h if compute is None else h.to(compute), rel_index, shared_table)
+        y = self.attn(h if compute is None else h.to(compute), rel_index, shared_bias)
         x = _residual_add(x, y, self.gamma_1, scale_1, keep)
         h = self.norm2(x)
         y = self.mlp(h if compute is None else h.to(compute))
@@ -312,7 +317,9 @@ class BEiT(nn.Module):
             cls_token=self.cls_token, pos_embed=self.pos_embed,
             backend=backend_for("patch_embed", self.config.kernels),
         )
-        shared = self.rel_pos_bias.relative_position_bias_table if self.rel_pos_bias is not None else None
+        shared = None
+        if self.rel_pos_bias is not None:  # gathered once: autograd sums all layers' gradients before the fold
+            shared = ops.relative_position_bias(self.rel_pos_bias.relative_position_bias_table, self.rel_pos_index)
         for block in self.blocks:
             x = block(x, self.rel_pos_index, shared)
         return self.norm(x)

@@ -1,27 +1,31 @@
-"""Flash attention with BEiT's learnable relative position bias, forward and backward, in Triton.
+"""Flash attention with a dense additive bias for BEiT's short sequences, forward and backward, in Triton.
 
-``out = softmax(q k^T * scale + B) v`` with ``B[h, i, j] = bias_table[rel_index[i, j], h]``. The kernels
-gather the bias from the table tile by tile, so no ``[B, H, N, N]`` tensor ever exists:
+``out = softmax(q k^T * scale + bias[h, :N, :N]) v``. The bias is BEiT's relative position bias already
+gathered from its table (``beitfast.ops.relative_position_bias``): a dense fp32 ``[H, P, P]`` tensor
+padded to ``P = padded_size(N)`` (a multiple of the largest tile), identical for every image, about
+3 MB at BEiT-B, so it stays in L2. The kernels read it as affine tiles without bounds masks and never
+see the relative-position index.
 
-* forward: one program per (query block, batch*head), online softmax in fp32 (base 2), saves the
-  row log-sum-exp (base 2) for the backward;
-* backward: ``_bwd_dq_kernel`` (per query block: ``delta = rowsum(dO * O)`` and ``dq``), then
-  ``_bwd_dkdv_kernel`` (per key block: ``dk``, ``dv``; in the default mode it also adds the score
-  gradient ``dS`` into an fp32 ``[H, N, N]`` buffer with atomics, summing over the batch);
-* deterministic mode (``BEITFAST_DETERMINISTIC=1`` or ``torch.use_deterministic_algorithms``):
-  ``_bwd_dbias_kernel`` owns one (query block, key block, head) tile, recomputes ``P`` and ``dP`` for
-  every batch element and sums ``dS`` in registers in a fixed order. Instead of the atomics it costs
-  a third pass over q, k, v and dO and two more tile matmuls (``QK^T``, ``dO V^T``) on top of the
-  seven of the dq and dk/dv kernels, i.e. roughly 2/7 more backward matmul work, with only
-  ``blocks^2 * H`` programs (no batch axis) to spread it;
-* ``_segment_sum_kernel`` folds the ``[H, N, N]`` buffer into the ``[R, H]`` table gradient by
-  summing the entries that share an index, in a fixed order (positions sorted by index).
+* N and the head dim are compile-time constants (one compile per sequence length). A sequence is cut
+  into full tiles, read without masks, and one tail tile of the smallest power of two >= 16 that
+  covers the rest, the only tile that masks: at N = 197, 64-wide tiles execute 208 rows, not 256.
+* forward: one program per (image, head) walks every query block; online softmax in fp32, base 2;
+  saves the row log-sum-exp (base 2) for the backward.
+* backward: one pass, one program per (head, group of images): for each image it computes
+  ``delta = rowsum(dO * O)``, then for each key block and each query block rebuilds ``P`` once and runs
+  five matmuls (``S = Q K^T``, ``dV += P^T dO``, ``dP = dO V^T``, ``dK += dS^T Q``, ``dQ += dS K``).
+  dQ and the score gradient ``dS`` are summed in scratch rows that belong to the program alone, so
+  there are no atomics: ``dS`` is summed over the group's images in place and the groups' partial sums
+  are added in a fixed order by the launcher. Results are bitwise reproducible.
 
-q, k, v, the output gradient and the table are read through their strides: the model's
-``qkv.reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4)`` views need no copy.
+q, k and v are read through their strides (the model's packed ``[B, N, 3, H, D]`` qkv needs no copy);
+the output is written ``[B, N, H, D]`` (returned as a ``[B, H, N, D]`` view, so the projection reads
+it without a copy); the backward writes dq, dk and dv packed as one ``[B, N, 3, H, D]`` tensor, the
+gradient of the model's qkv.
 
-The op is registered as ``beitfast::rel_pos_attention_fwd`` / ``beitfast::rel_pos_attention_bwd`` so
-``torch.compile`` keeps it as one node; :func:`rel_pos_attention` is the differentiable entry point.
+Ops: ``beitfast::attention_fwd`` / ``beitfast::attention_packed_fwd`` (q, k, v apart or packed) and
+``beitfast::attention_bwd``, registered with ``torch.library`` so ``torch.compile`` keeps each as one
+node. Entry points: :func:`attention` and :func:`attention_packed`.
 """
 
 from __future__ import annotations
@@ -32,15 +36,26 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["rel_pos_attention", "deterministic_mode"]
+from ..ops.attention import padded_size
+
+__all__ = ["attention", "attention_packed", "group_size"]
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# The backward sums the score gradient over at most this many groups of images (one scratch
+# [H, P, P] slice each); more groups spread the work, fewer use less memory.
+_MAX_GROUPS = 16
 
 
-def deterministic_mode() -> bool:
-    """Whether the bias-table gradient uses the deterministic (atomic-free) reduction."""
-    return os.environ.get("BEITFAST_DETERMINISTIC") == "1" or torch.are_deterministic_algorithms_enabled()
+def group_size(batch: int) -> int:
+    """Images per backward program: the batch in at most ``_MAX_GROUPS`` groups."""
+    return triton.cdiv(batch, min(batch, _MAX_GROUPS))
+
+
+def _tail(n: int, block: int) -> int:
+    """The tail tile after ``n // block`` full ones: a power of two >= 16 covering the rest, or 0."""
+    rest = n % block
+    return 0 if rest == 0 else max(16, triton.next_power_of_2(rest))
 
 
 def _tile_configs(shapes: list[tuple[int, int, int, int]]) -> list[triton.Config]:
@@ -53,299 +68,305 @@ def _tile_configs(shapes: list[tuple[int, int, int, int]]) -> list[triton.Config
     ]
 
 
-def _prune_by_head_dim_and_dtype(configs, named_args, **kwargs):
-    """Candidates that fit: fp32 inputs with D = 128 keep only tiles up to 64 x 64 (bigger ones
-    overflow shared memory); 16-bit inputs with small D skip the narrowest tiles."""
+def _prune(configs, named_args, **kwargs):
+    """Candidates that fit: fp32 inputs and head dims above 64 keep the tiles up to 64 x 64 (bigger
+    ones spill or overflow shared memory)."""
     if len(configs) == 1:
         return configs
-    block_d, wide = kwargs.get("BLOCK_D", 64), named_args["Q"].element_size() == 4
-    if wide and block_d >= 128:
-        keep = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
-    elif not wide and block_d <= 64:
-        keep = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] >= 64 * 32]
-    else:
-        keep = configs
+    wide = named_args["Q"].element_size() == 4 or kwargs.get("BLOCK_D", 64) > 64
+    keep = [c for c in configs if not wide or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
     return keep or configs
 
 
-_FWD_CONFIGS = _tile_configs(
-    [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (128, 32, 4, 3), (64, 32, 4, 3)]
-)
-_BWD_CONFIGS = _tile_configs(
-    [(64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 3), (64, 64, 8, 2)]
-)
-_TUNE_KEY = ["N", "BLOCK_D", "HAS_BIAS"]
-_PRUNE = {"early_config_prune": _prune_by_head_dim_and_dtype}
+_FWD_CONFIGS = _tile_configs([(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (32, 64, 4, 2)])
+# The backward holds dK, dV and five tiles of P-sized intermediates: 64 x 64 needs 8 warps.
+_BWD_CONFIGS = _tile_configs([(64, 64, 8, 1), (32, 64, 4, 1), (64, 32, 4, 1), (32, 32, 4, 1)])
+_HEURISTICS = {
+    "TAIL_M": lambda args: _tail(args["N"], args["BLOCK_M"]),
+    "TAIL_N": lambda args: _tail(args["N"], args["BLOCK_N"]),
+}
 
 
 @triton.jit
-def _bias_tile_log2(table_ptr, index_ptr, h, offs_i, offs_j, N, s_ir, s_ic, s_tr, s_th):
-    """``bias_table[rel_index[i, j], h]`` in fp32 base-2 units (times log2 e) for a tile; 0 outside
-    ``[0, N)^2``."""
-    inside = (offs_i < N) & (offs_j < N)
-    idx = tl.load(index_ptr + offs_i * s_ir + offs_j * s_ic, mask=inside, other=0)
-    return tl.load(table_ptr + idx * s_tr + h * s_th, mask=inside, other=0.0).to(tl.float32) * LOG2E
+def _load_rows(base, rows, cols, s_row, s_col, N: tl.constexpr, D: tl.constexpr, MASK_ROWS: tl.constexpr):
+    """A ``[rows, cols]`` tile; masks rows only in a tail tile and columns only when ``D`` is not a
+    power of two."""
+    ptrs = base + rows[:, None] * s_row + cols[None, :] * s_col
+    if MASK_ROWS:
+        return tl.load(ptrs, mask=(rows < N)[:, None] & (cols < D)[None, :], other=0.0)
+    elif cols.shape[0] == D:
+        return tl.load(ptrs)
+    else:
+        return tl.load(ptrs, mask=(cols < D)[None, :], other=0.0)
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=_TUNE_KEY, prune_configs_by=_PRUNE)
 @triton.jit
-def _fwd_kernel(
-    Q, K, V, TABLE, INDEX, OUT, LSE,
-    scale_log2,
-    s_qb, s_qh, s_qn, s_qd,
-    s_kb, s_kh, s_kn, s_kd,
-    s_vb, s_vh, s_vn, s_vd,
-    s_ob, s_oh, s_on, s_od,
-    s_ir, s_ic, s_tr, s_th,
-    H, N, D,
-    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+def _store_rows(base, value, rows, cols, s_row, s_col, N: tl.constexpr, D: tl.constexpr, MASK_ROWS: tl.constexpr):
+    ptrs = base + rows[:, None] * s_row + cols[None, :] * s_col
+    value = value.to(base.dtype.element_ty)
+    if MASK_ROWS:
+        tl.store(ptrs, value, mask=(rows < N)[:, None] & (cols < D)[None, :])
+    elif cols.shape[0] == D:
+        tl.store(ptrs, value)
+    else:
+        tl.store(ptrs, value, mask=(cols < D)[None, :])
+
+
+@triton.jit
+def _scores_log2(q, k, bias_ptr, rows, cols, s_bi, scale_log2, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
+    """``(q k^T * scale + bias) * log2(e)`` for one tile; exp2 is the cheap exponential."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+    if HAS_BIAS:
+        # Padded storage: a tile never reads outside it, so no mask.
+        s += tl.load(bias_ptr + rows[:, None] * s_bi + cols[None, :]).to(tl.float32) * LOG2E
+    return s
+
+
+@triton.jit
+def _fwd_key_block(
+    acc, m_i, l_i, q, k_base, v_base, bias_ptr, rows, start_n, offs_d,
+    s_kn, s_kd, s_vn, s_vd, s_bi, scale_log2,
+    N: tl.constexpr, D: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK: tl.constexpr, TAIL: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = pid_bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_m = offs_m < N
-    mask_d = offs_d < D
-    q = tl.load(
-        Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qn + offs_d[None, :] * s_qd,
-        mask=mask_m[:, None] & mask_d[None, :], other=0.0,
-    )
-    k_base = K + b * s_kb + h * s_kh
-    v_base = V + b * s_vb + h * s_vh
+    cols = start_n + tl.arange(0, BLOCK)
+    k = _load_rows(k_base, cols, offs_d, s_kn, s_kd, N, D, TAIL)
+    v = _load_rows(v_base, cols, offs_d, s_vn, s_vd, N, D, TAIL)
+    s = _scores_log2(q, k, bias_ptr, rows, cols, s_bi, scale_log2, HAS_BIAS, PRECISION)
+    if TAIL:
+        s = tl.where((cols < N)[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return acc, m_new, l_i
 
+
+@triton.jit
+def _fwd_query_block(
+    Q, K, V, BIAS, OUT, LSE, start_m, scale_log2,
+    s_qn, s_qd, s_kn, s_kd, s_vn, s_vd, s_on, s_od, s_bi,
+    N: tl.constexpr, D: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, TAIL_N: tl.constexpr,
+    MASK_ROWS: tl.constexpr,
+):
+    rows = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_rows(Q, rows, offs_d, s_qn, s_qd, N, D, MASK_ROWS)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start_n in range(0, N, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
-        k_t = tl.load(
-            k_base + offs_n[None, :] * s_kn + offs_d[:, None] * s_kd,
-            mask=mask_n[None, :] & mask_d[:, None], other=0.0,
+    for start_n in range(0, N // BLOCK_N * BLOCK_N, BLOCK_N):
+        acc, m_i, l_i = _fwd_key_block(
+            acc, m_i, l_i, q, K, V, BIAS, rows, start_n, offs_d, s_kn, s_kd, s_vn, s_vd, s_bi, scale_log2,
+            N, D, HAS_BIAS, PRECISION, BLOCK_N, False,
         )
-        # Scores in base-2 units: exp2 is the cheap exponential.
-        s = tl.dot(q, k_t, input_precision=PRECISION) * scale_log2
-        if HAS_BIAS:
-            s += _bias_tile_log2(TABLE, INDEX, h, offs_m[:, None], offs_n[None, :], N, s_ir, s_ic, s_tr, s_th)
-        s = tl.where(mask_n[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(
-            v_base + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd,
-            mask=mask_n[:, None] & mask_d[None, :], other=0.0,
+    if TAIL_N > 0:
+        acc, m_i, l_i = _fwd_key_block(
+            acc, m_i, l_i, q, K, V, BIAS, rows, N // BLOCK_N * BLOCK_N, offs_d, s_kn, s_kd, s_vn, s_vd, s_bi,
+            scale_log2, N, D, HAS_BIAS, PRECISION, TAIL_N, True,
         )
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
-
-    acc = acc / l_i[:, None]
-    tl.store(
-        OUT + b * s_ob + h * s_oh + offs_m[:, None] * s_on + offs_d[None, :] * s_od,
-        acc.to(OUT.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :],
-    )
-    tl.store(LSE + pid_bh.to(tl.int64) * N + offs_m, m_i + tl.log2(l_i), mask=mask_m)
+    _store_rows(OUT, acc / l_i[:, None], rows, offs_d, s_on, s_od, N, D, MASK_ROWS)
+    # LSE rows are padded like the bias: the tail's extra rows are written too, never read as valid.
+    tl.store(LSE + rows, m_i + tl.log2(l_i))
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=_TUNE_KEY, prune_configs_by=_PRUNE)
+@triton.autotune(configs=_FWD_CONFIGS, key=["N", "D", "HAS_BIAS"], prune_configs_by={"early_config_prune": _prune})
+@triton.heuristics(_HEURISTICS)
 @triton.jit
-def _bwd_dq_kernel(
-    Q, K, V, TABLE, INDEX, OUT, DOUT, LSE, DELTA, DQ,
+def _fwd_kernel(
+    Q, K, V, BIAS, OUT, LSE,
+    scale_log2,
+    s_qb, s_qh, s_qn, s_qd,
+    s_kb, s_kh, s_kn, s_kd,
+    s_vb, s_vh, s_vn, s_vd,
+    s_ob, s_oh, s_on, s_od,
+    s_bh, s_bi,
+    H,
+    N: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
+):
+    """One program per (image, head): every query block of the sequence."""
+    pid = tl.program_id(0)
+    b = (pid // H).to(tl.int64)
+    h = (pid % H).to(tl.int64)
+    Q += b * s_qb + h * s_qh
+    K += b * s_kb + h * s_kh
+    V += b * s_vb + h * s_vh
+    OUT += b * s_ob + h * s_oh
+    if HAS_BIAS:
+        BIAS += h * s_bh
+    LSE += pid.to(tl.int64) * P
+    for start_m in range(0, N // BLOCK_M * BLOCK_M, BLOCK_M):
+        _fwd_query_block(
+            Q, K, V, BIAS, OUT, LSE, start_m, scale_log2,
+            s_qn, s_qd, s_kn, s_kd, s_vn, s_vd, s_on, s_od, s_bi,
+            N, D, HAS_BIAS, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, TAIL_N, False,
+        )
+    if TAIL_M > 0:
+        _fwd_query_block(
+            Q, K, V, BIAS, OUT, LSE, N // BLOCK_M * BLOCK_M, scale_log2,
+            s_qn, s_qd, s_kn, s_kd, s_vn, s_vd, s_on, s_od, s_bi,
+            N, D, HAS_BIAS, PRECISION, TAIL_M, BLOCK_N, BLOCK_D, TAIL_N, True,
+        )
+    # The padding rows no tile covers: defined values, so the output is a function of the inputs.
+    for start in range(N // BLOCK_M * BLOCK_M + TAIL_M, P, 16):
+        tl.store(LSE + start + tl.arange(0, 16), tl.zeros([16], tl.float32))
+
+
+@triton.jit
+def _bwd_tile(
+    dk, dv, k, v, Q, DOUT, LSE, DELTA, DQ_ACC, BIAS, DBIAS, rows, cols, offs_d, scale_log2,
+    s_qn, s_qd, s_gn, s_gd, s_bi, P,
+    N: tl.constexpr, D: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr, MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr,
+):
+    """One (query block, key block) tile of one image: P rebuilt once, five matmuls; dQ and the score
+    gradient are added into this program's own scratch rows (no other program touches them)."""
+    q = _load_rows(Q, rows, offs_d, s_qn, s_qd, N, D, MASK_ROWS)
+    do = _load_rows(DOUT, rows, offs_d, s_gn, s_gd, N, D, MASK_ROWS)
+    lse = tl.load(LSE + rows)
+    delta = tl.load(DELTA + rows)
+    s = _scores_log2(q, k, BIAS, rows, cols, s_bi, scale_log2, HAS_BIAS, PRECISION)
+    p = tl.exp2(s - lse[:, None])
+    if MASK_ROWS or MASK_COLS:
+        p = tl.where((rows < N)[:, None] & (cols < N)[None, :], p, 0.0)
+    dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    ds = p * (dp - delta[:, None])
+    dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+    dq_ptrs = DQ_ACC + rows[:, None] * BLOCK_D + offs_d[None, :]
+    tl.store(dq_ptrs, tl.load(dq_ptrs) + tl.dot(ds.to(k.dtype), k, input_precision=PRECISION))
+    if HAS_BIAS:
+        ds_ptrs = DBIAS + rows[:, None] * P + cols[None, :]
+        tl.store(ds_ptrs, tl.load(ds_ptrs) + ds)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_key_block(
+    Q, K, V, DOUT, DK, DV, LSE, DELTA, DQ_ACC, BIAS, DBIAS, start_n, scale, scale_log2,
+    s_qn, s_qd, s_kn, s_kd, s_vn, s_vd, s_gn, s_gd, s_dkn, s_dkd, s_dvn, s_dvd, s_bi, P,
+    N: tl.constexpr, D: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, TAIL_M: tl.constexpr,
+    MASK_COLS: tl.constexpr,
+):
+    cols = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    k = _load_rows(K, cols, offs_d, s_kn, s_kd, N, D, MASK_COLS)
+    v = _load_rows(V, cols, offs_d, s_vn, s_vd, N, D, MASK_COLS)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for start_m in range(0, N // BLOCK_M * BLOCK_M, BLOCK_M):
+        dk, dv = _bwd_tile(
+            dk, dv, k, v, Q, DOUT, LSE, DELTA, DQ_ACC, BIAS, DBIAS, start_m + tl.arange(0, BLOCK_M), cols, offs_d,
+            scale_log2, s_qn, s_qd, s_gn, s_gd, s_bi, P, N, D, HAS_BIAS, PRECISION, BLOCK_D, False, MASK_COLS,
+        )
+    if TAIL_M > 0:
+        dk, dv = _bwd_tile(
+            dk, dv, k, v, Q, DOUT, LSE, DELTA, DQ_ACC, BIAS, DBIAS, N // BLOCK_M * BLOCK_M + tl.arange(0, TAIL_M),
+            cols, offs_d, scale_log2, s_qn, s_qd, s_gn, s_gd, s_bi, P, N, D, HAS_BIAS, PRECISION, BLOCK_D, True,
+            MASK_COLS,
+        )
+    _store_rows(DK, dk * scale, cols, offs_d, s_dkn, s_dkd, N, D, MASK_COLS)
+    _store_rows(DV, dv, cols, offs_d, s_dvn, s_dvd, N, D, MASK_COLS)
+
+
+@triton.jit
+def _bwd_rows(
+    OUT, DOUT, DQ, DELTA, DQ_ACC, rows, scale, s_on, s_od, s_gn, s_gd, s_dqn, s_dqd,
+    N: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, MASK_ROWS: tl.constexpr, FINISH: tl.constexpr,
+):
+    """Before the key blocks: ``delta = rowsum(dO * O)`` and a zeroed dQ sum; after: dQ out."""
+    offs_d = tl.arange(0, BLOCK_D)
+    acc_ptrs = DQ_ACC + rows[:, None] * BLOCK_D + offs_d[None, :]
+    if FINISH:
+        _store_rows(DQ, tl.load(acc_ptrs) * scale, rows, offs_d, s_dqn, s_dqd, N, D, MASK_ROWS)
+    else:
+        do = _load_rows(DOUT, rows, offs_d, s_gn, s_gd, N, D, MASK_ROWS).to(tl.float32)
+        o = _load_rows(OUT, rows, offs_d, s_on, s_od, N, D, MASK_ROWS).to(tl.float32)
+        tl.store(DELTA + rows, tl.sum(do * o, 1))
+        tl.store(acc_ptrs, tl.zeros([rows.shape[0], BLOCK_D], tl.float32))
+
+
+@triton.jit
+def _bwd_all_rows(
+    OUT, DOUT, DQ, DELTA, DQ_ACC, scale, s_on, s_od, s_gn, s_gd, s_dqn, s_dqd,
+    N: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, TAIL_M: tl.constexpr,
+    FINISH: tl.constexpr,
+):
+    for start_m in range(0, N // BLOCK_M * BLOCK_M, BLOCK_M):
+        _bwd_rows(OUT, DOUT, DQ, DELTA, DQ_ACC, start_m + tl.arange(0, BLOCK_M), scale, s_on, s_od, s_gn, s_gd,
+                  s_dqn, s_dqd, N, D, BLOCK_D, False, FINISH)
+    if TAIL_M > 0:
+        _bwd_rows(OUT, DOUT, DQ, DELTA, DQ_ACC, N // BLOCK_M * BLOCK_M + tl.arange(0, TAIL_M), scale, s_on, s_od,
+                  s_gn, s_gd, s_dqn, s_dqd, N, D, BLOCK_D, True, FINISH)
+    # The next pass reads what this one wrote, possibly from other threads of the program.
+    tl.debug_barrier()
+
+
+@triton.autotune(configs=_BWD_CONFIGS, key=["N", "D", "HAS_BIAS"], prune_configs_by={"early_config_prune": _prune},
+                 reset_to_zero=["DBIAS"])
+@triton.heuristics(_HEURISTICS)
+@triton.jit
+def _bwd_kernel(
+    Q, K, V, BIAS, OUT, DOUT, LSE, DQ, DK, DV, DELTA, DQ_ACC, DBIAS,
     scale, scale_log2,
     s_qb, s_qh, s_qn, s_qd,
     s_kb, s_kh, s_kn, s_kd,
     s_vb, s_vh, s_vn, s_vd,
     s_ob, s_oh, s_on, s_od,
     s_gb, s_gh, s_gn, s_gd,
-    s_ir, s_ic, s_tr, s_th,
-    H, N, D,
+    s_dqb, s_dqh, s_dqn, s_dqd,
+    s_dkb, s_dkh, s_dkn, s_dkd,
+    s_dvb, s_dvh, s_dvn, s_dvd,
+    s_bh, s_bi,
+    B, H, P, GROUP,
+    N: tl.constexpr, D: tl.constexpr,
     HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
 ):
-    """dq for one query block; also stores ``delta = rowsum(dO * O)``, which the dk/dv pass reads."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = pid_bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_m = offs_m < N
-    mask_md = mask_m[:, None] & (offs_d < D)[None, :]
-    rows, cols = offs_m[:, None], offs_d[None, :]
-    q = tl.load(Q + b * s_qb + h * s_qh + rows * s_qn + cols * s_qd, mask=mask_md, other=0.0)
-    do = tl.load(DOUT + b * s_gb + h * s_gh + rows * s_gn + cols * s_gd, mask=mask_md, other=0.0)
-    o = tl.load(OUT + b * s_ob + h * s_oh + rows * s_on + cols * s_od, mask=mask_md, other=0.0)
-    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-    row = pid_bh.to(tl.int64) * N + offs_m
-    tl.store(DELTA + row, delta, mask=mask_m)
-    lse = tl.load(LSE + row, mask=mask_m, other=0.0)
-    k_base = K + b * s_kb + h * s_kh
-    v_base = V + b * s_vb + h * s_vh
-
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start_n in range(0, N, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        mask_nd = (offs_n < N)[:, None] & (offs_d < D)[None, :]
-        k = tl.load(k_base + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd, mask=mask_nd, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd, mask=mask_nd, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
-        if HAS_BIAS:
-            s += _bias_tile_log2(TABLE, INDEX, h, offs_m[:, None], offs_n[None, :], N, s_ir, s_ic, s_tr, s_th)
-        p = tl.where((offs_n < N)[None, :], tl.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        acc += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-
-    tl.store(DQ + pid_bh.to(tl.int64) * N * D + rows * D + cols, acc * scale, mask=mask_md)
-
-
-@triton.autotune(configs=_BWD_CONFIGS, key=_TUNE_KEY, prune_configs_by=_PRUNE, reset_to_zero=["DBIAS"])
-@triton.jit
-def _bwd_dkdv_kernel(
-    Q, K, V, TABLE, INDEX, DOUT, LSE, DELTA, DK, DV, DBIAS,
-    scale, scale_log2,
-    s_qb, s_qh, s_qn, s_qd,
-    s_kb, s_kh, s_kn, s_kd,
-    s_vb, s_vh, s_vn, s_vd,
-    s_gb, s_gh, s_gn, s_gd,
-    s_ir, s_ic, s_tr, s_th,
-    H, N, D,
-    HAS_BIAS: tl.constexpr, ATOMIC_DBIAS: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """dk, dv for one key block (transposed tiles: rows are keys); with ATOMIC_DBIAS also adds
-    ``dS^T`` into the ``[H, N, N]`` fp32 buffer DBIAS."""
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = pid_bh % H
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_n = offs_n < N
-    mask_nd = mask_n[:, None] & (offs_d < D)[None, :]
-    rows, cols = offs_n[:, None], offs_d[None, :]
-    k = tl.load(K + b * s_kb + h * s_kh + rows * s_kn + cols * s_kd, mask=mask_nd, other=0.0)
-    v = tl.load(V + b * s_vb + h * s_vh + rows * s_vn + cols * s_vd, mask=mask_nd, other=0.0)
-    q_base = Q + b * s_qb + h * s_qh
-    do_base = DOUT + b * s_gb + h * s_gh
-    row_base = pid_bh.to(tl.int64) * N
-
-    acc_dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    acc_dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for start_m in range(0, N, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < N
-        mask_md = mask_m[:, None] & (offs_d < D)[None, :]
-        q = tl.load(q_base + offs_m[:, None] * s_qn + offs_d[None, :] * s_qd, mask=mask_md, other=0.0)
-        do = tl.load(do_base + offs_m[:, None] * s_gn + offs_d[None, :] * s_gd, mask=mask_md, other=0.0)
-        lse = tl.load(LSE + row_base + offs_m, mask=mask_m, other=0.0)
-        delta = tl.load(DELTA + row_base + offs_m, mask=mask_m, other=0.0)
-        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * scale_log2
-        if HAS_BIAS:
-            s_t += _bias_tile_log2(
-                TABLE, INDEX, h, offs_m[None, :], offs_n[:, None], N, s_ir, s_ic, s_tr, s_th
+    """One program per (head, group of GROUP images). Scratch of its own: DELTA and DQ_ACC rows (one
+    image at a time) and the ``[P, P]`` slice of DBIAS where the group's score gradients add up."""
+    h = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1).to(tl.int64)
+    slot = g * H + h
+    DELTA += slot * P
+    DQ_ACC += slot * P * BLOCK_D
+    DBIAS += slot * P * P
+    if HAS_BIAS:
+        BIAS += h * s_bh
+    N_FULL: tl.constexpr = N // BLOCK_N * BLOCK_N
+    # g is int64, so the image index and its offsets are too (large batches).
+    for b in range(g * GROUP, tl.minimum(g * GROUP + GROUP, B)):
+        q, k, v = Q + b * s_qb + h * s_qh, K + b * s_kb + h * s_kh, V + b * s_vb + h * s_vh
+        out, dout, lse = OUT + b * s_ob + h * s_oh, DOUT + b * s_gb + h * s_gh, LSE + (b * H + h) * P
+        dq, dk, dv = DQ + b * s_dqb + h * s_dqh, DK + b * s_dkb + h * s_dkh, DV + b * s_dvb + h * s_dvh
+        _bwd_all_rows(out, dout, dq, DELTA, DQ_ACC, scale, s_on, s_od, s_gn, s_gd, s_dqn, s_dqd,
+                      N, D, BLOCK_M, BLOCK_D, TAIL_M, False)
+        for start_n in range(0, N_FULL, BLOCK_N):
+            _bwd_key_block(
+                q, k, v, dout, dk, dv, lse, DELTA, DQ_ACC, BIAS, DBIAS, start_n, scale, scale_log2,
+                s_qn, s_qd, s_kn, s_kd, s_vn, s_vd, s_gn, s_gd, s_dkn, s_dkd, s_dvn, s_dvd, s_bi, P,
+                N, D, HAS_BIAS, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, TAIL_M, False,
             )
-        p_t = tl.where(mask_m[None, :] & mask_n[:, None], tl.exp2(s_t - lse[None, :]), 0.0)
-        acc_dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        acc_dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
-        if ATOMIC_DBIAS:
-            tl.atomic_add(
-                DBIAS + h * N * N + offs_m[None, :] * N + offs_n[:, None], ds_t,
-                mask=mask_m[None, :] & mask_n[:, None], sem="relaxed",
+        if TAIL_N > 0:
+            _bwd_key_block(
+                q, k, v, dout, dk, dv, lse, DELTA, DQ_ACC, BIAS, DBIAS, N_FULL, scale, scale_log2,
+                s_qn, s_qd, s_kn, s_kd, s_vn, s_vd, s_gn, s_gd, s_dkn, s_dkd, s_dvn, s_dvd, s_bi, P,
+                N, D, HAS_BIAS, PRECISION, BLOCK_M, TAIL_N, BLOCK_D, TAIL_M, True,
             )
-
-    out = pid_bh.to(tl.int64) * N * D + offs_n[:, None] * D + offs_d[None, :]
-    tl.store(DK + out, acc_dk * scale, mask=mask_nd)
-    tl.store(DV + out, acc_dv, mask=mask_nd)
-
-
-@triton.autotune(configs=_BWD_CONFIGS, key=["N", "BLOCK_D"], prune_configs_by=_PRUNE)
-@triton.jit
-def _bwd_dbias_kernel(
-    Q, K, V, TABLE, INDEX, DOUT, LSE, DELTA, DBIAS,
-    scale_log2,
-    s_qb, s_qh, s_qn, s_qd,
-    s_kb, s_kh, s_kn, s_kd,
-    s_vb, s_vh, s_vn, s_vd,
-    s_gb, s_gh, s_gn, s_gd,
-    s_ir, s_ic, s_tr, s_th,
-    B, H, N, D,
-    PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """Deterministic ``sum_b dS[b, h]`` for one (query block, key block, head) tile of DBIAS."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    h = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_m = offs_m < N
-    mask_n = offs_n < N
-    mask_md = mask_m[:, None] & (offs_d < D)[None, :]
-    mask_nd = mask_n[:, None] & (offs_d < D)[None, :]
-    bias = _bias_tile_log2(TABLE, INDEX, h, offs_m[:, None], offs_n[None, :], N, s_ir, s_ic, s_tr, s_th)
-
-    q_ptrs = Q + h * s_qh + offs_m[:, None] * s_qn + offs_d[None, :] * s_qd
-    do_ptrs = DOUT + h * s_gh + offs_m[:, None] * s_gn + offs_d[None, :] * s_gd
-    k_ptrs = K + h * s_kh + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd
-    v_ptrs = V + h * s_vh + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd
-    row_ptrs = h * N + offs_m
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for _ in range(0, B):
-        q = tl.load(q_ptrs, mask=mask_md, other=0.0)
-        do = tl.load(do_ptrs, mask=mask_md, other=0.0)
-        k = tl.load(k_ptrs, mask=mask_nd, other=0.0)
-        v = tl.load(v_ptrs, mask=mask_nd, other=0.0)
-        lse = tl.load(LSE + row_ptrs, mask=mask_m, other=0.0)
-        delta = tl.load(DELTA + row_ptrs, mask=mask_m, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2 + bias
-        p = tl.where(mask_m[:, None] & mask_n[None, :], tl.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        acc += p * (dp - delta[:, None])
-        # Advancing pointers (64-bit) rather than b * stride keeps large batches from overflowing.
-        q_ptrs += s_qb
-        do_ptrs += s_gb
-        k_ptrs += s_kb
-        v_ptrs += s_vb
-        LSE += H * N
-        DELTA += H * N
-
-    tl.store(
-        DBIAS + h * N * N + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask_m[:, None] & mask_n[None, :]
-    )
-
-
-@triton.jit
-def _segment_sum_kernel(
-    DENSE, ORDER, STARTS, DTABLE, NN, H, s_tr, s_th,
-    BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr,
-):
-    """``dtable[r, :] = sum of DENSE[:, p]`` over the flat positions ``p`` whose index is ``r``:
-    ``ORDER[STARTS[r]:STARTS[r + 1]]``, summed in that (fixed) order."""
-    r = tl.program_id(0)
-    start = tl.load(STARTS + r)
-    end = tl.load(STARTS + r + 1)
-    offs_h = tl.arange(0, BLOCK_H)
-    mask_h = offs_h < H
-    acc = tl.zeros([BLOCK_S, BLOCK_H], tl.float32)
-    for first in range(start, end, BLOCK_S):
-        offs = first + tl.arange(0, BLOCK_S)
-        mask = offs < end
-        pos = tl.load(ORDER + offs, mask=mask, other=0)
-        in_segment = mask[:, None] & mask_h[None, :]
-        acc += tl.load(DENSE + offs_h[None, :] * NN + pos[:, None], mask=in_segment, other=0.0)
-    total = tl.sum(acc, 0)
-    tl.store(DTABLE + r * s_tr + offs_h * s_th, total.to(DTABLE.dtype.element_ty), mask=mask_h)
+        tl.debug_barrier()
+        _bwd_all_rows(out, dout, dq, DELTA, DQ_ACC, scale, s_on, s_od, s_gn, s_gd, s_dqn, s_dqd,
+                      N, D, BLOCK_M, BLOCK_D, TAIL_M, True)
 
 
 # ---------------------------------------------------------------------------------------------------
-# launch code
+# launch code (no device checks and no reads of results on the host: the op layer checks the inputs)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -358,147 +379,180 @@ def _new_buffer(like: torch.Tensor, shape, dtype: torch.dtype | None = None) -> 
     return torch.empty(shape, device=like.device, dtype=like.dtype if dtype is None else dtype)
 
 
-def _bias_args(bias_table, rel_index):
-    """Pointers and strides of the table and index, or dummies when there is no bias."""
-    if bias_table is None:
-        return None, None, (0, 0, 0, 0)
-    return bias_table, rel_index, (*rel_index.stride(), *bias_table.stride())
+def _block_d(D: int) -> int:
+    return max(16, triton.next_power_of_2(D))
 
 
-def _forward(q, k, v, bias_table, rel_index, scale):
+def _bias_args(bias):
+    """The bias and its head and row strides, or a dummy without one."""
+    if bias is None:
+        return None, (0, 0)
+    return bias, (bias.stride(0), bias.stride(1))
+
+
+def _forward(q, k, v, bias, scale):
+    """``out`` (a ``[B, H, N, D]`` view of ``[B, N, H, D]`` storage) and the base-2 log-sum-exp
+    ``[B, H, P]`` (fp32, rows padded like the bias)."""
     B, H, N, D = q.shape
-    out = _new_buffer(q, (B, H, N, D))
-    lse = _new_buffer(q, (B, H, N), torch.float32)
-    table, index, bias_strides = _bias_args(bias_table, rel_index)
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)  # noqa: E731
-    _fwd_kernel[grid](
-        q, k, v, table, index, out, lse,
+    P = padded_size(N)
+    out = _new_buffer(q, (B, N, H, D)).transpose(1, 2)
+    lse = _new_buffer(q, (B, H, P), torch.float32)
+    bias, bias_strides = _bias_args(bias)
+    _fwd_kernel[(B * H,)](
+        q, k, v, bias, out, lse,
         scale * LOG2E.value,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *bias_strides,
-        H, N, D,
-        HAS_BIAS=bias_table is not None, PRECISION=_precision(q.dtype), BLOCK_D=_block_d(D),
+        H, N=N, D=D, P=P,
+        HAS_BIAS=bias is not None, PRECISION=_precision(q.dtype), BLOCK_D=_block_d(D),
     )
     return out, lse
 
 
-def _backward(dout, q, k, v, out, lse, bias_table, rel_index, scale, deterministic):
+def _backward(dout, q, k, v, out, lse, bias, scale):
+    """``dqkv`` (``[B, N, 3, H, D]``: dq, dk, dv packed like the model's qkv) and the bias gradient
+    (fp32 ``[H, P, P]``, summed over the batch; empty without a bias)."""
     B, H, N, D = q.shape
-    has_bias = bias_table is not None
-    table, index, bias_strides = _bias_args(bias_table, rel_index)
-    tile = dict(PRECISION=_precision(q.dtype), BLOCK_D=_block_d(D))
-    dq, dk, dv = (_new_buffer(q, (B, H, N, D)) for _ in range(3))
-    delta = _new_buffer(q, (B, H, N), torch.float32)
-    _bwd_dq_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)](
-        q, k, v, table, index, out, dout, lse, delta, dq,
+    P = padded_size(N)
+    group = group_size(B)
+    groups = triton.cdiv(B, group)
+    block_d = _block_d(D)
+    dqkv = _new_buffer(q, (B, N, 3, H, D))
+    dq, dk, dv = (dqkv[:, :, i].transpose(1, 2) for i in range(3))
+    delta = _new_buffer(q, (groups * H, P), torch.float32)
+    dq_sum = _new_buffer(q, (groups * H, P, block_d), torch.float32)
+    # Each group's score-gradient sum starts at zero; the groups are added in a fixed order below.
+    partial = torch.zeros((groups, H, P, P) if bias is not None else (0,), device=q.device, dtype=torch.float32)
+    bias, bias_strides = _bias_args(bias)
+    _bwd_kernel[(H, groups)](
+        q, k, v, bias, out, dout, lse, dq, dk, dv, delta, dq_sum, partial,
         scale, scale * LOG2E.value,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(), *bias_strides,
-        H, N, D, HAS_BIAS=has_bias, **tile,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(),
+        *dq.stride(), *dk.stride(), *dv.stride(), *bias_strides,
+        B, H, P, group, N=N, D=D,
+        HAS_BIAS=bias is not None, PRECISION=_precision(q.dtype), BLOCK_D=block_d,
     )
-    atomic = has_bias and not deterministic
-    # Autotuning zeroes this buffer between trials; without atomics it is an empty placeholder.
-    dense = torch.zeros(H, N, N if atomic else 0, device=q.device, dtype=torch.float32)
-    _bwd_dkdv_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * H)](
-        q, k, v, table, index, dout, lse, delta, dk, dv, dense,
-        scale, scale * LOG2E.value,
-        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *bias_strides,
-        H, N, D, HAS_BIAS=has_bias, ATOMIC_DBIAS=atomic, **tile,
-    )
-    if not has_bias:
-        return dq, dk, dv, q.new_empty(0)
-    if deterministic:
-        dense = _new_buffer(q, (H, N, N), torch.float32)
-        _bwd_dbias_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]), H)](
-            q, k, v, table, index, dout, lse, delta, dense,
-            scale * LOG2E.value,
-            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *bias_strides,
-            B, H, N, D, **tile,
-        )
-    return dq, dk, dv, _fold_into_table(dense, bias_table, rel_index)
-
-
-def _fold_into_table(dense, bias_table, rel_index):
-    """Sum the ``[H, N, N]`` score gradient into ``[R, H]`` by index, deterministically."""
-    R, H = bias_table.shape
-    flat = rel_index.reshape(-1)
-    sorted_index, order = torch.sort(flat, stable=True)
-    # starts[r] = first sorted position holding index r; no host sync (searchsorted stays on device).
-    starts = torch.searchsorted(sorted_index, torch.arange(R + 1, device=flat.device, dtype=flat.dtype))
-    dtable = _new_buffer(bias_table, (R, H))
-    _segment_sum_kernel[(R,)](
-        dense, order, starts, dtable, flat.numel(), H, *dtable.stride(),
-        BLOCK_S=64, BLOCK_H=triton.next_power_of_2(H),
-    )
-    return dtable
-
-
-def _block_d(D: int) -> int:
-    return max(16, triton.next_power_of_2(D))
+    return dqkv, partial.sum(0) if bias is not None else partial
 
 
 # ---------------------------------------------------------------------------------------------------
 # torch.library registration and autograd
 
 
-@torch.library.custom_op("beitfast::rel_pos_attention_fwd", mutates_args=())
-def rel_pos_attention_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    bias_table: torch.Tensor | None, rel_index: torch.Tensor | None, scale: float,
+def _fake_out(q):
+    B, H, N, D = q.shape
+    return q.new_empty(B, N, H, D).transpose(1, 2), q.new_empty(B, H, padded_size(N), dtype=torch.float32)
+
+
+@torch.library.custom_op("beitfast::attention_fwd", mutates_args=())
+def attention_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Output ``[B, H, N, D]`` and the base-2 row log-sum-exp ``[B, H, N]`` (fp32)."""
-    return _forward(q, k, v, bias_table, rel_index, scale)
+    """Output (``[B, H, N, D]``, stored ``[B, N, H, D]``) and the base-2 row log-sum-exp."""
+    return _forward(q, k, v, bias, scale)
 
 
-@rel_pos_attention_fwd.register_fake
-def _(q, k, v, bias_table, rel_index, scale):
-    B, H, N, D = q.shape
-    return q.new_empty(B, H, N, D), q.new_empty(B, H, N, dtype=torch.float32)
+@attention_fwd.register_fake
+def _(q, k, v, bias, scale):
+    return _fake_out(q)
 
 
-@torch.library.custom_op("beitfast::rel_pos_attention_bwd", mutates_args=())
-def rel_pos_attention_bwd(
+def _unpack(qkv):
+    return qkv.permute(2, 0, 3, 1, 4).unbind(0)
+
+
+@torch.library.custom_op("beitfast::attention_packed_fwd", mutates_args=())
+def attention_packed_fwd(qkv: torch.Tensor, bias: torch.Tensor | None, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`attention_fwd` of the q, k, v packed in ``qkv`` ``[B, N, 3, H, D]`` (any strides)."""
+    return _forward(*_unpack(qkv), bias, scale)
+
+
+@attention_packed_fwd.register_fake
+def _(qkv, bias, scale):
+    return _fake_out(_unpack(qkv)[0])
+
+
+@torch.library.custom_op("beitfast::attention_bwd", mutates_args=())
+def attention_bwd(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-    lse: torch.Tensor, bias_table: torch.Tensor | None, rel_index: torch.Tensor | None, scale: float,
-    deterministic: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``dq, dk, dv`` (contiguous ``[B, H, N, D]``) and the table gradient (empty without a bias)."""
-    return _backward(dout, q, k, v, out, lse, bias_table, rel_index, scale, deterministic)
+    lse: torch.Tensor, bias: torch.Tensor | None, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``dqkv`` ``[B, N, 3, H, D]`` and the fp32 bias gradient ``[H, P, P]`` (empty without a bias)."""
+    return _backward(dout, q, k, v, out, lse, bias, scale)
 
 
-@rel_pos_attention_bwd.register_fake
-def _(dout, q, k, v, out, lse, bias_table, rel_index, scale, deterministic):
+@attention_bwd.register_fake
+def _(dout, q, k, v, out, lse, bias, scale):
     B, H, N, D = q.shape
-    dtable = bias_table.new_empty(bias_table.shape) if bias_table is not None else q.new_empty(0)
-    return q.new_empty(B, H, N, D), q.new_empty(B, H, N, D), q.new_empty(B, H, N, D), dtable
+    dbias = q.new_empty(bias.shape[0], padded_size(N), padded_size(N), dtype=torch.float32) if bias is not None \
+        else q.new_empty(0, dtype=torch.float32)
+    return q.new_empty(B, N, 3, H, D), dbias
+
+
+def _bias_grad(bias, dbias):
+    return None if bias is None else dbias.to(bias.dtype)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, bias_table, rel_index, scale = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, bias_table, rel_index)
+    *qkv, bias, scale = inputs
+    ctx.save_for_backward(*qkv, output[0], output[1], bias)
     ctx.scale = scale
-    ctx.deterministic = deterministic_mode()
 
 
 def _backward_rule(ctx, dout, _dlse):
-    q, k, v, out, lse, bias_table, rel_index = ctx.saved_tensors
-    dq, dk, dv, dtable = rel_pos_attention_bwd(
-        dout, q, k, v, out, lse, bias_table, rel_index, ctx.scale, ctx.deterministic
-    )
-    return dq, dk, dv, dtable if bias_table is not None else None, None, None
+    q, k, v, out, lse, bias = ctx.saved_tensors
+    dqkv, dbias = attention_bwd(dout, q, k, v, out, lse, bias, ctx.scale)
+    dq, dk, dv = (dqkv[:, :, i].transpose(1, 2) for i in range(3))
+    return dq, dk, dv, _bias_grad(bias, dbias), None
 
 
-rel_pos_attention_fwd.register_autograd(_backward_rule, setup_context=_setup_context)
+def _setup_packed_context(ctx, inputs, output):
+    qkv, bias, scale = inputs
+    ctx.save_for_backward(qkv, output[0], output[1], bias)
+    ctx.scale = scale
 
 
-def rel_pos_attention(q, k, v, bias_table, rel_index, scale: float) -> torch.Tensor:
-    """Differentiable Triton attention with the relative position bias (inputs already validated).
+def _packed_backward_rule(ctx, dout, _dlse):
+    qkv, out, lse, bias = ctx.saved_tensors
+    dqkv, dbias = attention_bwd(dout, *_unpack(qkv), out, lse, bias, ctx.scale)
+    return dqkv, _bias_grad(bias, dbias), None
 
-    Under autocast, q, k and v are cast to the autocast dtype first (the table stays as it is: the
-    kernels read it in fp32), as autocast does for PyTorch's own attention.
-    """
-    device_type = q.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    out, _ = rel_pos_attention_fwd(q, k, v, bias_table, rel_index, scale)
-    return out
+
+attention_fwd.register_autograd(_backward_rule, setup_context=_setup_context)
+attention_packed_fwd.register_autograd(_packed_backward_rule, setup_context=_setup_packed_context)
+
+
+def _autocast(*tensors):
+    """Under autocast q, k and v run in the autocast dtype (the bias stays as it is: the kernels
+    read it in fp32), as autocast does for PyTorch's own attention."""
+    device_type = tensors[0].device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) for t in tensors)
+
+
+def _padded_bias(bias, N):
+    """The bias in the layout the kernels read: ``[H, P, P]`` with unit column stride; a smaller or
+    differently laid out one is copied into zero padding (differentiably)."""
+    if bias is None:
+        return None
+    P = padded_size(N)
+    if tuple(bias.shape[1:]) == (P, P) and bias.stride(-1) == 1 and bias.dtype == torch.float32:
+        return bias
+    bias = bias[:, :N, :N].float()
+    return torch.nn.functional.pad(bias, (0, P - N, 0, P - N))
+
+
+def attention(q, k, v, bias, scale: float) -> torch.Tensor:
+    """Differentiable attention of ``[B, H, N, D]`` q, k, v with a dense bias ``[H, >=N, >=N]`` (or
+    None), inputs already validated; returns ``[B, H, N, D]`` (a view of ``[B, N, H, D]`` storage)."""
+    q, k, v = _autocast(q, k, v)
+    return attention_fwd(q, k, v, _padded_bias(bias, q.shape[2]), scale)[0]
+
+
+def attention_packed(qkv, bias, scale: float) -> torch.Tensor:
+    """:func:`attention` of a packed ``[B, N, 3, H, D]`` qkv; returns ``[B, N, H, D]`` (contiguous),
+    and the gradient of ``qkv`` comes back packed."""
+    (qkv,) = _autocast(qkv)
+    out = attention_packed_fwd(qkv, _padded_bias(bias, qkv.shape[1]), scale)[0]
+    return out.transpose(1, 2)

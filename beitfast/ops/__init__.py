@@ -7,13 +7,15 @@
 >>> ops.explain("attention", q=q, k=k, v=v, bias_table=t, rel_index=i, scale=0.125)  # doctest: +SKIP
 """
 
-from .attention import rel_pos_attention
+from .attention import rel_pos_attention, rel_pos_attention_packed, relative_position_bias
 from .cross_entropy import masked_lm_cross_entropy
 from .dispatch import backends, explain, select, set_preference
 from .patch_embed import masked_patch_embed
 
 __all__ = [
     "rel_pos_attention",
+    "rel_pos_attention_packed",
+    "relative_position_bias",
     "masked_lm_cross_entropy",
     "masked_patch_embed",
     "backends",

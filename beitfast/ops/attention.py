@@ -1,17 +1,23 @@
 """Attention with BEiT's learnable relative position bias: ``softmax(q k^T * scale + B) v`` where
 ``B[h, i, j] = bias_table[rel_index[i, j], h]``.
 
-The eager backend is the definition. The others: ``triton`` (our flash kernel that reads the bias
-from the table and learns it, ``beitfast/kernels/attention.py``; its table gradient is deterministic
-with ``BEITFAST_DETERMINISTIC=1`` or ``torch.use_deterministic_algorithms(True)``), ``sdpa`` (the
-gathered bias as ``attn_mask``, what timm and transformers do), ``flex`` (FlexAttention with the
-bias as a ``score_mod``), ``xformers`` and ``flash`` (flash-attn, calls without bias only) when those
-packages are installed.
+The bias is gathered once into a dense fp32 ``[H, P, P]`` tensor (:func:`relative_position_bias`,
+``P = padded_size(N)``, zero padding); every backend reads that. Its backward folds the score
+gradient into the table with a permutation computed once per index and cached, and a model with a
+shared table gathers once per step, so autograd sums all layers' score gradients before one fold.
+
+The eager backend is the definition. The others: ``triton`` (our flash kernels,
+``beitfast/kernels/attention.py``: dense bias tiles, one-pass backward without atomics, the model's
+packed qkv layout), ``sdpa`` (the bias as ``attn_mask``, what timm and transformers do), ``flex``
+(FlexAttention with the bias as a ``score_mod``), ``xformers`` and ``flash`` (flash-attn, calls
+without bias only) when those packages are installed.
 """
 
 from __future__ import annotations
 
 import functools
+import weakref
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +25,13 @@ import torch.nn.functional as F
 from . import dispatch
 
 OP = "attention"
+# The dense bias is padded to a multiple of the largest kernel tile, so every tile reads inside it.
+LARGEST_TILE = 128
+
+
+def padded_size(n: int) -> int:
+    """``P`` of the dense ``[H, P, P]`` bias for sequences of ``n`` tokens."""
+    return -(-n // LARGEST_TILE) * LARGEST_TILE
 
 
 def rel_pos_attention(
@@ -29,22 +42,64 @@ def rel_pos_attention(
     rel_index: torch.Tensor | None = None,
     scale: float | None = None,
     backend: str | None = None,
+    *,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of ``q, k, v`` (``[B, H, N, D]``) with the bias ``bias_table[rel_index]``.
 
     ``bias_table`` is ``[R, H]``, ``rel_index`` an integer ``[N, N]`` tensor with values in
-    ``[0, R)``; both None means plain attention. ``scale`` defaults to ``D ** -0.5``. Returns
-    ``[B, H, N, D]``; differentiable in ``q``, ``k``, ``v`` and ``bias_table``.
+    ``[0, R)``. Instead of them, ``bias`` may give the dense bias: ``[H, N, N]``, or ``[H, M, M]``
+    (``M >= N``) whose leading ``[N, N]`` block is used, as :func:`relative_position_bias` returns.
+    No bias at all means plain attention. ``scale`` defaults to ``D ** -0.5``. Returns
+    ``[B, H, N, D]``; differentiable in ``q``, ``k``, ``v`` and the bias (table).
     """
-    _validate(q, k, v, bias_table, rel_index)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    impl = dispatch.select(
-        OP, backend, q=q, k=k, v=v, bias_table=bias_table, rel_index=rel_index, scale=scale
+    _validate(q, k, v)
+    bias = _dense_bias(q, bias_table, rel_index, bias)
+    scale = _scale(q, scale)
+    impl = _select(backend, q, k, v, bias_table, rel_index, bias, scale)
+    return impl.fn(q, k, v, bias, scale)
+
+
+def rel_pos_attention_packed(
+    qkv: torch.Tensor,
+    bias_table: torch.Tensor | None = None,
+    rel_index: torch.Tensor | None = None,
+    scale: float | None = None,
+    backend: str | None = None,
+    *,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`rel_pos_attention` of q, k, v packed as the model's qkv projection makes them:
+    ``qkv`` is ``[B, N, 3, H, D]`` (any strides); returns ``[B, N, H, D]``. The triton backend reads
+    ``qkv`` in place, writes the output in this layout and the gradient of ``qkv`` packed (no copies);
+    the others run on the unpacked views.
+    """
+    if not isinstance(qkv, torch.Tensor) or qkv.dim() != 5 or qkv.shape[2] != 3:
+        got = tuple(qkv.shape) if isinstance(qkv, torch.Tensor) else type(qkv).__name__
+        raise ValueError(f"rel_pos_attention_packed: qkv must be a [B, N, 3, H, D] tensor, got {got}")
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    _validate(q, k, v)
+    bias = _dense_bias(q, bias_table, rel_index, bias)
+    scale = _scale(q, scale)
+    impl = _select(backend, q, k, v, bias_table, rel_index, bias, scale)
+    if impl.name == "triton":
+        return attention_triton_packed(qkv, bias, scale)
+    return impl.fn(q, k, v, bias, scale).transpose(1, 2)
+
+
+def _select(backend, q, k, v, bias_table, rel_index, bias, scale):
+    return dispatch.select(
+        OP, backend, q=q, k=k, v=v, bias_table=bias_table, rel_index=rel_index, bias=bias, scale=scale
     )
-    return impl.fn(q, k, v, bias_table, rel_index, scale)
 
 
-def _validate(q, k, v, bias_table, rel_index) -> None:
+def _scale(q, scale):
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+        raise TypeError(f"rel_pos_attention: scale must be a number or None, got {type(scale).__name__}")
+    return q.shape[-1] ** -0.5 if scale is None else float(scale)
+
+
+def _validate(q, k, v) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
@@ -60,37 +115,168 @@ def _validate(q, k, v, bias_table, rel_index) -> None:
         )
     if k.dtype != q.dtype or v.dtype != q.dtype or k.device != q.device or v.device != q.device:
         raise ValueError("rel_pos_attention: q, k and v must share dtype and device")
+
+
+def _dense_bias(q, bias_table, rel_index, bias):
+    """The dense bias every backend reads (None for plain attention), after checking the arguments."""
+    _, H, N, _ = q.shape
+    if bias is not None:
+        if bias_table is not None or rel_index is not None:
+            raise ValueError("rel_pos_attention: give bias, or bias_table and rel_index, not both")
+        if not isinstance(bias, torch.Tensor) or bias.dim() != 3 or bias.shape[0] != H \
+                or bias.shape[1] != bias.shape[2] or bias.shape[1] < N:
+            got = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
+            raise ValueError(f"rel_pos_attention: bias must be [H={H}, M, M] with M >= N={N}, got {got}")
+        if not bias.dtype.is_floating_point:
+            raise TypeError(f"rel_pos_attention: bias must be floating point, got {bias.dtype}")
+        if bias.device != q.device:
+            raise ValueError(f"rel_pos_attention: bias must be on q's device {q.device}, got {bias.device}")
+        return bias
     if (bias_table is None) != (rel_index is None):
         raise ValueError("rel_pos_attention: give both bias_table and rel_index, or neither")
     if bias_table is None:
-        return
-    _, H, N, _ = q.shape
-    if bias_table.dim() != 2 or bias_table.shape[1] != H:
-        raise ValueError(
-            f"rel_pos_attention: bias_table must be [R, H={H}], got {tuple(bias_table.shape)}"
-        )
-    if not bias_table.dtype.is_floating_point:
-        raise TypeError(f"rel_pos_attention: bias_table must be floating point, got {bias_table.dtype}")
-    if tuple(rel_index.shape) != (N, N):
+        return None
+    if not isinstance(bias_table, torch.Tensor) or bias_table.dim() != 2 or bias_table.shape[1] != H:
+        got = tuple(bias_table.shape) if isinstance(bias_table, torch.Tensor) else type(bias_table).__name__
+        raise ValueError(f"rel_pos_attention: bias_table must be [R, H={H}], got {got}")
+    if bias_table.device != q.device:
+        raise ValueError(f"rel_pos_attention: bias_table must be on q's device {q.device}, got {bias_table.device}")
+    if isinstance(rel_index, torch.Tensor) and tuple(rel_index.shape) != (N, N):
         raise ValueError(
             f"rel_pos_attention: rel_index must be [N, N] = [{N}, {N}], got {tuple(rel_index.shape)}"
         )
+    return relative_position_bias(bias_table, rel_index)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the dense bias: gathered from the table, its gradient folded back with a cached permutation
+
+
+def relative_position_bias(bias_table: torch.Tensor, rel_index: torch.Tensor) -> torch.Tensor:
+    """``bias[h, i, j] = bias_table[rel_index[i, j], h]`` as a dense fp32 (float64 for a float64
+    table) ``[H, P, P]`` tensor,
+    ``P = padded_size(N)``, zero outside ``[N, N]``; differentiable in ``bias_table``.
+
+    Gather it once and pass it as ``bias=`` to every layer that shares the table: autograd then sums
+    the layers' gradients before the one fold into the table.
+    """
+    if not isinstance(bias_table, torch.Tensor) or bias_table.dim() != 2:
+        got = tuple(bias_table.shape) if isinstance(bias_table, torch.Tensor) else type(bias_table).__name__
+        raise ValueError(f"relative_position_bias: bias_table must be [R, H], got {got}")
+    if not bias_table.dtype.is_floating_point:
+        raise TypeError(f"relative_position_bias: bias_table must be floating point, got {bias_table.dtype}")
+    if not isinstance(rel_index, torch.Tensor) or rel_index.dim() != 2 or rel_index.shape[0] != rel_index.shape[1]:
+        got = tuple(rel_index.shape) if isinstance(rel_index, torch.Tensor) else type(rel_index).__name__
+        raise ValueError(f"relative_position_bias: rel_index must be [N, N], got {got}")
     if rel_index.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"rel_pos_attention: rel_index must be int32 or int64, got {rel_index.dtype}")
-    if bias_table.device != q.device or rel_index.device != q.device:
-        raise ValueError("rel_pos_attention: bias_table and rel_index must be on q's device")
+        raise TypeError(f"relative_position_bias: rel_index must be int32 or int64, got {rel_index.dtype}")
+    if rel_index.device != bias_table.device:
+        raise ValueError(
+            f"relative_position_bias: rel_index must be on bias_table's device {bias_table.device}, "
+            f"got {rel_index.device}"
+        )
     if dispatch.may_inspect_values(rel_index):
         lo, hi = int(rel_index.min()), int(rel_index.max())
         if lo < 0 or hi >= bias_table.shape[0]:
             raise ValueError(
-                f"rel_pos_attention: rel_index values must lie in [0, R={bias_table.shape[0]}), "
-                f"got [{lo}, {hi}]"
+                f"rel_index values must lie in [0, R={bias_table.shape[0]}), got [{lo}, {hi}]"
             )
+    return gather_bias(bias_table, rel_index)
 
 
-def gathered_bias(bias_table: torch.Tensor, rel_index: torch.Tensor) -> torch.Tensor:
-    """The dense ``[H, N, N]`` bias the eager and sdpa backends use."""
-    return bias_table[rel_index].permute(2, 0, 1)
+class _Plan(NamedTuple):
+    """What the gather and the fold need of one index, computed once: ``gather`` maps each of the
+    ``P * P`` padded positions to its table row (padding to an extra zero row ``R``); ``order`` lists
+    the ``N * N`` positions grouped by row, ``lengths`` the group sizes (``[R]``)."""
+
+    gather: torch.Tensor
+    order: torch.Tensor
+    lengths: torch.Tensor
+
+
+# id(index) -> (weak reference, version, num_rows, plan); the model's index is one constant buffer.
+_PLANS: dict[int, tuple[weakref.ref, int, int, _Plan]] = {}
+
+
+def _plan(rel_index: torch.Tensor, num_rows: int) -> _Plan:
+    entry = _PLANS.get(id(rel_index))
+    if entry is not None and entry[0]() is rel_index and entry[1:3] == (rel_index._version, num_rows):
+        return entry[3]
+    N, P = rel_index.shape[0], padded_size(rel_index.shape[0])
+    gather = F.pad(rel_index.long(), (0, P - N, 0, P - N), value=num_rows).reshape(-1)
+    sorted_rows, order = torch.sort(gather, stable=True)
+    plan = _Plan(gather, order[: N * N], torch.bincount(sorted_rows[: N * N], minlength=num_rows))
+    key = id(rel_index)
+    _PLANS[key] = (weakref.ref(rel_index, lambda _: _PLANS.pop(key, None)), rel_index._version, num_rows, plan)
+    return plan
+
+
+@torch.library.custom_op("beitfast::gather_bias", mutates_args=())
+def gather_bias(bias_table: torch.Tensor, rel_index: torch.Tensor) -> torch.Tensor:
+    """The dense padded bias of :func:`relative_position_bias` (arguments already checked)."""
+    R, H = bias_table.shape
+    P = padded_size(rel_index.shape[0])
+    rows = F.pad(bias_table.t().to(_bias_dtype(bias_table)), (0, 1))  # [H, R + 1]: row R is the padding's zero
+    return rows.index_select(1, _plan(rel_index, R).gather).view(H, P, P)
+
+
+@gather_bias.register_fake
+def _(bias_table, rel_index):
+    P = padded_size(rel_index.shape[0])
+    return bias_table.new_empty(bias_table.shape[1], P, P, dtype=_bias_dtype(bias_table))
+
+
+def _bias_dtype(bias_table):
+    """fp32, or float64 for a float64 table (the reference computations)."""
+    return torch.promote_types(bias_table.dtype, torch.float32)
+
+
+@torch.library.custom_op("beitfast::fold_bias_grad", mutates_args=())
+def fold_bias_grad(grad: torch.Tensor, rel_index: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """``[R, H]``: ``grad[h, i, j]`` summed over the positions ``(i, j)`` that index each row
+    (padding ignored), in fp32 (float64 for a float64 gradient), deterministically.
+
+    CPU: one index_add_ (sequential, so deterministic and exact in order). Elsewhere: the positions
+    permuted into row order once (cached), then a segmented sum, so no atomics and no sort per call.
+    """
+    plan = _plan(rel_index, num_rows)
+    flat = grad.to(torch.promote_types(grad.dtype, torch.float32)).reshape(grad.shape[0], -1)
+    return (_fold_scatter if grad.device.type == "cpu" else _fold_sorted)(flat, plan, num_rows)
+
+
+def _fold_scatter(flat: torch.Tensor, plan: _Plan, num_rows: int) -> torch.Tensor:
+    """index_add_ of every padded position into its row (padding into an extra row, dropped)."""
+    summed = flat.new_zeros(flat.shape[0], num_rows + 1).index_add_(1, plan.gather, flat)
+    return summed[:, :num_rows].t().contiguous()
+
+
+def _fold_sorted(flat: torch.Tensor, plan: _Plan, num_rows: int) -> torch.Tensor:
+    """The positions permuted into row order, then one segmented sum per row."""
+    return torch.segment_reduce(flat.t().index_select(0, plan.order), "sum", lengths=plan.lengths, axis=0)
+
+
+@fold_bias_grad.register_fake
+def _(grad, rel_index, num_rows):
+    return grad.new_empty(num_rows, grad.shape[0], dtype=torch.promote_types(grad.dtype, torch.float32))
+
+
+def _gather_setup(ctx, inputs, output):
+    bias_table, rel_index = inputs
+    ctx.save_for_backward(rel_index)
+    ctx.num_rows, ctx.table_dtype = bias_table.shape[0], bias_table.dtype
+
+
+def _gather_backward(ctx, grad):
+    (rel_index,) = ctx.saved_tensors
+    return fold_bias_grad(grad, rel_index, ctx.num_rows).to(ctx.table_dtype), None
+
+
+gather_bias.register_autograd(_gather_backward, setup_context=_gather_setup)
+
+
+def _leading(bias: torch.Tensor, N: int) -> torch.Tensor:
+    """The ``[1, H, N, N]`` bias the dense backends add to their scores."""
+    return bias[:, :N, :N].unsqueeze(0)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -98,55 +284,55 @@ def gathered_bias(bias_table: torch.Tensor, rel_index: torch.Tensor) -> torch.Te
 
 
 @dispatch.register(OP, "eager", dispatch.accepts_all)
-def attention_eager(q, k, v, bias_table, rel_index, scale):
+def attention_eager(q, k, v, bias, scale):
     scores = (q * scale) @ k.transpose(-2, -1)
-    if bias_table is not None:
-        scores = scores + gathered_bias(bias_table, rel_index).unsqueeze(0).to(scores.dtype)
+    if bias is not None:
+        scores = scores + _leading(bias, q.shape[2]).to(scores.dtype)
     return scores.softmax(dim=-1) @ v
 
 
 # ---------------------------------------------------------------------------------------------------
-# triton: our flash kernel reading the bias from the table (beitfast/kernels/attention.py)
+# triton: our flash kernels reading dense bias tiles (beitfast/kernels/attention.py)
 
 # Any multiple of 8 up to 128 (the kernels pad D to a power of two); the dot products need >= 16.
 TRITON_HEAD_DIMS = tuple(range(16, 129, 8))
-# Batch * heads is the second grid axis, which CUDA limits to 65535.
-_TRITON_MAX_BATCH_HEADS = 65535
 
 
-def _triton_check(q, bias_table, **_) -> list[str]:
+def _triton_check(q, **_) -> list[str]:
     device_type = q.device.type
-    # Under autocast the kernels run in the autocast dtype (see kernels.attention.rel_pos_attention).
+    # Under autocast the kernels run in the autocast dtype (see kernels.attention).
     autocast = torch.is_autocast_enabled(device_type)
     run_dtype = torch.get_autocast_dtype(device_type) if autocast else q.dtype
     reasons = dispatch.triton_device_reasons(q.device, q.dtype, run_dtype)
     if q.dtype not in dispatch.FUSED_DTYPES:
         reasons.append(f"triton takes q, k, v in float32/float16/bfloat16, got {q.dtype}")
-    B, H, _, D = q.shape
+    D = q.shape[-1]
     if D not in TRITON_HEAD_DIMS:
         reasons.append(f"triton takes head dims that are multiples of 8 from 16 to 128, got {D}")
-    if B * H > _TRITON_MAX_BATCH_HEADS:
-        reasons.append(f"triton takes batch * heads up to {_TRITON_MAX_BATCH_HEADS}, got {B * H}")
     return reasons
 
 
 @dispatch.register(OP, "triton", _triton_check, dispatch.needs_package("triton"))
-def attention_triton(q, k, v, bias_table, rel_index, scale):
+def attention_triton(q, k, v, bias, scale):
     # Imported here so `import beitfast` does not load Triton; torch.compile traces this import.
     from ..kernels import attention as kernels
 
-    return kernels.rel_pos_attention(q, k, v, bias_table, rel_index, scale)
+    return kernels.attention(q, k, v, bias, scale)
+
+
+def attention_triton_packed(qkv, bias, scale):
+    from ..kernels import attention as kernels
+
+    return kernels.attention_packed(qkv, bias, scale)
 
 
 # ---------------------------------------------------------------------------------------------------
-# sdpa: PyTorch's scaled_dot_product_attention fed the gathered bias
+# sdpa: PyTorch's scaled_dot_product_attention fed the dense bias
 
 
 @dispatch.register(OP, "sdpa", dispatch.accepts_all)
-def attention_sdpa(q, k, v, bias_table, rel_index, scale):
-    mask = None
-    if bias_table is not None:
-        mask = gathered_bias(bias_table, rel_index).unsqueeze(0).to(q.dtype)
+def attention_sdpa(q, k, v, bias, scale):
+    mask = None if bias is None else _leading(bias, q.shape[2]).to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
@@ -172,27 +358,27 @@ def _flex_check(q, **_) -> list[str]:
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False)
+    return torch.compile(flex_attention, dynamic=False, mode="max-autotune-no-cudagraphs")
 
 
-def bias_score_mod(bias_table: torch.Tensor, rel_index: torch.Tensor):
-    """The FlexAttention ``score_mod`` adding ``bias_table[rel_index[i, j], h]``; the table is a
-    captured tensor, so FlexAttention differentiates through it."""
+def bias_score_mod(bias: torch.Tensor):
+    """The FlexAttention ``score_mod`` adding ``bias[h, i, j]``; the bias is a captured tensor, so
+    FlexAttention differentiates through it."""
 
     def score_mod(score, b, h, i, j):
-        return score + bias_table[rel_index[i, j], h].to(score.dtype)
+        return score + bias[h, i, j].to(score.dtype)
 
     return score_mod
 
 
 @dispatch.register(OP, "flex", _flex_check, _flex_available)
-def attention_flex(q, k, v, bias_table, rel_index, scale):
-    score_mod = None if bias_table is None else bias_score_mod(bias_table, rel_index)
+def attention_flex(q, k, v, bias, scale):
+    score_mod = None if bias is None else bias_score_mod(bias)
     return _compiled_flex()(q, k, v, score_mod=score_mod, scale=scale)
 
 
 # ---------------------------------------------------------------------------------------------------
-# xformers: memory-efficient attention with the gathered bias
+# xformers: memory-efficient attention with the dense bias
 
 
 def _xformers_check(q, **_) -> list[str]:
@@ -205,19 +391,18 @@ def _xformers_check(q, **_) -> list[str]:
 
 
 @dispatch.register(OP, "xformers", _xformers_check, dispatch.needs_package("xformers"))
-def attention_xformers(q, k, v, bias_table, rel_index, scale):
+def attention_xformers(q, k, v, bias, scale):
     import xformers.ops as xops
 
-    bias = None
-    if bias_table is not None:
+    attn_bias = None
+    if bias is not None:
         B, H, N, _ = q.shape
         # xformers wants the bias's last dim padded to a multiple of 8 in memory.
         padded = (N + 7) // 8 * 8
-        storage = q.new_empty(B, H, N, padded)
-        bias = storage[..., :N]
-        bias.copy_(gathered_bias(bias_table, rel_index).unsqueeze(0).expand(B, H, N, N))
+        attn_bias = q.new_empty(B, H, N, padded)[..., :N]
+        attn_bias.copy_(_leading(bias, N).expand(B, H, N, N))
     out = xops.memory_efficient_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias, scale=scale
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=attn_bias, scale=scale
     )
     return out.transpose(1, 2)
 
@@ -226,9 +411,9 @@ def attention_xformers(q, k, v, bias_table, rel_index, scale):
 # flash: flash-attn, only for calls without bias
 
 
-def _flash_check(q, bias_table, **_) -> list[str]:
+def _flash_check(q, bias=None, bias_table=None, **_) -> list[str]:
     reasons = []
-    if bias_table is not None:
+    if bias is not None or bias_table is not None:
         reasons.append("flash-attn has no learnable relative position bias")
     if q.device.type != "cuda":
         reasons.append("flash-attn needs a CUDA device")
@@ -240,7 +425,7 @@ def _flash_check(q, bias_table, **_) -> list[str]:
 
 
 @dispatch.register(OP, "flash", _flash_check, dispatch.needs_package("flash_attn", "flash-attn"))
-def attention_flash(q, k, v, bias_table, rel_index, scale):
+def attention_flash(q, k, v, bias, scale):
     from flash_attn import flash_attn_func
 
     out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale)
