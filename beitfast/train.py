@@ -125,7 +125,8 @@ class TrainConfig:
         self.log_every = check_int(owner, "log_every", self.log_every, 0)
         if 0 < self.warmup_steps >= self.steps:
             # The learning rate would reach its peak at the last step at best: surely not what was meant.
-            raise ValueError(f"{owner}: warmup_steps ({self.warmup_steps}) must be smaller than steps ({self.steps})")
+            raise ValueError(f"{owner}: warmup_steps ({self.warmup_steps}) must be smaller than steps "
+                             f"({self.steps})")
         for name, optional in (("output_dir", False), ("resume", True)):
             value = getattr(self, name)
             if not (isinstance(value, (str, os.PathLike)) or (optional and value is None)):

@@ -86,7 +86,8 @@ def final_state(output_dir):
     keys = ("step", "loss", "accuracy", "lr", "weight_decay", "grad_norm")
     records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
     payload = torch.load(output_dir / "checkpoint.pt", weights_only=True)
-    return [tuple(r[k] for k in keys) for r in records], payload["model"], payload["optimizer"]["state"], payload["step"]
+    return ([tuple(r[k] for k in keys) for r in records], payload["model"], payload["optimizer"]["state"],
+            payload["step"])
 
 
 def assert_identical(got, expected):
