@@ -60,6 +60,21 @@ def _sync_folder(folder: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (setting it, even for a moment,
+    would apply to files other threads create meanwhile)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
 def write_atomically(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """``write(temp_path)`` into a temporary file of ``path``'s folder, flush it to disk, then rename it
     over ``path``: a failure or a kill at any moment leaves the old file or the new one, never a torn one.
@@ -70,10 +85,8 @@ def write_atomically(path: str | os.PathLike, write: Callable[[str], None]) -> P
     os.close(fd)
     try:
         write(temp)
-        umask = os.umask(0)
-        os.umask(umask)
         # After writing: mkstemp makes owner-only files, and some writers (safetensors) recreate the file.
-        os.chmod(temp, 0o666 & ~umask)
+        os.chmod(temp, 0o666 & ~_umask())
         with open(temp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(temp, path)

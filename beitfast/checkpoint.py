@@ -23,7 +23,7 @@ the trainer's ``checkpoint.pt`` (with its model config), official ``.pth`` files
 ``model.safetensors`` / ``pytorch_model.bin`` (or their folder, whose ``config.json`` is then used)
 and timm files. Every file read must hold finite weights; those without a checksum (foreign files,
 files of older beitfast versions) get that check only. An empty, truncated or damaged file is a
-:class:`beitfast._files.FileIntegrityError` (a ``ValueError``) naming it and what failed.
+:class:`FileIntegrityError` (a ``ValueError``) naming it and what failed.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ __all__ = [
     "FORMATS", "HF_TASKS", "unwrap_state_dict", "detect_format", "to_official_names", "infer_config",
     "adapt_state_dict", "from_state_dict", "resize_rel_pos_bias_table", "resize_pos_embed",
     "to_hf_state_dict", "hf_config_kwargs", "config_from_hf", "to_timm_state_dict", "timm_kwargs",
-    "save", "load", "read_training_checkpoint", "TRAIN_CHECKPOINT_FORMAT",
+    "save", "load", "read_training_checkpoint", "TRAIN_CHECKPOINT_FORMAT", "FileIntegrityError",
 ]
 
 FORMATS = ("official", "hf-v4", "hf-v5")
@@ -709,7 +709,7 @@ def _read_torch(path: Path) -> tuple[Any, BEiTConfig | None]:
 def read_training_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """The payload of a checkpoint of the trainer (:mod:`beitfast.train`), verified: its checksum (when it
     has one: files of older versions do not) and finite model and optimizer values. A damaged file is a
-    :class:`~beitfast._files.FileIntegrityError`, another kind of file a ``ValueError``."""
+    :class:`FileIntegrityError`, another kind of file a ``ValueError``."""
     payload, digest = split_digest(read_torch_file(path))
     if not isinstance(payload, dict) or payload.get("format") != TRAIN_CHECKPOINT_FORMAT:
         raise ValueError(f"resume: {str(path)!r} is not a beitfast training checkpoint")

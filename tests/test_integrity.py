@@ -11,7 +11,7 @@ import safetensors.torch
 import torch
 
 from beitfast import BEiT, BEiTConfig
-from beitfast._files import FileIntegrityError
+from beitfast.checkpoint import FileIntegrityError
 from beitfast.data import ImageList
 from beitfast.tokenizers import KMeansTokenizer, load_tokenizer
 from beitfast.train import (CHECKPOINT_NAME, PREVIOUS_CHECKPOINT_NAME, MaskedImageModeling,
@@ -140,16 +140,17 @@ def test_files_without_checksum_get_the_finiteness_check(tmp_path, suffix):
         BEiT.from_file(path)
 
 
-def test_saved_files_have_the_usual_permissions(tmp_path):
-    umask = os.umask(0o022)
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_saved_files_have_the_usual_permissions(tmp_path, umask):
+    before = os.umask(umask)
     try:
         for name in ("model.safetensors", "model.pth"):
             small_model().save(tmp_path / name)
         tokenizer().save(tmp_path / "tokenizer.safetensors")
     finally:
-        os.umask(umask)
+        os.umask(before)
     for path in tmp_path.iterdir():
-        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path.name
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path.name
 
 
 # -- tokenizer files -------------------------------------------------------------------------------

@@ -369,7 +369,7 @@ def test_a_pickled_module_tree_that_contains_itself_is_refused(official_dall_e, 
 
 @pytest.mark.parametrize("damage", ["truncated", "empty", "nan"])
 def test_damaged_dalle_files_are_refused(official_dall_e, monkeypatch, tmp_path, damage):
-    from beitfast._files import FileIntegrityError
+    from beitfast.checkpoint import FileIntegrityError
 
     path = tmp_path / "encoder.pkl"
     encoder = official_dall_e.Encoder(n_hid=8, n_blk_per_group=1, vocab_size=24)

@@ -27,7 +27,7 @@ _PICKLE_PROTOCOLS_2_TO_5 = tuple(bytes([0x80, protocol]) for protocol in range(2
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """A tokenizer saved by ``Tokenizer.save`` (safetensors), or the official DALL-E ``encoder.pkl``
     (read without running code from it). Tensors are loaded on the CPU. An empty, truncated or damaged
-    file, or one with non-finite tensors, is a ``beitfast._files.FileIntegrityError`` (a ``ValueError``)."""
+    file, or one with non-finite tensors, is a ``beitfast.checkpoint.FileIntegrityError`` (a ``ValueError``)."""
     path = os.fspath(path)
     check_not_empty(path)
     if is_safetensors_file(path):

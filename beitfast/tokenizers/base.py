@@ -123,7 +123,7 @@ def is_safetensors_file(path: str | os.PathLike) -> bool:
 
 def read_tokenizer_file(path: str | os.PathLike) -> tuple[str, dict[str, torch.Tensor], dict[str, Any]]:
     """``(kind, tensors, config)`` of a file written by ``write_tokenizer_file``; ``ValueError`` if it is
-    not one, :class:`~beitfast._files.FileIntegrityError` (a ``ValueError``) if it is damaged."""
+    not one, :class:`~beitfast.checkpoint.FileIntegrityError` (a ``ValueError``) if it is damaged."""
     path = os.fspath(path)
     check_not_empty(path)
     try:

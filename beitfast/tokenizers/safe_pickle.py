@@ -12,7 +12,7 @@ pickle module whose ``find_class`` resolves only an allowlist:
 
 Any other global raises ``UnsafePickleError`` naming it, before anything is called. Both the zip
 format (``data.pkl`` plus ``data/<storage>``) and the legacy format of old ``torch.save`` are read.
-An empty, truncated or damaged file is a ``beitfast._files.FileIntegrityError`` naming it.
+An empty, truncated or damaged file is a ``beitfast.checkpoint.FileIntegrityError`` naming it.
 """
 
 from __future__ import annotations
