@@ -132,10 +132,13 @@ class TrainConfig:
             if not (isinstance(value, (str, os.PathLike)) or (optional and value is None)):
                 expected = "a path or None" if optional else "a path"
                 raise TypeError(f"{owner}: {name} must be {expected}, got {value!r}")
+        if not isinstance(self.device, (str, torch.device)):
+            raise TypeError(f"{owner}: device must be 'auto' or a torch device such as 'cpu' or 'cuda:0', "
+                            f"got {self.device!r}")
         if self.device != "auto":
             try:
                 torch.device(self.device)
-            except (RuntimeError, TypeError) as error:
+            except RuntimeError as error:
                 raise ValueError(f"{owner}: device must be 'auto' or a torch device such as 'cpu' or "
                                  f"'cuda:0', got {self.device!r} ({error})") from None
 
