@@ -275,6 +275,29 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_data(args: argparse.Namespace) -> int:
+    """``bench --data``: the input paths and the tokenizers alone, one JSON line each."""
+    from .input_bench import bench_paths, bench_tokenizers
+
+    device = resolve_device(args.device)
+    on_gpu = device.type == "cuda"
+    for row in bench_paths(batch_size=args.batch_size or 32, batches=args.steps, workers=args.data_workers,
+                           device=str(device)):
+        print(json.dumps(row), flush=True)
+    for row in bench_tokenizers(batch_size=args.batch_size or (128 if on_gpu else 2), batches=args.steps if on_gpu
+                                else 1, device=str(device)):
+        print(json.dumps(row), flush=True)
+    return 0
+
+
+def cmd_data_pack(args: argparse.Namespace) -> int:
+    from .shards import pack_shards
+
+    shards = pack_shards(args.folder, args.output, images_per_shard=args.images_per_shard, labelled=args.labelled)
+    print(f"wrote {len(shards)} shard(s) to {args.output}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.pytest:
         return subprocess.call([sys.executable, "-m", "pytest", "benchmarks", *args.pytest_args])
@@ -284,6 +307,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         table = calibrate(_device(args.device), output=args.output, warmup=args.warmup, repeats=args.steps)
         print(json.dumps({key: table[key] for key in ("gpu", "preference", "timings_ms", "skipped", "path")}))
         return 0
+    if args.data:
+        return _bench_data(args)
     from .config import BEiTConfig
     from .data import masking_for
     from .masking import MaskingGenerator
@@ -378,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "Multi-GPU: torchrun --nproc-per-node N $(which beitfast) pretrain ...",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
-                                     help="pretrain | finetune | tokenizer | bench (each has --help)")
+                                     help="pretrain | finetune | tokenizer | bench | data (each has --help)")
 
     pre = commands.add_parser(
         "pretrain", help="masked image modeling pre-training",
@@ -469,8 +494,28 @@ def build_parser() -> argparse.ArgumentParser:
                             "--steps calls) and write the dispatcher's auto order for this GPU (GPU only)")
     bench.add_argument("--output", help="with --calibrate: the table to write (default: the package's file "
                                         "for this GPU, beitfast/ops/preferences/<GPU name>.json)")
+    bench.add_argument("--data", action="store_true",
+                       help="time the input pipeline alone (today's PIL path, the fast CPU path and, on a GPU, the "
+                            "device path, on JPEGs written from the embedded photographs; --steps batches of "
+                            "--batch-size, default 32) and the tokenizers alone; one JSON line per path")
+    bench.add_argument("--data-workers", type=int,
+                       help="with --data: DataLoader processes for the total rate (default: one per CPU core)")
     bench.add_argument("pytest_args", nargs="*", help="extra pytest arguments with --pytest")
     bench.set_defaults(func=cmd_bench)
+
+    data = commands.add_parser("data", help="data sets")
+    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="ACTION",
+                                        help="pack: write an image folder as tar shards")
+    pack = data_commands.add_parser(
+        "pack", help="write an image folder as WebDataset-layout tar shards",
+        description="Copy every image of FOLDER (recursive) into tar shards OUTPUT/shard-000000.tar, ... "
+                    "(<key>.<ext>, and <key>.cls with --labelled), read by beitfast.shards.ShardedImages.")
+    pack.add_argument("folder", help="the image folder")
+    pack.add_argument("output", help="the folder to write the shards to")
+    pack.add_argument("--images-per-shard", type=int, default=1000, help="images per shard (default: 1000)")
+    pack.add_argument("--labelled", action="store_true",
+                      help="the first-level sub-folders are classes: write each image's class index")
+    pack.set_defaults(func=cmd_data_pack)
     return parser
 
 

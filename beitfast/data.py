@@ -524,8 +524,14 @@ class ClassifySample:
 
 
 def pretrain_stream(source: ImageSource, transform: TwoViewTransform, masking: dict, batch_size: int,
-                    **stream_args) -> BatchStream:
-    """Batches ``(model_views [b,3,S,S], tokenizer_views [b,3,s,s], masks [b,N] bool)``."""
+                    fast: bool = True, **stream_args) -> BatchStream:
+    """Batches ``(model_views [b,3,S,S], tokenizer_views [b,3,s,s], masks [b,N] bool)``; ``fast``: through
+    ``beitfast.pipeline.FastPretrainSample`` (same draws, small documented approximations, several
+    times faster), else ``PretrainSample`` (``transform`` itself, the official order)."""
+    if fast:
+        from .pipeline import FastPretrainSample  # pipeline builds on this module
+
+        return BatchStream(source, FastPretrainSample(transform, masking), batch_size, **stream_args)
     return BatchStream(source, PretrainSample(transform, masking), batch_size, **stream_args)
 
 

@@ -1,29 +1,31 @@
 """The fast input path of pre-training: ``TwoViewTransform``'s augmentation with the same random draws,
-restructured so that the costly work is done once, on small images, and in batches.
+restructured so that the costly work is done once, on small images.
 
 ``TwoViewTransform`` (the official order) jitters the colours of the whole decoded image, flips it,
-then crops and resizes twice. Here:
+then resamples the crop twice (224 bicubic, 112 Lanczos). ``FastTwoView`` (CPU):
 
-* the image is decoded once for both views; a JPEG is decoded at 1/2, 1/4 or 1/8 of its size in the
-  DCT domain (PIL's ``draft``) when the crop keeps at least ``reducing_gap`` times the model view's
-  side, Pillow's rule for ``thumbnail``;
-* the crop is resized first (PIL's bicubic and Lanczos filters on 8-bit pixels, ``reducing_gap``:
-  an integer box reduction first when the crop is over twice the view); the flip is applied to the
-  views (the mirrored crop, resized, then mirrored);
-* the colour jitter runs on the views of the whole batch at once: each of its operations is an
-  affine map of a pixel's RGB values (brightness ``f x``, contrast ``f x + (1 - f) m`` with ``m``
-  the grey mean of the whole image, saturation ``f x + (1 - f) grey(x)``), so a stage is one
-  batched 3x3 matrix product and a clamp to ``[0, 1]``.
+* decodes once; a JPEG at 1/2, 1/4 or 1/8 of its size in the DCT domain (PIL's ``draft``) when the
+  crop keeps at least ``reducing_gap`` times the model view's side (Pillow's rule for ``thumbnail``);
+* resamples the crop to the model view first, with torch's antialiased bicubic on 8-bit pixels (PIL's
+  filter, vectorised; the crop is cut at the box, as torchvision's ``resized_crop`` of the official
+  code does);
+* jitters the model view, not the whole image, with PIL's own operations (``apply_color_jitter``);
+  contrast blends towards the grey mean of the whole image, as the official code does;
+* makes the tokenizer view the Lanczos reduction of the jittered model view when it is at most half
+  its size (BEiT's 112 and 224; else it resamples the crop), and flips both views.
 
-Approximations, whose size tests/test_pipeline.py bounds against ``TwoViewTransform``: jitter after
-the resize differs where the official order clips values to ``[0, 255]`` before resizing; no
-rounding to 8 bits of the resized views on the tensor path; the contrast mean is estimated on a regular
-1-in-16 pixel subsample and carried through a brightness drawn before it without clipping; the
-DCT-domain and box reductions instead of a full-size resampling filter.
+Each operation of the jitter is an affine map of a pixel's RGB values (brightness ``f x``, contrast
+``f x + (1 - f) m``, saturation ``f x + (1 - f) grey(x)``) and resampling is linear, so the order
+changes results only through clipping to ``[0, 255]`` and 8-bit rounding. Approximations, whose size
+tests/test_pipeline.py bounds against ``TwoViewTransform`` per image and in distribution: that
+reordering; the contrast mean estimated on a regular 1-in-16 pixel subsample and carried through a
+brightness drawn before it without clipping; the tokenizer view reduced from the 224 bicubic view
+rather than resampled from the crop; the DCT-domain reduction of large crops.
 
-``DeviceTwoView`` runs the same augmentation as tensor code on any device (the GPU path: nvJPEG
-through ``torchvision.io.decode_jpeg``, resampling as two matrix products per view with PIL's
-filters, the same batched jitter); on CPU it is the reference the tests compare with.
+``DeviceTwoView`` runs the same augmentation as batched tensor code on any device (the GPU path:
+nvJPEG through ``torchvision.io.decode_jpeg``, resampling as two matrix products per view with PIL's
+filters, the jitter as batched 3x3 colour matrices with PIL's 8-bit truncation, ``apply_jitter``); the
+tests run it on CPU tensors.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from __future__ import annotations
 import io
 import math
 import random
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -103,6 +106,13 @@ def _grey_mean(image: Image.Image) -> float:
     return float(np.dot(ImageStat.Stat(subsample).mean, GREY_WEIGHTS))
 
 
+def _pixels(image: Image.Image) -> torch.Tensor:
+    """``[H, W, 3]`` uint8 pixels of an RGB image."""
+    with warnings.catch_warnings():  # the array is read-only (PIL's bytes); nothing writes to it
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(np.asarray(image))
+
+
 def _unflipped_box(width: int, flipped: bool, box: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
     """The crop ``(left, top, w, h)`` drawn in the flipped image, in the image as decoded."""
     left, top, w, h = box
@@ -110,10 +120,10 @@ def _unflipped_box(width: int, flipped: bool, box: tuple[int, int, int, int]) ->
 
 
 class FastTwoView:
-    """The CPU fast path of ``transform``: ``view(image, rng)`` decodes an opened (not yet decoded) PIL
-    image and returns its two views as 8-bit ``[3, S, S]`` tensors, flipped but not jittered, with the
-    jitter draws and the image's grey mean; ``finish(samples)`` jitters and normalises a batch of them
-    into ``TwoViewTransform``'s outputs ``([B, 3, S, S] normalised, [B, 3, s, s] in [0, 1])``."""
+    """The CPU fast path of ``transform`` (see the module docstring): ``view(image, rng)`` decodes an opened
+    (not yet decoded) PIL image and returns its two views, jittered and flipped, as 8-bit ``[S, S, 3]``
+    tensors; ``finish(views)`` makes a batch of them ``TwoViewTransform``'s outputs
+    ``([B, 3, S, S] normalised, [B, 3, s, s] in [0, 1])``. Raises ``DecodeError`` for a bad image."""
 
     def __init__(self, transform: TwoViewTransform, reducing_gap: float = 2.0):
         if reducing_gap < 1:
@@ -139,14 +149,16 @@ class FastTwoView:
         # A drafted image is smaller: the box, scaled, is rounded to its pixels.
         left, top, right, bottom = (round(left * sx), round(top * sy), round((left + w) * sx), round((top + h) * sy))
         grey_mean = _grey_mean(image)
+        pixels = _pixels(image)
         # torch's antialiased bicubic on 8-bit channels-last pixels computes PIL's filter, vectorised.
-        crop = torch.from_numpy(np.asarray(image)[top:bottom, left:right]).permute(2, 0, 1)[None]
+        crop = pixels[top:bottom, left:right].permute(2, 0, 1)[None]
         size = self.transform.model_size
         model_view = torch.nn.functional.interpolate(crop, size=(size, size), mode="bicubic", antialias=True)
         model_view = apply_color_jitter(Image.fromarray(model_view[0].permute(1, 2, 0).contiguous().numpy()),
                                         jitter, grey_mean)
         size = self.transform.tokenizer_size
-        if size <= self.transform.model_size:
+        # At half the model view's size or less, reducing the model view adds little blur (BEiT: 224 -> 112).
+        if 2 * size <= self.transform.model_size:
             tokenizer_view = model_view.resize((size, size), Image.Resampling.LANCZOS)
         else:
             tokenizer_view = apply_color_jitter(image.resize((size, size), Image.Resampling.LANCZOS,
@@ -154,7 +166,7 @@ class FastTwoView:
         views = (model_view, tokenizer_view)
         if flipped:
             views = (view.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for view in views)
-        return tuple(torch.from_numpy(np.asarray(view)) for view in views)
+        return tuple(_pixels(view) for view in views)
 
     @staticmethod
     def finish(samples) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,6 +227,31 @@ def resampling_matrix(in_size: int, start: float, end: float, out_size: int, kin
     return weights / weights.sum(dim=1, keepdim=True)
 
 
+def _resampling_lines(in_size: int, start: int, length: int, size: int, kind: str, device, dtype
+                      ) -> tuple[torch.Tensor, slice]:
+    """The resampling weights (built on the host: no synchronisation) restricted to the input lines the
+    filters reach, on ``device``, and those lines."""
+    weights = resampling_matrix(in_size, start, start + length, size, kind)
+    used = weights.any(0).nonzero()
+    lines = slice(int(used[0]), int(used[-1]) + 1)
+    return weights[:, lines].to(device, dtype, non_blocking=True), lines
+
+
+def resample(image: torch.Tensor, box: tuple[int, int, int, int], size: int, kind: str, flip: bool = False,
+             dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The crop ``box`` = ``(left, top, w, h)`` of an image ``[C, H, W]`` (0-255, any dtype, any device)
+    resized to ``[C, size, size]`` as PIL's ``resize(box=...)`` does: a horizontal then a vertical pass
+    of ``resampling_matrix`` weights (two matrix products), each rounded and clipped to 8 bits as PIL
+    does; ``flip`` mirrors the columns. Float ``dtype`` values."""
+    left, top, w, h = box
+    rows, row_lines = _resampling_lines(image.shape[1], top, h, size, kind, image.device, dtype)
+    cols, col_lines = _resampling_lines(image.shape[2], left, w, size, kind, image.device, dtype)
+    if flip:
+        cols = cols.flip(0)
+    horizontal = (image[:, row_lines, col_lines].to(dtype) @ cols.T).round_().clamp_(0, 255)
+    return (rows @ horizontal).round_().clamp_(0, 255)
+
+
 class DeviceTwoView:
     """``TwoViewTransform`` as batched tensor code on ``device``: ``views(encoded, rngs)`` takes encoded
     images (JPEG bytes, decoded by ``torchvision.io.decode_jpeg`` on the device, nvJPEG on a GPU) and one
@@ -240,22 +277,8 @@ class DeviceTwoView:
         except RuntimeError as error:
             raise DecodeError(f"cannot decode a JPEG of the batch: {error}") from error
 
-    def _matrix(self, in_size: int, start: int, length: int, size: int, kind: str) -> tuple[torch.Tensor, slice]:
-        """The resampling weights (built on the host, no synchronisation) restricted to the input
-        lines the filters reach, on the device, and those lines."""
-        weights = resampling_matrix(in_size, start, start + length, size, kind)
-        used = weights.any(0).nonzero()
-        lines = slice(int(used[0]), int(used[-1]) + 1)
-        return weights[:, lines].to(self.device, self.dtype, non_blocking=True), lines
-
     def _resize(self, image: torch.Tensor, box, flipped: bool, size: int, kind: str) -> torch.Tensor:
-        left, top, w, h = box
-        rows, row_lines = self._matrix(image.shape[1], top, h, size, kind)
-        cols, col_lines = self._matrix(image.shape[2], left, w, size, kind)
-        if flipped:
-            cols = cols.flip(0)
-        pixels = image[:, row_lines, col_lines].to(self.dtype)
-        return (rows @ pixels @ cols.T).clamp_(0, 255)
+        return resample(image, box, size, kind, flipped, self.dtype)
 
     def views(self, encoded: Sequence[bytes], rngs: Sequence[random.Random]) -> tuple[torch.Tensor, torch.Tensor]:
         if len(encoded) != len(rngs):

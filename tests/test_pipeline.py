@@ -1,0 +1,283 @@
+"""The fast input paths (beitfast.pipeline) against today's PIL path (TwoViewTransform): per image with
+the same random draws, and in distribution with independent ones (crop scale and aspect, flip rate,
+jitter ranges, pixel statistics); broken variants must fail the same distribution checks."""
+
+import io
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy import stats
+
+from beitfast import _ext
+from beitfast.data import (IMAGENET_MEAN, IMAGENET_STD, DecodeError, ImageFolder, ImageList, MaskingGenerator,
+                           TwoViewTransform, apply_color_jitter, batch_masks, derive_seed, embedded_photos,
+                           masking_for, pretrain_stream)
+from beitfast.pipeline import DeviceTwoView, FastTwoView, apply_jitter, jitter_stages, resample, resampling_matrix
+
+MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+
+@pytest.fixture(scope="module")
+def jpegs():
+    """The embedded photographs as JPEG bytes (longer side 160: odd sizes, crops up- and downscaled)."""
+    blobs = []
+    for image in embedded_photos(max_side=160).images:
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=92)
+        blobs.append(buffer.getvalue())
+    return blobs
+
+
+def pil_views(transform, blob, seed):
+    return transform(Image.open(io.BytesIO(blob)).convert("RGB"), random.Random(seed))
+
+
+def fast_views(transform, blob, seed, fast=None):
+    fast = fast or FastTwoView(transform)
+    model, tokenizer = fast.finish([fast.view(Image.open(io.BytesIO(blob)), random.Random(seed))])
+    return model[0], tokenizer[0]
+
+
+def levels(model_view):
+    """A normalised model view back to 0-255 pixel levels."""
+    return (model_view * STD + MEAN) * 255
+
+
+def check_against_pil_path(views, transform, jpegs, seeds):
+    """Per-view mean errors in levels of 255 against the PIL path with the same draws: each below 8, the
+    median over the photographs below 1.5. Measured here: 0.2-7.3 per view, medians 0.5-1.2; the most
+    where strong jitter clips a high-contrast image (the astronaut at contrast 1.21, saturation 1.39,
+    brightness 1.38: 4.9 levels from clipping after rather than before resampling alone). A wrong crop,
+    flip or jitter factor moves views by tens of levels."""
+    errors = []
+    for i, (blob, seed, (model, tokenizer)) in enumerate(zip(jpegs, seeds, views)):
+        reference = pil_views(transform, blob, seed)
+        assert model.shape == reference[0].shape and tokenizer.shape == reference[1].shape
+        errors.append(((levels(model) - levels(reference[0])).abs().mean(),
+                       ((tokenizer - reference[1]).abs() * 255).mean()))
+    errors = torch.tensor(errors)
+    assert (errors < 8).all() and (errors.median(dim=0).values < 1.5).all(), errors
+
+
+@pytest.mark.parametrize("sizes", [(224, 112), (48, 40), (33, 17)])
+def test_fast_path_matches_the_pil_path_per_image(jpegs, sizes):
+    """Same draws, so the same crop, flip and jitter: only the documented approximations differ."""
+    transform = TwoViewTransform(*sizes)
+    seeds = [derive_seed("per-image", i, *sizes) for i in range(len(jpegs))]
+    check_against_pil_path([fast_views(transform, blob, seed) for blob, seed in zip(jpegs, seeds)], transform,
+                           jpegs, seeds)
+
+
+def test_device_path_matches_the_pil_path_per_image(jpegs):
+    transform = TwoViewTransform(40, 24)
+    seeds = [derive_seed("device", i) for i in range(len(jpegs))]
+    model, tokenizer = DeviceTwoView(transform).views(jpegs, [random.Random(s) for s in seeds])
+    assert model.shape == (len(jpegs), 3, 40, 40) and tokenizer.shape == (len(jpegs), 3, 24, 24)
+    check_against_pil_path(list(zip(model, tokenizer)), transform, jpegs, seeds)
+
+
+@pytest.mark.parametrize("kind,pil_filter", [("bicubic", Image.Resampling.BICUBIC),
+                                             ("lanczos", Image.Resampling.LANCZOS)])
+@pytest.mark.parametrize("box,size", [((3, 5, 47, 39), 19), ((0, 0, 61, 47), 61), ((7, 2, 13, 15), 45)])
+def test_resample_is_pils_resize(kind, pil_filter, box, size):
+    """Down, same size and up, on noise (the filters' negative lobes overshoot, PIL clips each pass)."""
+    pixels = np.random.default_rng(3).integers(0, 256, (47, 61, 3), dtype=np.uint8)
+    left, top, w, h = box
+    expected = np.asarray(Image.fromarray(pixels).resize((size, size), pil_filter, box=(left, top, left + w, top + h)))
+    image = torch.from_numpy(pixels).permute(2, 0, 1)
+    got = resample(image, box, size, kind, dtype=torch.float64).permute(1, 2, 0).numpy()
+    assert np.abs(got - expected).max() <= 1  # rounding of float64 against PIL's fixed-point weights
+    assert np.abs(got - expected).mean() < 0.05
+    flipped = resample(image, box, size, kind, flip=True, dtype=torch.float64).permute(1, 2, 0).numpy()
+    assert np.array_equal(flipped, got[:, ::-1])
+    assert torch.allclose(resampling_matrix(47, top, top + h, size, kind).sum(1), torch.ones(size, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("order", [(0, 1, 2), (2, 1, 0), (1, 0, 2)])
+def test_tensor_jitter_is_pils(order):
+    """``apply_jitter`` (the device path's batched colour matrices) against PIL's ImageEnhance operations,
+    for a batch whose samples have different orders and factors, values clipping included."""
+    rng = np.random.default_rng(sum(order))
+    images = [Image.fromarray(rng.integers(0, 256, (9, 13, 3), dtype=np.uint8)) for _ in range(4)]
+    factors = [(0.6, 1.4, 0.9), (1.38, 0.63, 1.2), (1.0, 1.0, 0.61), (0.75, 1.33, 1.39)]
+    jitters = [[(op, f[op]) for op in (order if k % 2 == 0 else order[::-1])] for k, f in enumerate(factors)]
+    grey_means = [float(np.dot(np.asarray(im, dtype=np.float64).reshape(-1, 3).mean(0), (0.299, 0.587, 0.114)))
+                  for im in images]
+    expected = torch.stack([torch.from_numpy(np.asarray(apply_color_jitter(im, j, m))).permute(2, 0, 1)
+                            for im, j, m in zip(images, jitters, grey_means)]).float()
+    views = torch.stack([torch.from_numpy(np.asarray(im)).permute(2, 0, 1) for im in images]).float().contiguous()
+    got = apply_jitter(views, jitter_stages(jitters), torch.tensor(grey_means))
+    # PIL blends with its grey rounded to 8 bits, and truncates each stage: off by at most a level a stage.
+    assert (got - expected).abs().max() <= 2 and (got - expected).abs().mean() < 0.25
+
+
+def test_contrast_uses_the_whole_image_mean():
+    """A view of the dark half of an image keeps contrast around the whole image's mean, as the
+    official jitter (on the whole image) does."""
+    pixels = np.zeros((8, 16, 3), dtype=np.uint8)
+    pixels[:, 8:] = 200
+    half = Image.fromarray(pixels[:, :8].copy())
+    whole = apply_color_jitter(Image.fromarray(pixels), [(1, 0.5)])
+    view = apply_color_jitter(half, [(1, 0.5)], grey_mean=100.0)
+    assert np.array_equal(np.asarray(view), np.asarray(whole)[:, :8])
+    assert not np.array_equal(np.asarray(apply_color_jitter(half, [(1, 0.5)])), np.asarray(view))
+
+
+# -- distributions ---------------------------------------------------------------------------------
+
+SAMPLES = 300
+
+
+def coordinate_image(size=256):
+    """Red = column, green = row: a view's corner pixels reveal its crop box and flip."""
+    x = np.arange(size, dtype=np.uint8)
+    return Image.fromarray(np.stack([np.tile(x, (size, 1)), np.tile(x[:, None], (1, size)),
+                                     np.full((size, size), 128, np.uint8)], -1))
+
+
+def crop_statistics(transform_for_fast, seeds):
+    """(scale, log aspect, flipped) of each fast-path view of the coordinate image, read from its pixels."""
+    image = coordinate_image()
+    fast = FastTwoView(transform_for_fast)
+    out = []
+    for seed in seeds:
+        model, _ = fast.finish([fast.view(image, random.Random(seed))])
+        red, green = levels(model[0])[0], levels(model[0])[1]
+        # Pixel centres of the first and last columns/rows: 1/S of the crop from each other edge.
+        size = red.shape[-1]
+        w = abs(float(red[:, -1].mean() - red[:, 0].mean())) * size / (size - 1)
+        h = float(green[-1].mean() - green[0].mean()) * size / (size - 1)
+        out.append((w * h / 256**2, math.log(w / h), bool(red[:, -1].mean() < red[:, 0].mean())))
+    return np.array(out)
+
+
+def reference_crops(count, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """torchvision's RandomResizedCrop parameters, an implementation independent of ours."""
+    from torchvision.transforms import RandomResizedCrop
+
+    torch.manual_seed(1)
+    image = torch.zeros(3, 256, 256)
+    boxes = [RandomResizedCrop.get_params(image, list(scale), list(ratio)) for _ in range(count)]
+    return np.array([(h * w / 256**2, math.log(w / h)) for _, _, h, w in boxes])
+
+
+@pytest.mark.parametrize("broken", [False, True])
+def test_crop_scale_aspect_and_flip_distributions(broken):
+    """Histograms of the crop area fraction and aspect read from the fast path's outputs match
+    torchvision's RandomResizedCrop; flips happen half the time. A fast path fed a wrong scale range
+    (or never flipping) must fail the same checks."""
+    transform = TwoViewTransform(32, 16, jitter=0.0, scale=(0.3, 1.0) if broken else (0.08, 1.0), flip=not broken)
+    got = crop_statistics(transform, [derive_seed("crops", i) for i in range(SAMPLES)])
+    expected = reference_crops(2000)
+    scale_p = stats.ks_2samp(got[:, 0], expected[:, 0]).pvalue
+    aspect_p = stats.ks_2samp(got[:, 1], expected[:, 1]).pvalue
+    flip_p = stats.binomtest(int(got[:, 2].sum()), SAMPLES, 0.5).pvalue
+    passes = scale_p > 1e-3 and aspect_p > 1e-3 and flip_p > 1e-3
+    assert passes != broken, (scale_p, aspect_p, flip_p)
+
+
+def flat_colour_statistics(transform, path, seeds):
+    """Brightness and colourfulness of views of a flat reddish image: the mean level of the views (the
+    brightness factor), and (R - G) over the grey level (saturation x contrast factors)."""
+    image = Image.fromarray(np.full((40, 50, 3), (150, 90, 80), np.uint8))
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    blob = buffer.getvalue()
+    out = []
+    for seed in seeds:
+        model, _ = (pil_views if path == "pil" else fast_views)(transform, blob, seed)
+        pixels = levels(model).mean(dim=(1, 2))
+        grey = float(pixels @ torch.tensor([0.299, 0.587, 0.114]))
+        out.append((grey, float(pixels[0] - pixels[1]) / max(grey, 1.0)))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("broken", [False, True])
+def test_jitter_ranges_match_the_pil_path(broken):
+    """Independent draws: the fast path's brightness and colourfulness distributions equal the PIL path's,
+    and the brightness factor spans [0.6, 1.4]. A fast path with jitter 0.2 must fail."""
+    reference = flat_colour_statistics(TwoViewTransform(24, 12), "pil", [derive_seed("pil", i) for i in range(SAMPLES)])
+    fast_transform = TwoViewTransform(24, 12, jitter=0.2 if broken else 0.4)
+    got = flat_colour_statistics(fast_transform, "fast", [derive_seed("fast", i) for i in range(SAMPLES)])
+    p_values = [stats.ks_2samp(got[:, k], reference[:, k]).pvalue for k in range(2)]
+    base_grey = 150 * 0.299 + 90 * 0.587 + 80 * 0.114
+    spans = got[:, 0].min() / base_grey < 0.65 and got[:, 0].max() / base_grey > 1.35
+    assert (min(p_values) > 1e-3 and spans) != broken, (p_values, got[:, 0].min() / base_grey, got[:, 0].max() / base_grey)
+
+
+def pixel_statistics(path, jpegs, seeds):
+    """Per view: the mean and standard deviation of each channel's levels, model and tokenizer views."""
+    transform = TwoViewTransform(32, 16)
+    rows = []
+    for k, seed in enumerate(seeds):
+        model, tokenizer = (pil_views if path == "pil" else fast_views)(transform, jpegs[k % len(jpegs)], seed)
+        model, tokenizer = levels(model), tokenizer * 255
+        rows.append([*model.mean(dim=(1, 2)), *model.std(dim=(1, 2)), *tokenizer.mean(dim=(1, 2))])
+    return np.array(rows, dtype=np.float64)
+
+
+def test_pixel_statistics_match_the_pil_path(jpegs):
+    """Over the photographs with independent draws, the distribution of every per-view statistic
+    matches; with the same draws, each view's statistics agree closely."""
+    count = 2 * SAMPLES
+    reference = pixel_statistics("pil", jpegs, [derive_seed("stats-pil", i) for i in range(count)])
+    got = pixel_statistics("fast", jpegs, [derive_seed("stats-fast", i) for i in range(count)])
+    for k in range(reference.shape[1]):
+        assert stats.ks_2samp(got[:, k], reference[:, k]).pvalue > 1e-3, k
+    same_draws = pixel_statistics("fast", jpegs, [derive_seed("stats-pil", i) for i in range(count)])
+    assert np.abs(same_draws - reference).mean() < 1.0
+
+
+# -- streams, masks, bad input ---------------------------------------------------------------------
+
+
+def test_batch_masks_depend_on_the_position_only():
+    masking = masking_for((14, 14))
+    whole = batch_masks(masking, 3, 7, range(0, 8))
+    assert whole.shape == (8, 196) and whole.dtype == torch.bool
+    assert (whole.sum(1) <= 75).all() and (whole.sum(1) >= 16).all()
+    assert torch.equal(torch.cat([batch_masks(masking, 3, 7, range(0, 3)), batch_masks(masking, 3, 7, range(3, 8))]),
+                       whole)
+    assert not torch.equal(batch_masks(masking, 3, 8, range(0, 8)), whole)
+
+
+@pytest.mark.skipif(_ext.missing("blockwise_masks.out", "cpu") is not None, reason="beitfast._C is not built")
+def test_batch_masks_come_from_the_native_generator():
+    masking = masking_for((14, 14))
+    native = MaskingGenerator(**masking, seed=derive_seed("mask", 3, 7)).batch(8, backend="cpp")
+    assert torch.equal(batch_masks(masking, 3, 7, range(2, 8)), native[2:])
+
+
+def test_fast_stream_skips_truncated_jpegs(tmp_path, jpegs):
+    for i, blob in enumerate(jpegs[:3]):
+        (tmp_path / f"a{i}.jpg").write_bytes(blob)
+    (tmp_path / "b_truncated.jpg").write_bytes(jpegs[3][:200])
+    folder = ImageFolder(tmp_path)
+    stream = pretrain_stream(folder, TwoViewTransform(32, 16), masking_for((4, 4)), batch_size=8)
+    with pytest.warns(UserWarning, match="skipping .*b_truncated.jpg"):
+        views, tokenizer_views, masks = stream.batch(0)
+    assert folder.skipped == 1
+    assert views.shape == (8, 3, 32, 32) and tokenizer_views.shape == (8, 3, 16, 16) and masks.shape == (8, 16)
+    assert torch.isfinite(views).all() and tokenizer_views.min() >= 0 and tokenizer_views.max() <= 1
+
+
+def test_fast_stream_is_a_function_of_the_step():
+    photos = ImageList([np.random.default_rng(i).integers(0, 256, (30 + i, 41, 3), dtype=np.uint8) for i in range(5)])
+    stream = pretrain_stream(photos, TwoViewTransform(16, 8), masking_for((2, 2)), batch_size=4, seed=2)
+    assert all(torch.equal(a, b) for a, b in zip(stream.batch(3), stream.batch(3)))
+    assert not torch.equal(stream.batch(3)[0], stream.batch(4)[0])
+
+
+def test_bad_arguments(jpegs):
+    with pytest.raises(ValueError, match="reducing_gap must be >= 1, got 0.5"):
+        FastTwoView(TwoViewTransform(), reducing_gap=0.5)
+    with pytest.raises(ValueError, match="2 images but 1 random generators"):
+        DeviceTwoView(TwoViewTransform(16, 8)).views(jpegs[:2], [random.Random(0)])
+    with pytest.raises(DecodeError):
+        truncated = Image.open(io.BytesIO(jpegs[0][:len(jpegs[0]) // 2]))  # the header is whole
+        FastTwoView(TwoViewTransform(16, 8)).view(truncated, random.Random(0))
