@@ -1,13 +1,32 @@
 """Shared set-up of the benchmark suites (``pytest benchmarks/``).
 
-* Benchmarks marked ``@pytest.mark.gpu`` are skipped where there is no CUDA device (``beitfast.testing``).
-* ``record_result(name, **fields)`` saves one measured row to ``results/<name>_<gpu>.json`` when the
-  run has a GPU (kernel timings on CPU mean nothing) and returns it either way.
-* ``measure(fn, repeats=20, warmup=5)`` times a GPU callable with CUDA events:
-  ``(milliseconds per call, peak bytes allocated above what was allocated before)``.
+Options:
+
+* ``--smoke``: tiny shapes on the CPU, so the suites run end to end anywhere (``tests/test_bench_smoke.py``
+  does, inside ``make test``). Timings then mean nothing: rows are written only to ``--results-dir``
+  when one is given, never to ``benchmarks/results/``.
+* ``--profile``: every benchmark that measures also writes a ``torch.profiler`` trace
+  (``<test>.trace.json``, Chrome/Perfetto), its top ops (``<test>.kernels.txt``) and the time by
+  region (``<test>.regions.json``, see :mod:`beitfast.profiling`) to ``<results dir>/profiles/``.
+* ``--results-dir``: where result rows go (default ``benchmarks/results``).
+
+Fixtures:
+
+* ``bench_device``: ``cuda``; ``cpu`` under ``--smoke``; otherwise the benchmark is skipped without a GPU.
+  Suites that cannot run tiny on a CPU carry ``@pytest.mark.gpu`` instead (skipped without a GPU).
+* ``smoke``: whether ``--smoke`` is on.
+* ``record_result(name, **fields)`` saves one measured row to ``<results>/<name>_<gpu>.json`` when
+  the run has a GPU (kernel timings on CPU mean nothing) and returns it either way.
+* ``record_cpu_result(name, **fields)`` saves to ``<results>/<name>_cpu.json``, for the few genuine
+  CPU benchmarks (mask generation).
+* ``measure(fn, repeats=20, warmup=5, trials=5)``: ``(median milliseconds per call, peak bytes
+  allocated above what was allocated before)``, timed by :func:`beitfast.calibrate.time_trials`
+  (CUDA events). The first measurement of a test also goes to pytest-benchmark (one round per trial),
+  so ``--benchmark-json`` / ``--benchmark-compare`` compare runs over time; with ``--profile`` it
+  is profiled too.
 * ``training_modes(forward, params)`` gives the ``fwd``, ``bwd`` and ``fwd+bwd`` callables of an op.
-* ``record_cpu_result(name, **fields)`` saves to ``results/<name>_cpu.json``, for the few genuine CPU
-  benchmarks (mask generation).
+* ``report_trials(benchmark, ms_per_trial, **extra)``: hands trial times measured elsewhere (a
+  subprocess) to pytest-benchmark.
 
 A row holds the fields, the test id, the machine (GPU or CPU model), the versions of Python, torch,
 triton and CUDA, the date and the git commit. A file keeps one row per test id: a rerun replaces the
@@ -20,6 +39,8 @@ import datetime
 import json
 import os
 import platform
+import re
+import statistics
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -28,11 +49,43 @@ import pytest
 import torch
 
 from beitfast._files import write_atomically
-from beitfast.calibrate import cuda_event_timer, git_commit
+from beitfast.calibrate import git_commit, time_trials
 from beitfast.ops.dispatch import gpu_slug
 
 HAS_GPU = torch.cuda.is_available()
 RESULTS = Path(__file__).parent / "results"
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("beitfast benchmarks")
+    group.addoption("--smoke", action="store_true",
+                    help="tiny shapes on the CPU: the suites run end to end, the timings mean nothing")
+    group.addoption("--profile", action="store_true",
+                    help="write a torch.profiler trace, a top-ops table and the time by region per benchmark")
+    group.addoption("--results-dir", default=None,
+                    help="where result rows (and profiles) go; default benchmarks/results")
+
+
+def results_dir(config) -> Path | None:
+    """Where rows go: ``--results-dir``, else ``benchmarks/results`` except in smoke mode (nowhere)."""
+    given = config.getoption("--results-dir")
+    if given:
+        return Path(given)
+    return None if config.getoption("--smoke") else RESULTS
+
+
+@pytest.fixture
+def smoke(request) -> bool:
+    return request.config.getoption("--smoke")
+
+
+@pytest.fixture
+def bench_device(request) -> torch.device:
+    if HAS_GPU:
+        return torch.device("cuda")
+    if request.config.getoption("--smoke"):
+        return torch.device("cpu")
+    pytest.skip("needs a CUDA device (or --smoke: tiny shapes on the CPU, no timing claims)")
 
 
 def _cpu_model() -> str:
@@ -65,6 +118,7 @@ def machine(device_type: str) -> dict[str, Any]:
 
 
 def _save(path: Path, row: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     rows = json.loads(path.read_text()) if path.exists() else []
     rows = [r for r in rows if r.get("test") != row["test"]] + [row]
     # An interrupted run must not leave a torn results file that every later run fails to parse.
@@ -72,14 +126,19 @@ def _save(path: Path, row: dict[str, Any]) -> None:
 
 
 def _recorder(request, cpu_benchmark: bool) -> Callable[..., dict[str, Any]]:
+    folder = results_dir(request.config)
+    smoke_run = request.config.getoption("--smoke")
+
     def record(name: str, **fields: Any) -> dict[str, Any]:
         on_gpu = HAS_GPU and not cpu_benchmark
-        row = {"benchmark": name, **fields, "test": request.node.nodeid,
+        row = {"benchmark": name, **fields, "test": request.node.nodeid, "smoke": smoke_run,
                **machine("cuda" if on_gpu else "cpu")}
-        if cpu_benchmark:
-            _save(RESULTS / f"{gpu_slug(name)}_cpu.json", row)
+        if folder is None:
+            return row
+        if cpu_benchmark or smoke_run:
+            _save(folder / f"{gpu_slug(name)}_cpu.json", row)
         elif on_gpu:
-            _save(RESULTS / f"{gpu_slug(name)}_{gpu_slug(row['gpu'])}.json", row)
+            _save(folder / f"{gpu_slug(name)}_{gpu_slug(row['gpu'])}.json", row)
         return row
 
     return record
@@ -97,20 +156,72 @@ def record_cpu_result(request) -> Callable[..., dict[str, Any]]:
     return _recorder(request, cpu_benchmark=True)
 
 
-def _measure(fn: Callable[[], Any], repeats: int = 20, warmup: int = 5) -> tuple[float, int]:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    ms = cuda_event_timer(warmup=0, repeats=repeats)(fn)
-    return ms, torch.cuda.max_memory_allocated() - base
+def _report_trials(benchmark, ms_per_trial: list[float], **extra: Any) -> None:
+    """Give pytest-benchmark one round per trial, in seconds (its unit), from times measured with our
+    timer: its own clock would time host launches, not the GPU."""
+    benchmark.extra_info.update(extra)
+    if benchmark.disabled or benchmark.stats is not None:  # once per test: the first measurement
+        return
+    benchmark._mode = "beitfast measure"  # refuse a second use, as benchmark(...) itself does
+    stats = benchmark._make_stats(1)
+    for ms in ms_per_trial:
+        stats.update(ms / 1e3)
 
 
 @pytest.fixture
-def measure() -> Callable[..., tuple[float, int]]:
-    """``measure(fn, repeats=20, warmup=5)``: (milliseconds per call, peak bytes above the start)."""
-    return _measure
+def report_trials(benchmark) -> Callable[..., None]:
+    """``report_trials(ms_per_trial, **extra)``: hand trial times measured elsewhere to pytest-benchmark."""
+    return lambda ms_per_trial, **extra: _report_trials(benchmark, ms_per_trial, **extra)
+
+
+def profile_name(nodeid: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.+-]+", "_", nodeid.split("::", 1)[-1]).strip("_")
+
+
+@pytest.fixture
+def profile_dir(request, tmp_path_factory) -> Path | None:
+    """``<results dir>/profiles`` under ``--profile`` (a temporary folder in smoke mode without a
+    results dir), else None."""
+    if not request.config.getoption("--profile"):
+        return None
+    folder = results_dir(request.config)
+    if folder is None:
+        folder = tmp_path_factory.mktemp("benchmark-results")
+    return folder / "profiles"
+
+
+@pytest.fixture
+def measure(request, benchmark, bench_device, profile_dir) -> Callable[..., tuple[float, int]]:
+    """``measure(fn, repeats=20, warmup=5, trials=5)``: (median milliseconds per call, peak bytes
+    above the start); trials, median and spread go to pytest-benchmark (first call of a test)."""
+    calls = []
+
+    def run(fn: Callable[[], Any], repeats: int = 20, warmup: int = 5, trials: int = 5) -> tuple[float, int]:
+        on_gpu = bench_device.type == "cuda"
+        if request.config.getoption("--smoke"):
+            repeats, warmup, trials = 1, 1, 2
+        for _ in range(warmup):
+            fn()
+        base = 0
+        if on_gpu:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        times = time_trials(fn, trials, repeats, device_type=bench_device.type)
+        peak = torch.cuda.max_memory_allocated() - base if on_gpu else 0
+        median = statistics.median(times)
+        calls.append(1)
+        label = f"measure_{len(calls)}"
+        _report_trials(benchmark, times, **{f"{label}_median_ms": median, f"{label}_min_ms": min(times),
+                                            f"{label}_max_ms": max(times)})
+        if profile_dir is not None:
+            from beitfast.profiling import profile_calls
+
+            name = profile_name(request.node.nodeid) + (f"-{len(calls)}" if len(calls) > 1 else "")
+            profile_calls(fn, 3, profile_dir, name, bench_device.type)
+        return median, peak
+
+    return run
 
 
 def _training_modes(forward: Callable[[], torch.Tensor], params: list[torch.Tensor]) -> list[tuple[str, Callable]]:
