@@ -314,7 +314,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lm_cross_
       using in_t = scalar_t;
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(), "scatter_rows_out", [&] {
         scatter_rows_kernel<in_t, scalar_t><<<blocks, row_threads(dim), 0, stream>>>(
-            chunk_rows.const_data_ptr<in_t>(), source, count, rows, first, dim, grad_hidden.mutable_data_ptr<scalar_t>());
+            chunk_rows.const_data_ptr<in_t>(), source, count, rows, first, dim,
+            grad_hidden.mutable_data_ptr<scalar_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });

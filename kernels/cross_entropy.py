@@ -262,6 +262,11 @@ def _hidden_grad_kernel(
              mask=row_ok[:, None] & d_ok[None, :])
 
 
+def _tiles(m: int, n: int):
+    """The grid of a GEMM with an ``[m, n]`` output: output-column tiles vary fastest."""
+    return lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]))
+
+
 def _input_precision(compute_dtype: torch.dtype) -> str:
     if compute_dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
@@ -298,7 +303,8 @@ def lm_cross_entropy_chunked(
     grad_hidden = torch.zeros(B, N, D, device=device, dtype=hidden.dtype) if with_grad else empty
     # fp32 accumulators; for fp32 parameters they are the gradients themselves.
     grad_weight = torch.zeros(V, D, device=device, dtype=torch.float32) if with_grad else empty
-    grad_bias = torch.zeros(V, device=device, dtype=torch.float32) if with_grad and bias is not None else empty
+    with_bias_grad = with_grad and bias is not None
+    grad_bias = torch.zeros(V, device=device, dtype=torch.float32) if with_bias_grad else empty
     if R == 0:
         return loss, hits, grad_hidden, grad_weight.to(weight.dtype), grad_bias.to(_dtype_of(bias))
 
@@ -322,7 +328,7 @@ def lm_cross_entropy_chunked(
             hidden, source, count, rows, first, rows_here, D, N, stride_hb, stride_hn, stride_hd,
             HAS_SRC=source_rows is not None, BLOCK_R=32, BLOCK_D=min(triton.next_power_of_2(D), 128),
         )
-        _logits_kernel[lambda meta: (triton.cdiv(V, meta["BLOCK_N"]), triton.cdiv(rows_here, meta["BLOCK_M"]))](
+        _logits_kernel[_tiles(rows_here, V)](
             rows, weight_c, bias_c if bias_c is not None else weight_c, logits, count, first, rows_here, V, D,
             HAS_BIAS=bias is not None, INPUT_PRECISION=precision,
         )
@@ -332,11 +338,11 @@ def lm_cross_entropy_chunked(
         )
         if not with_grad:
             continue
-        _weight_grad_kernel[lambda meta: (triton.cdiv(D, meta["BLOCK_N"]), triton.cdiv(V, meta["BLOCK_M"]))](
-            logits, rows, grad_weight, grad_bias if bias is not None else grad_weight, count, first, rows_here,
-            V, D, HAS_BIAS=bias is not None, INPUT_PRECISION=precision,
+        _weight_grad_kernel[_tiles(V, D)](
+            logits, rows, grad_weight, grad_bias if bias is not None else grad_weight, count, first,
+            rows_here, V, D, HAS_BIAS=bias is not None, INPUT_PRECISION=precision,
         )
-        _hidden_grad_kernel[lambda meta: (triton.cdiv(D, meta["BLOCK_N"]), triton.cdiv(rows_here, meta["BLOCK_M"]))](
+        _hidden_grad_kernel[_tiles(rows_here, D)](
             logits, weight_c, grad_hidden, source, count, first, rows_here, V, D, N,
             grad_hidden.stride(0), grad_hidden.stride(1),
             HAS_SRC=source_rows is not None, INPUT_PRECISION=precision,

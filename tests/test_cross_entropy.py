@@ -380,7 +380,7 @@ def _chunked_stand_in(hidden, weight, bias, row_labels, source_rows, row_count, 
     grad_hidden = torch.zeros(B * N, D, dtype=hidden.dtype)
     grad_hidden[source] = (dlogits.to(compute_dtype) @ weight_c).to(hidden.dtype)
     grad_weight = (dlogits.to(compute_dtype).float().t() @ rows.float()).to(weight.dtype)
-    grad_bias = dlogits.sum(0).to(bias.dtype) if bias is not None else hidden.new_empty(0, dtype=torch.float32)
+    grad_bias = dlogits.sum(0).to(bias.dtype) if bias is not None else torch.empty(0)
     return loss, hits, grad_hidden.view(B, N, D), grad_weight, grad_bias
 
 

@@ -217,7 +217,8 @@ def plan_rows(labels: Tensor, mask: Tensor | None, ignore_index: int, vocab: int
     order = torch.argsort(~selected, stable=True)
     if labels.dim() == 1:
         row_labels = labels.long()
-        return RowPlan(row_labels, order[: labels.shape[0]], counted_labels(row_labels, ignore_index, vocab), None)
+        counted = counted_labels(row_labels, ignore_index, vocab)
+        return RowPlan(row_labels, order[: labels.shape[0]], counted, None)
     row_count = selected.sum()
     live = torch.arange(order.shape[0], device=order.device) < row_count
     row_labels = torch.where(live, labels.reshape(-1)[order].long(), ignore_index)
@@ -284,7 +285,8 @@ def _finish(loss_rows: Tensor, hits: Tensor, plan: RowPlan, reduction: str):
 # the chunked op with the incoming per-row gradients as the row scales.
 
 
-def _chunked(backend, hidden, weight, bias, row_labels, source_rows, row_count, row_scale, ignore_index, dtype):
+def _chunked(backend, hidden, weight, bias, row_labels, source_rows, row_count, row_scale, ignore_index,
+             dtype):
     """``lm_cross_entropy_chunked`` of ``backend`` on an ``[M, D]`` or ``[B, N, D]`` hidden: per-row loss
     and hits, and with ``row_scale`` the gradients of ``sum(row_scale * loss_rows)`` (else empty)."""
     h3 = hidden if hidden.dim() == 3 else hidden.unsqueeze(0)
