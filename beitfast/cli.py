@@ -160,6 +160,7 @@ def _summary(trainer, records: list[dict], window: int = 10) -> str:
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from .config import BEiTConfig
+    from .data import masking_for
     from .tokenizers import load_tokenizer
     from .tokenizers.base import check_patch_size
     from .train import CHECKPOINT_NAME, METRICS_NAME, PLOT_NAME, pretraining_trainer
@@ -185,26 +186,28 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         _log(f"tokenizer: {tokenizer_path} (from the run being resumed)")
     # One token per patch: the model's patch grid follows a given tokenizer, a k-means tokenizer to be
     # fitted follows the model, and a contradiction set explicitly is refused before any work.
-    if tokenizer is not None:
-        grid, source_of_grid = tokenizer.input_size // tokenizer.patch_size, f"the tokenizer {tokenizer_file}"
-        if "img_size" not in given:
-            args.img_size = grid * args.patch_size
-    else:
-        if "tokenizer_size" not in given:
-            args.tokenizer_size = args.img_size // args.patch_size * args.tokenizer_patch_size
-        check_patch_size(args.tokenizer_size, args.tokenizer_patch_size, "--tokenizer-size/--tokenizer-patch-size")
-        grid, source_of_grid = args.tokenizer_size // args.tokenizer_patch_size, "--tokenizer-size / --tokenizer-patch-size"
+    if tokenizer is not None and "img_size" not in given:
+        args.img_size = tokenizer.grid_size * args.patch_size
     preset = getattr(BEiTConfig, args.model)
     overrides = {"depth": args.depth} if args.depth else {}
     config = preset(img_size=args.img_size, patch_size=args.patch_size,
                     vocab_size=tokenizer.vocab_size if tokenizer is not None else args.vocab_size,
                     drop_path_rate=args.drop_path, kernels=args.kernels, **overrides)
+    if tokenizer is not None:
+        grid, source_of_grid = tokenizer.grid_size, f"the tokenizer {tokenizer_file}"
+    else:
+        source_of_grid = "--tokenizer-size/--tokenizer-patch-size"
+        if "tokenizer_size" not in given:
+            args.tokenizer_size = config.grid[0] * args.tokenizer_patch_size
+        check_patch_size(args.tokenizer_size, args.tokenizer_patch_size, source_of_grid)
+        grid = args.tokenizer_size // args.tokenizer_patch_size
     if config.grid != (grid, grid):
         raise CommandError(
             f"{source_of_grid} gives a {grid}x{grid} token grid but the model's patch grid is "
             f"{config.grid[0]}x{config.grid[1]} (--img-size {args.img_size} / --patch-size {args.patch_size}); "
             f"every patch needs one token: use --img-size {grid * args.patch_size} or leave the sizes unset"
         )
+    masking_for(config.grid, args.mask_ratio)  # checks --mask-ratio now
     train_config = _train_config(args, str(output))
     _check_run_paths(args, output)
     source = _image_source(args.data)

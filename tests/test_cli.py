@@ -134,7 +134,10 @@ def test_tokenizer_train_then_pretrain_with_it(tmp_path, capsys):
     # A k-means tokenizer to be fitted follows the model's grid unless its size is given.
     assert main(["pretrain", "--img-size", "24", "--patch-size", "4", "--tokenizer-size", "16", "--steps", "1",
                  "--output", str(other), *TINY_MODEL]) == 2
-    one_line_error(capsys, "--tokenizer-size / --tokenizer-patch-size", "4x4", "6x6")
+    one_line_error(capsys, "--tokenizer-size/--tokenizer-patch-size", "4x4", "6x6")
+    assert not other.exists()
+    assert main(["pretrain", "--mask-ratio", "1.5", "--steps", "1", "--output", str(other), *TINY_MODEL]) == 2
+    one_line_error(capsys, "mask_ratio must be in (0, 1)")
     assert not other.exists()
 
 
