@@ -1,14 +1,32 @@
 #!/usr/bin/env bash
-# One call on a lent GPU machine: build, GPU tests (bf16 included), benchmarks, results.
-# The machine has torch + triton + nvcc + timm + transformers but no internet; peers that are pure
-# Python (liger-kernel, cut-cross-entropy) travel as wheels in .whl/ (see DEVELOPERS.md).
+# One call on a lent GPU machine, under 8 minutes: build, the step benchmark (one process per variant,
+# BEiT-B batch 128, profiled), the op benchmarks at BEiT-B sizes while time remains, the README
+# table, and benchmarks/results/ copied to $OUT.
 #   device run: bash benchmarks/gpu_check.sh        (carry: .whl)
-# Results land in benchmarks/results/ and, when $OUT is set, are copied there to come back.
+# The machine has torch + triton + nvcc + timm + transformers but no internet; pure-Python peers
+# (liger-kernel, cut-cross-entropy, torchao) travel as wheels in .whl/ (see DEVELOPERS.md).
+# BUDGET_S (default 470) bounds the whole run: a phase that would start too late is skipped and
+# logged, never cut half way. GPU_CHECK_TESTS=1 also runs the GPU tests (they need more time).
+# Not run yet on a GPU: the phase durations below are estimates, not measurements.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/beitfast-gpu-check}
+BUDGET_S=${BUDGET_S:-470}
+START=$(date +%s)
 mkdir -p "$OUT"
-log() { echo "== $*" | tee -a "$OUT/log"; }
+log() { echo "== [$(( $(date +%s) - START )) s] $*" | tee -a "$OUT/log"; }
+left() { echo $(( BUDGET_S - ($(date +%s) - START) )); }
+# run_phase NAME NEEDED_S COMMAND...: runs COMMAND under the remaining time if NEEDED_S remain.
+run_phase() {
+    local name=$1 needed=$2
+    shift 2
+    if (( $(left) < needed )); then
+        log "skipped $name: $(left) s left, it needs about $needed s"
+        return
+    fi
+    log "$name"
+    timeout --signal=INT "$(left)" "$@" 2>&1 | tail -40 | tee -a "$OUT/log"
+}
 
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -18,16 +36,26 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$
 python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" | tee -a "$OUT/log"
 
 log "build"
-start=$(date +%s)
 BEITFAST_CUDA_ARCHS=${BEITFAST_CUDA_ARCHS:-90a} MAX_JOBS=${MAX_JOBS:-16} \
     python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -20 | tee -a "$OUT/log"
-log "build took $(( $(date +%s) - start )) s"
 
-log "tests (GPU: triton kernels compiled, CUDA backends, bf16)"
-python3 -m pytest tests -q -p no:cacheprovider 2>&1 | tail -40 | tee -a "$OUT/log"
+BENCH="python3 -m pytest -q -p no:cacheprovider --profile --benchmark-json"
+# The step: the fast path first, then each baseline eager and compiled, then our other variants.
+for variant in beitfast hf-sdpa hf-sdpa-compiled timm timm-compiled beitfast-unfused beitfast-fp8 beitfast-compiled; do
+    run_phase "step $variant" 60 $BENCH "$OUT/step-$variant.benchmark.json" \
+        "benchmarks/test_step_bench.py::test_pretrain_step[$variant-base-128]"
+done
+run_phase "patch embedding" 30 $BENCH "$OUT/patch_embed.benchmark.json" benchmarks/test_patch_embed_bench.py \
+    -k "224 and autocast"
+run_phase "cross-entropy" 40 $BENCH "$OUT/cross_entropy.benchmark.json" benchmarks/test_cross_entropy_bench.py \
+    -k "128 and 768"
+run_phase "attention" 40 $BENCH "$OUT/attention.benchmark.json" benchmarks/test_attention_bench.py -k "beit-b-224"
+run_phase "masking" 20 $BENCH "$OUT/masking.benchmark.json" benchmarks/test_masking_bench.py
+if [[ "${GPU_CHECK_TESTS:-0}" == 1 ]]; then
+    run_phase "tests (GPU: triton kernels compiled, CUDA backends, bf16)" 120 python3 -m pytest tests -q -p no:cacheprovider
+fi
 
-log "benchmarks"
-python3 -m pytest benchmarks -q -p no:cacheprovider ${BENCH_ARGS:-} 2>&1 | tail -60 | tee -a "$OUT/log"
-
+python3 benchmarks/make_tables.py 2>&1 | tee -a "$OUT/log"
+cp README.md "$OUT/"
 cp -r benchmarks/results "$OUT/" 2>/dev/null || true
 log "done"
