@@ -281,3 +281,58 @@ def test_bad_arguments(jpegs):
     with pytest.raises(DecodeError):
         truncated = Image.open(io.BytesIO(jpegs[0][:len(jpegs[0]) // 2]))  # the header is whole
         FastTwoView(TwoViewTransform(16, 8)).view(truncated, random.Random(0))
+
+
+# -- tokenizers on the device ----------------------------------------------------------------------
+
+
+def test_dalle_bfloat16_tokens_agree_with_float32():
+    """The encoder's body in bfloat16 (channels-last; the default on CUDA, asked for here on CPU) against
+    float32, on augmented views of the photographs. With random weights the logits are nearly flat, so
+    near-ties flip: every disagreement must be a near-tie of the float32 logits, and the tokens whose
+    float32 margin exceeds 2% of the logits' spread must agree at >= 99.5%."""
+    from beitfast.data import tokenizer_views
+    from beitfast.tokenizers import DalleTokenizer
+    from beitfast.tokenizers.dvae import map_pixels
+
+    tokenizer = DalleTokenizer(n_hid=32, n_blk_per_group=1, vocab_size=256, input_size=32)
+    views = torch.cat(list(tokenizer_views(embedded_photos(96), 24, 32, seed=1)))
+    tokenizer.precision = "fp32"
+    exact = tokenizer.tokenize(views)
+    assert torch.equal(exact, tokenizer.encoder(map_pixels(views)).argmax(1))
+    tokenizer.precision = "bf16"
+    reduced = tokenizer.tokenize(views)
+    assert reduced.shape == exact.shape == (24, 4, 4) and reduced.dtype == torch.long
+    logits = tokenizer.encoder(map_pixels(views)).detach()
+    top = logits.topk(2, dim=1).values
+    margin = (top[:, 0] - top[:, 1]) / logits.std()
+    disagree = reduced != exact
+    assert disagree.float().mean() < 0.1
+    assert (margin[disagree] < 0.05).all()
+    clear = margin >= 0.02
+    assert (~disagree[clear]).float().mean() >= 0.995
+    tokenizer.precision = "fp16"
+    with pytest.raises(ValueError, match="precision must be one of"):
+        tokenizer.tokenize(views)
+
+
+def test_kmeans_tokens_are_the_nearest_centroids_in_float64():
+    """The k-means tokenizer's single GEMM + argmax against a float64 brute-force argmin of distances."""
+    from beitfast.tokenizers import KMeansTokenizer
+    from beitfast.tokenizers.kmeans import normalized_patches
+
+    generator = torch.Generator().manual_seed(4)
+    tokenizer = KMeansTokenizer(torch.randn(300, 3 * 4 * 4, generator=generator), patch_size=4, input_size=20)
+    images = torch.rand(7, 3, 20, 20, generator=generator)
+    tokens = tokenizer.tokenize(images)
+    patches = images.double().reshape(7, 3, 5, 4, 5, 4).permute(0, 2, 4, 1, 3, 5).reshape(7 * 25, 48)
+    patches = (patches - patches.mean(1, keepdim=True)) / (patches.var(1, unbiased=False, keepdim=True)
+                                                            + tokenizer.contrast_floor ** 2).sqrt()
+    assert torch.allclose(patches, normalized_patches(images, 4, tokenizer.contrast_floor).flatten(0, 1).double(),
+                          atol=1e-5)
+    distances = torch.cdist(patches, tokenizer.centroids.double())
+    best = distances.min(dim=1).values
+    chosen = distances.gather(1, tokens.flatten()[:, None]).squeeze(1)
+    assert tokens.shape == (7, 5, 5)
+    assert torch.allclose(chosen, best, rtol=0, atol=1e-4)  # equal, or a tie within float32 rounding
+    assert (tokens.flatten() == distances.argmin(dim=1)).float().mean() > 0.99

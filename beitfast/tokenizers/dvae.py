@@ -187,9 +187,23 @@ class DalleTokenizer(Tokenizer):
         check_contents(path, state_dict, None)  # a foreign file: no checksum to verify
         return cls.from_state_dict(state_dict, input_size=input_size)
 
+    # "auto": bfloat16 on CUDA, the weights' dtype elsewhere; "bf16" or "fp32" to choose.
+    precision = "auto"
+    PRECISIONS = ("auto", "bf16", "fp32")
+
     def _tokenize(self, images: torch.Tensor) -> torch.Tensor:
-        logits = self.encoder(map_pixels(images.to(self.encoder.blocks.input.w.dtype)))
-        return logits.argmax(dim=1)
+        if self.precision not in self.PRECISIONS:
+            raise ValueError(f"DalleTokenizer: precision must be one of {self.PRECISIONS}, got {self.precision!r}")
+        weights_dtype = self.encoder.blocks.input.w.dtype
+        reduced = self.precision == "bf16" or (self.precision == "auto" and images.is_cuda
+                                               and weights_dtype == torch.float32)
+        if not reduced:
+            return self.encoder(map_pixels(images.to(weights_dtype))).argmax(dim=1)
+        # The body in bfloat16 on channels-last tensors (tensor cores, cuDNN's NHWC convolutions); the
+        # encoder's output conv and the argmax stay float32 (see DalleEncoder.forward).
+        pixels = map_pixels(images.float()).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(images.device.type, dtype=torch.bfloat16):
+            return self.encoder(pixels).argmax(dim=1)
 
     def _file_contents(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         config = {"input_size": self.input_size}
