@@ -32,6 +32,8 @@ from beitfast.train import TrainConfig
 SETTINGS = settings(derandomize=True, database=None, deadline=None, max_examples=60,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 FEW = settings(SETTINGS, max_examples=25)
+# Per (argument, spoil) pair, each a test case of its own: a few random shapes.
+EACH = settings(SETTINGS, max_examples=5)
 
 
 def refused(call, name: str, error=(TypeError, ValueError)) -> str:
@@ -345,11 +347,11 @@ CALL_SHAPES = dict(seed=st.integers(0, 2 ** 31), batch=st.integers(1, 3),
                    dtype=st.sampled_from([torch.float32, torch.float64, torch.float16]))
 
 
-@SETTINGS
+@pytest.mark.parametrize("arg", ["images", "weight", "bias", "mask", "mask_token", "cls_token", "pos_embed"])
+@pytest.mark.parametrize("how", TENSOR_SPOILS + ["missing"])
+@EACH
 @given(**CALL_SHAPES, grid=st.tuples(st.integers(1, 3), st.integers(1, 3)), patch=st.integers(1, 4),
-       dim=st.integers(1, 9), arg=st.sampled_from(["images", "weight", "bias", "mask", "mask_token", "cls_token",
-                                                   "pos_embed"]),
-       how=st.sampled_from(TENSOR_SPOILS + ["missing"]))
+       dim=st.integers(1, 9))
 def test_masked_patch_embed_refuses_each_spoilt_argument(seed, batch, dtype, grid, patch, dim, arg, how):
     call = patch_embed_call(torch.Generator().manual_seed(seed), batch, grid, patch, dim, dtype)
     out = ops.masked_patch_embed(**call)
@@ -387,9 +389,10 @@ def attention_call(gen, batch, heads, n, head_dim, dtype):
                 rel_index=torch.randint(0, rows, (n, n), generator=gen))
 
 
-@SETTINGS
-@given(**CALL_SHAPES, heads=st.integers(1, 3), n=st.integers(1, 7), head_dim=st.integers(1, 9),
-       arg=st.sampled_from(["q", "k", "v", "bias_table", "rel_index"]), how=st.sampled_from(TENSOR_SPOILS))
+@pytest.mark.parametrize("arg", ["q", "k", "v", "bias_table", "rel_index"])
+@pytest.mark.parametrize("how", TENSOR_SPOILS)
+@EACH
+@given(**CALL_SHAPES, heads=st.integers(1, 3), n=st.integers(1, 7), head_dim=st.integers(1, 9))
 def test_rel_pos_attention_refuses_each_spoilt_argument(seed, batch, dtype, heads, n, head_dim, arg, how):
     call = attention_call(torch.Generator().manual_seed(seed), batch, heads, n, head_dim, dtype)
     assert ops.rel_pos_attention(**call).shape == (batch, heads, n, head_dim)
@@ -416,9 +419,10 @@ def cross_entropy_call(gen, batch, n, dim, vocab, dtype, masked: bool):
                 bias=torch.randn(vocab, generator=gen, dtype=dtype), labels=labels, mask=mask)
 
 
-@SETTINGS
-@given(**CALL_SHAPES, n=st.integers(1, 6), dim=st.integers(1, 9), vocab=st.integers(2, 12), masked=st.booleans(),
-       arg=st.sampled_from(["hidden", "weight", "bias", "labels", "mask"]), how=st.sampled_from(TENSOR_SPOILS))
+@pytest.mark.parametrize("arg", ["hidden", "weight", "bias", "labels", "mask"])
+@pytest.mark.parametrize("how", TENSOR_SPOILS)
+@EACH
+@given(**CALL_SHAPES, n=st.integers(1, 6), dim=st.integers(1, 9), vocab=st.integers(2, 12), masked=st.booleans())
 def test_masked_lm_cross_entropy_refuses_each_spoilt_argument(seed, batch, dtype, n, dim, vocab, masked, arg,
                                                               how):
     call = cross_entropy_call(torch.Generator().manual_seed(seed), batch, n, dim, vocab, dtype, masked)
@@ -489,10 +493,10 @@ def test_not_a_tensor_where_a_tensor_belongs_is_a_type_error(model, tokenizers, 
 
 # -- the model ---------------------------------------------------------------------------------------
 
-@FEW
-@given(seed=st.integers(0, 2 ** 31), batch=st.integers(1, 3),
-       arg=st.sampled_from(["images", "bool_masked_pos", "labels"]),
-       how=st.sampled_from(["list", "numpy", "scalar", "dtype", "rank", "size"]))
+@pytest.mark.parametrize("arg", ["images", "bool_masked_pos", "labels"])
+@pytest.mark.parametrize("how", ["list", "numpy", "scalar", "dtype", "rank", "size"])
+@EACH
+@given(seed=st.integers(0, 2 ** 31), batch=st.integers(1, 3))
 def test_model_refuses_each_spoilt_argument(model, seed, batch, arg, how):
     gen = torch.Generator().manual_seed(seed)
     call = dict(images=torch.randn(batch, 3, 16, 16, generator=gen),
@@ -514,9 +518,10 @@ def test_model_accepts_numpy_integer_sizes():
 
 # -- tokenizers --------------------------------------------------------------------------------------
 
-@FEW
-@given(which=st.integers(0, 1), batch=st.integers(1, 2),
-       how=st.sampled_from(["list", "numpy", "scalar", "dtype", "rank", "size", "channels"]))
+@pytest.mark.parametrize("which", [0, 1])
+@pytest.mark.parametrize("how", ["list", "numpy", "scalar", "dtype", "rank", "size", "channels"])
+@EACH
+@given(batch=st.integers(1, 2))
 def test_tokenize_refuses_spoilt_images(tokenizers, which, batch, how):
     tokenizer = tokenizers[which]
     images = torch.rand(batch, 3, 16, 16)

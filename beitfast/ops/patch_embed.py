@@ -81,10 +81,9 @@ def _validate(images, weight, bias, patch_size, mask, mask_token, cls_token, pos
             f"{name}: weight must be [D, C={C}, {p}, {p}] for {C}-channel images and patch {p}, "
             f"got {tuple(weight.shape)}"
         )
-    if H < p or W < p:
-        raise ValueError(f"{name}: image size {H}x{W} is smaller than one {p}x{p} patch")
-    if H % p or W % p:
-        raise ValueError(f"{name}: image size {H}x{W} is not divisible by patch_size {p}")
+    if H < p or W < p or H % p or W % p:
+        raise ValueError(f"{name}: images must be [B, C, H, W] with H and W positive multiples of patch_size; "
+                         f"image size {H}x{W} is not divisible by patch_size {p}")
     D = weight.shape[0]
     N = (H // p) * (W // p)
     if bias is not None and tuple(bias.shape) != (D,):
