@@ -1,0 +1,99 @@
+"""The benchmark suites run end to end on the CPU in smoke mode (tiny shapes, no timing claims), so
+they cannot rot: ``pytest benchmarks --smoke --profile`` passes, writes rows only where it is told,
+profiles every measured benchmark (trace, top ops, time by region) and reports to pytest-benchmark.
+The README's step table is what ``benchmarks/make_tables.py`` makes of the recorded results."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _make_tables():
+    spec = importlib.util.spec_from_file_location("make_tables", BENCHMARKS / "make_tables.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _listing(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*")}
+
+
+@pytest.mark.slow
+def test_benchmarks_run_in_smoke_mode(tmp_path):
+    results = tmp_path / "results"
+    before = _listing(BENCHMARKS / "results")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # as a user runs it
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", str(BENCHMARKS), "--smoke", "--profile", "--results-dir", str(results),
+         "--benchmark-json", str(tmp_path / "benchmark.json"), "-q", "-p", "no:cacheprovider", "-x"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-3000:]
+    assert _listing(BENCHMARKS / "results") == before  # a smoke run never touches the recorded results
+
+    steps = json.loads((results / "pretrain_step_cpu.json").read_text())
+    ran = {row["variant"] for row in steps}
+    assert {"beitfast", "beitfast-compiled", "hf-sdpa", "hf-sdpa-compiled", "timm", "timm-compiled"} <= ran
+    for row in steps:
+        assert row["smoke"] and row["loss_ok"] and row["trials"] == len(row["step_ms_per_trial"]) == 2
+        regions = row["regions_ms"]
+        assert set(regions) == {"optimizer", "data", "patch embedding", "loss", "attention", "linear GEMMs",
+                                "elementwise"}
+        assert regions["optimizer"] > 0 and regions["linear GEMMs"] > 0 and sum(regions.values()) > 0
+        trace = json.loads(Path(row["profile_trace"]).read_text())
+        assert trace["traceEvents"]
+    profiles = {p.name for p in (results / "profiles").iterdir()}
+    assert "step-beitfast-beit-smoke-b4.kernels.txt" in profiles
+    assert any(name.startswith("test_patch_embed_eager") and name.endswith(".trace.json") for name in profiles)
+
+    benchmarks = json.loads((tmp_path / "benchmark.json").read_text())["benchmarks"]
+    names = {b["name"] for b in benchmarks}
+    assert "test_pretrain_step[beitfast-base-128]" in names and "test_masking_cpu[python]" in names
+    step = next(b for b in benchmarks if b["name"] == "test_pretrain_step[beitfast-base-128]")
+    assert step["stats"]["rounds"] == 2  # one round per trial, in seconds
+    row = next(r for r in steps if r["variant"] == "beitfast")
+    assert step["stats"]["min"] == pytest.approx(min(row["step_ms_per_trial"]) / 1e3)
+
+
+def step_row(variant, images_per_s, **extra):
+    return {"benchmark": "pretrain_step", "variant": variant, "model": "beit-base", "batch": 128, "trials": 5,
+            "steps_per_trial": 30, "images_per_s": images_per_s, "images_per_s_min": images_per_s - 10,
+            "images_per_s_max": images_per_s + 10, "step_ms": 128e3 / images_per_s, "peak_memory_bytes": 3 * 2**30,
+            "mfu": 0.42, "first_loss": 9.01, "loss_ok": True, "gpu": "NVIDIA H200", "date": "2026-11-28T15:00:00",
+            "commit": "0123456789abcdef", "smoke": False, **extra}
+
+
+def test_make_tables_fills_the_readme_from_results(tmp_path):
+    tables = _make_tables()
+    (tmp_path / "results").mkdir()
+    rows = [step_row("hf-sdpa", 900.0), step_row("beitfast", 1500.0, mfu=None)]
+    (tmp_path / "results" / "pretrain_step_nvidia_h200.json").write_text(json.dumps(rows))
+    smoke = [step_row("beitfast", 1.0, smoke=True, gpu=None)]
+    (tmp_path / "results" / "pretrain_step_cpu.json").write_text(json.dumps(smoke))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n\n{tables.BEGIN}\nold\n{tables.END}\n\nafter\n")
+    args = ["--results", str(tmp_path / "results"), "--readme", str(readme)]
+    assert tables.main([*args, "--check"]) == 1
+    assert tables.main(args) == 0 and tables.main([*args, "--check"]) == 0
+    text = readme.read_text()
+    assert text.startswith("# title\n") and text.endswith("\n\nafter\n") and "old" not in text
+    lines = [line for line in text.splitlines() if line.startswith("| ")]
+    assert lines[1].startswith("| beitfast | 1500 (1490-1510) | 85.3 | 3.0 | n/a |")  # fastest first
+    assert lines[2].startswith("| hf-sdpa | 900 (890-910) | 142.2 | 3.0 | 42.0% | 9.01 ok |")
+    assert "NVIDIA H200" in text and "2026-11-28" in text and "01234567" in text
+    assert text.count("| beitfast |") == 1  # the smoke row is not tabled
+    readme.write_text("no markers\n")
+    with pytest.raises(ValueError, match="marker"):
+        tables.main(args)
+
+
+def test_readme_step_table_matches_the_results():
+    assert _make_tables().main(["--check"]) == 0, "run python benchmarks/make_tables.py"
