@@ -100,6 +100,28 @@ def test_environment_typos_are_errors_listing_the_known_names(toy_op, monkeypatc
         run(toy_op, None, torch.zeros(2))
 
 
+def test_set_preference_refuses_what_would_never_apply(toy_op):
+    for device_type in ("gpu", "cuda:0", None):
+        with pytest.raises(ValueError, match=rf"device_type must be a torch device type .*, got {device_type!r}"):
+            dispatch.set_preference(toy_op, device_type, ["plain"])
+    with pytest.raises(TypeError, match="order must be a list of toy backend names, got 'plain'"):
+        dispatch.set_preference(toy_op, "cpu", "plain")
+    with pytest.raises(ValueError, match="unknown op"):
+        dispatch.set_preference(["toy"], "cpu", ["plain"])
+    assert dispatch.preference(toy_op, "cpu")[:3] == ["fast", "picky", "plain"]
+
+
+def test_misspelt_checks_switch_is_an_error(monkeypatch):
+    """BEITFAST_CHECKS=true used to leave the value checks off on CUDA, silently."""
+    for value in ("0", "1", ""):
+        monkeypatch.setenv("BEITFAST_CHECKS", value)
+        assert dispatch.may_inspect_values(torch.zeros(3))
+        assert not dispatch.may_inspect_values(torch.zeros(0))
+    monkeypatch.setenv("BEITFAST_CHECKS", "true")
+    with pytest.raises(ValueError, match="BEITFAST_CHECKS='true': must be 1 .*, 0 or unset"):
+        dispatch.may_inspect_values(torch.zeros(3))
+
+
 def test_backend_argument_must_be_a_name(toy_op):
     with pytest.raises(TypeError, match=r"backend must be None, 'auto' or a toy backend name .*, got \['fast'\]"):
         run(toy_op, ["fast"], torch.zeros(2))

@@ -146,11 +146,23 @@ def preference(op: str, device_type: str) -> list[str]:
 def set_preference(op: str, device_type: str, order: list[str]) -> None:
     """Replace the auto preference of ``op`` on ``device_type`` (fastest first)."""
     _known_op(op)
+    if not isinstance(device_type, str) or _device_type(device_type) != device_type:
+        raise ValueError(f"set_preference: device_type must be a torch device type such as 'cuda' or 'cpu' "
+                         f"(no index), got {device_type!r}")
+    if not isinstance(order, (list, tuple)) or not all(isinstance(n, str) for n in order):
+        raise TypeError(f"set_preference: order must be a list of {op} backend names, got {order!r}")
     unknown = [n for n in order if n not in _REGISTRY[op]]
     if unknown:
         raise ValueError(f"set_preference: unknown {op} backends {unknown}; known: {backends(op)}")
     _PREFERENCE.setdefault(op, {})[device_type] = list(order)
     _SET_BY_USER.add((op, device_type))
+
+
+def _device_type(name: str) -> str | None:
+    try:
+        return torch.device(name).type
+    except RuntimeError:
+        return None
 
 
 def gpu_slug(device_name: str) -> str:
@@ -220,7 +232,7 @@ def _read_cuda_table(device: torch.device) -> None:
 
 
 def _known_op(op: str) -> None:
-    if op not in _REGISTRY:
+    if not isinstance(op, str) or op not in _REGISTRY:
         raise ValueError(f"unknown op {op!r}; known ops: {sorted(_REGISTRY)}")
 
 
@@ -323,6 +335,10 @@ def triton_device_reasons(device: torch.device, *dtypes: torch.dtype) -> Reasons
 def may_inspect_values(t: torch.Tensor) -> bool:
     """Value checks need the data on the host: free on CPU, a sync on CUDA (opt in with
     BEITFAST_CHECKS=1), and never inside torch.compile."""
-    if torch.compiler.is_compiling() or t.numel() == 0:
+    if torch.compiler.is_compiling():
         return False
-    return t.device.type == "cpu" or os.environ.get("BEITFAST_CHECKS") == "1"
+    # Read whatever the device, so that a misspelt value is an error on CPU already.
+    checks = os.environ.get("BEITFAST_CHECKS", "").strip()
+    if checks not in ("", "0", "1"):
+        raise ValueError(f"BEITFAST_CHECKS={checks!r}: must be 1 (check values on CUDA too), 0 or unset")
+    return t.numel() > 0 and (t.device.type == "cpu" or checks == "1")
