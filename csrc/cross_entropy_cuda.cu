@@ -4,7 +4,7 @@
 // from their implementations, never traced, so it needs no fake kernel of its own). The Triton backend
 // (kernels/cross_entropy.py) is the same design with the same contract.
 //
-// Rows go in chunks of about a 32nd of R (rows_per_chunk). Per chunk:
+// Rows go in chunks of a 12th of R, or a 32nd when R is an upper bound (rows_per_chunk). Per chunk:
 //   gather the rows of hidden (any strides) into a [C, D] buffer in the compute dtype
 //   -> cuBLAS GEMM (+ bias) into a [C, V] logits buffer in the compute dtype (as the eager linear)
 //   -> one block per row: max, log-sum-exp, loss, argmax hit, and (when gradients are asked) the
@@ -40,8 +40,10 @@ namespace {
 constexpr int kCopyThreads = 128;
 constexpr int kRowThreads = 256;
 constexpr int kWarps = kRowThreads / 32;
-// Chunks per call and the smallest chunk, as in kernels/cross_entropy.py (rows_per_chunk).
-constexpr int64_t kChunks = 32;
+// Chunks per call (exact row count or upper bound) and the smallest chunk, as in
+// kernels/cross_entropy.py (rows_per_chunk).
+constexpr int64_t kChunksExact = 12;
+constexpr int64_t kChunksUpperBound = 32;
 constexpr int64_t kMinChunkRows = 64;
 
 // Where row r of the plan lies in hidden [B, N, D].
@@ -194,8 +196,9 @@ void accumulate_weight_grad(at::Tensor& grad_weight, const at::Tensor& dlogits, 
   }
 }
 
-int64_t rows_per_chunk(int64_t rows) {
-  return std::min(rows, std::max(kMinChunkRows, rows / kChunks / kMinChunkRows * kMinChunkRows));
+int64_t rows_per_chunk(int64_t rows, bool upper_bound) {
+  const int64_t chunks = upper_bound ? kChunksUpperBound : kChunksExact;
+  return std::min(rows, std::max(kMinChunkRows, rows / chunks / kMinChunkRows * kMinChunkRows));
 }
 
 unsigned int row_threads(int64_t dim) {
@@ -270,7 +273,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lm_cross_
 
   const RowSource source{sources.has_value() ? sources->const_data_ptr<int64_t>() : nullptr, hidden.size(1),
                          hidden.stride(0), hidden.stride(1), hidden.stride(2)};
-  const int64_t chunk = rows_per_chunk(rows);
+  const int64_t chunk = rows_per_chunk(rows, row_count.has_value());
   const auto compute = hidden.options().dtype(compute_dtype);
   at::Tensor row_buffer = at::empty({chunk, dim}, compute);
   at::Tensor logits_buffer = at::empty({chunk, vocab}, compute);

@@ -12,7 +12,7 @@ device scalar: only rows ``r < row_count`` exist. ``R`` is then an upper bound (
 and every kernel reads the count and leaves at once past it: no host sync, and chunks past the count
 cost a launch each, not a GEMM.
 
-Per chunk of ``C`` rows (``rows_per_chunk``):
+Per chunk of ``C`` rows (``rows_per_chunk``: a 12th of the rows, or a 32nd of an upper bound):
 
 1. gather: the chunk's rows of ``hidden`` (any strides and dtype) into a ``[C, D]`` buffer in the
    compute dtype, so every GEMM below reads contiguous 16-bit tiles (no cast per tile);
@@ -45,17 +45,20 @@ import triton
 import triton.language as tl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# Chunks per call: the logits buffer is 1/CHUNKS of the rows' logits. Masked BEiT selects 75 of 196
-# rows, so with an upper bound of B * N rows a chunk holds ~8% of the counted rows' logits, in the
-# compute dtype, against the eager float32 (plus 16-bit) logits: within the goal of a tenth.
-CHUNKS = 32
+# Chunks per call. With an exact row count a chunk's logits are a 12th of the rows' logits; with an
+# upper bound (B * N rows for a mask), a 32nd of the bound's: still under a tenth of the counted rows'
+# logits when at least ~30% of the rows are selected (BEiT masks 75 of 196). Both sit under the goal of
+# a tenth of the eager logits (float32, plus the 16-bit copy under autocast) with the other buffers.
+CHUNKS_EXACT = 12
+CHUNKS_UPPER_BOUND = 32
 # Smallest chunk, in rows: one GEMM tile row at least.
 MIN_CHUNK_ROWS = 64
 _SMEM_BYTES = 160 * 1024  # what a config may use: under sm_80's 163 KB (and sm_90's 227 KB)
 
 
-def rows_per_chunk(rows: int) -> int:
-    return max(MIN_CHUNK_ROWS, rows // CHUNKS // MIN_CHUNK_ROWS * MIN_CHUNK_ROWS)
+def rows_per_chunk(rows: int, upper_bound: bool) -> int:
+    chunks = CHUNKS_UPPER_BOUND if upper_bound else CHUNKS_EXACT
+    return min(rows, max(MIN_CHUNK_ROWS, rows // chunks // MIN_CHUNK_ROWS * MIN_CHUNK_ROWS))
 
 
 def _gemm_configs():
@@ -315,7 +318,7 @@ def lm_cross_entropy_chunked(
     source = source_rows if source_rows is not None else row_labels
     scale = row_scale.contiguous() if with_grad else loss
     scale_stride = 1 if with_grad and row_scale.numel() > 1 else 0
-    chunk = min(rows_per_chunk(R), R)
+    chunk = rows_per_chunk(R, upper_bound=row_count is not None)
     rows = torch.empty(chunk, D, device=device, dtype=compute_dtype)
     logits = torch.empty(chunk, V, device=device, dtype=compute_dtype)
     precision = _input_precision(compute_dtype)

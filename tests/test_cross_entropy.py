@@ -286,24 +286,28 @@ def test_allocated_bytes_sees_a_temporary():
 
 
 @pytest.mark.skipif(HAS_GPU, reason="CPU accounting; the GPU test measures the CUDA allocator")
-@pytest.mark.parametrize("dtype, autocast", [
-    (torch.float32, torch.float16),  # the model: fp32 hidden and weight under 16-bit autocast
-    (torch.float16, None),
-    (torch.float32, None),
-], ids=["fp32-autocast-fp16", "fp16", "fp32"])
-def test_triton_extra_memory_under_a_tenth_of_the_logits(dtype, autocast, monkeypatch):
+@pytest.mark.parametrize("dtype, autocast, gathered", [
+    (torch.float32, torch.float16, False),  # the model: fp32 hidden and weight under 16-bit autocast
+    (torch.float16, None, False),
+    (torch.float32, None, False),
+    (torch.float16, None, True),  # pre-gathered rows: the exact row count, bigger chunks
+], ids=["fp32-autocast-fp16", "fp16", "fp32", "fp16-gathered"])
+def test_triton_extra_memory_under_a_tenth_of_the_logits(dtype, autocast, gathered, monkeypatch):
     from beitfast.kernels import cross_entropy as kernels
 
     for name in dir(kernels):
         if name.endswith("_kernel"):
             monkeypatch.setattr(getattr(kernels, name), "run", lambda *args, **kwargs: None)
     B, N, D, V, masked = 128, 196, 768, 8192, 75
-    hidden = torch.randn(B, N, D, dtype=dtype, requires_grad=True)
-    weight = torch.randn(V, D, dtype=dtype, requires_grad=True)
-    bias = torch.randn(V, dtype=dtype, requires_grad=True)
     mask = torch.zeros(B, N, dtype=torch.bool)
     mask[:, torch.randperm(N)[:masked]] = True
     labels = torch.randint(0, V, (B, N))
+    hidden = torch.randn(B, N, D, dtype=dtype)
+    if gathered:
+        hidden, labels, mask = hidden[mask], labels[mask], None
+    hidden.requires_grad_(True)
+    weight = torch.randn(V, D, dtype=dtype, requires_grad=True)
+    bias = torch.randn(V, dtype=dtype, requires_grad=True)
     context = torch.autocast("cpu", dtype=autocast) if autocast else contextlib.nullcontext()
     with AllocatedBytes() as mode, context:
         loss = masked_lm_cross_entropy(hidden, weight, bias, labels, mask, backend="triton")
