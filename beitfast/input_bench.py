@@ -9,9 +9,9 @@ ImageNet's typical 500x375), read from a folder as in training. Paths:
 * ``device-<type>``: ``DeviceTwoView`` on the device (nvJPEG and matrix-product resampling on a GPU),
   fed the encoded files; measured on a GPU only unless asked for (on CPU it is a test reference).
 
-``images_per_s_per_core`` is measured in this process with one thread; ``images_per_s`` with
-``workers`` DataLoader processes of one thread each (the host paths), or as the per-core rate for the
-device path, whose host side is this one thread.
+``images_per_s_per_core`` is measured in this process with one thread, the host paths timed batch by
+batch in turn; ``images_per_s`` with ``workers`` DataLoader processes of one thread each (the host
+paths), or as the per-core rate for the device path, whose host side is this one thread.
 """
 
 from __future__ import annotations
@@ -47,20 +47,27 @@ def _one_thread(worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
-def _stream_rates(stream: BatchStream, batches: int, workers: int) -> tuple[float, float]:
-    """(images/s in this process with one thread, images/s with ``workers`` DataLoader processes)."""
+def _per_core_rates(streams: list[BatchStream], batches: int) -> list[float]:
+    """Images/s of each stream in this process with one thread, timed batch by batch in turn so that a
+    change of the machine's load affects every path alike."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    seconds = [0.0] * len(streams)
     try:
-        stream.batch(0)  # warm-up: lazy imports, first allocations
-        started = time.perf_counter()
+        for stream in streams:
+            stream.batch(0)  # warm-up: lazy imports, first allocations
         for step in range(1, batches + 1):
-            stream.batch(step)
-        per_core = batches * stream.local_batch_size / (time.perf_counter() - started)
+            for k, stream in enumerate(streams):
+                started = time.perf_counter()
+                stream.batch(step)
+                seconds[k] += time.perf_counter() - started
     finally:
         torch.set_num_threads(threads)
-    if workers <= 1:
-        return per_core, per_core
+    return [batches * stream.local_batch_size / s for stream, s in zip(streams, seconds)]
+
+
+def _total_rate(stream: BatchStream, batches: int, workers: int) -> float:
+    """Images/s of ``workers`` DataLoader processes of one thread each."""
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
                                          worker_init_fn=_one_thread, prefetch_factor=2)
     iterator = iter(loader)
@@ -69,9 +76,9 @@ def _stream_rates(stream: BatchStream, batches: int, workers: int) -> tuple[floa
     started = time.perf_counter()
     for _ in range(batches * workers):
         next(iterator)
-    total = batches * workers * stream.local_batch_size / (time.perf_counter() - started)
+    rate = batches * workers * stream.local_batch_size / (time.perf_counter() - started)
     del iterator
-    return per_core, total
+    return rate
 
 
 def _device_rate(folder: Path, transform: TwoViewTransform, device: torch.device, batch_size: int,
@@ -109,9 +116,10 @@ def bench_paths(batch_size: int = 32, batches: int = 4, workers: int | None = No
         folder = Path(folder)
         write_jpegs(folder, max_side=max_side)
         source = ImageFolder(folder)
-        for path, sample in (("pil", PretrainSample(transform, masking)),
-                             ("fast-cpu", FastPretrainSample(transform, masking))):
-            per_core, total = _stream_rates(BatchStream(source, sample, batch_size), batches, workers)
+        paths = {"pil": PretrainSample(transform, masking), "fast-cpu": FastPretrainSample(transform, masking)}
+        streams = [BatchStream(source, sample, batch_size) for sample in paths.values()]
+        for path, stream, per_core in zip(paths, streams, _per_core_rates(streams, batches)):
+            total = _total_rate(stream, batches, workers) if workers > 1 else per_core
             rows.append({"path": path, "images_per_s": total, "images_per_s_per_core": per_core,
                          "workers": workers})
         if device_path if device_path is not None else device.type == "cuda":

@@ -10,7 +10,8 @@ then resamples the crop twice (224 bicubic, 112 Lanczos). ``FastTwoView`` (CPU):
   filter, vectorised; the crop is cut at the box, as torchvision's ``resized_crop`` of the official
   code does);
 * jitters the model view, not the whole image, with PIL's own operations (``apply_color_jitter``);
-  contrast blends towards the grey mean of the whole image, as the official code does;
+  contrast blends towards the grey mean of the whole image, as the official code does (an image
+  smaller than the view is jittered whole, first, as in the official order);
 * makes the tokenizer view the Lanczos reduction of the jittered model view when it is at most half
   its size (BEiT's 112 and 224; else it resamples the crop), and flips both views.
 
@@ -148,11 +149,14 @@ class FastTwoView:
         sx, sy = image.width / width, image.height / height
         # A drafted image is smaller: the box, scaled, is rounded to its pixels.
         left, top, right, bottom = (round(left * sx), round(top * sy), round((left + w) * sx), round((top + h) * sy))
-        grey_mean = _grey_mean(image)
+        size = self.transform.model_size
+        # Jitter whichever has fewer pixels: the view, or (the official order) the whole image.
+        if image.width * image.height <= size * size:
+            image, jitter = apply_color_jitter(image, jitter), []
+        grey_mean = _grey_mean(image) if jitter else None
         pixels = _pixels(image)
         # torch's antialiased bicubic on 8-bit channels-last pixels computes PIL's filter, vectorised.
         crop = pixels[top:bottom, left:right].permute(2, 0, 1)[None]
-        size = self.transform.model_size
         model_view = torch.nn.functional.interpolate(crop, size=(size, size), mode="bicubic", antialias=True)
         model_view = apply_color_jitter(Image.fromarray(model_view[0].permute(1, 2, 0).contiguous().numpy()),
                                         jitter, grey_mean)
