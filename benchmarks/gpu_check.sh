@@ -40,10 +40,13 @@ BEITFAST_CUDA_ARCHS=${BEITFAST_CUDA_ARCHS:-90a} MAX_JOBS=${MAX_JOBS:-16} \
     python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -20 | tee -a "$OUT/log"
 
 BENCH="python3 -m pytest -q -p no:cacheprovider --profile --benchmark-json"
-# The step: the fast path first, then each baseline eager and compiled, then our other variants.
-for variant in beitfast hf-sdpa hf-sdpa-compiled timm timm-compiled beitfast-unfused beitfast-fp8 beitfast-compiled; do
-    run_phase "step $variant" 60 $BENCH "$OUT/step-$variant.benchmark.json" \
-        "benchmarks/test_step_bench.py::test_pretrain_step[$variant-base-128]"
+STEP="benchmarks/test_step_bench.py::test_pretrain_step"
+# The fast path with fp8 in one session (the fp8 loss curve is compared with the bf16 one), then each
+# baseline eager and compiled, then our other variants.
+run_phase "step beitfast, beitfast-fp8" 120 $BENCH "$OUT/step-beitfast.benchmark.json" \
+    "$STEP[beitfast-base-128]" "$STEP[beitfast-fp8-base-128]"
+for variant in hf-sdpa hf-sdpa-compiled timm timm-compiled beitfast-unfused beitfast-compiled; do
+    run_phase "step $variant" 60 $BENCH "$OUT/step-$variant.benchmark.json" "$STEP[$variant-base-128]"
 done
 run_phase "patch embedding" 30 $BENCH "$OUT/patch_embed.benchmark.json" benchmarks/test_patch_embed_bench.py \
     -k "224 and autocast"

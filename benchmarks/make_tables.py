@@ -54,6 +54,8 @@ def step_tables(rows: list[dict]) -> str:
             memory = _cell(row["peak_memory_bytes"] / 2**30 if row.get("peak_memory_bytes") else None, ".1f")
             mfu = _cell(row["mfu"] * 100 if row.get("mfu") is not None else None, ".1f")
             loss = f"{row['first_loss']:.2f} {'ok' if row['loss_ok'] else 'WRONG'}"
+            if row.get("loss_gap_vs_bf16_max") is not None:  # fp8: its loss curve against beitfast's
+                loss += f"; curve within {row['loss_gap_vs_bf16_max'] * 100:.1f}% of bf16"
             parts.append(f"| {row['variant']} | {images} | {row['step_ms']:.1f} | {memory} | "
                          f"{mfu}{'%' if mfu != 'n/a' else ''} | {loss} |")
         parts.append("")

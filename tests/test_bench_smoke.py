@@ -74,7 +74,8 @@ def step_row(variant, images_per_s, **extra):
 def test_make_tables_fills_the_readme_from_results(tmp_path):
     tables = _make_tables()
     (tmp_path / "results").mkdir()
-    rows = [step_row("hf-sdpa", 900.0), step_row("beitfast", 1500.0, mfu=None)]
+    rows = [step_row("hf-sdpa", 900.0), step_row("beitfast", 1500.0, mfu=None),
+            step_row("beitfast-fp8", 1800.0, loss_gap_vs_bf16_max=0.0123)]
     (tmp_path / "results" / "pretrain_step_nvidia_h200.json").write_text(json.dumps(rows))
     smoke = [step_row("beitfast", 1.0, smoke=True, gpu=None)]
     (tmp_path / "results" / "pretrain_step_cpu.json").write_text(json.dumps(smoke))
@@ -86,8 +87,9 @@ def test_make_tables_fills_the_readme_from_results(tmp_path):
     text = readme.read_text()
     assert text.startswith("# title\n") and text.endswith("\n\nafter\n") and "old" not in text
     lines = [line for line in text.splitlines() if line.startswith("| ")]
-    assert lines[1].startswith("| beitfast | 1500 (1490-1510) | 85.3 | 3.0 | n/a |")  # fastest first
-    assert lines[2].startswith("| hf-sdpa | 900 (890-910) | 142.2 | 3.0 | 42.0% | 9.01 ok |")
+    assert lines[1].endswith("| 9.01 ok; curve within 1.2% of bf16 |")  # fastest first
+    assert lines[2].startswith("| beitfast | 1500 (1490-1510) | 85.3 | 3.0 | n/a |")
+    assert lines[3].startswith("| hf-sdpa | 900 (890-910) | 142.2 | 3.0 | 42.0% | 9.01 ok |")
     assert "NVIDIA H200" in text and "2026-11-28" in text and "01234567" in text
     assert text.count("| beitfast |") == 1  # the smoke row is not tabled
     readme.write_text("no markers\n")
