@@ -7,7 +7,8 @@ Two cases at BEiT pre-training shapes (75 of 196 patches masked per image, V = 8
   bf16 weight and bias; the gather happens outside the timed region (peers need it, ours do not).
   Contestants: our ``triton`` and ``cuda`` backends, ``eager`` (gather-free linear + cross-entropy),
   ``eager-compiled`` (the same under ``torch.compile``), Liger's ``LigerFusedLinearCrossEntropyLoss``
-  and Cut Cross-Entropy's ``linear_cross_entropy``, each at its defaults.
+  and Cut Cross-Entropy's ``linear_cross_entropy``, each at its defaults, and Liger with fp32
+  gradient accumulation (our precision).
 * ``model``: what ``beitfast.BEiT`` really passes: the fp32 ``x[:, 1:]`` view of the final norm's
   ``[B, 197, D]`` output, the fp32 ``lm_head`` weight and bias, ``[B, N]`` labels and the mask, under bf16
   autocast; the selection of the masked rows is part of the timed call (``eager`` pays ``x[mask]``).
@@ -43,11 +44,13 @@ PRECISION = {
     "eager-compiled": "eager under torch.compile (inductor may fuse the softmax into fewer passes)",
     "liger": "defaults (accum_dtype=None): logits chunks in the input dtype, softmax in fp32, dW and db "
              "summed over chunks in the weight's dtype (bf16 here)",
+    "liger-fp32-accum": "liger with accum_dtype=torch.float32: dW and db summed in fp32, as ours",
     "cut-cross-entropy": "defaults (filter_eps='auto'): gradient blocks whose softmax is below a "
                          "dtype-based threshold are skipped (approximate gradients)",
 }
-PEER_PACKAGES = {"liger": "liger-kernel", "cut-cross-entropy": "cut-cross-entropy"}
-GATHERED = ["triton", "cuda", "eager", "eager-compiled", "liger", "cut-cross-entropy"]
+PEER_PACKAGES = {"liger": "liger-kernel", "liger-fp32-accum": "liger-kernel",
+                 "cut-cross-entropy": "cut-cross-entropy"}
+GATHERED = ["triton", "cuda", "eager", "eager-compiled", "liger", "liger-fp32-accum", "cut-cross-entropy"]
 MODEL = ["triton", "cuda", "eager"]
 
 
@@ -60,12 +63,16 @@ def _version(package: str) -> str | None:
 
 def gathered_loss(contestant: str):
     """``fn(rows, weight, bias, labels) -> mean loss`` on gathered rows, or why it cannot run here."""
-    if contestant == "liger":
+    if contestant.startswith("liger"):
         try:
             from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
         except ImportError as error:
             return f"liger-kernel is not importable ({error})"
-        liger = LigerFusedLinearCrossEntropyLoss()
+        try:
+            liger = LigerFusedLinearCrossEntropyLoss(
+                **({"accum_dtype": torch.float32} if contestant == "liger-fp32-accum" else {}))
+        except TypeError as error:
+            return f"this liger-kernel has no fp32 accumulation option ({error})"
         return lambda h, w, b, y: liger(w, h, y, b)
     if contestant == "cut-cross-entropy":
         try:
