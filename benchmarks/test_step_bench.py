@@ -79,8 +79,8 @@ def step_flops(config, batch: int, lm_rows_per_image: int) -> float:
 
     Per layer and token: qkv 3D^2, proj D^2, MLP 2 * mlp_ratio * D^2 multiply-adds; attention scores
     and values 2 * N * D per token; the patch projection C p^2 D per patch (forward and weight
-    gradient only: the images need no gradient); the LM head D V per predicted row (Hugging Face
-    predicts every patch, we only the masked ones: each is charged what it computes usefully).
+    gradient only: the images need no gradient); the LM head D V per masked row (the useful work:
+    Hugging Face computes logits for every patch, but is charged, like us, for the masked ones).
     """
     D, L = config.embed_dim, config.depth
     N = config.num_patches + 1
@@ -194,8 +194,8 @@ def run_variant(variant: str, size: str, batch: int, trials: int, steps: int, de
         model, loss_fn, details = build(variant, config, device, smoke)
     except (ImportError, ValueError) as error:  # a missing package, fp8 off Hopper: the reason is the row
         return {"skipped": f"{variant}: {error}"}
-    inputs = make_batch(config, batch, device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, fused=True)
+    except torch.OutOfMemoryError:
+        return {"skipped": f"{variant} BEiT-{size} does not fit"}
     losses: list[torch.Tensor] = []
 
     def step():
@@ -209,6 +209,8 @@ def run_variant(variant: str, size: str, batch: int, trials: int, steps: int, de
         losses.append(loss.detach())  # no host synchronisation inside the timed region
 
     try:
+        inputs = make_batch(config, batch, device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, fused=True)
         times = time_trials(step, trials, steps, warmup=WARMUP_STEPS, device_type=device.type)
     except torch.OutOfMemoryError:
         return {"skipped": f"{variant} BEiT-{size} batch {batch} does not fit"}
@@ -229,8 +231,7 @@ def run_variant(variant: str, size: str, batch: int, trials: int, steps: int, de
     if device.type == "cuda":
         gpu = torch.cuda.get_device_name(device)
         peak_fl = peak_flops(gpu)
-        rows_per_image = config.num_patches if variant.startswith("hf") else inputs["mask"].sum(1).float().mean().item()
-        flops = step_flops(config, batch, rows_per_image)
+        flops = step_flops(config, batch, inputs["mask"].sum(1).float().mean().item())
         row.update(gpu=gpu, model_flops_per_step=flops, peak_bf16_flops=peak_fl,
                    mfu=flops / (median_ms / 1e3) / peak_fl if peak_fl else None)
     if profile_dir is not None:
