@@ -1,9 +1,10 @@
 """Files that are never left half-written and never read back damaged.
 
 Writes are atomic (:func:`write_atomically`). Every checkpoint and tokenizer file records a SHA-256
-of its contents (:func:`content_digest`), which readers verify, and readers refuse non-finite
-floating-point tensors (both in :func:`check_contents`); files without a digest (foreign ones,
-or written by an older beitfast) get the finiteness check only. Every problem is a
+of its contents (:func:`content_digest`: tensors, config and other values), which readers verify, and
+readers refuse non-finite floating-point tensors (:func:`check_contents` for ``torch.save`` payloads,
+:func:`check_safetensors`); files without a digest (foreign ones, or written by an older beitfast) get
+the finiteness check only. Every problem is a
 :class:`FileIntegrityError` naming the file and what failed.
 """
 
@@ -23,7 +24,8 @@ import torch
 
 __all__ = [
     "FileIntegrityError", "write_atomically", "keep_previous", "remove_stale_temporaries", "content_digest",
-    "add_digest", "split_digest", "check_contents", "check_not_empty", "read_torch_file", "DIGEST_KEY",
+    "add_digest", "split_digest", "add_safetensors_digest", "verify_digest", "check_finite", "check_contents",
+    "check_safetensors", "check_not_empty", "read_torch_file", "DIGEST_KEY",
 ]
 
 # Where the digest is kept: a key of a torch.save payload (a dict), or of the safetensors metadata.
@@ -104,6 +106,8 @@ def keep_previous(path: str | os.PathLike, previous: str | os.PathLike) -> None:
     path, previous = Path(path), Path(previous)
     if not path.exists():
         return
+    if previous.exists() and os.path.samefile(path, previous):
+        return  # a kill after the last link left both names on one file; renaming over it does nothing
     temp = _temporary_name(previous)
     try:
         try:
@@ -117,18 +121,15 @@ def keep_previous(path: str | os.PathLike, previous: str | os.PathLike) -> None:
         raise
 
 
-def remove_stale_temporaries(folder: str | os.PathLike, names: Iterable[str]) -> list[Path]:
+def remove_stale_temporaries(folder: str | os.PathLike, names: Iterable[str]) -> None:
     """Delete the temporary files that writes of ``folder/<name>`` killed midway left behind (only
-    ``.<name>.<8 characters>.tmp`` files directly in ``folder``); returns the deleted paths."""
+    ``.<name>.<8 characters>.tmp`` files directly in ``folder``)."""
     folder = Path(folder)
     pattern = re.compile("|".join(rf"\.{re.escape(name)}\.[A-Za-z0-9_]{{8}}\.tmp" for name in names))
-    removed = []
     if folder.is_dir():
         for entry in folder.iterdir():
             if pattern.fullmatch(entry.name) and entry.is_file() and not entry.is_symlink():
                 entry.unlink()
-                removed.append(entry)
-    return removed
 
 
 # -- checking --------------------------------------------------------------------------------------
@@ -179,16 +180,28 @@ def split_digest(payload: Any) -> tuple[Any, str | None]:
     return payload, None
 
 
-def check_contents(path: str | os.PathLike, contents: Any, recorded_digest: str | None) -> None:
+def add_safetensors_digest(tensors: Mapping[str, torch.Tensor],
+                           metadata: Mapping[str, str]) -> dict[str, str]:
+    """``metadata`` for ``safetensors.torch.save_file`` with the digest of the tensors and of the metadata
+    itself (a damaged config is caught too)."""
+    return {**metadata, DIGEST_KEY: content_digest({"metadata": metadata, "tensors": tensors})}
+
+
+def verify_digest(path: str | os.PathLike, contents: Any, recorded_digest: str | None) -> None:
     """Refuse ``contents`` read from ``path`` unless its digest is ``recorded_digest`` (``None``: no
-    digest to compare) and every floating-point tensor in it is finite."""
-    if recorded_digest is not None:
-        actual = content_digest(contents)
-        if actual != recorded_digest:
-            raise FileIntegrityError(
-                path, f"content checksum mismatch: the contents hash to sha256 {actual[:16]}..., the file "
-                f"records {recorded_digest[:16]}... (the file was damaged or modified after it was written)"
-            )
+    digest to compare)."""
+    if recorded_digest is None:
+        return
+    actual = content_digest(contents)
+    if actual != recorded_digest:
+        raise FileIntegrityError(
+            path, f"content checksum mismatch: the contents hash to sha256 {actual[:16]}..., the file "
+            f"records {recorded_digest[:16]}... (the file was damaged or modified after it was written)"
+        )
+
+
+def check_finite(path: str | os.PathLike, contents: Any) -> None:
+    """Refuse ``contents`` read from ``path`` if a floating-point tensor in it holds NaN or infinity."""
     for name, leaf in _leaves(contents):
         if isinstance(leaf, torch.Tensor) and (leaf.is_floating_point() or leaf.is_complex()):
             finite = torch.isfinite(leaf)
@@ -198,6 +211,22 @@ def check_contents(path: str | os.PathLike, contents: Any, recorded_digest: str 
                     path, f"non-finite weights: {_readable(name)!r} has {nan} NaN and "
                     f"{leaf.numel() - int(finite.sum()) - nan} infinite values"
                 )
+
+
+def check_contents(path: str | os.PathLike, contents: Any, recorded_digest: str | None) -> None:
+    """:func:`verify_digest` and :func:`check_finite`: what a ``torch.save`` payload read from ``path``
+    must pass (after :func:`split_digest`)."""
+    verify_digest(path, contents, recorded_digest)
+    check_finite(path, contents)
+
+
+def check_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
+                      metadata: Mapping[str, str]) -> None:
+    """What the tensors and metadata of a safetensors file read from ``path`` must pass: the digest of
+    :func:`add_safetensors_digest`, when recorded, and finite tensors."""
+    rest = {k: v for k, v in metadata.items() if k != DIGEST_KEY}
+    verify_digest(path, {"metadata": rest, "tensors": tensors}, metadata.get(DIGEST_KEY))
+    check_finite(path, tensors)
 
 
 def _readable(path: str) -> str:

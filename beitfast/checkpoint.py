@@ -43,8 +43,8 @@ import torch
 import torch.nn.functional as F
 
 from ._files import (
-    DIGEST_KEY, FileIntegrityError, add_digest, check_contents, check_not_empty, content_digest,
-    read_torch_file, split_digest, write_atomically,
+    FileIntegrityError, add_digest, add_safetensors_digest, check_contents, check_not_empty,
+    check_safetensors, read_torch_file, split_digest, write_atomically,
 )
 from .config import BEiTConfig
 from .model import BEiT, num_relative_positions, relative_position_index
@@ -654,16 +654,16 @@ def _config_json(config: BEiTConfig) -> str:
 
 
 def save(model: BEiT, path: str | os.PathLike) -> None:
-    """Writes the weights and config: ``.safetensors`` (config JSON and the tensors' SHA-256 in the
-    metadata) or ``.pth``/``.pt`` (``{"model": state_dict, "config": dict, "beitfast_sha256": str}``),
+    """Writes the weights and config: ``.safetensors`` (config JSON and the SHA-256 of tensors and config
+    in the metadata) or ``.pth``/``.pt`` (``{"model": state_dict, "config": dict, "beitfast_sha256": str}``),
     atomically."""
     import safetensors.torch
 
     path = Path(path)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if path.suffix == ".safetensors":
-        metadata = {"format": "pt", _CONFIG_METADATA_KEY: _config_json(model.config),
-                    DIGEST_KEY: content_digest(state)}
+        metadata = {"format": "pt", _CONFIG_METADATA_KEY: _config_json(model.config)}
+        metadata = add_safetensors_digest(state, metadata)
         write_atomically(path, lambda temp: safetensors.torch.save_file(state, temp, metadata=metadata))
     elif path.suffix in (".pth", ".pt"):
         payload = add_digest({"model": state, "config": json.loads(_config_json(model.config))})
@@ -686,7 +686,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], BEiTConfig |
         raise FileIntegrityError(
             path, f"cannot be read as a safetensors file, truncated or damaged ({reason})"
         ) from None
-    check_contents(path, state, metadata.get(DIGEST_KEY))
+    check_safetensors(path, state, metadata)
     config = metadata.get(_CONFIG_METADATA_KEY)
     return state, (BEiTConfig.from_dict(json.loads(config)) if config else None)
 

@@ -193,6 +193,57 @@ def test_tokenizer_file_with_non_finite_centroids_is_refused(tmp_path):
         load_tokenizer(path)
 
 
+# -- any damage ------------------------------------------------------------------------------------
+
+
+def saved_file(folder, name):
+    """Save a model or tokenizer as ``name``; returns ``(path, load, equal)``."""
+    path = folder / name
+    if name.startswith("tokenizer"):
+        original = tokenizer()
+        original.save(path)
+
+        def equal(loaded):
+            same_config = loaded.extra_repr() == original.extra_repr()
+            return same_config and torch.equal(loaded.centroids, original.centroids)
+
+        return path, load_tokenizer, equal
+    original = small_model(layer_norm_eps=1e-3)
+    original.save(path)
+
+    def equal(loaded):
+        state = original.state_dict()
+        return loaded.config == original.config and all(torch.equal(v, state[k])
+                                                        for k, v in loaded.state_dict().items())
+
+    return path, BEiT.from_file, equal
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "model.pth", "tokenizer.safetensors"])
+def test_any_damage_is_refused_or_harmless(tmp_path, name):
+    """Bytes overwritten anywhere, or the file cut anywhere: the file is refused with a ValueError naming
+    it (a FileIntegrityError, or an unknown format when the first bytes are gone), or what loads is exactly
+    what was saved (the bytes changed were not read)."""
+    from hypothesis import given, settings, strategies as st
+
+    path, load, equal = saved_file(tmp_path, name)
+    data = path.read_bytes()
+
+    @settings(max_examples=60, deadline=None, derandomize=True)
+    @given(offset=st.integers(0, len(data) - 1), new=st.binary(min_size=1, max_size=64), cut=st.booleans())
+    def check(offset, new, cut):
+        damaged = data[:offset] if cut else (data[:offset] + new + data[offset + len(new):])[:len(data)]
+        path.write_bytes(damaged)
+        try:
+            loaded = load(path)
+        except ValueError as error:
+            assert str(error).startswith(f"{path}: ")
+            return
+        assert equal(loaded)
+
+    check()
+
+
 # -- training checkpoints --------------------------------------------------------------------------
 
 

@@ -6,7 +6,8 @@ A tokenizer maps the small view of an image (``[B, 3, S, S]``, values in ``[0, 1
 
 Saved tokenizers are safetensors files (tensors only, nothing executable), written atomically, whose
 metadata holds ``format`` = ``beitfast.tokenizer``, the tokenizer ``kind``, its JSON ``config`` and the
-SHA-256 of the tensors (``beitfast_sha256``), verified when read; the tensors must be finite.
+SHA-256 of the tensors and the rest of the metadata (``beitfast_sha256``), verified when read; the
+tensors must be finite.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .._files import (
-    DIGEST_KEY, FileIntegrityError, check_contents, check_not_empty, content_digest, write_atomically,
+    FileIntegrityError, add_safetensors_digest, check_not_empty, check_safetensors, write_atomically,
 )
 
 __all__ = [
@@ -108,8 +109,8 @@ def write_tokenizer_file(
     path: str | os.PathLike, kind: str, tensors: dict[str, torch.Tensor], config: dict[str, Any]
 ) -> None:
     tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}
-    metadata = {"format": FILE_FORMAT, "kind": kind, "config": json.dumps(config),
-                DIGEST_KEY: content_digest(tensors)}
+    metadata = {"format": FILE_FORMAT, "kind": kind, "config": json.dumps(config)}
+    metadata = add_safetensors_digest(tensors, metadata)
     write_atomically(path, lambda temp: save_file(tensors, temp, metadata=metadata))
 
 
@@ -139,7 +140,7 @@ def read_tokenizer_file(path: str | os.PathLike) -> tuple[str, dict[str, torch.T
         raise FileIntegrityError(
             path, f"cannot be read as a safetensors file, truncated or damaged ({error})"
         ) from None
-    check_contents(path, tensors, metadata.get(DIGEST_KEY))
+    check_safetensors(path, tensors, metadata)
     try:
         config = json.loads(metadata["config"])
     except (KeyError, json.JSONDecodeError) as error:
