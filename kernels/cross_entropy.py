@@ -313,7 +313,7 @@ def lm_cross_entropy_chunked(
 
     # Cast once per call (no copy when already in the compute dtype and contiguous).
     weight_c = weight.to(compute_dtype).contiguous()
-    bias_c = bias.to(compute_dtype) if bias is not None else None
+    bias_c = bias.to(compute_dtype).contiguous() if bias is not None else None
     count = row_count.reshape(1) if row_count is not None else torch.full((1,), R, device=device)
     source = source_rows if source_rows is not None else row_labels
     scale = row_scale.contiguous() if with_grad else loss

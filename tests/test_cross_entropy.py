@@ -35,7 +35,8 @@ def make_inputs(B, N, D, V, dtype, device, *, masked=0.4, labels_2d=True, with_b
         weight = (torch.randn(D, V, device=device) * D ** -0.5).to(dtype).t()
     else:
         weight = (torch.randn(V, D, device=device) * D ** -0.5).to(dtype)
-    bias = (torch.randn(V, device=device) * 0.5).to(dtype) if with_bias else None
+    # A strided view: the kernels must not assume a contiguous bias.
+    bias = (torch.randn(2 * V, device=device) * 0.5).to(dtype)[::2] if with_bias else None
     mask = torch.rand(B, N, device=device) < masked
     mask[0, 0] = True  # never empty by chance
     best = (hidden.double() @ weight.double().t() + (0 if bias is None else bias.double())).argmax(-1)
