@@ -486,6 +486,31 @@ def test_not_a_tensor_where_a_tensor_belongs_is_a_type_error(model, tokenizers, 
     refused(lambda: function(**call), arg, TypeError)
 
 
+@pytest.mark.parametrize("what, arg", [
+    ("masked_patch_embed", "weight"),
+    pytest.param("rel_pos_attention", "q", marks=pytest.mark.xfail(
+        strict=True, reason="beitfast/ops/attention.py: head dim 0 is a ZeroDivisionError (0 ** -0.5)")),
+    pytest.param("masked_lm_cross_entropy", "weight", marks=pytest.mark.xfail(
+        strict=True, reason="beitfast/ops/cross_entropy.py: a [0, D] weight is reported as labels out of [0, 0)")),
+])
+def test_empty_feature_dimension_is_refused(what, arg):
+    """A zero-sized embedding, head or vocabulary dimension (an empty batch or sequence is fine)."""
+    gen = torch.Generator().manual_seed(0)
+    if what == "masked_patch_embed":
+        call = patch_embed_call(gen, 2, (2, 2), 4, 8, torch.float32)
+        call["weight"] = call["weight"][:0]
+        function = ops.masked_patch_embed
+    elif what == "rel_pos_attention":
+        call = attention_call(gen, 2, 2, 5, 8, torch.float32)
+        call.update(q=call["q"][..., :0], k=call["k"][..., :0], v=call["v"][..., :0])
+        function = ops.rel_pos_attention
+    else:
+        call = cross_entropy_call(gen, 2, 5, 8, 11, torch.float32, True)
+        call.update(weight=call["weight"][:0], bias=call["bias"][:0])
+        function = ops.masked_lm_cross_entropy
+    refused(lambda: function(**call), arg)
+
+
 # -- the model ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("arg", ["images", "bool_masked_pos", "labels"])

@@ -76,9 +76,9 @@ def _validate(images, weight, bias, patch_size, mask, mask_token, cls_token, pos
     if images.dim() != 4:
         raise ValueError(f"{name}: images must be [B, C, H, W], got {tuple(images.shape)}")
     B, C, H, W = images.shape
-    if weight.dim() != 4 or tuple(weight.shape[1:]) != (C, p, p):
+    if weight.dim() != 4 or tuple(weight.shape[1:]) != (C, p, p) or weight.shape[0] == 0:
         raise ValueError(
-            f"{name}: weight must be [D, C={C}, {p}, {p}] for {C}-channel images and patch {p}, "
+            f"{name}: weight must be [D, C={C}, {p}, {p}] (D >= 1) for {C}-channel images and patch {p}, "
             f"got {tuple(weight.shape)}"
         )
     if H < p or W < p or H % p or W % p:
