@@ -1,4 +1,4 @@
-"""Configuration of a BEiT model."""
+"""Configuration of a BEiT model, and the field checks that it and the trainer's config share."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import functools
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
 import numpy as np
 
@@ -18,7 +18,7 @@ __all__ = ["BEiTConfig", "check_int", "check_real", "check_bool", "check_choice"
 # scalars become int/float/bool, so configs stay JSON-serialisable) or raises TypeError (wrong type)
 # or ValueError (out of range) naming the owner, the field and the expected form.
 
-def _reject(error: type, owner: str, name: str, expected: str, value: Any) -> None:
+def _reject(error: type, owner: str, name: str, expected: str, value: Any) -> NoReturn:
     raise error(f"{owner}: {name} must be {expected}, got {value!r} ({type(value).__name__})")
 
 
@@ -136,14 +136,17 @@ class BEiTConfig:
         h, w = self.image_hw
         checks = [
             (h % self.patch_size == 0 and w % self.patch_size == 0,
-             f"img_size {h}x{w} is not divisible by patch_size {self.patch_size}"),
+             f"img_size must be a multiple of patch_size: {h}x{w} is not divisible by "
+             f"patch_size {self.patch_size}"),
             (self.embed_dim % self.num_heads == 0,
-             f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}"),
+             f"embed_dim must be a multiple of num_heads: {self.embed_dim} is not divisible by "
+             f"{self.num_heads}"),
             (1 <= self.embed_dim * self.mlp_ratio < math.inf,
              f"mlp_ratio must give the MLP int(embed_dim * mlp_ratio) >= 1 units (and finitely many), "
              f"got int({self.embed_dim} * {self.mlp_ratio})"),
             (not (self.use_rel_pos_bias and self.use_shared_rel_pos_bias),
-             "use_rel_pos_bias (per layer) and use_shared_rel_pos_bias exclude each other"),
+             "use_rel_pos_bias (per layer) and use_shared_rel_pos_bias exclude each other: they must not "
+             "both be True"),
         ]
         for ok, message in checks:
             if not ok:

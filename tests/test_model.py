@@ -48,11 +48,11 @@ def test_presets():
 
 
 def test_config_errors():
-    with pytest.raises(ValueError, match="not divisible by patch_size"):
+    with pytest.raises(ValueError, match="img_size must be a multiple of patch_size: 225x225 is not divisible by"):
         BEiTConfig(img_size=225)
-    with pytest.raises(ValueError, match="num_heads"):
+    with pytest.raises(ValueError, match="embed_dim must be a multiple of num_heads: 100 is not divisible by 3"):
         BEiTConfig(embed_dim=100, num_heads=3)
-    with pytest.raises(ValueError, match="exclude each other"):
+    with pytest.raises(ValueError, match="exclude each other: they must not both be True"):
         BEiTConfig(use_rel_pos_bias=True, use_shared_rel_pos_bias=True)
     with pytest.raises(ValueError, match="unknown fields"):
         BEiTConfig.from_dict({"embed_dim": 8, "bogus": 1})
