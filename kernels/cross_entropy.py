@@ -315,7 +315,8 @@ def lm_cross_entropy_chunked(
     weight_c = weight.to(compute_dtype).contiguous()
     bias_c = bias.to(compute_dtype).contiguous() if bias is not None else None
     count = row_count.reshape(1) if row_count is not None else torch.full((1,), R, device=device)
-    source = source_rows if source_rows is not None else row_labels
+    labels = row_labels.contiguous()
+    source = source_rows.contiguous() if source_rows is not None else labels
     scale = row_scale.contiguous() if with_grad else loss
     scale_stride = 1 if with_grad and row_scale.numel() > 1 else 0
     chunk = rows_per_chunk(R, upper_bound=row_count is not None)
@@ -336,7 +337,7 @@ def lm_cross_entropy_chunked(
             HAS_BIAS=bias is not None, INPUT_PRECISION=precision,
         )
         _row_pass_kernel[(rows_here,)](
-            logits, row_labels, scale, count, loss, hits, first, rows_here, V, scale_stride, ignore_index,
+            logits, labels, scale, count, loss, hits, first, rows_here, V, scale_stride, ignore_index,
             WITH_GRAD=with_grad, BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4,
         )
         if not with_grad:
