@@ -193,8 +193,8 @@ def _residual_add(x, y, gamma, scale, keep_dtype: bool):
     """``x + drop_path(gamma * y)``: layer scale, stochastic depth and the residual add (one fused
     kernel when compiled), in the promoted dtype (official) or, with ``keep_dtype``, in ``x``'s."""
     branch = y if gamma is None else gamma * y
-    if scale is not None:
-        branch = branch * scale
+    if scale is not None:  # official: the factor in the branch's dtype; ours: rounded once, at the add
+        branch = branch * (scale if keep_dtype else scale.to(branch.dtype))
     return x + branch.to(x.dtype) if keep_dtype else x + branch
 
 
