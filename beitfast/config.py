@@ -55,7 +55,10 @@ def check_real(owner: str, name: str, value: Any, low: float = -math.inf, high: 
         expected += " or None"
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         _reject(TypeError, owner, name, expected, value)
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an int beyond float's range
+        _reject(ValueError, owner, name, expected, value)
     inside = (low < value if low_open else low <= value) and (value < high if high_open else value <= high)
     if not (math.isfinite(value) and inside):
         _reject(ValueError, owner, name, expected, value)
@@ -134,6 +137,10 @@ class BEiTConfig:
 
         check_choice(owner, "kernels", self.kernels, ["auto", *dispatch.backend_names()])
         h, w = self.image_hw
+        try:
+            mlp_units = self.embed_dim * self.mlp_ratio
+        except OverflowError:  # an embed_dim beyond float's range
+            mlp_units = math.inf
         checks = [
             (h % self.patch_size == 0 and w % self.patch_size == 0,
              f"img_size must be a multiple of patch_size: {h}x{w} is not divisible by "
@@ -141,8 +148,8 @@ class BEiTConfig:
             (self.embed_dim % self.num_heads == 0,
              f"embed_dim must be a multiple of num_heads: {self.embed_dim} is not divisible by "
              f"{self.num_heads}"),
-            (1 <= self.embed_dim * self.mlp_ratio < math.inf,
-             f"mlp_ratio must give the MLP int(embed_dim * mlp_ratio) >= 1 units (and finitely many), "
+            (1 <= mlp_units < math.inf,
+             f"embed_dim * mlp_ratio must give the MLP at least one unit and finitely many, "
              f"got int({self.embed_dim} * {self.mlp_ratio})"),
             (not (self.use_rel_pos_bias and self.use_shared_rel_pos_bias),
              "use_rel_pos_bias (per layer) and use_shared_rel_pos_bias exclude each other: they must not "

@@ -56,7 +56,7 @@ ANY_VALUE = st.one_of(
     st.lists(st.integers(-2, 300), max_size=3), st.tuples(st.integers(-2, 300), st.integers(-2, 300)),
     st.tuples(st.integers(-2, 300), st.floats(-2, 300)),
     st.integers(-2, 300).map(np.int64), st.integers(0, 255).map(np.uint8), st.floats(-2, 300).map(np.float32),
-    st.booleans().map(np.bool_), st.integers(1, 4).map(torch.tensor),
+    st.booleans().map(np.bool_), st.integers(1, 4).map(torch.tensor), st.just(10 ** 400),
 )
 
 
@@ -69,9 +69,16 @@ def is_int(value, minimum=-math.inf) -> bool:
 
 
 def is_real(value, low=-math.inf, high=math.inf, low_open=False, high_open=False) -> bool:
-    if not isinstance(value, numbers.Real) or is_bool(value) or not math.isfinite(value):
+    if not isinstance(value, numbers.Real) or is_bool(value) or not is_finite(value):
         return False
     return (low < value if low_open else low <= value) and (value < high if high_open else value <= high)
+
+
+def is_finite(value: numbers.Real) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond float's range
+        return False
 
 
 def is_plain(value) -> bool:
@@ -142,8 +149,10 @@ def test_beit_config_accepts_a_field_exactly_as_documented(field, value):
         base["img_size"] = value
     if allowed and field == "num_heads":
         base["embed_dim"] = value
-    if allowed and field == "mlp_ratio" and not 1 <= 64 * float(value) < math.inf:
-        allowed = False  # the MLP has int(embed_dim * mlp_ratio) units: at least one, finitely many
+    if allowed and field in ("mlp_ratio", "embed_dim"):
+        # the MLP has int(embed_dim * mlp_ratio) units: at least one, finitely many
+        units = 64 * value if field == "mlp_ratio" else value * 4
+        allowed = is_finite(units) and units >= 1
     if not allowed:
         refused(lambda: BEiTConfig(**{**base, field: value}), field)
         return

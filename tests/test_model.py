@@ -80,7 +80,7 @@ def test_config_errors():
         ("num_classes", 1.5, TypeError, r"num_classes must be an int >= 0, got 1.5"),
         ("mlp_ratio", float("nan"), ValueError, r"mlp_ratio must be a number > 0, got nan"),
         ("mlp_ratio", "4", TypeError, r"mlp_ratio must be a number > 0, got '4' \(str\)"),
-        ("mlp_ratio", 0.001, ValueError, r"mlp_ratio must give the MLP int\(embed_dim \* mlp_ratio\) >= 1 units"),
+        ("mlp_ratio", 0.001, ValueError, r"embed_dim \* mlp_ratio must give the MLP at least one unit"),
         ("use_abs_pos_emb", "no", TypeError, r"use_abs_pos_emb must be True or False, got 'no'"),
         ("use_mean_pooling", 1, TypeError, r"use_mean_pooling must be True or False, got 1"),
         ("layer_scale_init_value", -0.1, ValueError, r"layer_scale_init_value must be a number >= 0, got -0.1"),
