@@ -36,7 +36,7 @@ FEW = settings(SETTINGS, max_examples=25)
 EACH = settings(SETTINGS, max_examples=5)
 
 
-def refused(call, name: str, error=(TypeError, ValueError)) -> str:
+def refused(call, name: str, error=(TypeError, ValueError)) -> None:
     """Run ``call``: it must raise ``error`` (TypeError or ValueError) whose message names ``name`` (as a
     whole word) and says what was expected. Any other exception propagates and fails the test."""
     with pytest.raises(error) as info:
@@ -44,7 +44,6 @@ def refused(call, name: str, error=(TypeError, ValueError)) -> str:
     message = str(info.value)
     assert re.search(rf"(?<![\w.]){re.escape(name)}(?!\w)", message), f"{name!r} is not named in: {message}"
     assert re.search(r"\b(must|needs?|expected|known)\b", message), f"no expected form in: {message}"
-    return message
 
 
 # -- values of every kind ----------------------------------------------------------------------------
