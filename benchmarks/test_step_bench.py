@@ -8,7 +8,9 @@ or compiled code, and its peak memory is its own):
   nodes); ``beitfast-unfused``: the same without the block compilation (what that fusion gains);
   ``beitfast-eager``: eager backends, no fusion; ``beitfast-compiled``: the whole model through
   ``torch.compile``; ``beitfast-fp8``: the fast step with torchao float8 linear layers (Hopper), its
-  loss curve compared with ``beitfast``'s (bf16) on the same inputs;
+  loss curve compared with ``beitfast``'s (bf16) on the same inputs; ``beitfast-checkpointed``: the
+  fast step recomputing every block's activations (memory against time); ``beitfast-cudagraphs``: the
+  whole model compiled with CUDA graphs (``mode="reduce-overhead"``);
 * ``hf-sdpa`` / ``hf-eager``: Hugging Face ``BeitForMaskedImageModeling`` (attention implementation
   asserted after construction), and ``hf-sdpa-compiled``;
 * ``timm`` / ``timm-compiled``: timm's BEiT blocks under the same pre-training head.
@@ -59,7 +61,8 @@ PEAK_BF16 = {
 WARMUP_STEPS, TRIALS, STEPS_PER_TRIAL = 3, 5, 30
 LOSS_TOLERANCE = 0.5  # |first loss - ln(vocab)|
 VARIANTS = ["beitfast", "beitfast-unfused", "beitfast-eager", "beitfast-compiled", "beitfast-fp8",
-            "hf-sdpa", "hf-sdpa-compiled", "hf-eager", "timm", "timm-compiled"]
+            "beitfast-checkpointed", "beitfast-cudagraphs", "hf-sdpa", "hf-sdpa-compiled", "hf-eager", "timm",
+            "timm-compiled"]
 SIZES = ["base", "large"]
 BATCHES = [64, 128, 256]
 SMOKE_BATCH = 4
@@ -133,14 +136,22 @@ def build(variant: str, config, device: torch.device, smoke: bool):
     compile_options = {"backend": "eager"} if smoke else {}
     details: dict = {}
     if variant.startswith("beitfast"):
-        fused = variant in ("beitfast", "beitfast-fp8")
+        fused = variant in ("beitfast", "beitfast-fp8", "beitfast-checkpointed")
         model = beitfast.BEiT(config.replace(kernels="eager" if variant == "beitfast-eager" else "auto",
-                                             fuse_blocks="auto" if fused else "off")).to(device)
+                                             fuse_blocks="auto" if fused else "off",
+                                             checkpoint_blocks=-1 if variant == "beitfast-checkpointed" else 0)
+                              ).to(device)
         if variant == "beitfast-fp8":
             from beitfast.train import float8_training
 
             float8_training(model, device)
-        run = torch.compile(model, **compile_options) if variant == "beitfast-compiled" else model
+        run = model
+        if variant == "beitfast-compiled":
+            run = torch.compile(model, **compile_options)
+        elif variant == "beitfast-cudagraphs":
+            if device.type != "cuda":
+                raise ValueError("CUDA graphs need a CUDA device")
+            run = torch.compile(model, mode="reduce-overhead")
         details["fuse_blocks"] = "compile" if fused and device.type == "cuda" else "off"
         return model, lambda b: run(b["images"], bool_masked_pos=b["mask"], labels=b["labels"]), details
     if variant.startswith("hf"):
@@ -198,7 +209,11 @@ def run_variant(variant: str, size: str, batch: int, trials: int, steps: int, de
         return {"skipped": f"{variant} BEiT-{size} does not fit"}
     losses: list[torch.Tensor] = []
 
+    graphs = variant.endswith("cudagraphs")
+
     def step():
+        if graphs:  # the previous replay's outputs may be overwritten from here on
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(device.type, dtype=torch.bfloat16):
             loss = loss_fn(inputs)
         loss.backward()
@@ -206,7 +221,7 @@ def run_variant(variant: str, size: str, batch: int, trials: int, steps: int, de
             torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.detach())  # no host synchronisation inside the timed region
+        losses.append(loss.detach().clone())  # kept past a CUDA graph replay; no host synchronisation
 
     try:
         inputs = make_batch(config, batch, device)
@@ -306,7 +321,7 @@ def test_pretrain_step(variant, size, batch, bench_device, smoke, record_result,
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("size", SIZES)
-@pytest.mark.parametrize("variant", ["beitfast", "hf-sdpa", "timm"])
+@pytest.mark.parametrize("variant", ["beitfast", "beitfast-checkpointed", "hf-sdpa", "timm"])
 def test_largest_batch(variant, size, record_result):
     """The largest batch (powers of two from 64) whose training step fits in GPU memory, each try in
     a fresh process."""
