@@ -133,6 +133,21 @@ def test_residual_dtype_autocast():
         assert torch.isfinite(got).all() and got.dtype == want.dtype
 
 
+def test_layer_norm_outputs_in_the_autocast_dtype():
+    """Under autocast the attention and the MLP get bf16 LayerNorm outputs (the cast their linear
+    layers make anyway, so the loss is the same); without autocast float32, untouched."""
+    _, model = twins()
+    seen = []
+    for block in model.blocks:
+        for module in (block.attn, block.mlp):
+            module.register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+    loss_and_grads(model, autocast=True)
+    assert seen and set(seen) == {torch.bfloat16}
+    seen.clear()
+    loss_and_grads(model)
+    assert set(seen) == {torch.float32}
+
+
 def loss_curve(config: BEiTConfig, steps=40, lr=3e-3):
     """Losses of ``steps`` AdamW steps under bfloat16 autocast on a fixed, learnable batch (the
     label of a patch is the sign pattern of its mean colour)."""
