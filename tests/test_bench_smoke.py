@@ -79,14 +79,20 @@ def test_make_tables_fills_the_readme_from_results(tmp_path):
     (tmp_path / "results" / "pretrain_step_nvidia_h200.json").write_text(json.dumps(rows))
     smoke = [step_row("beitfast", 1.0, smoke=True, gpu=None)]
     (tmp_path / "results" / "pretrain_step_cpu.json").write_text(json.dumps(smoke))
+    ops = [{"benchmark": "attention", "backend": backend, "mode": mode, "shape": "beit-b-224", "batch": 128,
+            "ms": ms, "peak_memory_bytes": 2**30, "gpu": "NVIDIA H200", "date": "2026-11-28T15:00:00"}
+           for backend, mode, ms in (("sdpa", "fwd+bwd", 1.25), ("triton", "fwd+bwd", 0.5), ("triton", "fwd", 0.2))]
+    (tmp_path / "results" / "attention_nvidia_h200.json").write_text(json.dumps(ops))
     readme = tmp_path / "README.md"
-    readme.write_text(f"# title\n\n{tables.BEGIN}\nold\n{tables.END}\n\nafter\n")
+    readme.write_text(f"# title\n\n{tables.BEGIN}\nold\n{tables.END}\n\n{tables.OPS_BEGIN}\n{tables.OPS_END}\nafter\n")
     args = ["--results", str(tmp_path / "results"), "--readme", str(readme)]
     assert tables.main([*args, "--check"]) == 1
     assert tables.main(args) == 0 and tables.main([*args, "--check"]) == 0
     text = readme.read_text()
-    assert text.startswith("# title\n") and text.endswith("\n\nafter\n") and "old" not in text
-    lines = [line for line in text.splitlines() if line.startswith("| ")]
+    assert text.startswith("# title\n") and text.endswith(f"{tables.OPS_END}\nafter\n") and "old" not in text
+    assert "**attention forward + backward, NVIDIA H200** (batch 128, shape beit-b-224; measured 2026-11-28)" in text
+    assert "| triton | 0.500 | 1024 |\n| sdpa | 1.250 | 1024 |" in text  # fastest first, fwd+bwd only
+    lines = [line for line in text.split(tables.END)[0].splitlines() if line.startswith("| ")]
     assert lines[1].endswith("| 9.01 ok; curve within 1.2% of bf16 |")  # fastest first
     assert lines[2].startswith("| beitfast | 1500 (1490-1510) | 85.3 | 3.0 | n/a |")
     assert lines[3].startswith("| hf-sdpa | 900 (890-910) | 142.2 | 3.0 | 42.0% | 9.01 ok |")
