@@ -79,8 +79,10 @@ def _prune(configs, named_args, **kwargs):
 
 
 _FWD_CONFIGS = _tile_configs([(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (32, 64, 4, 2)])
-# The backward holds dK, dV and five tiles of P-sized intermediates: 64 x 64 needs 8 warps.
-_BWD_CONFIGS = _tile_configs([(64, 64, 8, 1), (32, 64, 4, 1), (64, 32, 4, 1), (32, 32, 4, 1)])
+# The backward keeps more live than the forward (dK, dV, k, v, five score-sized tiles, the scratch
+# updates): at D = 64 only tiles with a 16-wide side compile without spills on sm_90 (compile gate;
+# 32 x 32 and larger spill, with 4 or 8 warps).
+_BWD_CONFIGS = _tile_configs([(16, 64, 4, 1), (16, 32, 4, 1), (32, 16, 4, 1)])
 _HEURISTICS = {
     "TAIL_M": lambda args: _tail(args["N"], args["BLOCK_M"]),
     "TAIL_N": lambda args: _tail(args["N"], args["BLOCK_N"]),
@@ -91,11 +93,16 @@ _HEURISTICS = {
 def _load_rows(base, rows, cols, s_row, s_col, N: tl.constexpr, D: tl.constexpr, MASK_ROWS: tl.constexpr):
     """A ``[rows, cols]`` tile; masks rows only in a tail tile and columns only when ``D`` is not a
     power of two."""
+    # A mask that varies along the contiguous columns would split vector loads into single ones
+    # (and a 64-bit address each): the column mask only exists when D is not a power of two.
     ptrs = base + rows[:, None] * s_row + cols[None, :] * s_col
-    if MASK_ROWS:
+    if cols.shape[0] == D:
+        if MASK_ROWS:
+            return tl.load(ptrs, mask=(rows < N)[:, None], other=0.0)
+        else:
+            return tl.load(ptrs)
+    elif MASK_ROWS:
         return tl.load(ptrs, mask=(rows < N)[:, None] & (cols < D)[None, :], other=0.0)
-    elif cols.shape[0] == D:
-        return tl.load(ptrs)
     else:
         return tl.load(ptrs, mask=(cols < D)[None, :], other=0.0)
 
@@ -104,10 +111,13 @@ def _load_rows(base, rows, cols, s_row, s_col, N: tl.constexpr, D: tl.constexpr,
 def _store_rows(base, value, rows, cols, s_row, s_col, N: tl.constexpr, D: tl.constexpr, MASK_ROWS: tl.constexpr):
     ptrs = base + rows[:, None] * s_row + cols[None, :] * s_col
     value = value.to(base.dtype.element_ty)
-    if MASK_ROWS:
+    if cols.shape[0] == D:
+        if MASK_ROWS:
+            tl.store(ptrs, value, mask=(rows < N)[:, None])
+        else:
+            tl.store(ptrs, value)
+    elif MASK_ROWS:
         tl.store(ptrs, value, mask=(rows < N)[:, None] & (cols < D)[None, :])
-    elif cols.shape[0] == D:
-        tl.store(ptrs, value)
     else:
         tl.store(ptrs, value, mask=(cols < D)[None, :])
 
@@ -230,19 +240,22 @@ def _bwd_tile(
     do = _load_rows(DOUT, rows, offs_d, s_gn, s_gd, N, D, MASK_ROWS)
     lse = tl.load(LSE + rows)
     delta = tl.load(DELTA + rows)
-    s = _scores_log2(q, k, BIAS, rows, cols, s_bi, scale_log2, HAS_BIAS, PRECISION)
-    p = tl.exp2(s - lse[:, None])
-    if MASK_ROWS or MASK_COLS:
-        p = tl.where((rows < N)[:, None] & (cols < N)[None, :], p, 0.0)
-    dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-    ds = p * (dp - delta[:, None])
-    dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
-    dq_ptrs = DQ_ACC + rows[:, None] * BLOCK_D + offs_d[None, :]
-    tl.store(dq_ptrs, tl.load(dq_ptrs) + tl.dot(ds.to(k.dtype), k, input_precision=PRECISION))
+    # Transposed tiles (rows are keys): only dS^T is transposed in registers, for dQ.
+    s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * scale_log2
     if HAS_BIAS:
-        ds_ptrs = DBIAS + rows[:, None] * P + cols[None, :]
-        tl.store(ds_ptrs, tl.load(ds_ptrs) + ds)
+        s_t += tl.load(BIAS + rows[None, :] * s_bi + cols[:, None]).to(tl.float32) * LOG2E
+    p_t = tl.exp2(s_t - lse[None, :])
+    if MASK_ROWS or MASK_COLS:
+        p_t = tl.where((cols < N)[:, None] & (rows < N)[None, :], p_t, 0.0)
+    dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+    dq_ptrs = DQ_ACC + rows[:, None] * BLOCK_D + offs_d[None, :]
+    tl.store(dq_ptrs, tl.load(dq_ptrs) + tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=PRECISION))
+    if HAS_BIAS:
+        ds_ptrs = DBIAS + rows[None, :] * P + cols[:, None]
+        tl.store(ds_ptrs, tl.load(ds_ptrs) + ds_t)
     return dk, dv
 
 
@@ -260,17 +273,20 @@ def _bwd_key_block(
     v = _load_rows(V, cols, offs_d, s_vn, s_vd, N, D, MASK_COLS)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for start_m in range(0, N // BLOCK_M * BLOCK_M, BLOCK_M):
-        dk, dv = _bwd_tile(
-            dk, dv, k, v, Q, DOUT, LSE, DELTA, DQ_ACC, BIAS, DBIAS, start_m + tl.arange(0, BLOCK_M), cols, offs_d,
-            scale_log2, s_qn, s_qd, s_gn, s_gd, s_bi, P, N, D, HAS_BIAS, PRECISION, BLOCK_D, False, MASK_COLS,
-        )
-    if TAIL_M > 0:
-        dk, dv = _bwd_tile(
-            dk, dv, k, v, Q, DOUT, LSE, DELTA, DQ_ACC, BIAS, DBIAS, N // BLOCK_M * BLOCK_M + tl.arange(0, TAIL_M),
-            cols, offs_d, scale_log2, s_qn, s_qd, s_gn, s_gd, s_bi, P, N, D, HAS_BIAS, PRECISION, BLOCK_D, True,
-            MASK_COLS,
-        )
+    # The last iteration takes the tail tile (masked, narrower).
+    for start_m in range(0, N, BLOCK_M):
+        if TAIL_M == 0 or start_m + BLOCK_M <= N:
+            dk, dv = _bwd_tile(
+                dk, dv, k, v, Q, DOUT, LSE, DELTA, DQ_ACC, BIAS, DBIAS, start_m + tl.arange(0, BLOCK_M), cols,
+                offs_d, scale_log2, s_qn, s_qd, s_gn, s_gd, s_bi, P, N, D, HAS_BIAS, PRECISION, BLOCK_D, False,
+                MASK_COLS,
+            )
+        else:
+            dk, dv = _bwd_tile(
+                dk, dv, k, v, Q, DOUT, LSE, DELTA, DQ_ACC, BIAS, DBIAS, start_m + tl.arange(0, TAIL_M), cols,
+                offs_d, scale_log2, s_qn, s_qd, s_gn, s_gd, s_bi, P, N, D, HAS_BIAS, PRECISION, BLOCK_D, True,
+                MASK_COLS,
+            )
     _store_rows(DK, dk * scale, cols, offs_d, s_dkn, s_dkd, N, D, MASK_COLS)
     _store_rows(DV, dv, cols, offs_d, s_dvn, s_dvd, N, D, MASK_COLS)
 
@@ -340,7 +356,6 @@ def _bwd_kernel(
     DBIAS += slot * P * P
     if HAS_BIAS:
         BIAS += h * s_bh
-    N_FULL: tl.constexpr = N // BLOCK_N * BLOCK_N
     # g is int64, so the image index and its offsets are too (large batches).
     for b in range(g * GROUP, tl.minimum(g * GROUP + GROUP, B)):
         q, k, v = Q + b * s_qb + h * s_qh, K + b * s_kb + h * s_kh, V + b * s_vb + h * s_vh
@@ -348,18 +363,19 @@ def _bwd_kernel(
         dq, dk, dv = DQ + b * s_dqb + h * s_dqh, DK + b * s_dkb + h * s_dkh, DV + b * s_dvb + h * s_dvh
         _bwd_all_rows(out, dout, dq, DELTA, DQ_ACC, scale, s_on, s_od, s_gn, s_gd, s_dqn, s_dqd,
                       N, D, BLOCK_M, BLOCK_D, TAIL_M, False)
-        for start_n in range(0, N_FULL, BLOCK_N):
-            _bwd_key_block(
-                q, k, v, dout, dk, dv, lse, DELTA, DQ_ACC, BIAS, DBIAS, start_n, scale, scale_log2,
-                s_qn, s_qd, s_kn, s_kd, s_vn, s_vd, s_gn, s_gd, s_dkn, s_dkd, s_dvn, s_dvd, s_bi, P,
-                N, D, HAS_BIAS, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, TAIL_M, False,
-            )
-        if TAIL_N > 0:
-            _bwd_key_block(
-                q, k, v, dout, dk, dv, lse, DELTA, DQ_ACC, BIAS, DBIAS, N_FULL, scale, scale_log2,
-                s_qn, s_qd, s_kn, s_kd, s_vn, s_vd, s_gn, s_gd, s_dkn, s_dkd, s_dvn, s_dvd, s_bi, P,
-                N, D, HAS_BIAS, PRECISION, BLOCK_M, TAIL_N, BLOCK_D, TAIL_M, True,
-            )
+        for start_n in range(0, N, BLOCK_N):
+            if TAIL_N == 0 or start_n + BLOCK_N <= N:
+                _bwd_key_block(
+                    q, k, v, dout, dk, dv, lse, DELTA, DQ_ACC, BIAS, DBIAS, start_n, scale, scale_log2,
+                    s_qn, s_qd, s_kn, s_kd, s_vn, s_vd, s_gn, s_gd, s_dkn, s_dkd, s_dvn, s_dvd, s_bi, P,
+                    N, D, HAS_BIAS, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, TAIL_M, False,
+                )
+            else:
+                _bwd_key_block(
+                    q, k, v, dout, dk, dv, lse, DELTA, DQ_ACC, BIAS, DBIAS, start_n, scale, scale_log2,
+                    s_qn, s_qd, s_kn, s_kd, s_vn, s_vd, s_gn, s_gd, s_dkn, s_dkd, s_dvn, s_dvd, s_bi, P,
+                    N, D, HAS_BIAS, PRECISION, BLOCK_M, TAIL_N, BLOCK_D, TAIL_M, True,
+                )
         tl.debug_barrier()
         _bwd_all_rows(out, dout, dq, DELTA, DQ_ACC, scale, s_on, s_od, s_gn, s_gd, s_dqn, s_dqd,
                       N, D, BLOCK_M, BLOCK_D, TAIL_M, True)
