@@ -1,15 +1,23 @@
 """Attention with BEiT's relative position bias: forward, backward and forward+backward time and peak
 memory of every backend, bf16, at BEiT-B 224 and BEiT-L 224/384/512 sizes.
 
-Rows: ``triton`` (atomic table gradient), ``triton-deterministic``, ``eager``, ``sdpa`` (the gathered
-bias as ``attn_mask``), ``flex`` (compiled FlexAttention, bias as ``score_mod``), ``xformers`` when
-installed, and two bias-free lines for reference: ``flash`` (flash-attn, when installed) and
-``sdpa-flash-nobias`` (PyTorch's flash backend without bias: the speed of light for this shape).
-GPU only; times from ``triton.testing.do_bench``.
+Rows: ``triton`` (ours; the backward has no atomics, so it is also the deterministic one), ``eager``,
+``sdpa`` (the gathered bias as ``attn_mask``), ``flex`` (FlexAttention compiled with
+``max-autotune-no-cudagraphs``, bias as ``score_mod``), ``xformers`` when installed, and bias-free
+references: ``flash`` (flash-attn 2, when installed), ``fa3-nobias`` (FlashAttention-3,
+``flash_attn_interface``, when installed), ``sdpa-flash-nobias`` and ``sdpa-cudnn-nobias`` (PyTorch's
+flash and cuDNN backends). ``triton-packed`` runs ours on the model's packed qkv layout.
+Timings need a GPU (the suite's CUDA-event timer); each row also carries the work model's lower bound
+for ours at that shape (``attention_work_model``: a model, not a measurement), and
+``test_work_model_table`` prints the whole model, padded-work ratios included, on any machine.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +26,6 @@ import torch.nn.functional as F
 from beitfast import ops
 from beitfast.model import num_relative_positions, relative_position_index
 
-pytestmark = pytest.mark.gpu
 
 # name -> (batch, heads, patch grid side, head dim); N = 1 + side^2. Batches fill a 80 GB GPU with
 # the eager backend's [B, H, N, N] scores.
@@ -28,8 +35,10 @@ SHAPES = {
     "beit-l-384": (32, 16, 24, 64),
     "beit-l-512": (16, 16, 32, 64),
 }
-BIASED = ["triton", "triton-deterministic", "eager", "sdpa", "flex", "xformers"]
-BIAS_FREE = ["flash", "sdpa-flash-nobias"]
+BIASED = ["triton", "triton-packed", "eager", "sdpa", "flex", "xformers"]
+BIAS_FREE = ["flash", "fa3-nobias", "sdpa-flash-nobias", "sdpa-cudnn-nobias"]
+
+
 def make_inputs(shape: str, biased: bool):
     B, H, side, D = SHAPES[shape]
     N = 1 + side * side
@@ -41,55 +50,97 @@ def make_inputs(shape: str, biased: bool):
     return q, k, v, table, relative_position_index((side, side)).cuda()
 
 
-def attention_fn(backend: str, monkeypatch):
-    if backend == "sdpa-flash-nobias":
+def attention_fn(backend: str):
+    if backend in ("sdpa-flash-nobias", "sdpa-cudnn-nobias"):
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        def flash_sdpa(q, k, v, table, rel_index):
-            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        kind = SDPBackend.FLASH_ATTENTION if backend == "sdpa-flash-nobias" else SDPBackend.CUDNN_ATTENTION
+
+        def sdpa_no_bias(q, k, v, table, rel_index):
+            with sdpa_kernel(kind):
                 return F.scaled_dot_product_attention(q, k, v)
 
-        return flash_sdpa
-    name = backend
-    if backend == "triton-deterministic":
-        monkeypatch.setenv("BEITFAST_DETERMINISTIC", "1")
-        name = "triton"
-    else:
-        monkeypatch.setenv("BEITFAST_DETERMINISTIC", "0")
-    return lambda q, k, v, table, rel_index: ops.rel_pos_attention(q, k, v, table, rel_index, backend=name)
+        return sdpa_no_bias
+    if backend == "fa3-nobias":
+        from flash_attn_interface import flash_attn_func
+
+        def fa3(q, k, v, table, rel_index):
+            out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+            return (out[0] if isinstance(out, tuple) else out).transpose(1, 2)
+
+        return fa3
+    return lambda q, k, v, table, rel_index: ops.rel_pos_attention(q, k, v, table, rel_index, backend=backend)
 
 
-def peak_bytes(fn) -> int:
-    """Peak memory one call allocates above what was already allocated."""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base
+@functools.cache
+def work_model():
+    """``benchmarks/attention_work_model.py`` (pytest's importlib mode puts no test folder on sys.path)."""
+    path = Path(__file__).with_name("attention_work_model.py")
+    spec = importlib.util.spec_from_file_location("attention_work_model", path)
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
+def packed_inputs(shape: str):
+    """One leaf qkv ``[B, N, 3, H, D]`` (what the model's projection makes) and the table."""
+    B, H, side, D = SHAPES[shape]
+    N = 1 + side * side
+    qkv = torch.randn(B, N, 3, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    table = (torch.randn(num_relative_positions((side, side)), H, device="cuda") * 0.5).requires_grad_()
+    return qkv, table, relative_position_index((side, side)).cuda()
+
+
+def skip_unless_available(backend: str, inputs) -> None:
+    if backend == "fa3-nobias":
+        pytest.importorskip("flash_attn_interface", reason="FlashAttention-3 is not installed")
+        return
+    if backend.startswith("sdpa-") or backend == "triton-packed":
+        return
+    q, k, v, table, rel_index = inputs
+    why = ops.explain("attention", q=q, k=k, v=v, bias_table=table, rel_index=rel_index, scale=1.0)[backend]
+    if why:
+        pytest.skip(f"{backend}: {'; '.join(why)}")
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("backend", BIASED + BIAS_FREE)
-def test_attention(backend, shape, record_result, training_modes, monkeypatch):
-    from triton.testing import do_bench
-
-    inputs = make_inputs(shape, biased=backend in BIASED)
-    if backend != "sdpa-flash-nobias":
-        q, k, v, table, rel_index = inputs
-        reasons = ops.explain("attention", q=q, k=k, v=v, bias_table=table, rel_index=rel_index, scale=1.0)
-        why = reasons[backend.removesuffix("-deterministic")]
-        if why:
-            pytest.skip(f"{backend}: {'; '.join(why)}")
-    attend = attention_fn(backend, monkeypatch)
-    params = [t for t in inputs[:4] if t is not None]
-
-    def forward():
-        return attend(*inputs)
+def test_attention(backend, shape, record_result, training_modes, measure):
+    ours = work_model().ours
 
     B, H, side, D = SHAPES[shape]
+    N = 1 + side * side
+    if backend == "triton-packed":
+        qkv, table, rel_index = packed_inputs(shape)
+        params = [qkv, table]
+
+        def forward():
+            return ops.rel_pos_attention_packed(qkv, table, rel_index, backend="triton")
+    else:
+        inputs = make_inputs(shape, biased=backend in BIASED)
+        skip_unless_available(backend, inputs)
+        attend = attention_fn(backend)
+        params = [t for t in inputs[:4] if t is not None]
+
+        def forward():
+            return attend(*inputs)
+
+    model = ours(B, H, N, D)
     for mode, fn in training_modes(forward, params):
-        ms = do_bench(fn, warmup=25, rep=100)
-        record_result("attention", backend=backend, mode=mode, shape=shape, batch=B, heads=H, tokens=1 + side * side,
-               head_dim=D, dtype="bfloat16", bias=backend in BIASED, ms=ms, peak_memory_bytes=peak_bytes(fn))
+        ms, peak = measure(fn)
+        record_result("attention", backend=backend, mode=mode, shape=shape, batch=B, heads=H, tokens=N,
+                      head_dim=D, dtype="bfloat16", bias=backend in BIASED, ms=ms, peak_memory_bytes=peak,
+                      model_fwd_bwd_lower_bound_ms={gpu: model.bound_ms(gpu) for gpu in ("H100", "H200")})
+        print(f"{backend:20s} {shape:11s} {mode:8s} measured {ms:.3f} ms; work model lower bound for ours "
+              f"(fwd+bwd, a model): H100 {model.bound_ms('H100'):.3f} ms, H200 {model.bound_ms('H200'):.3f} ms")
         assert ms > 0
+
+
+def test_work_model_table():
+    """The work model (counted work, no GPU needed) and its padded-work ratios, printed."""
+    model = work_model()
+    print(model.table())
+    work, before = model.ours(**model.BEIT_B), model.previous(**model.BEIT_B)
+    assert work.atomics == 0 < before.atomics
+    assert work.flops / work.useful < before.flops / before.useful
