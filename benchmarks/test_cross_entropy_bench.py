@@ -1,5 +1,5 @@
 """Masked-token LM cross-entropy (LM head + loss): forward+backward time and extra memory, kernel
-against kernel. GPU only.
+against kernel. On a GPU; ``--smoke`` runs tiny shapes on the CPU (no timing claims).
 
 Two cases at BEiT pre-training shapes (75 of 196 patches masked per image, V = 8192):
 
@@ -18,8 +18,8 @@ Memory: ``peak_memory_bytes`` is the peak above what was allocated before the ca
 eager ``[M, V]`` logits (bf16 and their fp32 copy, 6 bytes an element), the reference of the goal
 "extra memory under a tenth of the eager logits".
 
-``PRECISION`` states what each contestant computes in (the peers at their documented defaults); every
-row carries it, and the peers' rows their package version.
+``NUMERICS`` states what each contestant computes in (the peers at their documented defaults); every
+row carries it as ``numerics``, and the peers' rows their package version.
 """
 
 from __future__ import annotations
@@ -33,10 +33,9 @@ import torch.nn.functional as F
 from beitfast import MaskingGenerator
 from beitfast.ops import dispatch, masked_lm_cross_entropy
 
-pytestmark = pytest.mark.gpu
-
-SEQ, NUM_MASKED, VOCAB = 196, 75, 8192
-PRECISION = {
+SHAPES = {"full": dict(grid=14, num_masked=75, min_block=16, vocab=8192),
+          "smoke": dict(grid=4, num_masked=6, min_block=2, vocab=64, batch=2, dim=32)}
+NUMERICS = {
     "triton": "bf16 GEMMs with fp32 accumulation, logits rounded to bf16 as eager, softmax in fp32, "
               "dW and db summed over chunks in fp32 and rounded once",
     "cuda": "as triton (cuBLAS GEMMs, dW with fp32 output)",
@@ -61,7 +60,7 @@ def _version(package: str) -> str | None:
         return None
 
 
-def gathered_loss(contestant: str):
+def gathered_loss(contestant: str, smoke: bool):
     """``fn(rows, weight, bias, labels) -> mean loss`` on gathered rows, or why it cannot run here."""
     if contestant.startswith("liger"):
         try:
@@ -81,7 +80,8 @@ def gathered_loss(contestant: str):
             return f"cut-cross-entropy is not importable ({error})"
         return lambda h, w, b, y: linear_cross_entropy(h, w, y, bias=b)
     if contestant == "eager-compiled":
-        return torch.compile(lambda h, w, b, y: F.cross_entropy(F.linear(h, w, b).float(), y))
+        return torch.compile(lambda h, w, b, y: F.cross_entropy(F.linear(h, w, b).float(), y),
+                             **({"backend": "eager"} if smoke else {}))
     return lambda h, w, b, y: masked_lm_cross_entropy(h, w, b, y, backend=contestant)
 
 
@@ -92,62 +92,86 @@ def _skip_unless_backend_takes(backend: str, **inputs) -> None:
             pytest.skip(f"{backend}: {'; '.join(why)}")
 
 
-def _masks(batch: int) -> torch.Tensor:
-    return MaskingGenerator((14, 14), NUM_MASKED, seed=0).batch(batch).reshape(batch, SEQ).cuda()
+def _case(smoke: bool, batch: int, dim: int) -> dict:
+    shape = SHAPES["smoke" if smoke else "full"]
+    if smoke:
+        batch, dim = shape["batch"], shape["dim"]
+    return dict(shape, batch=batch, dim=dim)
 
 
-def _record(record_result, measure, case, contestant, batch, dim, rows, forward_backward):
+def _masks(case: dict, device: torch.device) -> torch.Tensor:
+    grid = (case["grid"], case["grid"])
+    generator = MaskingGenerator(grid, case["num_masked"], min_num_patches=case["min_block"], seed=0)
+    return generator.batch(case["batch"]).reshape(case["batch"], -1).to(device)
+
+
+def _record(record_result, measure, name, contestant, case, rows, forward_backward, on_gpu):
     grads = forward_backward()
     grad_bytes = sum(g.numel() * g.element_size() for g in grads)
     del grads
     ms, peak = measure(forward_backward)
     package = PEER_PACKAGES.get(contestant)
     record_result(
-        "cross_entropy", case=case, backend=contestant, mode="fwd+bwd", batch=batch, rows=rows, dim=dim,
-        vocab=VOCAB, ms=ms, peak_memory_bytes=peak, extra_memory_bytes=peak - grad_bytes,
-        eager_logits_bytes=rows * VOCAB * 6, precision=PRECISION[contestant],
-        peer_version=_version(package) if package else None,
+        "cross_entropy", case=name, backend=contestant, mode="fwd+bwd", batch=case["batch"], rows=rows,
+        dim=case["dim"], vocab=case["vocab"], ms=ms, peak_memory_bytes=peak if on_gpu else None,
+        extra_memory_bytes=peak - grad_bytes if on_gpu else None, eager_logits_bytes=rows * case["vocab"] * 6,
+        numerics=NUMERICS[contestant], peer_version=_version(package) if package else None,
     )
     assert ms > 0
+
+
+def _skip_in_smoke(smoke: bool, batch: int, dim: int) -> None:
+    if smoke and (batch, dim) != (128, 768):
+        pytest.skip("smoke mode runs one tiny configuration per contestant")
 
 
 @pytest.mark.parametrize("dim", [768, 1024])
 @pytest.mark.parametrize("batch", [128, 256])
 @pytest.mark.parametrize("contestant", GATHERED)
-def test_cross_entropy_gathered(contestant, batch, dim, record_result, measure):
-    on = dict(device="cuda", dtype=torch.bfloat16)
-    mask = _masks(batch)
+def test_cross_entropy_gathered(contestant, batch, dim, bench_device, smoke, record_result, measure):
+    _skip_in_smoke(smoke, batch, dim)
+    case = _case(smoke, batch, dim)
+    on = dict(device=bench_device, dtype=torch.bfloat16)
+    mask = _masks(case, bench_device)
+    vocab, dim = case["vocab"], case["dim"]
     rows = torch.randn(int(mask.sum()), dim, **on).requires_grad_()
-    weight = (torch.randn(VOCAB, dim, **on) * dim ** -0.5).requires_grad_()
-    bias = (torch.randn(VOCAB, **on) * 0.02).requires_grad_()
-    labels = torch.randint(0, VOCAB, (rows.shape[0],), device="cuda")
+    weight = (torch.randn(vocab, dim, **on) * dim ** -0.5).requires_grad_()
+    bias = (torch.randn(vocab, **on) * 0.02).requires_grad_()
+    labels = torch.randint(0, vocab, (rows.shape[0],), device=bench_device)
     _skip_unless_backend_takes(contestant, hidden=rows, weight=weight, bias=bias, labels=labels, mask=None)
-    fn = gathered_loss(contestant)
+    fn = gathered_loss(contestant, smoke)
     if isinstance(fn, str):
         pytest.skip(fn)
     params = [rows, weight, bias]
-    _record(record_result, measure, "gathered", contestant, batch, dim, rows.shape[0],
-            lambda: torch.autograd.grad(fn(rows, weight, bias, labels), params))
+    _record(record_result, measure, "gathered", contestant, case, rows.shape[0],
+            lambda: torch.autograd.grad(fn(rows, weight, bias, labels), params), bench_device.type == "cuda")
 
 
 @pytest.mark.parametrize("dim", [768, 1024])
 @pytest.mark.parametrize("batch", [128, 256])
 @pytest.mark.parametrize("contestant", MODEL)
-def test_cross_entropy_model(contestant, batch, dim, record_result, measure):
-    tokens = torch.randn(batch, SEQ + 1, dim, device="cuda", requires_grad=True)
-    weight = (torch.randn(VOCAB, dim, device="cuda") * dim ** -0.5).requires_grad_()
-    bias = torch.zeros(VOCAB, device="cuda", requires_grad=True)
-    mask = _masks(batch)
-    labels = torch.randint(0, VOCAB, (batch, SEQ), device="cuda")
-    with torch.autocast("cuda", dtype=torch.bfloat16):
+def test_cross_entropy_model(contestant, batch, dim, bench_device, smoke, record_result, measure):
+    _skip_in_smoke(smoke, batch, dim)
+    case = _case(smoke, batch, dim)
+    vocab, dim = case["vocab"], case["dim"]
+    mask = _masks(case, bench_device)
+    tokens = torch.randn(case["batch"], mask.shape[1] + 1, dim, device=bench_device, requires_grad=True)
+    weight = (torch.randn(vocab, dim, device=bench_device) * dim ** -0.5).requires_grad_()
+    bias = torch.zeros(vocab, device=bench_device, requires_grad=True)
+    labels = torch.randint(0, vocab, mask.shape, device=bench_device)
+    def autocast():
+        return torch.autocast(bench_device.type, dtype=torch.bfloat16)
+
+    with autocast():
         _skip_unless_backend_takes(contestant, hidden=tokens[:, 1:], weight=weight, bias=bias, labels=labels,
                                    mask=mask)
     params = [tokens, weight, bias]
 
     def forward_backward():
         # The view is taken inside, as the model does, so its backward is part of the timing.
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with autocast():
             loss = masked_lm_cross_entropy(tokens[:, 1:], weight, bias, labels, mask, backend=contestant)
         return torch.autograd.grad(loss, params)
 
-    _record(record_result, measure, "model", contestant, batch, dim, int(mask.sum()), forward_backward)
+    _record(record_result, measure, "model", contestant, case, int(mask.sum()), forward_backward,
+            bench_device.type == "cuda")
