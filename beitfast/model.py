@@ -169,8 +169,8 @@ class Block(nn.Module):
         Under autocast the LayerNorm outputs are cast to the autocast dtype, which the next linear
         layer does anyway (same numerics; a fused LayerNorm then writes 16-bit activations). The
         residual stream stays float32 as in the official code (``gamma * y`` promotes) unless
-        ``residual_dtype="autocast"``; the branch ``gamma * y * scale`` is computed in float32 either
-        way and rounded once when added to a 16-bit stream.
+        ``residual_dtype="autocast"``; then the branch ``gamma * y * scale`` is still computed in
+        float32 and rounded once, when added to the 16-bit stream.
         """
         compute = _autocast_dtype(x)
         keep = self.residual_in_autocast_dtype and compute is not None
