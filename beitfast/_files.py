@@ -264,7 +264,9 @@ def read_torch_file(path: str | os.PathLike, safe_globals: Iterable = (), passth
             return torch.load(os.fspath(path), **kwargs)
     except (PermissionError, FileNotFoundError, IsADirectoryError, *passthrough):
         raise
-    # What torch.load raises for damaged files (the zip reader's OSError and RuntimeError, the unpickler's).
+    # What torch.load raises for damaged files (the zip reader's OSError and RuntimeError, the unpickler's,
+    # the assertions of torch's persistent-id loader).
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, KeyError, ValueError, TypeError,
-            AttributeError, IndexError, OverflowError, UnicodeDecodeError, MemoryError) as error:
+            AttributeError, IndexError, OverflowError, UnicodeDecodeError, MemoryError,
+            AssertionError) as error:
         raise FileIntegrityError(path, _unreadable(error)) from error

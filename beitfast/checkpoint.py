@@ -43,8 +43,8 @@ import torch
 import torch.nn.functional as F
 
 from ._files import (
-    FileIntegrityError, add_digest, add_safetensors_digest, check_contents, check_not_empty,
-    check_safetensors, read_torch_file, split_digest, write_atomically,
+    FileIntegrityError, add_digest, add_safetensors_digest, check_contents, check_finite, check_not_empty,
+    check_safetensors, read_torch_file, split_digest, verify_digest, write_atomically,
 )
 from .config import BEiTConfig
 from .model import BEiT, num_relative_positions, relative_position_index
@@ -711,9 +711,12 @@ def read_training_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     has one: files of older versions do not) and finite model and optimizer values. A damaged file is a
     :class:`FileIntegrityError`, another kind of file a ``ValueError``."""
     payload, digest = split_digest(read_torch_file(path))
-    if not isinstance(payload, dict) or payload.get("format") != TRAIN_CHECKPOINT_FORMAT:
-        raise ValueError(f"resume: {str(path)!r} is not a beitfast training checkpoint")
-    check_contents(path, payload, digest)
+    verify_digest(path, payload, digest)  # first: a damaged file is reported as damaged, whatever it holds
+    kind = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+    if kind != TRAIN_CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not a beitfast training checkpoint (format {kind!r}, expected "
+                         f"{TRAIN_CHECKPOINT_FORMAT!r})")
+    check_finite(path, payload)
     return payload
 
 
@@ -764,4 +767,8 @@ def load(path: str | os.PathLike, config: BEiTConfig | None = None, strict: bool
     if not path.exists():
         raise FileNotFoundError(f"load: no such file or folder {str(path)!r}")
     payload, stored = _read_file(path)
-    return from_state_dict(payload, config or stored, strict=strict, **overrides)
+    try:
+        state, _ = to_official_names(payload)
+    except (TypeError, ValueError) as error:  # what the file holds is not a BEiT state dict
+        raise ValueError(f"{path}: {error}") from None
+    return from_state_dict(state, config or stored, strict=strict, **overrides)
