@@ -115,19 +115,25 @@ def attention_scenarios():
 def cross_entropy_scenarios():
     from beitfast import ops
 
+    def run(dtype, autocast, reduction="mean", grad=True):
+        hidden = _empty(B, N - 1, D, dtype=dtype)
+        weight, bias = _empty(V, D, dtype=dtype), _empty(V, dtype=dtype)
+        labels = torch.zeros(B, N - 1, dtype=torch.long)
+        mask = torch.zeros(B, N - 1, dtype=torch.bool)
+        mask[:, :MASKED] = True
+        with _autocast(autocast), torch.set_grad_enabled(grad):
+            loss = ops.masked_lm_cross_entropy(hidden, weight, bias, labels, mask, reduction=reduction,
+                                               backend="triton")
+        if grad:
+            loss.sum().backward()
+
     # Under bf16 autocast the model passes the fp32 final-norm output and the fp32 lm_head weight;
-    # a bf16 model passes bf16 for both.
+    # a bf16 model passes bf16 for both. Evaluation runs without gradients; per-row losses have
+    # their own backward.
     for dtype, autocast in ((torch.float32, torch.bfloat16), (torch.bfloat16, None)):
-        def run(dtype=dtype, autocast=autocast):
-            hidden = _empty(B, N - 1, D, dtype=dtype)
-            weight, bias = _empty(V, D, dtype=dtype), _empty(V, dtype=dtype)
-            labels = torch.zeros(B, N - 1, dtype=torch.long)
-            mask = torch.zeros(B, N - 1, dtype=torch.bool)
-            mask[:, :MASKED] = True
-            with _autocast(autocast):
-                loss = ops.masked_lm_cross_entropy(hidden, weight, bias, labels, mask, backend="triton")
-            loss.backward()
-        yield f"loss hidden/weight={_name(dtype)} autocast={_name(autocast)}", run
+        yield f"loss hidden/weight={_name(dtype)} autocast={_name(autocast)}", lambda d=dtype, a=autocast: run(d, a)
+    yield "loss fp32 under bf16 autocast, no grad", lambda: run(torch.float32, torch.bfloat16, grad=False)
+    yield "loss bf16 reduction=none", lambda: run(torch.bfloat16, None, reduction="none")
 
 
 def patch_embed_scenarios():
