@@ -101,7 +101,7 @@ def assert_identical(got, expected):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    """A few images, a k-means tokenizer fitted on them and the uninterrupted run."""
+    """A few images and a k-means tokenizer fitted on them: the command's arguments."""
     root = tmp_path_factory.mktemp("resume")
     rng = np.random.default_rng(0)
     (root / "images").mkdir()
@@ -110,16 +110,18 @@ def setup(tmp_path_factory):
     assert main(["tokenizer", "train", "--data", str(root / "images"), "--output", str(root / "tok.safetensors"),
                  "--vocab-size", "16", "--tokenizer-size", "16", "--tokenizer-patch-size", "4",
                  "--tokenizer-images", "48", "--tokenizer-iters", "5"]) == 0
-    args = [*RUN, "--data", str(root / "images"), "--tokenizer", str(root / "tok.safetensors")]
-    code, output = run_command(root, [*args, "--output", str(root / "straight")])
-    assert code == 0, output
-    return root, args, final_state(root / "straight")
+    return root, [*RUN, "--data", str(root / "images"), "--tokenizer", str(root / "tok.safetensors")]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 2])
 def test_kill_and_resume_is_exact(setup, workers):
-    root, args, straight = setup
+    root, args = setup
+    # The uninterrupted run, without workers.
+    code, printed = run_command(root, [*args, "--output", str(root / f"straight-{workers}")])
+    assert code == 0, printed
+    straight = final_state(root / f"straight-{workers}")
+
     output = root / f"killed-{workers}"
     args = [*args, "--workers", str(workers), "--output", str(output)]
 
