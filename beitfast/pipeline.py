@@ -19,7 +19,7 @@ Each operation of the jitter is an affine map of a pixel's RGB values (brightnes
 ``f x + (1 - f) m``, saturation ``f x + (1 - f) grey(x)``) and resampling is linear, so the order
 changes results only through clipping to ``[0, 255]`` and 8-bit rounding. Approximations, whose size
 tests/test_pipeline.py bounds against ``TwoViewTransform`` per image and in distribution: that
-reordering; the contrast mean estimated on a regular 1-in-16 pixel subsample and carried through a
+reordering; the contrast mean estimated on every 16th pixel and carried through a
 brightness drawn before it without clipping; the tokenizer view reduced from the 224 bicubic view
 rather than resampled from the crop; the DCT-domain reduction of large crops.
 
@@ -39,7 +39,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageStat
+from PIL import Image
 
 from .data import (IMAGENET_MEAN, IMAGENET_STD, JITTER_OPERATIONS, DecodeError, TwoViewTransform, apply_color_jitter,
                    batch_masks, decode_rgb)
@@ -52,7 +52,7 @@ GREY_WEIGHTS = (0.299, 0.587, 0.114)
 BRIGHTNESS, CONTRAST, SATURATION = (JITTER_OPERATIONS.index(name) for name in ("brightness", "contrast", "saturation"))
 # JPEG decoders scale by 1/2, 1/4 or 1/8 in the DCT domain.
 _DRAFT_REDUCTIONS = (8, 4, 2)
-_MEAN_SUBSAMPLE = 4
+_MEAN_SUBSAMPLE = 16
 
 
 def jitter_stages(jitters: Sequence[Sequence[tuple[int, float]]]) -> tuple[torch.Tensor, ...]:
@@ -93,6 +93,29 @@ def apply_jitter(views: torch.Tensor, stages: tuple[torch.Tensor, ...], grey_mea
     return flat.view(views.shape)
 
 
+def _normalized(pixels: torch.Tensor) -> torch.Tensor:
+    """8-bit ``[B, 3, H, W]`` pixels (any strides) as contiguous float32 normalised with the ImageNet
+    mean and std, in one pass."""
+    mean = torch.tensor(IMAGENET_MEAN, device=pixels.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=pixels.device).view(1, 3, 1, 1)
+    out = torch.empty(pixels.shape, dtype=torch.float32, device=pixels.device)
+    return torch.addcmul(-mean / std, pixels, 1 / (255 * std), out=out)
+
+
+def _banded_product(weights: torch.Tensor, x: torch.Tensor, dim: int, blocks: int = 4) -> torch.Tensor:
+    """``x`` resampled along ``dim`` (-1 or -2) by ``weights`` ``[out, in]``, a band matrix: one product per
+    block of output lines over the input lines that block reaches (a quarter of the dense work)."""
+    parts = []
+    for rows in weights.split(-(-weights.shape[0] // blocks)):
+        used = rows.any(0).nonzero()
+        lines = slice(int(used[0]), int(used[-1]) + 1)
+        if dim == -1:
+            parts.append(x[..., lines] @ rows[:, lines].T)
+        else:
+            parts.append(rows[:, lines] @ x[..., lines, :])
+    return torch.cat(parts, dim=dim)
+
+
 def _normalize_(views: torch.Tensor) -> torch.Tensor:
     """Pixel values in ``[0, 255]`` normalised with the ImageNet mean and std of ``[0, 1]`` values."""
     mean = torch.tensor(IMAGENET_MEAN, device=views.device).view(1, 3, 1, 1) * 255
@@ -100,11 +123,9 @@ def _normalize_(views: torch.Tensor) -> torch.Tensor:
     return views.sub_(mean).div_(std)
 
 
-def _grey_mean(image: Image.Image) -> float:
-    """The grey mean (0-255) of an RGB image, from a regular 1-in-16 pixel subsample."""
-    subsample = image.resize((max(1, image.width // _MEAN_SUBSAMPLE), max(1, image.height // _MEAN_SUBSAMPLE)),
-                             Image.Resampling.NEAREST)
-    return float(np.dot(ImageStat.Stat(subsample).mean, GREY_WEIGHTS))
+def _grey_mean(pixels: torch.Tensor) -> float:
+    """The grey mean (0-255) of contiguous ``[H, W, 3]`` pixels, from every 16th pixel in raster order."""
+    return float(pixels.view(-1, 3)[::_MEAN_SUBSAMPLE].float().mean(0) @ torch.tensor(GREY_WEIGHTS))
 
 
 def _pixels(image: Image.Image) -> torch.Tensor:
@@ -153,31 +174,40 @@ class FastTwoView:
         # Jitter whichever has fewer pixels: the view, or (the official order) the whole image.
         if image.width * image.height <= size * size:
             image, jitter = apply_color_jitter(image, jitter), []
-        grey_mean = _grey_mean(image) if jitter else None
         pixels = _pixels(image)
-        # torch's antialiased bicubic on 8-bit channels-last pixels computes PIL's filter, vectorised.
-        crop = pixels[top:bottom, left:right].permute(2, 0, 1)[None]
+        grey_mean = _grey_mean(pixels) if jitter else None
+        # torch's antialiased bicubic on 8-bit channels-last pixels computes PIL's filter, vectorised; a
+        # channels-last crop gives a channels-last view, which PIL takes without a copy.
+        crop = pixels[top:bottom, left:right].permute(2, 0, 1)[None].contiguous(memory_format=torch.channels_last)
         model_view = torch.nn.functional.interpolate(crop, size=(size, size), mode="bicubic", antialias=True)
-        model_view = apply_color_jitter(Image.fromarray(model_view[0].permute(1, 2, 0).contiguous().numpy()),
-                                        jitter, grey_mean)
-        size = self.transform.tokenizer_size
-        # At half the model view's size or less, reducing the model view adds little blur (BEiT: 224 -> 112).
-        if 2 * size <= self.transform.model_size:
-            tokenizer_view = model_view.resize((size, size), Image.Resampling.LANCZOS)
-        else:
-            tokenizer_view = apply_color_jitter(image.resize((size, size), Image.Resampling.LANCZOS,
-                                                             box=(left, top, right, bottom)), jitter, grey_mean)
-        views = (model_view, tokenizer_view)
+        model_view = apply_color_jitter(Image.fromarray(model_view[0].permute(1, 2, 0).numpy()), jitter, grey_mean)
+        views = [model_view]
+        if not self._tokenizer_view_from_model_view:  # else made by ``finish``, for the whole batch
+            size = self.transform.tokenizer_size
+            views.append(apply_color_jitter(image.resize((size, size), Image.Resampling.LANCZOS,
+                                                         box=(left, top, right, bottom)), jitter, grey_mean))
         if flipped:
-            views = (view.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for view in views)
+            views = [view.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for view in views]
         return tuple(_pixels(view) for view in views)
 
-    @staticmethod
-    def finish(samples) -> tuple[torch.Tensor, torch.Tensor]:
-        model_views, tokenizer_views = (torch.stack(views).permute(0, 3, 1, 2) for views in zip(*samples))
-        model_views = model_views.to(torch.float32, memory_format=torch.contiguous_format)
-        tokenizer_views = tokenizer_views.to(torch.float32, memory_format=torch.contiguous_format)
-        return _normalize_(model_views), tokenizer_views.div_(255)
+    @property
+    def _tokenizer_view_from_model_view(self) -> bool:
+        # At half the model view's size or less, reducing the model view adds little blur (BEiT: 224 -> 112).
+        return 2 * self.transform.tokenizer_size <= self.transform.model_size
+
+    def finish(self, samples) -> tuple[torch.Tensor, torch.Tensor]:
+        model_views, *tokenizer_views = (torch.stack(views).permute(0, 3, 1, 2) for views in zip(*samples))
+        model_views = _normalized(model_views)
+        if tokenizer_views:
+            return model_views, tokenizer_views[0].to(torch.float32, memory_format=torch.contiguous_format).div_(255)
+        # The Lanczos reduction of the batch (PIL's filter, no 8-bit rounding) commutes with the
+        # normalisation (each row of weights sums to 1): reduce the normalised views, then undo it.
+        size, model_size = self.transform.tokenizer_size, self.transform.model_size
+        weights = resampling_matrix(model_size, 0, model_size, size, "lanczos").float()
+        # Vertical first: its blocks are contiguous slices, and the horizontal pass then has half the rows.
+        reduced = _banded_product(weights, _banded_product(weights, model_views, -2), -1)
+        mean, std = (torch.tensor(values).view(1, 3, 1, 1) for values in (IMAGENET_MEAN, IMAGENET_STD))
+        return model_views, reduced.mul_(std).add_(mean).clamp_(0, 1)
 
 
 class FastPretrainSample:

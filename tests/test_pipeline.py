@@ -336,3 +336,19 @@ def test_kmeans_tokens_are_the_nearest_centroids_in_float64():
     assert tokens.shape == (7, 5, 5)
     assert torch.allclose(chosen, best, rtol=0, atol=1e-4)  # equal, or a tie within float32 rounding
     assert (tokens.flatten() == distances.argmin(dim=1)).float().mean() > 0.99
+
+
+@pytest.mark.parametrize("order", [(0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0)])
+def test_table_jitter_is_imageenhance_exactly(order):
+    """apply_color_jitter (tables for brightness and contrast) gives ImageEnhance's pixels exactly."""
+    from PIL import ImageEnhance
+
+    enhancers = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)
+    rng = np.random.default_rng(len(order) * 10 + order[0] * 3 + order[1])
+    for trial in range(3):
+        image = Image.fromarray(rng.integers(0, 256, (11 + trial, 17, 3), dtype=np.uint8))
+        jitter = [(op, float(rng.uniform(0.6, 1.4))) for op in order]
+        expected = image
+        for op, factor in jitter:
+            expected = enhancers[op](expected).enhance(factor)
+        assert np.array_equal(np.asarray(apply_color_jitter(image, jitter)), np.asarray(expected))
