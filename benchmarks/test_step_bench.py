@@ -265,6 +265,8 @@ def run_variant(variant: str, size: str, batch: int, trials: int, steps: int, de
         print(f"{name}: time by region (ms per step)")
         for region, ms in profiled["regions_ms"].items():
             print(f"  {region:<16} {ms:9.3f}")
+        # What the regions do not account for (an idle GPU waiting for the host, unattributed kernels).
+        print(f"  {'sum':<16} {sum(profiled['regions_ms'].values()):9.3f}   timed step: {median_ms:.3f}")
     return row
 
 

@@ -105,3 +105,27 @@ def test_make_tables_fills_the_readme_from_results(tmp_path):
 
 def test_readme_step_table_matches_the_results():
     assert _make_tables().main(["--check"]) == 0, "run python benchmarks/make_tables.py"
+
+
+def test_regions_by_caller_names():
+    from beitfast.profiling import region_of
+
+    cases = {
+        ("Optimizer.step#AdamW.step", "aten::_fused_adamw_"): "optimizer",
+        ("optimizer", "aten::_foreach_norm"): "optimizer",
+        ("data", "aten::copy_"): "data",
+        ("beitfast::masked_patch_embed", "aten::mm"): "patch embedding",  # a fused op owns its GEMMs
+        ("autograd::engine::evaluate_function: ConvolutionBackward0", "aten::convolution_backward"): "patch embedding",
+        ("beitfast::lm_cross_entropy_reduced", "aten::mm"): "loss",
+        ("aten::cross_entropy_loss", "aten::log_softmax"): "loss",
+        ("beitfast::attention_fwd",): "attention",
+        ("aten::matmul", "aten::bmm"): "attention",  # an attention product, not a linear layer
+        ("aten::scaled_dot_product_attention", "aten::_scaled_dot_product_flash_attention"): "attention",
+        ("aten::linear", "aten::addmm"): "linear GEMMs",
+        ("autograd::engine::evaluate_function: AddmmBackward0", "AddmmBackward0", "aten::mm"): "linear GEMMs",
+        ("aten::linear",): "elementwise",  # the wrapper's own overhead, not the GEMM
+        ("aten::native_layer_norm",): "elementwise",
+        ("CompiledFunction", "triton_poi_fused_add_mul_0"): "elementwise",
+    }
+    for names, region in cases.items():
+        assert region_of(list(names)) == region, names
