@@ -16,8 +16,9 @@ or compiled code, and its peak memory is its own):
 * ``timm`` / ``timm-compiled``: timm's BEiT blocks under the same pre-training head.
 
 Every variant: ``cudnn.benchmark`` on; images, masks, labels and the gathered labels or indices a
-baseline needs are made before the timed region (no boolean indexing of ours inside it; Hugging Face
-indexes its own logits with the mask, as its users pay); 3 warm-up steps (compilation), then 5 trials
+baseline needs are made before the timed region, and no variant indexes with a boolean mask inside
+it (Hugging Face's logits are gathered with precomputed row indices, sparing its loss's host sync);
+3 warm-up steps (compilation), then 5 trials
 of 30 steps timed with CUDA events (:func:`beitfast.calibrate.time_trials`): median and spread; the
 first loss must be within 0.5 of ln(vocab) (random labels, small initial logits) and every loss
 finite; peak memory of the process. MFU uses the dense bf16 peak of the exact GPU model (vendor data
@@ -168,8 +169,13 @@ def build(variant: str, config, device: torch.device, smoke: bool):
             raise RuntimeError(f"{variant}: transformers runs attention implementation {actual!r}")
         details["attn_implementation"] = actual
         run = torch.compile(model, **compile_options) if variant.endswith("-compiled") else model
-        return model, lambda b: run(pixel_values=b["images"], bool_masked_pos=b["mask"],
-                                    labels=b["masked_labels"]).loss, details
+
+        def hf_loss(b):  # HF's own loss indexes its logits with the boolean mask (a host sync): not here
+            logits = run(pixel_values=b["images"], bool_masked_pos=b["mask"]).logits  # [B, N, V]
+            return F.cross_entropy(logits.flatten(0, 1).index_select(0, b["masked_rows"]).float(),
+                                   b["masked_labels"])
+
+        return model, hf_loss, details
     if variant.startswith("timm"):
         model = TimmStyleMIM(config).to(device)
         run = torch.compile(model, **compile_options) if variant.endswith("-compiled") else model
