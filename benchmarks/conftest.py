@@ -7,7 +7,8 @@ Options:
   when one is given, never to ``benchmarks/results/``.
 * ``--profile``: every benchmark that measures also writes a ``torch.profiler`` trace
   (``<test>.trace.json``, Chrome/Perfetto), its top ops (``<test>.kernels.txt``) and the time by
-  region (``<test>.regions.json``, see :mod:`beitfast.profiling`) to ``<results dir>/profiles/``.
+  region (``<test>.regions.json``, see :mod:`beitfast.profiling`) to ``--profile-dir`` (default
+  ``<results dir>/profiles/``).
 * ``--results-dir``: where result rows go (default ``benchmarks/results``).
 
 Fixtures:
@@ -64,6 +65,7 @@ def pytest_addoption(parser):
                     help="write a torch.profiler trace, a top-ops table and the time by region per benchmark")
     group.addoption("--results-dir", default=None,
                     help="where result rows (and profiles) go; default benchmarks/results")
+    group.addoption("--profile-dir", default=None, help="where --profile writes; default <results dir>/profiles")
 
 
 def results_dir(config) -> Path | None:
@@ -180,10 +182,12 @@ def profile_name(nodeid: str) -> str:
 
 @pytest.fixture
 def profile_dir(request, tmp_path_factory) -> Path | None:
-    """``<results dir>/profiles`` under ``--profile`` (a temporary folder in smoke mode without a
-    results dir), else None."""
+    """``--profile-dir`` or ``<results dir>/profiles`` under ``--profile`` (a temporary folder in
+    smoke mode without either), else None."""
     if not request.config.getoption("--profile"):
         return None
+    if request.config.getoption("--profile-dir"):
+        return Path(request.config.getoption("--profile-dir"))
     folder = results_dir(request.config)
     if folder is None:
         folder = tmp_path_factory.mktemp("benchmark-results")

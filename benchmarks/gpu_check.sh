@@ -7,6 +7,8 @@
 # (liger-kernel, cut-cross-entropy, torchao) travel as wheels in .whl/ (see DEVELOPERS.md).
 # BUDGET_S (default 470) bounds the whole run: a phase that would start too late is skipped and
 # logged, never cut half way. GPU_CHECK_TESTS=1 also runs the GPU tests (they need more time).
+# STEP_VARIANTS (space-separated) replaces the step variants after beitfast and beitfast-fp8; OPS=0
+# skips the op benchmarks: a second call can measure what the first had no time for.
 # Not run yet on a GPU: the phase durations below are estimates, not measurements.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -39,21 +41,26 @@ log "build"
 BEITFAST_CUDA_ARCHS=${BEITFAST_CUDA_ARCHS:-90a} MAX_JOBS=${MAX_JOBS:-16} \
     python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -20 | tee -a "$OUT/log"
 
-BENCH="python3 -m pytest -q -p no:cacheprovider --profile --benchmark-json"
+# Profiles (traces of tens of MB) go to $OUT, not into the results to commit.
+BENCH="python3 -m pytest -q -p no:cacheprovider --profile --profile-dir $OUT/profiles --benchmark-json"
 STEP="benchmarks/test_step_bench.py::test_pretrain_step"
 # The fast path with fp8 in one session (the fp8 loss curve is compared with the bf16 one), then each
 # baseline eager and compiled, then our other variants.
-run_phase "step beitfast, beitfast-fp8" 120 $BENCH "$OUT/step-beitfast.benchmark.json" \
-    "$STEP[beitfast-base-128]" "$STEP[beitfast-fp8-base-128]"
-for variant in hf-sdpa hf-sdpa-compiled timm timm-compiled beitfast-unfused beitfast-compiled; do
+if [[ -z "${STEP_VARIANTS:-}" ]]; then
+    run_phase "step beitfast, beitfast-fp8" 120 $BENCH "$OUT/step-beitfast.benchmark.json" \
+        "$STEP[beitfast-base-128]" "$STEP[beitfast-fp8-base-128]"
+fi
+for variant in ${STEP_VARIANTS:-hf-sdpa hf-sdpa-compiled timm timm-compiled beitfast-unfused beitfast-compiled}; do
     run_phase "step $variant" 60 $BENCH "$OUT/step-$variant.benchmark.json" "$STEP[$variant-base-128]"
 done
-run_phase "patch embedding" 30 $BENCH "$OUT/patch_embed.benchmark.json" benchmarks/test_patch_embed_bench.py \
-    -k "224 and autocast"
-run_phase "cross-entropy" 40 $BENCH "$OUT/cross_entropy.benchmark.json" benchmarks/test_cross_entropy_bench.py \
-    -k "128 and 768"
-run_phase "attention" 40 $BENCH "$OUT/attention.benchmark.json" benchmarks/test_attention_bench.py -k "beit-b-224"
-run_phase "masking" 20 $BENCH "$OUT/masking.benchmark.json" benchmarks/test_masking_bench.py
+if [[ "${OPS:-1}" == 1 ]]; then
+    run_phase "patch embedding" 30 $BENCH "$OUT/patch_embed.benchmark.json" \
+        benchmarks/test_patch_embed_bench.py -k "224 and autocast"
+    run_phase "cross-entropy" 40 $BENCH "$OUT/cross_entropy.benchmark.json" \
+        benchmarks/test_cross_entropy_bench.py -k "128 and 768"
+    run_phase "attention" 40 $BENCH "$OUT/attention.benchmark.json" benchmarks/test_attention_bench.py -k "beit-b-224"
+    run_phase "masking" 20 $BENCH "$OUT/masking.benchmark.json" benchmarks/test_masking_bench.py
+fi
 if [[ "${GPU_CHECK_TESTS:-0}" == 1 ]]; then
     run_phase "tests (GPU: triton kernels compiled, CUDA backends, bf16)" 120 python3 -m pytest tests -q -p no:cacheprovider
 fi
