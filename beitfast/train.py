@@ -48,6 +48,7 @@ from .data import (
     pretrain_stream,
 )
 from .model import BEiT
+from .ops.cross_entropy import invalid_label_count, reset_invalid_label_count
 
 __all__ = [
     "TrainConfig", "Trainer", "NonFiniteLossError", "cosine_schedule", "layer_id", "param_groups",
@@ -703,9 +704,15 @@ class Trainer:
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
                 if hasattr(grad_norm, "full_tensor"):  # FSDP: a sharded norm
                     grad_norm = grad_norm.full_tensor()
-                # One host synchronisation per step brings back every number the record needs.
-                loss_value, accuracy_value, grad_norm_value = torch.stack(
-                    [loss, accuracy, grad_norm.to(loss.device, torch.float32)]).tolist()
+                # One host synchronisation per step brings back every number the record needs, the
+                # count of masked tokens whose label the fused loss had to ignore included.
+                numbers = [loss, accuracy, grad_norm.to(loss.device, torch.float32),
+                           invalid_label_count(loss.device).to(torch.float32)]
+                loss_value, accuracy_value, grad_norm_value, invalid_value = torch.stack(numbers).tolist()
+                if invalid_value:
+                    reset_invalid_label_count()
+                    self._log(f"warning: step {step + 1}: {int(invalid_value)} masked token(s) had a label outside "
+                              f"[0, vocab_size) and were ignored by the loss (set BEITFAST_CHECKS=1 to stop there)")
                 if not math.isfinite(loss_value):
                     where = self._last_good_checkpoint()
                     raise NonFiniteLossError(
@@ -716,7 +723,7 @@ class Trainer:
                 self.step = step + 1
                 elapsed = time.perf_counter() - tick
                 record = {"step": self.step, "loss": loss_value, "accuracy": accuracy_value, "lr": lr,
-                          "weight_decay": wd, "grad_norm": grad_norm_value,
+                          "weight_decay": wd, "grad_norm": grad_norm_value, "invalid_labels": int(invalid_value),
                           "images_per_s": c.batch_size / elapsed, "elapsed_s": time.perf_counter() - started}
                 records.append(record)
                 if self.ctx.is_main:

@@ -206,6 +206,23 @@ def test_progress_lines_and_resume_notice(tmp_path, capsys):
     assert step_lines(printed) == ["pretrain step 4/6", "pretrain step 6/6"]
 
 
+def test_ignored_invalid_labels_are_reported(tmp_path, monkeypatch, capsys):
+    # On a GPU the fused losses ignore a masked token whose label lies outside [0, V) and count it on the
+    # device (no host sync); the trainer reads the count in its one sync per step. On CPU such a label
+    # is an error at once, so the device counter is stood in for here: 3 at step 2, none elsewhere.
+    import beitfast.train as train_module
+
+    counts = iter([0, 3, 0, 0, 0, 0])
+    resets = []
+    monkeypatch.setattr(train_module, "invalid_label_count", lambda device: torch.tensor(next(counts)))
+    monkeypatch.setattr(train_module, "reset_invalid_label_count", lambda: resets.append(True))
+    _, records = run_pretrain(tmp_path, steps=4, checkpoint_every=4)
+    assert [r["invalid_labels"] for r in records] == [0, 3, 0, 0]
+    assert resets == [True]
+    warnings = [line for line in capsys.readouterr().out.splitlines() if "outside [0, vocab_size)" in line]
+    assert len(warnings) == 1 and "step 2: 3 masked token(s)" in warnings[0]
+
+
 class NaNAtStep(MaskedImageModeling):
     def __init__(self, tokenizer, bad_call):
         super().__init__(tokenizer)
