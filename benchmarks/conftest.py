@@ -65,7 +65,8 @@ def pytest_addoption(parser):
                     help="write a torch.profiler trace, a top-ops table and the time by region per benchmark")
     group.addoption("--results-dir", default=None,
                     help="where result rows (and profiles) go; default benchmarks/results")
-    group.addoption("--profile-dir", default=None, help="where --profile writes; default <results dir>/profiles")
+    group.addoption("--profile-dir", default=None,
+                    help="where --profile writes; default <results dir>/profiles")
 
 
 def results_dir(config) -> Path | None:

@@ -56,7 +56,8 @@ def embed_fn(backend: str, patch: int, smoke: bool):
 @pytest.mark.parametrize("precision", ["autocast", "bf16"])
 @pytest.mark.parametrize("size", [224, 384])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_patch_embed(backend, size, precision, mode, bench_device, smoke, record_result, measure, training_modes):
+def test_patch_embed(backend, size, precision, mode, bench_device, smoke, record_result, measure,
+                     training_modes):
     if smoke and (size, precision) != (224, "autocast"):
         pytest.skip("smoke mode runs one tiny configuration per backend")
     shape = SHAPES["smoke" if smoke else "full"]

@@ -138,10 +138,10 @@ def build(variant: str, config, device: torch.device, smoke: bool):
     details: dict = {}
     if variant.startswith("beitfast"):
         fused = variant in ("beitfast", "beitfast-fp8", "beitfast-checkpointed")
-        model = beitfast.BEiT(config.replace(kernels="eager" if variant == "beitfast-eager" else "auto",
-                                             fuse_blocks="auto" if fused else "off",
-                                             checkpoint_blocks=-1 if variant == "beitfast-checkpointed" else 0)
-                              ).to(device)
+        options = {"kernels": "eager" if variant == "beitfast-eager" else "auto",
+                   "fuse_blocks": "auto" if fused else "off",
+                   "checkpoint_blocks": -1 if variant == "beitfast-checkpointed" else 0}
+        model = beitfast.BEiT(config.replace(**options)).to(device)
         if variant == "beitfast-fp8":
             from beitfast.train import float8_training
 
@@ -242,7 +242,8 @@ def run_variant(variant: str, size: str, batch: int, trials: int, steps: int, de
     row = {
         "variant": variant, "model": f"beit-{size}" if not smoke else "beit-smoke", "batch": batch,
         "trials": trials, "steps_per_trial": steps, "warmup_steps": WARMUP_STEPS,
-        "step_ms_per_trial": times, "step_ms": median_ms, "step_ms_min": min(times), "step_ms_max": max(times),
+        "step_ms_per_trial": times, "step_ms": median_ms, "step_ms_min": min(times),
+        "step_ms_max": max(times),
         "images_per_s": batch / median_ms * 1e3, "images_per_s_min": batch / max(times) * 1e3,
         "images_per_s_max": batch / min(times) * 1e3, "peak_memory_bytes": peak,
         "first_loss": curve[0], "expected_first_loss": expected,
@@ -263,7 +264,9 @@ def run_variant(variant: str, size: str, batch: int, trials: int, steps: int, de
                 inputs["images"] = host_images.to(device, non_blocking=True)
             step()
 
-        host_images = inputs["images"].cpu().pin_memory() if device.type == "cuda" else inputs["images"].clone()
+        host_images = inputs["images"].cpu()
+        if device.type == "cuda":
+            host_images = host_images.pin_memory()
         name = f"step-{variant}-{row['model']}-b{batch}"
         profiled = profile_calls(data_and_step, 3, profile_dir, name, device.type)
         row["regions_ms"] = profiled["regions_ms"]
@@ -289,7 +292,8 @@ def run_in_subprocess(variant, size, batch, trials, steps, smoke, profile_dir, t
     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
     print(done.stdout[-4000:], done.stderr[-4000:], sep="\n")
     if done.returncode != 0:
-        raise RuntimeError(f"{variant}: the benchmark process failed ({done.returncode}):\n{done.stderr[-3000:]}")
+        raise RuntimeError(f"{variant}: the benchmark process failed ({done.returncode}):\n"
+                           f"{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -308,8 +312,8 @@ def test_pretrain_step(variant, size, batch, bench_device, smoke, record_result,
         row = run_variant(variant, size, SMOKE_BATCH, 2, 2, bench_device, smoke, profile_dir)
     else:
         trials, steps = (2, 2) if smoke else (TRIALS, STEPS_PER_TRIAL)
-        row = run_in_subprocess(variant, size, SMOKE_BATCH if smoke else batch, trials, steps, smoke, profile_dir,
-                                timeout=300 if smoke else 600)
+        row = run_in_subprocess(variant, size, SMOKE_BATCH if smoke else batch, trials, steps, smoke,
+                                profile_dir, timeout=300 if smoke else 600)
     if "skipped" in row:
         pytest.skip(row["skipped"])
     key = (row["model"], row["batch"])
@@ -322,7 +326,8 @@ def test_pretrain_step(variant, size, batch, bench_device, smoke, record_result,
     report_trials(row["step_ms_per_trial"], variant=variant, model=row["model"], batch=row["batch"],
                   images_per_s=row["images_per_s"])
     record_result("pretrain_step", **row)
-    assert row["loss_ok"], f"{variant}: first loss {row['first_loss']:.3f}, expected ~{row['expected_first_loss']:.3f}"
+    assert row["loss_ok"], (f"{variant}: first loss {row['first_loss']:.3f}, "
+                            f"expected ~{row['expected_first_loss']:.3f}")
     if profile_dir is not None:
         assert Path(row["profile_trace"]).exists()
 
@@ -345,7 +350,7 @@ def test_largest_batch(variant, size, record_result):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="One step-benchmark variant in this process; prints its JSON row.")
+    parser = argparse.ArgumentParser(description="One variant of the step benchmark; prints its row.")
     parser.add_argument("--variant", required=True, choices=VARIANTS)
     parser.add_argument("--size", default="base", choices=SIZES)
     parser.add_argument("--batch", type=int, default=128)
@@ -357,7 +362,8 @@ def main() -> None:
     if args.smoke:
         torch.set_num_threads(1)
     device = torch.device("cpu" if args.smoke else "cuda")
-    row = run_variant(args.variant, args.size, args.batch, args.trials, args.steps, device, args.smoke, args.profile)
+    row = run_variant(args.variant, args.size, args.batch, args.trials, args.steps, device, args.smoke,
+                      args.profile)
     print(json.dumps(row))
 
 

@@ -207,7 +207,8 @@ def test_fast_step_options_are_checked():
 
 def _train_helpers():
     """The stand-in tokenizer and photos of tests/test_train.py (one definition of each)."""
-    spec = importlib.util.spec_from_file_location("train_test_helpers", Path(__file__).with_name("test_train.py"))
+    path = Path(__file__).with_name("test_train.py")
+    spec = importlib.util.spec_from_file_location("train_test_helpers", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -217,7 +218,8 @@ def run(tmp_path, name, **train_overrides):
     helpers = _train_helpers()
     config = TrainConfig(output_dir=str(tmp_path / name), steps=3, batch_size=4, warmup_steps=1, lr=2e-3,
                          checkpoint_every=3, progress=False, **train_overrides)
-    model, records = pretrain(helpers.tiny_config(), helpers.MeanBrightnessTokenizer(), helpers.photos(), config)
+    model, records = pretrain(helpers.tiny_config(), helpers.MeanBrightnessTokenizer(), helpers.photos(),
+                              config)
     return model, [r["loss"] for r in records]
 
 

@@ -22,14 +22,14 @@ def _free_port() -> int:
 def _run(output: str, **overrides):
     from tests.test_train import MeanBrightnessTokenizer, photos, tiny_config
 
-    config = TrainConfig(output_dir=output, steps=4, batch_size=4, warmup_steps=1, lr=2e-3, checkpoint_every=2,
-                         progress=False, **overrides)
+    config = TrainConfig(output_dir=output, steps=4, batch_size=4, warmup_steps=1, lr=2e-3,
+                         checkpoint_every=2, progress=False, **overrides)
     return pretrain(tiny_config(drop_path_rate=0.0), MeanBrightnessTokenizer(), photos(), config)
 
 
 def _fsdp_worker(rank, world_size, port, output):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     import torch.distributed as dist
 
