@@ -9,8 +9,8 @@ ImageNet's typical 500x375), read from a folder as in training. Paths:
 * ``device-<type>``: ``DeviceTwoView`` on the device (nvJPEG and matrix-product resampling on a GPU),
   fed the encoded files; measured on a GPU only unless asked for (on CPU it is a test reference).
 
-``images_per_s_per_core`` is measured in this process with one thread, the host paths timed batch by
-batch in turn; ``images_per_s`` with ``workers`` DataLoader processes of one thread each (the host
+``images_per_s_per_core`` is measured in this process with one thread (the median batch time, the host
+paths timed batch by batch in turn); ``images_per_s`` with ``workers`` DataLoader processes of one thread each (the host
 paths), or as the per-core rate for the device path, whose host side is this one thread.
 """
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import random
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -48,22 +49,23 @@ def _one_thread(worker_id: int) -> None:
 
 
 def _per_core_rates(streams: list[BatchStream], batches: int) -> list[float]:
-    """Images/s of each stream in this process with one thread, timed batch by batch in turn so that a
-    change of the machine's load affects every path alike."""
+    """Images/s of each stream in this process with one thread: the batch size over the median time of
+    a batch, the streams timed batch by batch in turn, so that load from other processes on the machine
+    hits every path alike and its bursts do not decide the result."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    seconds = [0.0] * len(streams)
+    seconds: list[list[float]] = [[] for _ in streams]
     try:
         for stream in streams:
             stream.batch(0)  # warm-up: lazy imports, first allocations
         for step in range(1, batches + 1):
-            for k, stream in enumerate(streams):
+            for times, stream in zip(seconds, streams):
                 started = time.perf_counter()
                 stream.batch(step)
-                seconds[k] += time.perf_counter() - started
+                times.append(time.perf_counter() - started)
     finally:
         torch.set_num_threads(threads)
-    return [batches * stream.local_batch_size / s for stream, s in zip(streams, seconds)]
+    return [stream.local_batch_size / statistics.median(times) for stream, times in zip(streams, seconds)]
 
 
 def _total_rate(stream: BatchStream, batches: int, workers: int) -> float:

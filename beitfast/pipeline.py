@@ -243,19 +243,34 @@ def _lanczos(x: torch.Tensor) -> torch.Tensor:
 _FILTERS = {"bicubic": (_bicubic, 2.0), "lanczos": (_lanczos, 3.0)}
 
 
-def resampling_matrix(in_size: int, start: float, end: float, out_size: int, kind: str,
-                      device: torch.device | str | None = None) -> torch.Tensor:
-    """``[out_size, in_size]`` float64 weights resampling the span ``[start, end)`` of a line of
-    ``in_size`` pixels to ``out_size`` pixels as PIL's ``resize(box=...)`` does (its filters, widened
-    by the reduction factor when shrinking, so antialiased; each row normalised)."""
-    kernel, support = _FILTERS[kind]
+def _filter_extent(start: float, end: float, out_size: int, kind: str) -> tuple[float, float, float]:
+    """``(scale, filter scale, support)`` of resampling ``[start, end)`` to ``out_size`` pixels."""
     scale = (end - start) / out_size
     filter_scale = max(scale, 1.0)
-    support *= filter_scale
+    return scale, filter_scale, _FILTERS[kind][1] * filter_scale
+
+
+def reached_lines(in_size: int, start: float, end: float, out_size: int, kind: str) -> range:
+    """The input lines ``resampling_matrix`` gives weight to (computed on the host, no tensors)."""
+    scale, _, support = _filter_extent(start, end, out_size, kind)
+    first = max(math.floor(start + 0.5 * scale - support + 0.5), 0)
+    last = min(math.floor(start + (out_size - 0.5) * scale + support + 0.5), in_size)
+    return range(first, last)
+
+
+def resampling_matrix(in_size: int, start: float, end: float, out_size: int, kind: str,
+                      device: torch.device | str | None = None, lines: range | None = None) -> torch.Tensor:
+    """``[out_size, len(lines)]`` float64 weights resampling the span ``[start, end)`` of a line of
+    ``in_size`` pixels to ``out_size`` pixels as PIL's ``resize(box=...)`` does (its filters, widened
+    by the reduction factor when shrinking, so antialiased; each row normalised), for the input
+    ``lines`` (default: all; ``reached_lines`` has every line with a weight)."""
+    kernel = _FILTERS[kind][0]
+    scale, filter_scale, support = _filter_extent(start, end, out_size, kind)
+    lines = range(in_size) if lines is None else lines
     centre = start + (torch.arange(out_size, dtype=torch.float64, device=device) + 0.5) * scale
     first = (centre - support + 0.5).floor().clamp_min(0)
     last = (centre + support + 0.5).floor().clamp_max(in_size)  # exclusive
-    x = torch.arange(in_size, dtype=torch.float64, device=device)
+    x = torch.arange(lines.start, lines.stop, dtype=torch.float64, device=device)
     weights = kernel((x[None, :] - centre[:, None] + 0.5) / filter_scale)
     weights = weights * ((x[None, :] >= first[:, None]) & (x[None, :] < last[:, None]))
     return weights / weights.sum(dim=1, keepdim=True)
@@ -263,12 +278,11 @@ def resampling_matrix(in_size: int, start: float, end: float, out_size: int, kin
 
 def _resampling_lines(in_size: int, start: int, length: int, size: int, kind: str, device, dtype
                       ) -> tuple[torch.Tensor, slice]:
-    """The resampling weights (built on the host: no synchronisation) restricted to the input lines the
-    filters reach, on ``device``, and those lines."""
-    weights = resampling_matrix(in_size, start, start + length, size, kind)
-    used = weights.any(0).nonzero()
-    lines = slice(int(used[0]), int(used[-1]) + 1)
-    return weights[:, lines].to(device, dtype, non_blocking=True), lines
+    """The resampling weights, built on ``device`` for the input lines the filters reach only (their
+    extent is computed on the host: no synchronisation), and those lines."""
+    lines = reached_lines(in_size, start, start + length, size, kind)
+    weights = resampling_matrix(in_size, start, start + length, size, kind, device, lines).to(dtype)
+    return weights, slice(lines.start, lines.stop)
 
 
 def resample(image: torch.Tensor, box: tuple[int, int, int, int], size: int, kind: str, flip: bool = False,
@@ -292,8 +306,7 @@ class DeviceTwoView:
     ``random.Random`` per image, and returns ``([B, 3, S, S] normalised, [B, 3, s, s] in [0, 1])`` on
     ``device``, drawing exactly what ``TwoViewTransform`` draws.
 
-    Resampling is two matrix products per view (``resampling_matrix``, PIL's filters, no rounding to 8
-    bits between the passes); the flip is the model view's column order; the jitter is
+    Resampling is two matrix products per view (``resample``: PIL's filters and 8-bit passes); the flip is the model view's column order; the jitter is
     ``apply_jitter``, the contrast mean the exact grey mean of the decoded image.
     """
 

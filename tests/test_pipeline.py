@@ -352,3 +352,15 @@ def test_table_jitter_is_imageenhance_exactly(order):
         for op, factor in jitter:
             expected = enhancers[op](expected).enhance(factor)
         assert np.array_equal(np.asarray(apply_color_jitter(image, jitter)), np.asarray(expected))
+
+
+@pytest.mark.parametrize("start,end,out_size", [(3, 50, 19), (0, 61, 61), (7, 20, 45), (0.5, 60.25, 7)])
+@pytest.mark.parametrize("kind", ["bicubic", "lanczos"])
+def test_reached_lines_hold_every_weight(start, end, out_size, kind):
+    from beitfast.pipeline import reached_lines
+
+    full = resampling_matrix(61, start, end, out_size, kind)
+    lines = reached_lines(61, start, end, out_size, kind)
+    assert full[:, :lines.start].abs().sum() == 0 and full[:, lines.stop:].abs().sum() == 0
+    restricted = resampling_matrix(61, start, end, out_size, kind, lines=lines)
+    assert torch.allclose(restricted, full[:, lines.start:lines.stop], rtol=0, atol=1e-12)
