@@ -202,8 +202,11 @@ def _residual_add(x, y, gamma, scale, keep_dtype: bool):
 def _compiled_block_body():
     """``Block.body`` through Inductor, shared by every block (parameters are graph inputs): LayerNorm
     with its cast, bias + GELU, and layer scale + drop path + residual become one kernel each; the
-    fused ops stay single nodes."""
-    return torch.compile(Block.body, fullgraph=True)
+    fused ops stay single nodes. The body compiles as one graph (tests/test_fast_step.py checks it
+    with ``fullgraph=True``), but it is not demanded here: with ``fullgraph=True`` a process that
+    runs more model variants than Dynamo's recompile limit would fail, instead of running the rest
+    eagerly."""
+    return torch.compile(Block.body)
 
 
 class PatchEmbed(nn.Module):

@@ -94,10 +94,11 @@ def test_fused_blocks_match_plain():
     """Each block through Inductor (CPU code here): same loss and gradients, drop path included, with
     a checkpointed block; the blocks share compiled graphs instead of compiling one each."""
     plain, model = twins(fuse_blocks="compile", checkpoint_blocks=1)
-    graphs = counters["stats"]["unique_graphs"]
+    graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
     assert_same_step(plain, model, rtol=1e-4, atol=1e-6)
     # Four blocks: one graph for the block without drop path (rate 0), one for the other three.
     assert counters["stats"]["unique_graphs"] - graphs <= 2
+    assert sum(counters["graph_break"].values()) == breaks  # each body is one whole graph
     plain.eval(), model.eval()
     images, _, _ = inputs()
     with torch.no_grad():
