@@ -63,13 +63,13 @@ def io_bytes(B, H, N, D) -> float:
     return (3 + 1) * tensor + (5 + 3) * tensor
 
 
-def ours(B, H, N, D, fwd_tile=(64, 64), bwd_tile=(16, 64), max_groups=16) -> Work:
+def ours(B, H, N, D, fwd_tile=(64, 64), bwd_tile=(16, 64), max_groups=16, scratch_cap=1 << 26) -> Work:
     """beitfast's kernels: tail tiles, one-pass backward (5 matmuls, exp once), no atomics; the score
     gradient summed per group of images in scratch, groups added once."""
     P = math.ceil(N / 128) * 128
     fm, fn = covered(N, fwd_tile[0]), covered(N, fwd_tile[1])
     bm, bn = covered(N, bwd_tile[0]), covered(N, bwd_tile[1])
-    groups = min(B, max_groups)
+    groups = max(1, min(B, max_groups, scratch_cap // (H * P * P * 4)))  # as kernels.attention.group_size
     flops = B * H * 2 * D * (2 * fm * fn + 5 * bm * bn)
     exps = B * H * (fm * fn + fm * math.ceil(fn / fwd_tile[1]) + bm * bn)
     scratch = B * H * (2 * 4 * bm * bn + 2 * 4 * bm * D * math.ceil(bn / bwd_tile[1]))

@@ -43,13 +43,16 @@ __all__ = ["attention", "attention_packed", "group_size"]
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # The backward sums the score gradient over at most this many groups of images (one scratch
-# [H, P, P] slice each); more groups spread the work, fewer use less memory.
+# [H, P, P] fp32 slice each, all under _SCRATCH_BYTES): more groups spread the work, fewer use less
+# memory and traffic.
 _MAX_GROUPS = 16
+_SCRATCH_BYTES = 1 << 26
 
 
-def group_size(batch: int) -> int:
-    """Images per backward program: the batch in at most ``_MAX_GROUPS`` groups."""
-    return triton.cdiv(batch, min(batch, _MAX_GROUPS))
+def group_size(batch: int, heads: int, padded: int) -> int:
+    """Images per backward program."""
+    groups = max(1, min(batch, _MAX_GROUPS, _SCRATCH_BYTES // (heads * padded * padded * 4)))
+    return triton.cdiv(batch, groups)
 
 
 def _tail(n: int, block: int) -> int:
@@ -429,7 +432,7 @@ def _backward(dout, q, k, v, out, lse, bias, scale):
     (fp32 ``[H, P, P]``, summed over the batch; empty without a bias)."""
     B, H, N, D = q.shape
     P = padded_size(N)
-    group = group_size(B)
+    group = group_size(B, H, P)
     groups = triton.cdiv(B, group)
     block_d = _block_d(D)
     dqkv = _new_buffer(q, (B, N, 3, H, D))

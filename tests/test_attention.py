@@ -95,7 +95,7 @@ def test_triton_groups_of_images_sum_the_table_gradient(device, monkeypatch):
     from beitfast.kernels import attention as kernels
 
     monkeypatch.setattr(kernels, "_MAX_GROUPS", 2)
-    assert kernels.group_size(5) == 3
+    assert kernels.group_size(5, 2, 128) == 3
     assert_close_to_reference("triton", *make_inputs(5, 2, 17, 32, torch.float32, device, "beit"))
 
 

@@ -458,15 +458,12 @@ def tokenizer_call():
 
 # Known gaps, in files rewritten by others as this suite was written: a ValueError (naming the argument)
 # instead of a TypeError.
-ATTENTION_GAP = pytest.mark.xfail(strict=True, reason="beitfast/ops/attention.py raises ValueError, not "
-                                  "TypeError, for a non-tensor q, k, v, bias_table or rel_index")
 LOSS_GAP = pytest.mark.xfail(strict=True, reason="beitfast/ops/cross_entropy.py raises ValueError, not "
                              "TypeError, for a non-tensor weight or bias")
 LIST_CASES = [
     *[("masked_patch_embed", arg) for arg in ("images", "weight", "bias", "mask", "mask_token", "cls_token",
                                              "pos_embed")],
-    *[pytest.param("rel_pos_attention", arg, marks=ATTENTION_GAP)
-      for arg in ("q", "k", "v", "bias_table", "rel_index")],
+    *[("rel_pos_attention", arg) for arg in ("q", "k", "v", "bias_table", "rel_index")],
     *[("masked_lm_cross_entropy", arg) for arg in ("hidden", "labels", "mask")],
     *[pytest.param("masked_lm_cross_entropy", arg, marks=LOSS_GAP) for arg in ("weight", "bias")],
     *[("BEiT", arg) for arg in ("images", "bool_masked_pos", "labels")],
@@ -496,8 +493,7 @@ def test_not_a_tensor_where_a_tensor_belongs_is_a_type_error(model, tokenizers, 
 
 @pytest.mark.parametrize("what, arg", [
     ("masked_patch_embed", "weight"),
-    pytest.param("rel_pos_attention", "q", marks=pytest.mark.xfail(
-        strict=True, reason="beitfast/ops/attention.py: head dim 0 is a ZeroDivisionError (0 ** -0.5)")),
+    ("rel_pos_attention", "q"),
     pytest.param("masked_lm_cross_entropy", "weight", marks=pytest.mark.xfail(
         strict=True, reason="beitfast/ops/cross_entropy.py: a [0, D] weight is reported as labels out of [0, 0)")),
 ])

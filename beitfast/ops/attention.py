@@ -74,9 +74,9 @@ def rel_pos_attention_packed(
     ``qkv`` in place, writes the output in this layout and the gradient of ``qkv`` packed (no copies);
     the others run on the unpacked views.
     """
-    if not isinstance(qkv, torch.Tensor) or qkv.dim() != 5 or qkv.shape[2] != 3:
-        got = tuple(qkv.shape) if isinstance(qkv, torch.Tensor) else type(qkv).__name__
-        raise ValueError(f"rel_pos_attention_packed: qkv must be a [B, N, 3, H, D] tensor, got {got}")
+    _tensor("rel_pos_attention_packed", "qkv", qkv, "a [B, N, 3, H, D] tensor")
+    if qkv.dim() != 5 or qkv.shape[2] != 3:
+        raise ValueError(f"rel_pos_attention_packed: qkv must be a [B, N, 3, H, D] tensor, got {tuple(qkv.shape)}")
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
     _validate(q, k, v)
     bias = _dense_bias(q, bias_table, rel_index, bias)
@@ -101,9 +101,11 @@ def _scale(q, scale):
 
 def _validate(q, k, v) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"rel_pos_attention: {name} must be a [B, H, N, D] tensor, got {got}")
+        _tensor("rel_pos_attention", name, t, "a [B, H, N, D] tensor")
+        if t.dim() != 4:
+            raise ValueError(f"rel_pos_attention: {name} must be a [B, H, N, D] tensor, got {tuple(t.shape)}")
+        if t.shape[-1] == 0:
+            raise ValueError(f"rel_pos_attention: {name} must have a head dim D > 0, got {tuple(t.shape)}")
         if t.dtype not in dispatch.FLOAT_DTYPES:
             raise TypeError(
                 f"rel_pos_attention: {name} must be float64/float32/float16/bfloat16, got {t.dtype}"
@@ -117,16 +119,20 @@ def _validate(q, k, v) -> None:
         raise ValueError("rel_pos_attention: q, k and v must share dtype and device")
 
 
+def _tensor(op: str, name: str, value, expected: str) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be {expected}, got {type(value).__name__}")
+
+
 def _dense_bias(q, bias_table, rel_index, bias):
     """The dense bias every backend reads (None for plain attention), after checking the arguments."""
     _, H, N, _ = q.shape
     if bias is not None:
         if bias_table is not None or rel_index is not None:
             raise ValueError("rel_pos_attention: give bias, or bias_table and rel_index, not both")
-        if not isinstance(bias, torch.Tensor) or bias.dim() != 3 or bias.shape[0] != H \
-                or bias.shape[1] != bias.shape[2] or bias.shape[1] < N:
-            got = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
-            raise ValueError(f"rel_pos_attention: bias must be [H={H}, M, M] with M >= N={N}, got {got}")
+        _tensor("rel_pos_attention", "bias", bias, "a [H, M, M] tensor")
+        if bias.dim() != 3 or bias.shape[0] != H or bias.shape[1] != bias.shape[2] or bias.shape[1] < N:
+            raise ValueError(f"rel_pos_attention: bias must be [H={H}, M, M] with M >= N={N}, got {tuple(bias.shape)}")
         if not bias.dtype.is_floating_point:
             raise TypeError(f"rel_pos_attention: bias must be floating point, got {bias.dtype}")
         if bias.device != q.device:
@@ -136,12 +142,13 @@ def _dense_bias(q, bias_table, rel_index, bias):
         raise ValueError("rel_pos_attention: give both bias_table and rel_index, or neither")
     if bias_table is None:
         return None
-    if not isinstance(bias_table, torch.Tensor) or bias_table.dim() != 2 or bias_table.shape[1] != H:
-        got = tuple(bias_table.shape) if isinstance(bias_table, torch.Tensor) else type(bias_table).__name__
-        raise ValueError(f"rel_pos_attention: bias_table must be [R, H={H}], got {got}")
+    _tensor("rel_pos_attention", "bias_table", bias_table, f"an [R, H={H}] tensor")
+    _tensor("rel_pos_attention", "rel_index", rel_index, f"an integer [N, N] = [{N}, {N}] tensor")
+    if bias_table.dim() != 2 or bias_table.shape[1] != H:
+        raise ValueError(f"rel_pos_attention: bias_table must be [R, H={H}], got {tuple(bias_table.shape)}")
     if bias_table.device != q.device:
         raise ValueError(f"rel_pos_attention: bias_table must be on q's device {q.device}, got {bias_table.device}")
-    if isinstance(rel_index, torch.Tensor) and tuple(rel_index.shape) != (N, N):
+    if tuple(rel_index.shape) != (N, N):
         raise ValueError(
             f"rel_pos_attention: rel_index must be [N, N] = [{N}, {N}], got {tuple(rel_index.shape)}"
         )
@@ -160,14 +167,14 @@ def relative_position_bias(bias_table: torch.Tensor, rel_index: torch.Tensor) ->
     Gather it once and pass it as ``bias=`` to every layer that shares the table: autograd then sums
     the layers' gradients before the one fold into the table.
     """
-    if not isinstance(bias_table, torch.Tensor) or bias_table.dim() != 2:
-        got = tuple(bias_table.shape) if isinstance(bias_table, torch.Tensor) else type(bias_table).__name__
-        raise ValueError(f"relative_position_bias: bias_table must be [R, H], got {got}")
+    _tensor("relative_position_bias", "bias_table", bias_table, "an [R, H] tensor")
+    _tensor("relative_position_bias", "rel_index", rel_index, "an integer [N, N] tensor")
+    if bias_table.dim() != 2:
+        raise ValueError(f"relative_position_bias: bias_table must be [R, H], got {tuple(bias_table.shape)}")
     if not bias_table.dtype.is_floating_point:
         raise TypeError(f"relative_position_bias: bias_table must be floating point, got {bias_table.dtype}")
-    if not isinstance(rel_index, torch.Tensor) or rel_index.dim() != 2 or rel_index.shape[0] != rel_index.shape[1]:
-        got = tuple(rel_index.shape) if isinstance(rel_index, torch.Tensor) else type(rel_index).__name__
-        raise ValueError(f"relative_position_bias: rel_index must be [N, N], got {got}")
+    if rel_index.dim() != 2 or rel_index.shape[0] != rel_index.shape[1]:
+        raise ValueError(f"relative_position_bias: rel_index must be [N, N], got {tuple(rel_index.shape)}")
     if rel_index.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"relative_position_bias: rel_index must be int32 or int64, got {rel_index.dtype}")
     if rel_index.device != bias_table.device:

@@ -1,0 +1,63 @@
+"""BEiT-S forward + backward on the CPU: beitfast (auto backends) against timm's BEiT with the same
+weights, per-layer and shared relative position bias tables. A genuine CPU benchmark: rows go to
+``results/cpu_step_cpu.json`` with the machine and thread count.
+
+Both models compute the same hidden states (checked first); the runs alternate between the two
+models and the median of each is reported, so a busy machine slows both alike.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import pytest
+import torch
+
+from beitfast import BEiT, BEiTConfig
+
+BATCH = 8
+REPEATS = 5
+
+
+def models(shared: bool):
+    timm = pytest.importorskip("timm")
+    config = BEiTConfig.small(vocab_size=0, num_classes=0, drop_path_rate=0.0, use_rel_pos_bias=not shared,
+                              use_shared_rel_pos_bias=shared)
+    ours = BEiT(config)
+    with torch.no_grad():  # visible tables: the bias must matter for the comparison to mean anything
+        for name, p in ours.named_parameters():
+            if "relative_position_bias_table" in name:
+                p.normal_(0, 0.5)
+    theirs = timm.models.beit.Beit(**ours.timm_kwargs())
+    theirs.load_state_dict(ours.to_timm_state_dict())
+    return ours, theirs
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["per-layer-tables", "shared-table"])
+def test_cpu_step_against_timm(shared, record_cpu_result):
+    ours, theirs = models(shared)
+    images = torch.randn(BATCH, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.forward_features(images), theirs.forward_features(images),
+                                   atol=1e-4, rtol=1e-4)
+
+    def step(model):
+        model.zero_grad(set_to_none=True)
+        model.forward_features(images).square().mean().backward()
+
+    times = {"beitfast": [], "timm": []}
+    for _ in range(2):  # warm-up
+        step(ours), step(theirs)
+    for _ in range(REPEATS):
+        for name, model in (("beitfast", ours), ("timm", theirs)):
+            start = time.perf_counter()
+            step(model)
+            times[name].append(time.perf_counter() - start)
+    ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
+    ratio = ms["timm"] / ms["beitfast"]
+    record_cpu_result("cpu_step", model="beit-small", batch=BATCH, tables="shared" if shared else "per-layer",
+                      beitfast_ms=ms["beitfast"], timm_ms=ms["timm"], timm_over_beitfast=ratio,
+                      repeats=REPEATS)
+    print(f"BEiT-S fwd+bwd on CPU, batch {BATCH}, {'shared' if shared else 'per-layer'} tables: beitfast "
+          f"{ms['beitfast']:.0f} ms, timm {ms['timm']:.0f} ms (timm / beitfast = {ratio:.2f})")
