@@ -211,8 +211,10 @@ def _plan(rel_index: torch.Tensor, num_rows: int) -> _Plan:
         return entry[3]
     N, P = rel_index.shape[0], padded_size(rel_index.shape[0])
     gather = F.pad(rel_index.long(), (0, P - N, 0, P - N), value=num_rows).reshape(-1)
-    sorted_rows, order = torch.sort(gather, stable=True)
-    plan = _Plan(gather, order[: N * N], torch.bincount(sorted_rows[: N * N], minlength=num_rows))
+    # The padding's row R sorts last; counting by index_add_ needs no host sync (bincount would).
+    order = torch.sort(gather, stable=True).indices[: N * N]
+    counts = torch.zeros(num_rows + 1, dtype=torch.long, device=gather.device)
+    plan = _Plan(gather, order, counts.index_add_(0, gather, torch.ones_like(gather))[:num_rows])
     key = id(rel_index)
     _PLANS[key] = (weakref.ref(rel_index, lambda _: _PLANS.pop(key, None)), rel_index._version, num_rows, plan)
     return plan
