@@ -99,6 +99,23 @@ def test_triton_groups_of_images_sum_the_table_gradient(device, monkeypatch):
     assert_close_to_reference("triton", *make_inputs(5, 2, 17, 32, torch.float32, device, "beit"))
 
 
+@pytest.mark.parametrize("kernel", ["_fwd_kernel", "_bwd_kernel"])
+def test_triton_every_gpu_tile_config(device, monkeypatch, kernel):
+    """The tile shapes autotuning may pick on a GPU (the interpreter otherwise runs one config), each
+    at N = 37 (full tiles and a tail in both directions) and at N = 16 (no tail)."""
+    import triton
+
+    from beitfast.kernels import attention as kernels
+
+    tuner = getattr(kernels, kernel)
+    for m, n, warps, stages in kernels._FWD_TILES if kernel == "_fwd_kernel" else kernels._BWD_TILES:
+        config = triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages)
+        monkeypatch.setattr(tuner, "configs", [config])
+        monkeypatch.setattr(tuner, "cache", {})
+        for N in (37, 16):
+            assert_close_to_reference("triton", *make_inputs(2, 1, N, 32, torch.float32, device, "random"))
+
+
 def test_triton_custom_scale_and_sparse_table(device):
     """A non-default scale; a table with rows no index uses (their gradient must be exactly 0)."""
     q, k, v, table, rel_index = make_inputs(2, 2, 17, 32, torch.float32, device)
