@@ -94,17 +94,17 @@ def apply_jitter(views: torch.Tensor, stages: tuple[torch.Tensor, ...], grey_mea
 
 
 def _normalized(pixels: torch.Tensor) -> torch.Tensor:
-    """8-bit ``[B, 3, H, W]`` pixels (any strides) as contiguous float32 normalised with the ImageNet
-    mean and std, in one pass."""
+    """8-bit ``[B, 3, H, W]`` pixels as contiguous float32 normalised with the ImageNet mean and std, in
+    one pass."""
     mean = torch.tensor(IMAGENET_MEAN, device=pixels.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=pixels.device).view(1, 3, 1, 1)
     out = torch.empty(pixels.shape, dtype=torch.float32, device=pixels.device)
     return torch.addcmul(-mean / std, pixels, 1 / (255 * std), out=out)
 
 
-def _banded_product(weights: torch.Tensor, x: torch.Tensor, dim: int, blocks: int = 4) -> torch.Tensor:
+def _banded_product(weights: torch.Tensor, x: torch.Tensor, dim: int, blocks: int = 8) -> torch.Tensor:
     """``x`` resampled along ``dim`` (-1 or -2) by ``weights`` ``[out, in]``, a band matrix: one product per
-    block of output lines over the input lines that block reaches (a quarter of the dense work)."""
+    block of output lines over the input lines that block reaches (a fraction of the dense work)."""
     parts = []
     for rows in weights.split(-(-weights.shape[0] // blocks)):
         used = rows.any(0).nonzero()
@@ -143,7 +143,7 @@ def _unflipped_box(width: int, flipped: bool, box: tuple[int, int, int, int]) ->
 
 class FastTwoView:
     """The CPU fast path of ``transform`` (see the module docstring): ``view(image, rng)`` decodes an opened
-    (not yet decoded) PIL image and returns its two views, jittered and flipped, as 8-bit ``[S, S, 3]``
+    (not yet decoded) PIL image and returns its two views, jittered and flipped, as 8-bit ``[3, S, S]``
     tensors; ``finish(views)`` makes a batch of them ``TwoViewTransform``'s outputs
     ``([B, 3, S, S] normalised, [B, 3, s, s] in [0, 1])``. Raises ``DecodeError`` for a bad image."""
 
@@ -188,7 +188,8 @@ class FastTwoView:
                                                          box=(left, top, right, bottom)), jitter, grey_mean))
         if flipped:
             views = [view.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for view in views]
-        return tuple(_pixels(view) for view in views)
+        # Planar [3, S, S] (a per-channel copy in PIL): the batch then converts to float contiguously.
+        return tuple(torch.from_numpy(np.stack([np.asarray(band) for band in view.split()])) for view in views)
 
     @property
     def _tokenizer_view_from_model_view(self) -> bool:
@@ -196,10 +197,10 @@ class FastTwoView:
         return 2 * self.transform.tokenizer_size <= self.transform.model_size
 
     def finish(self, samples) -> tuple[torch.Tensor, torch.Tensor]:
-        model_views, *tokenizer_views = (torch.stack(views).permute(0, 3, 1, 2) for views in zip(*samples))
+        model_views, *tokenizer_views = (torch.stack(views) for views in zip(*samples))
         model_views = _normalized(model_views)
         if tokenizer_views:
-            return model_views, tokenizer_views[0].to(torch.float32, memory_format=torch.contiguous_format).div_(255)
+            return model_views, tokenizer_views[0].float().div_(255)
         # The Lanczos reduction of the batch (PIL's filter, no 8-bit rounding) commutes with the
         # normalisation (each row of weights sums to 1): reduce the normalised views, then undo it.
         size, model_size = self.transform.tokenizer_size, self.transform.model_size
