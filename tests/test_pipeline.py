@@ -364,3 +364,24 @@ def test_reached_lines_hold_every_weight(start, end, out_size, kind):
     assert full[:, :lines.start].abs().sum() == 0 and full[:, lines.stop:].abs().sum() == 0
     restricted = resampling_matrix(61, start, end, out_size, kind, lines=lines)
     assert torch.allclose(restricted, full[:, lines.start:lines.stop], rtol=0, atol=1e-12)
+
+
+def test_cli_data_pack_and_bench_data(tmp_path, capsys):
+    import json
+
+    from beitfast.cli import main
+    from beitfast.shards import ShardedImages
+
+    folder = tmp_path / "images" / "class_a"
+    folder.mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(np.full((6, 9, 3), i * 40, np.uint8)).save(folder / f"{i}.png")
+    assert main(["data", "pack", str(tmp_path / "images"), str(tmp_path / "shards"), "--images-per-shard", "2",
+                 "--labelled"]) == 0
+    assert len(ShardedImages(tmp_path / "shards")) == 3
+    capsys.readouterr()
+    assert main(["bench", "--data", "--device", "cpu", "--steps", "1", "--batch-size", "2", "--data-workers", "1"]) == 0
+    rows = {row["path"]: row for row in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert {"pil", "fast-cpu", "tokenizer-kmeans", "tokenizer-dalle"} <= set(rows)
+    for path in ("pil", "fast-cpu"):
+        assert rows[path]["images_per_s"] > 0 and rows[path]["images_per_s_per_core"] > 0
