@@ -61,3 +61,40 @@ def test_cpu_step_against_timm(shared, record_cpu_result):
                       repeats=REPEATS)
     print(f"BEiT-S fwd+bwd on CPU, batch {BATCH}, {'shared' if shared else 'per-layer'} tables: beitfast "
           f"{ms['beitfast']:.0f} ms, timm {ms['timm']:.0f} ms (timm / beitfast = {ratio:.2f})")
+
+
+@pytest.mark.parametrize("heads", [6, 12], ids=["beit-s", "beit-b"])
+def test_cpu_bias_gather_and_fold(heads, record_cpu_result):
+    """The part of the step the dense-bias op replaces: gathering the ``[H, N, N]`` bias from the table
+    and its backward into the table, ours (cached plan, one index_add_) against timm's (indexing,
+    whose backward is an accumulating index_put_)."""
+    from beitfast import ops
+    from beitfast.model import num_relative_positions, relative_position_index
+
+    grid = (14, 14)
+    index = relative_position_index(grid)
+    table = torch.randn(num_relative_positions(grid), heads, requires_grad=True)
+    N = index.shape[0]
+    grad = torch.randn(heads, N, N)
+
+    def ours():
+        bias = ops.relative_position_bias(table, index)
+        torch.autograd.grad(bias[:, :N, :N], table, grad)
+
+    def timm_style():
+        bias = table[index.view(-1)].view(N, N, -1).permute(2, 0, 1).contiguous()
+        torch.autograd.grad(bias, table, grad)
+
+    times = {"beitfast": [], "timm": []}
+    for _ in range(3):
+        ours(), timm_style()
+    for _ in range(50):
+        for name, fn in (("beitfast", ours), ("timm", timm_style)):
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    us = {name: 1e6 * statistics.median(t) for name, t in times.items()}
+    record_cpu_result("cpu_bias_gather", heads=heads, tokens=N, beitfast_us=us["beitfast"], timm_us=us["timm"],
+                      timm_over_beitfast=us["timm"] / us["beitfast"])
+    print(f"bias gather + fold on CPU, H={heads}, N={N}: beitfast {us['beitfast']:.0f} us, "
+          f"timm {us['timm']:.0f} us (timm / beitfast = {us['timm'] / us['beitfast']:.1f})")

