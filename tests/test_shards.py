@@ -1,7 +1,6 @@
 """Sharded tar files (WebDataset layout): packing a folder, reading it back as an image source, bad
 files skipped and counted, and ranks of a gloo process group seeing every sample once per epoch."""
 
-import os
 import tarfile
 
 import numpy as np
