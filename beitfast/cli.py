@@ -82,6 +82,10 @@ def _image_source(data: str):
             return embedded_photos()
         except ImportError as error:  # scikit-image and scikit-learn are the optional data extra
             raise CommandError(f"--data embedded: {error}; or give an image folder") from error
+    if data.endswith(".tar") or (Path(data).is_dir() and any(Path(data).glob("*.tar"))):
+        from .shards import ShardedImages
+
+        return ShardedImages(data)  # shards written by `beitfast data pack`
     return ImageFolder(data)
 
 
@@ -417,8 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the main job: on CPU, fit a k-means tokenizer on the embedded photographs and pre-train a "
                           "small BEiT on them in a few minutes, writing to ./demo-output (other options still apply)")
     data = pre.add_argument_group("data and tokenizer")
-    data.add_argument("--data", help="'embedded' (photographs shipped with scikit-image and scikit-learn) or an image "
-                                     "folder, searched recursively (default: embedded)")
+    data.add_argument("--data", help="'embedded' (photographs shipped with scikit-image and scikit-learn), an image "
+                                     "folder, searched recursively, or shards from `beitfast data pack` (a .tar "
+                                     "file or a folder of them) (default: embedded)")
     data.add_argument("--tokenizer", help="'kmeans' (fit on the data, saved to OUTPUT/tokenizer.safetensors) or a file "
                                           "load_tokenizer reads: a saved tokenizer or the DALL-E encoder.pkl "
                                           "(default: kmeans)")

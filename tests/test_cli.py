@@ -267,3 +267,18 @@ def test_out_of_memory_and_interrupt(monkeypatch, capsys, failure, code, phrase)
     assert main(["pretrain"]) == code
     err = one_line_error(capsys, phrase)
     assert "resumes from the last checkpoint" in err or code == 2
+
+
+def test_pretrain_reads_shards_written_by_data_pack(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (20 + i, 24, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    assert main(["data", "pack", str(images), str(tmp_path / "shards"), "--images-per-shard", "4"]) == 0
+    shards = tmp_path / "shards"
+    for data in (shards, sorted(shards.glob("*.tar"))[0]):
+        out = tmp_path / f"run-{data.name}"
+        assert main(["pretrain", "--data", str(data), "--steps", "1", "--output", str(out), *TINY,
+                     *TINY_TOKENIZER]) == 0
+        assert (out / "checkpoint.pt").is_file()
