@@ -4,7 +4,9 @@ Options:
 
 * ``--smoke``: tiny shapes on the CPU, so the suites run end to end anywhere (``tests/test_bench_smoke.py``
   does, inside ``make test``). Timings then mean nothing: rows are written only to ``--results-dir``
-  when one is given, never to ``benchmarks/results/``.
+  when one is given, never to ``benchmarks/results/``. A benchmark opts in by taking the ``smoke`` or
+  the ``bench_device`` fixture (and shrinking its shapes); the others are skipped in smoke mode, so a
+  full-size CPU benchmark never runs there.
 * ``--profile``: every benchmark that measures also writes a ``torch.profiler`` trace
   (``<test>.trace.json``, Chrome/Perfetto), its top ops (``<test>.kernels.txt``) and the time by
   region (``<test>.regions.json``, see :mod:`beitfast.profiling`) to ``--profile-dir`` (default
@@ -67,6 +69,15 @@ def pytest_addoption(parser):
                     help="where result rows (and profiles) go; default benchmarks/results")
     group.addoption("--profile-dir", default=None,
                     help="where --profile writes; default <results dir>/profiles")
+
+
+def pytest_collection_modifyitems(config, items):
+    if not config.getoption("--smoke"):
+        return
+    skip = pytest.mark.skip(reason="no smoke mode (takes neither the smoke nor the bench_device fixture)")
+    for item in items:
+        if not {"smoke", "bench_device"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(skip)
 
 
 def results_dir(config) -> Path | None:
