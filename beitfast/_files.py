@@ -11,12 +11,16 @@ the finiteness check only. Every problem is a
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import pickle
+import pickletools
 import re
 import secrets
 import shutil
 import tempfile
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
@@ -187,11 +191,27 @@ def add_safetensors_digest(tensors: Mapping[str, torch.Tensor],
     return {**metadata, DIGEST_KEY: content_digest({"metadata": metadata, "tensors": tensors})}
 
 
+def _check_extents(path: str | os.PathLike, contents: Any) -> None:
+    """Refuse a tensor that views more bytes than its storage holds (overlapping strides, such as a
+    damaged stride of 0): checks and digests would materialise all of them, a damaged size makes that
+    gigabytes. Checkpoints hold no such views."""
+    for name, leaf in _leaves(contents):
+        if not isinstance(leaf, torch.Tensor):
+            continue
+        held = leaf.untyped_storage().nbytes()
+        if leaf.numel() * leaf.element_size() > held:
+            raise FileIntegrityError(
+                path, f"{_readable(name)!r} has shape {list(leaf.shape)} and strides {list(leaf.stride())}: "
+                f"more elements than its storage of {held} bytes holds (a damaged file)"
+            )
+
+
 def verify_digest(path: str | os.PathLike, contents: Any, recorded_digest: str | None) -> None:
     """Refuse ``contents`` read from ``path`` unless its digest is ``recorded_digest`` (``None``: no
     digest to compare)."""
     if recorded_digest is None:
         return
+    _check_extents(path, contents)
     actual = content_digest(contents)
     if actual != recorded_digest:
         raise FileIntegrityError(
@@ -202,6 +222,7 @@ def verify_digest(path: str | os.PathLike, contents: Any, recorded_digest: str |
 
 def check_finite(path: str | os.PathLike, contents: Any) -> None:
     """Refuse ``contents`` read from ``path`` if a floating-point tensor in it holds NaN or infinity."""
+    _check_extents(path, contents)
     for name, leaf in _leaves(contents):
         if isinstance(leaf, torch.Tensor) and (leaf.is_floating_point() or leaf.is_complex()):
             finite = torch.isfinite(leaf)
@@ -252,12 +273,63 @@ def _unreadable(error: BaseException) -> str:
     return f"cannot be read as a torch.save file, truncated or damaged ({reason})"
 
 
+def _check_zip_records(path: str | os.PathLike) -> None:
+    """Check the CRC-32 of every record of a ``torch.save`` zip archive before torch reads it: damage is
+    then caught in foreign files too, and never reaches torch's reader (a damaged pickle can make it
+    allocate gigabytes). Records whose CRC is 0 are not checked: ``torch.serialization.set_crc32_options
+    (False)`` writes no checksums."""
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":
+            return  # torch's legacy format: no checksums to check
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for record in archive.infolist():
+                if record.CRC == 0:
+                    continue
+                with archive.open(record) as data:  # the CRC is checked when the last bytes are read
+                    while data.read(1 << 22):
+                        pass
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, NotImplementedError) as error:
+        reason = f"{type(error).__name__}: {error}"
+        raise FileIntegrityError(path, f"damaged or truncated zip archive ({reason})") from None
+
+
+_MEMO_PUTS = ("PUT", "BINPUT", "LONG_BINPUT")
+_LEGACY_PICKLES = 5  # magic number, protocol version, system info, the object, the storage keys
+
+
+def _check_memo_indices(path: str | os.PathLike) -> None:
+    """Refuse a pickle that stores to a memo slot beyond its number of opcodes, before unpickling: the C
+    unpickler zero-fills its memo up to the slot, so a damaged 4-byte index makes it write gigabytes."""
+    with open(path, "rb") as f:
+        zipped = f.read(4) == b"PK\x03\x04"
+    try:
+        if zipped:  # checked by _check_zip_records; the object is its record data.pkl
+            with zipfile.ZipFile(path) as archive:
+                name = next(n for n in archive.namelist() if n.endswith("data.pkl"))
+                streams, count = io.BytesIO(archive.read(name)), 1
+        else:
+            streams, count = open(path, "rb"), _LEGACY_PICKLES
+        with streams as stream:
+            for _ in range(count):
+                if not stream.read(1):
+                    break  # the end: a plain pickle holds one object
+                stream.seek(-1, io.SEEK_CUR)
+                for ops, (opcode, arg, _) in enumerate(pickletools.genops(stream)):
+                    if opcode.name in _MEMO_PUTS and arg > ops:
+                        raise ValueError(f"memo slot {arg} at opcode {ops}")
+    except (ValueError, StopIteration, zipfile.BadZipFile, EOFError) as error:
+        raise FileIntegrityError(path, f"damaged pickle ({type(error).__name__}: {error})") from None
+
+
 def read_torch_file(path: str | os.PathLike, safe_globals: Iterable = (), passthrough: tuple = (),
                     **load_kwargs) -> Any:
     """``torch.load(path, map_location="cpu", weights_only=True, **load_kwargs)`` with ``safe_globals``
     allowed; an empty, truncated or unreadable file is a :class:`FileIntegrityError` naming it (errors of
     the types in ``passthrough`` are raised as they are). Digest and finiteness: :func:`check_contents`."""
     check_not_empty(path)
+    _check_zip_records(path)
+    _check_memo_indices(path)
     kwargs = {"map_location": "cpu", "weights_only": True, **load_kwargs}
     try:
         with torch.serialization.safe_globals(list(safe_globals)):

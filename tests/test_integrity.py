@@ -82,8 +82,8 @@ def empty(path) -> None:
     open(path, "wb").close()
 
 
-DAMAGES = {"overwritten": (overwrite_4kib, "checksum|non-finite|cannot be read"),
-           "truncated": (truncate, "truncated|cannot be read"),
+DAMAGES = {"overwritten": (overwrite_4kib, "checksum|non-finite|damaged"),
+           "truncated": (truncate, "truncated"),
            "empty": (empty, "empty file")}
 
 
@@ -152,6 +152,20 @@ def test_saved_files_have_the_usual_permissions(tmp_path, umask):
         os.umask(before)
     for path in tmp_path.iterdir():
         assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path.name
+
+
+def test_pickle_with_a_far_memo_slot_is_refused_before_unpickling(tmp_path):
+    """The C unpickler zero-fills its memo up to a slot index from the file: a damaged 4-byte index would
+    make it write gigabytes. The index here (10**7, 80 MB) is refused before anything is unpickled."""
+    from beitfast.tokenizers import DalleTokenizer
+
+    path = tmp_path / "damaged.pth"
+    # PROTO 2, NONE, LONG_BINPUT 10**7, STOP
+    path.write_bytes(b"\x80\x02N" + b"r" + (10**7).to_bytes(4, "little") + b".")
+    message = r"damaged pickle \(ValueError: memo slot 10000000 at opcode 2\)"
+    for load in (BEiT.from_file, DalleTokenizer.from_file):
+        with pytest.raises(FileIntegrityError, match=message):
+            load(path)
 
 
 # -- tokenizer files -------------------------------------------------------------------------------
@@ -284,7 +298,7 @@ def test_fine_tuning_from_a_damaged_checkpoint_is_refused(tmp_path):
     assert classifier_from_pretrained(tmp_path / CHECKPOINT_NAME, num_classes=3).head.out_features == 3
     overwrite_4kib(tmp_path / CHECKPOINT_NAME)
     assert_refused(lambda path: classifier_from_pretrained(path, num_classes=3), tmp_path / CHECKPOINT_NAME,
-                   "checksum|non-finite|cannot be read")
+                   "checksum|non-finite|damaged")
 
 
 def test_training_checkpoint_without_checksum_gets_the_finiteness_check(tmp_path):

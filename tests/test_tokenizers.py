@@ -382,11 +382,36 @@ def test_damaged_dalle_files_are_refused(official_dall_e, monkeypatch, tmp_path,
     if damage != "nan":
         with open(path, "r+b") as f:
             f.truncate(0 if damage == "empty" else os.path.getsize(path) // 2)
-    reason = {"truncated": "cannot be read as a torch.save file", "empty": "empty file",
+    reason = {"truncated": "damaged or truncated zip archive", "empty": "empty file",
               "nan": r"non-finite weights: 'blocks.group_2.block_1.res_path.conv_3.w' has 1 NaN"}[damage]
     for load in (DalleTokenizer.from_file, load_tokenizer):
         with pytest.raises(FileIntegrityError, match=rf"^{path}: {reason}"):
             load(path)
+
+
+@pytest.mark.parametrize("legacy_format", [False, True], ids=["zip", "legacy"])
+def test_damaged_dalle_pickle_is_refused_or_loads(official_dall_e, monkeypatch, tmp_path, legacy_format):
+    """A foreign file has no checksum: damage anywhere gives a clear refusal naming the file (or an unsafe
+    global refused), or a tokenizer; never another exception."""
+    from hypothesis import given, settings, strategies as st
+
+    path = tmp_path / "encoder.pkl"
+    save_official_encoder(official_dall_e, monkeypatch, path, legacy_format)
+    data = path.read_bytes()
+
+    @settings(max_examples=60, deadline=None, derandomize=True)
+    @given(offset=st.integers(0, len(data) - 1), new=st.binary(min_size=1, max_size=64), cut=st.booleans())
+    def check(offset, new, cut):
+        damaged = data[:offset] if cut else (data[:offset] + new + data[offset + len(new):])[:len(data)]
+        path.write_bytes(damaged)
+        try:
+            DalleTokenizer.from_file(path, input_size=SIZE)
+        except UnsafePickleError:
+            pass
+        except ValueError as error:
+            assert str(error).startswith(f"{path}: "), error
+
+    check()
 
 
 def test_map_pixels_is_the_official_one():
@@ -465,6 +490,12 @@ def test_dalle_from_file_rejects_other_pickles(tmp_path):
         DalleTokenizer.from_file(path)
     torch.save({"blocks.input.w": torch.randn(8, 3, 7, 7)}, path)
     with pytest.raises(ValueError, match="not DALL-E encoder weights, 'blocks.output.conv.w' is missing"):
+        DalleTokenizer.from_file(path)
+    partial = {"blocks.input.w": torch.randn(8, 3, 7, 7), "blocks.output.conv.w": torch.randn(16, 64, 1, 1),
+               "blocks.group_1.block_1.res_path.conv_1.w": torch.randn(2, 8, 3, 3)}
+    torch.save(partial, path)
+    message = rf"^{path}: DalleTokenizer: the weights do not fit a DALL-E encoder: Missing key\(s\)"
+    with pytest.raises(ValueError, match=message):
         DalleTokenizer.from_file(path)
 
 

@@ -154,13 +154,20 @@ class DalleTokenizer(Tokenizer):
             vocab_size = state_dict["blocks.output.conv.w"].shape[0]
         except KeyError as missing:
             raise ValueError(f"DalleTokenizer: not DALL-E encoder weights, {missing} is missing") from None
+        if input_w.dim() != 4:
+            raise ValueError(f"DalleTokenizer: blocks.input.w must be a [n_hid, channels, 7, 7] convolution "
+                             f"weight, got shape {list(input_w.shape)}")
         first_group_blocks = [key for key in state_dict if key.startswith("blocks.group_1.block_")]
         n_blk_per_group = sum(1 for key in first_group_blocks if key.endswith(".res_path.conv_1.w"))
         tokenizer = cls(
             n_hid=input_w.shape[0], n_blk_per_group=n_blk_per_group, vocab_size=vocab_size,
             input_size=input_size, input_channels=input_w.shape[1],
         )
-        tokenizer.encoder.load_state_dict(dict(state_dict), strict=True)
+        try:
+            tokenizer.encoder.load_state_dict(dict(state_dict), strict=True)
+        except RuntimeError as error:  # missing, unexpected or mis-shaped weights, listed by torch
+            details = "; ".join(line.strip() for line in str(error).splitlines()[1:] if line.strip())
+            raise ValueError(f"DalleTokenizer: the weights do not fit a DALL-E encoder: {details}") from None
         return tokenizer
 
     @classmethod
@@ -185,7 +192,10 @@ class DalleTokenizer(Tokenizer):
                 f"got {type(obj).__name__}"
             )
         check_contents(path, state_dict, None)  # a foreign file: no checksum to verify
-        return cls.from_state_dict(state_dict, input_size=input_size)
+        try:
+            return cls.from_state_dict(state_dict, input_size=input_size)
+        except ValueError as error:
+            raise ValueError(f"{os.fspath(path)}: {error}") from None
 
     # "auto": bfloat16 on CUDA, the weights' dtype elsewhere; "bf16" or "fp32" to choose.
     precision = "auto"
