@@ -154,6 +154,17 @@ def test_saved_files_have_the_usual_permissions(tmp_path, umask):
         assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path.name
 
 
+def test_tensor_viewing_more_than_its_storage_is_refused(tmp_path):
+    """A damaged stride of 0 makes a view of any size over one element; checks would materialise it."""
+    state = small_model().state_dict()
+    state["blocks.0.attn.proj.bias"] = torch.zeros(1).expand(32)
+    path = tmp_path / "model.pth"
+    torch.save(state, path)
+    message = r"'blocks.0.attn.proj.bias' has shape \[32\] and strides \[0\]: more elements than its storage"
+    with pytest.raises(FileIntegrityError, match=message):
+        BEiT.from_file(path)
+
+
 def test_pickle_with_a_far_memo_slot_is_refused_before_unpickling(tmp_path):
     """The C unpickler zero-fills its memo up to a slot index from the file: a damaged 4-byte index would
     make it write gigabytes. The index here (10**7, 80 MB) is refused before anything is unpickled."""
