@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ._files import remove_stale_temporaries
 from .train import NonFiniteLossError, resolve_device
 
 # Per-device defaults of the options left unset; printed by --help.
@@ -218,6 +219,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     if tokenizer is None:
         tokenizer = _fit_kmeans(source, args, _log)
         if _main_process():
+            remove_stale_temporaries(output, [TOKENIZER_NAME])  # of a save that a kill interrupted
             tokenizer.save(tokenizer_path)
     _log(f"pre-training BEiT-{args.model} (dim {config.embed_dim}, depth {config.depth}, {config.image_hw[0]} px, "
          f"patch {config.patch_size}, vocab {config.vocab_size}) on {args.data} for {args.steps} steps of "

@@ -282,3 +282,12 @@ def test_pretrain_reads_shards_written_by_data_pack(tmp_path):
         assert main(["pretrain", "--data", str(data), "--steps", "1", "--output", str(out), *TINY,
                      *TINY_TOKENIZER]) == 0
         assert (out / "checkpoint.pt").is_file()
+
+
+def test_a_killed_tokenizer_save_leaves_nothing_behind(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    stale = out / ".tokenizer.safetensors.k1lLed00.tmp"  # what a kill during the tokenizer's write leaves
+    stale.write_bytes(b"partial")
+    assert main(["pretrain", "--steps", "1", "--output", str(out), *TINY, *TINY_TOKENIZER]) == 0
+    assert not stale.exists() and (out / "tokenizer.safetensors").is_file()
