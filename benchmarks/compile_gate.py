@@ -101,15 +101,29 @@ def attention_scenarios():
     grid = (IMG // PATCH, IMG // PATCH)
     rows = num_relative_positions(grid)
     index = relative_position_index(grid)
+
+    def unpacked(qkv_dtype, table_dtype):
+        q, k, v = (_empty(B, H, N, D // H, dtype=qkv_dtype) for _ in range(3))
+        table = _empty(rows, H, dtype=table_dtype)
+        with _autocast(qkv_dtype):
+            out = ops.rel_pos_attention(q, k, v, table, index, backend="triton")
+        out.backward(torch.empty_like(out))
+
+    def packed(qkv_dtype, with_bias):
+        # What the model launches: its qkv projection [B, N, 3, H, D] read in place.
+        qkv = _empty(B, N, 3, H, D // H, dtype=qkv_dtype)
+        table = _empty(rows, H) if with_bias else None
+        with _autocast(qkv_dtype):
+            out = ops.rel_pos_attention_packed(qkv, table, index if with_bias else None, backend="triton")
+        out.backward(torch.empty_like(out))
+
     for qkv_dtype in (torch.bfloat16, torch.float16):
         for table_dtype in (torch.float32, qkv_dtype):
-            def run(qkv_dtype=qkv_dtype, table_dtype=table_dtype):
-                q, k, v = (_empty(B, H, N, D // H, dtype=qkv_dtype) for _ in range(3))
-                table = _empty(rows, H, dtype=table_dtype)
-                with _autocast(qkv_dtype):
-                    out = ops.rel_pos_attention(q, k, v, table, index, backend="triton")
-                out.backward(torch.empty_like(out))
-            yield f"attention qkv={_name(qkv_dtype)} table={_name(table_dtype)}", run
+            yield (f"attention qkv={_name(qkv_dtype)} table={_name(table_dtype)}",
+                   lambda q=qkv_dtype, t=table_dtype: unpacked(q, t))
+        for with_bias in (True, False):
+            yield (f"attention packed qkv={_name(qkv_dtype)} bias={'yes' if with_bias else 'no'}",
+                   lambda q=qkv_dtype, b=with_bias: packed(q, b))
 
 
 def cross_entropy_scenarios():
