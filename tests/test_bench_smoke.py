@@ -23,14 +23,20 @@ def _make_tables():
 
 
 def _smoke_rows_in(folder: Path) -> list[str]:
-    return [f"{path.name}: {row.get('test')}" for path in folder.glob("*.json")
-            for row in json.loads(path.read_text()) if row.get("smoke")]
+    """Rows marked smoke in the benchmark row files (lists of rows; other JSON files are not rows)."""
+    found = []
+    for path in folder.glob("*.json"):
+        rows = json.loads(path.read_text())
+        if isinstance(rows, list):
+            found += [f"{path.name}: {row.get('test')}" for row in rows if isinstance(row, dict) and row.get("smoke")]
+    return found
 
 
 @pytest.mark.slow
 def test_benchmarks_run_in_smoke_mode(tmp_path):
     results = tmp_path / "results"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # as a user runs it
+    # As a user runs it: no interpreter, and not as an xdist worker (pytest-benchmark saves nothing there).
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET" and not k.startswith("PYTEST_")}
     done = subprocess.run(
         [sys.executable, "-m", "pytest", str(BENCHMARKS), "--smoke", "--profile", "--results-dir", str(results),
          "--benchmark-json", str(tmp_path / "benchmark.json"), "-q", "-p", "no:cacheprovider", "-x"],
