@@ -125,7 +125,24 @@ def _patch_embed_fwd_kernel(
                  mask=first[:, None] & n_ok[None, :])
 
 
-@triton.autotune(configs=_configs(_BWD_WEIGHT_SHAPES), key=["D", "K", "HAS_MASK", "ROWS_PER_SPLIT"])
+def _fit_shared_memory(configs, named_args, **_):
+    """The weight-gradient configs whose pipelined tiles (``stages`` x (image tile + gradient tile))
+    fit the device's shared memory: 128x128x64 with 3 stages fits an H100 (227 KB) but not an A100
+    (163 KB) when the images are fp32."""
+    if len(configs) == 1:
+        return configs
+    img, grad = named_args["img"], named_args["grad"]
+    limit = torch.cuda.get_device_properties(img.device).shared_memory_per_block_optin
+
+    def tiles(config):
+        m, n, k = (config.kwargs[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+        return config.num_stages * (m * k * img.element_size() + m * n * grad.element_size())
+
+    return [config for config in configs if tiles(config) <= limit] or [min(configs, key=tiles)]
+
+
+@triton.autotune(configs=_configs(_BWD_WEIGHT_SHAPES), key=["D", "K", "HAS_MASK", "ROWS_PER_SPLIT"],
+                 prune_configs_by={"early_config_prune": _fit_shared_memory})
 @triton.jit
 def _patch_embed_bwd_weight_kernel(
     grad, img, mask, dweight_part, dbias_part, dtoken_part,
