@@ -85,14 +85,17 @@ def _validate(hidden, weight, bias, labels, mask, ignore_index, reduction) -> No
         raise TypeError(
             f"{name}: hidden must be a floating-point (float64/32/16, bfloat16) tensor, got {got}"
         )
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        raise ValueError(f"{name}: weight must be [V, D], got {_shape(weight)}")
+    for arg, value in (("weight", weight), ("bias", bias)):
+        if value is not None and not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name}: {arg} must be a tensor, got {type(value).__name__}")
+    if weight.dim() != 2 or 0 in weight.shape:
+        raise ValueError(f"{name}: weight must be [V, D] with V, D > 0, got {_shape(weight)}")
     V, D = weight.shape
     if hidden.shape[-1] != D:
         raise ValueError(
             f"{name}: hidden's last dim must equal weight's D={D}, got hidden {tuple(hidden.shape)}"
         )
-    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (V,)):
+    if bias is not None and tuple(bias.shape) != (V,):
         raise ValueError(f"{name}: bias must be [V={V}], got {_shape(bias)}")
     if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int64, torch.int32):
         got = labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__
