@@ -82,7 +82,8 @@ def _prune(configs, named_args, **kwargs):
     return keep or configs
 
 
-_FWD_TILES = [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (32, 64, 4, 2)]
+# 32 x 64 with 4 warps left an 8-byte stack frame without a bias on sm_90 with triton 3.6 (compile gate).
+_FWD_TILES = [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2)]
 _FWD_CONFIGS = _tile_configs(_FWD_TILES)
 # The backward keeps more live than the forward (dK, dV, k, v, five score-sized tiles, the scratch
 # updates): at D = 64 only 16-row tiles compile without spills on sm_90 with and without a bias
