@@ -126,6 +126,23 @@ def _gather_rows_kernel(
         tl.store(out_ptr + local[:, None] * D + d[None, :], x.to(out_ptr.dtype.element_ty), mask=ok)
 
 
+@triton.jit
+def _row_tile_product(a_ptr, b_ptr, rows, row_ok, cols, col_ok, K, s_bk, s_bn,
+                      INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr):
+    """``a[rows, :K] @ b[:K, cols]`` in fp32: ``a`` is row-major with rows of ``K``, ``b`` is read
+    through its strides (the weight's transpose costs nothing)."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < K
+        a = tl.load(a_ptr + rows[:, None] * K + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptr + k[:, None] * s_bk + cols[None, :] * s_bn, mask=k_ok[:, None] & col_ok[None, :],
+                    other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
 @triton.autotune(key=["V", "D"], **_GEMM_TUNING)
 @triton.jit
 def _logits_kernel(
@@ -144,13 +161,8 @@ def _logits_kernel(
     cols = pid_v * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < live
     col_ok = cols < V
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, D, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = k < D
-        a = tl.load(a_ptr + rows[:, None] * D + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_ptr + cols[None, :] * D + k[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    acc = _row_tile_product(a_ptr, b_ptr, rows, row_ok, cols, col_ok, D, 1, D,  # b = weight.T
+                            INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + rows[:, None] * V + cols[None, :], acc.to(out_ptr.dtype.element_ty),
@@ -253,13 +265,8 @@ def _hidden_grad_kernel(
     ds = pid_d * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < live
     d_ok = ds < D
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, V, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = k < V
-        a = tl.load(a_ptr + rows[:, None] * V + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_ptr + k[:, None] * D + ds[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    acc = _row_tile_product(a_ptr, b_ptr, rows, row_ok, ds, d_ok, V, D, 1,
+                            INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     offsets = _source_offsets(src_ptr, first + rows, row_ok, N, stride_ob, stride_on, HAS_SRC)
     tl.store(out_ptr + offsets[:, None] + ds[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None] & d_ok[None, :])

@@ -20,6 +20,16 @@ def _seed():
 
 
 @pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: the machine is shared by the test processes, and more
+    threads per process stall on oversubscription."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def device():
     """Where the kernels under test run: the GPU when there is one, else CPU (interpreter)."""
     return torch.device("cuda" if HAS_GPU else "cpu")

@@ -20,13 +20,7 @@ from beitfast.train import (CHECKPOINT_NAME, METRICS_NAME, PLOT_NAME, Classifica
                             evaluate, layer_id, param_groups, pretrain, pretraining_trainer, resolve_device)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The test machine is shared: one intra-op thread per process avoids oversubscription stalls.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class MeanBrightnessTokenizer(torch.nn.Module):
