@@ -112,7 +112,8 @@ def sdpa_with_bias(B, H, N, D, tile=(64, 64)) -> Work:
 def rows(B=BEIT_B["B"], H=BEIT_B["H"], N=BEIT_B["N"], D=BEIT_B["D"]) -> list[Work]:
     return [
         # The autotune candidates of kernels/attention.py (_FWD_TILES, _BWD_TILES).
-        *(ours(B, H, N, D, fwd, bwd) for fwd in ((64, 64), (128, 64), (64, 32)) for bwd in ((16, 64), (16, 32))),
+        *(ours(B, H, N, D, fwd, bwd) for fwd in ((64, 64), (128, 64), (64, 32))
+          for bwd in ((16, 64), (16, 32))),
         previous(B, H, N, D),
         sdpa_with_bias(B, H, N, D),
         flash_no_bias(B, H, N, D),
