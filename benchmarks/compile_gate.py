@@ -145,7 +145,8 @@ def cross_entropy_scenarios():
     # a bf16 model passes bf16 for both. Evaluation runs without gradients; per-row losses have
     # their own backward.
     for dtype, autocast in ((torch.float32, torch.bfloat16), (torch.bfloat16, None)):
-        yield f"loss hidden/weight={_name(dtype)} autocast={_name(autocast)}", lambda d=dtype, a=autocast: run(d, a)
+        yield (f"loss hidden/weight={_name(dtype)} autocast={_name(autocast)}",
+               lambda d=dtype, a=autocast: run(d, a))
     yield "loss fp32 under bf16 autocast, no grad", lambda: run(torch.float32, torch.bfloat16, grad=False)
     yield "loss bf16 reduction=none", lambda: run(torch.bfloat16, None, reduction="none")
 
@@ -233,10 +234,13 @@ class Capture:
         kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
         binder = self._binders.get(id(fn))
         if binder is None:
-            binder = self._binders[id(fn)] = create_function_from_signature(fn.signature, fn.params, self.backend)
+            binder = create_function_from_signature(fn.signature, fn.params, self.backend)
+            self._binders[id(fn)] = binder
         bound, specialization, options = binder(*args, **kwargs)
-        options, signature, constexprs, attrs = fn._pack_args(self.backend, kwargs, bound, specialization, options)
-        launch = Launch(fn, variant, _config_label(config), signature, constexprs, attrs, dict(options.__dict__), [])
+        options, signature, constexprs, attrs = fn._pack_args(self.backend, kwargs, bound, specialization,
+                                                              options)
+        launch = Launch(fn, variant, _config_label(config), signature, constexprs, attrs,
+                        dict(options.__dict__), [])
         launch = self.launches.setdefault(launch.key(), launch)
         if self.scenario not in launch.scenarios:
             launch.scenarios.append(self.scenario)
@@ -376,7 +380,8 @@ def failures(row: dict, arch: Arch) -> list[str]:
 
 def _demangle(names: list[str]) -> list[str]:
     try:
-        out = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True,
+                             check=True).stdout
     except (OSError, subprocess.CalledProcessError):
         return names
     return [re.sub(r"\(anonymous namespace\)::|c10::|beitfast::", "", line) for line in out.splitlines()]
@@ -427,7 +432,8 @@ def gate(archs: list[Arch], scenario_sets: dict, only: str | None, jobs: int) ->
     for arch in archs:
         capture = Capture(arch)
         launch_errors[arch.capability] = capture.run([s for make in scenario_sets.values() for s in make()])
-        captured += [(arch, capture.target, job) for job in capture.launches.values() if not only or only in job.name]
+        captured += [(arch, capture.target, job) for job in capture.launches.values()
+                     if not only or only in job.name]
     _JOBS = [(target, job) for _, target, job in captured]
     with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
         rows = list(pool.map(_compile, range(len(_JOBS))))
@@ -468,7 +474,8 @@ def _table(rows: list[dict], header: str) -> str:
 
 def summary(rows: list[dict]) -> str:
     """One line per kernel: configs compiled, register range, worst spill, largest shared memory."""
-    lines = [f"{'kernel':44} {'compiled':>8} {'registers':>9} {'max spill':>9} {'max smem':>8} {'failing':>7}"]
+    lines = [f"{'kernel':44} {'compiled':>8} {'registers':>9} {'max spill':>9} {'max smem':>8} "
+             f"{'failing':>7}"]
     for name in dict.fromkeys(row["kernel"] for row in rows):
         mine = [row for row in rows if row["kernel"] == name]
         built = [row for row in mine if "error" not in row]
@@ -490,8 +497,9 @@ def report(paths: list[Path]) -> str:
         if data.get("cuda_kernels"):
             out.append("\nCUDA kernels (beitfast._C)")
             for row in data["cuda_kernels"]:
+                spill = row["spill_bytes"] + row["stack_bytes"]
                 out.append(f"  {row['kernel'][:90]:90} {row['arch']:7} reg {row['registers']:>3} "
-                           f"spill {row['spill_bytes'] + row['stack_bytes']:>4} smem {row['shared_bytes']:>6}")
+                           f"spill {spill:>4} smem {row['shared_bytes']:>6}")
     return "\n".join(out)
 
 
@@ -542,7 +550,8 @@ def main(argv=None) -> int:
           f"({args.jobs} processes)")
     for problem in problems:
         print("FAIL", problem)
-    print(f"compile gate (triton {triton.__version__}): {'FAILED, ' + str(len(problems)) + ' problem(s)' if problems else 'passed'}")
+    verdict = f"FAILED, {len(problems)} problem(s)" if problems else "passed"
+    print(f"compile gate (triton {triton.__version__}): {verdict}")
     return 1 if problems else 0
 
 

@@ -50,7 +50,8 @@ def test_the_gate_fails_on_a_float_global_a_spill_and_an_fma_dot():
     output = result.stdout + result.stderr
     assert result.returncode == 1, output[-3000:]
     fails = [line for line in output.splitlines() if line.startswith("FAIL")]
-    assert any("reads_float_global" in f and "Cannot access global variable SCALE" in f for f in fails), output
+    assert any("reads_float_global" in f and "Cannot access global variable SCALE" in f
+               for f in fails), output
     assert any("BLOCK_M=256" in f and "spills" in f for f in fails), output
     assert any("PRECISION=ieee" in f and "not lowered to tensor cores" in f for f in fails), output
     # The clean kernel passes: the gate does not fail everything.
