@@ -138,8 +138,15 @@ def _train_config(args, output: str, **extra):
         warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, clip_grad=args.clip_grad or None,
         checkpoint_every=args.checkpoint_every, seed=args.seed, num_workers=args.workers, device=args.device,
         precision=args.precision, parallel=args.parallel, progress=not args.no_progress, log_every=log_every,
-        resume=resume, **extra,
+        resume=resume, compile=args.compile, cuda_graphs=args.cuda_graphs, fp8=args.fp8,
+        fused_optimizer=not args.no_fused_optimizer, **extra,
     )
+
+
+def _fast_step(args) -> dict:
+    """The model's fast-step fields (``BEiTConfig``) the command line sets."""
+    return dict(fuse_blocks=args.fuse_blocks, residual_dtype=args.residual_dtype,
+                checkpoint_blocks=args.checkpoint_blocks)
 
 
 def _summary(trainer, records: list[dict], window: int = 10) -> str:
@@ -197,7 +204,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     overrides = {"depth": args.depth} if args.depth else {}
     config = preset(img_size=args.img_size, patch_size=args.patch_size,
                     vocab_size=tokenizer.vocab_size if tokenizer is not None else args.vocab_size,
-                    drop_path_rate=args.drop_path, kernels=args.kernels, **overrides)
+                    drop_path_rate=args.drop_path, kernels=args.kernels, **_fast_step(args), **overrides)
     if tokenizer is not None:
         grid, source_of_grid = tokenizer.grid_size, f"the tokenizer {tokenizer_file}"
     else:
@@ -251,7 +258,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     val_set = ImageFolder(args.val_data, labelled=True) if args.val_data else None
     if val_set is not None and val_set.classes != train_set.classes:
         raise CommandError(f"--val-data classes {val_set.classes} differ from --data classes {train_set.classes}")
-    model = classifier_from_pretrained(args.pretrained, len(train_set.classes), drop_path_rate=args.drop_path)
+    model = classifier_from_pretrained(args.pretrained, len(train_set.classes), drop_path_rate=args.drop_path,
+                                       **_fast_step(args))
     size = model.config.image_hw[0]
     ctx = setup_distributed()
     stream = classify_stream(train_set, ClassifyTransform(size), args.batch_size, seed=args.seed, rank=ctx.rank,
@@ -403,6 +411,19 @@ def _add_training_options(parser: argparse.ArgumentParser, gpu: dict, cpu: dict)
     run.add_argument("--log-every", type=int,
                      help="with --no-progress, steps between progress lines (default: a twentieth of the run, at "
                           "least one line per checkpoint)")
+    speed = parser.add_argument_group("speed (see README, \"Fast step\")")
+    speed.add_argument("--fuse-blocks", default="auto", choices=("auto", "compile", "off"),
+                       help="each Transformer block through Inductor: 'auto' on CUDA only (default: auto)")
+    speed.add_argument("--residual-dtype", default="float32", choices=("float32", "autocast"),
+                       help="dtype of the residual stream: float32 (official) or the autocast dtype (default: float32)")
+    speed.add_argument("--checkpoint-blocks", type=int, default=0,
+                       help="recompute the activations of the first N blocks in backward, -1: all (default: 0)")
+    speed.add_argument("--compile", action="store_true", help="torch.compile the whole model")
+    speed.add_argument("--cuda-graphs", action="store_true", help="compile with CUDA graphs (fixed shapes; CUDA only)")
+    speed.add_argument("--fp8", action="store_true",
+                       help="float8 linear layers in the blocks (torchao, rowwise scaling; CUDA, compute capability "
+                            ">= 8.9)")
+    speed.add_argument("--no-fused-optimizer", action="store_true", help="AdamW without its fused kernel")
 
 
 def build_parser() -> argparse.ArgumentParser:

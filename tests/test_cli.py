@@ -291,3 +291,18 @@ def test_a_killed_tokenizer_save_leaves_nothing_behind(tmp_path):
     stale.write_bytes(b"partial")
     assert main(["pretrain", "--steps", "1", "--output", str(out), *TINY, *TINY_TOKENIZER]) == 0
     assert not stale.exists() and (out / "tokenizer.safetensors").is_file()
+
+
+def test_fast_step_options_reach_the_model_and_the_trainer(tmp_path, capsys):
+    from beitfast import BEiT
+
+    out = tmp_path / "run"
+    assert main(["pretrain", "--steps", "1", "--output", str(out), *TINY, *TINY_TOKENIZER, "--fuse-blocks", "off",
+                 "--residual-dtype", "autocast", "--checkpoint-blocks", "-1", "--no-fused-optimizer"]) == 0
+    config = BEiT.from_file(out / "checkpoint.pt").config
+    assert (config.fuse_blocks, config.residual_dtype, config.checkpoint_blocks) == ("off", "autocast", -1)
+    capsys.readouterr()
+    assert main(["pretrain", "--steps", "1", "--output", str(tmp_path / "graphs"), *TINY, *TINY_TOKENIZER,
+                 "--cuda-graphs"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "cuda_graphs needs a CUDA device" in error[0]
