@@ -95,6 +95,14 @@ def _check_file(path: str, option: str) -> None:
         raise FileNotFoundError(f"{option}: {path!r} does not exist or is not a file")
 
 
+def _check_device(args) -> None:
+    """The device exists, and the options that need CUDA have it: checked before any work."""
+    device = resolve_device(args.device)
+    for flag, wanted in (("--cuda-graphs", args.cuda_graphs), ("--fp8", args.fp8)):
+        if wanted and device.type != "cuda":
+            raise CommandError(f"{flag} needs a CUDA device, this run is on {device}")
+
+
 def _check_run_paths(args, output: Path) -> None:
     """What a run writes and reads, checked before any data or model work."""
     from .train import ensure_writable
@@ -181,7 +189,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         args.output = args.output or DEMO_OUTPUT
         args.resume = args.resume or "none"
         args.device = "cpu" if args.device == "auto" else args.device
-    resolve_device(args.device)  # a GPU that is not there fails now, not after the tokenizer fit
+    _check_device(args)  # a GPU that is not there fails now, not after the tokenizer fit
     given = _fill(args, _defaults(GPU_DEFAULTS, CPU_DEFAULTS, args.device))
     args.data = args.data or "embedded"
     args.tokenizer = args.tokenizer or "kmeans"
@@ -246,7 +254,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from .data import ClassifyTransform, EvalTransform, ImageFolder, classify_stream
     from .train import Classification, Trainer, classifier_from_pretrained, evaluate, setup_distributed
 
-    resolve_device(args.device)
+    _check_device(args)
     _fill(args, _defaults(FINETUNE_GPU_DEFAULTS, FINETUNE_CPU_DEFAULTS, args.device))
     args.resume = args.resume or "auto"
     layer_decay = None if args.linear_probe else args.layer_decay
