@@ -30,6 +30,29 @@ def one_thread():
 
 
 @pytest.fixture
+def each_damage():
+    """``each_damage(path, check)``: rewrites the file at ``path`` as copies of its bytes damaged
+    anywhere (1 to 64 bytes overwritten, or the file cut) and calls ``check()`` after each; 60
+    derandomised Hypothesis cases."""
+    from hypothesis import given, settings, strategies as st
+
+    def run(path, check):
+        data = path.read_bytes()
+
+        @settings(max_examples=60, deadline=None, derandomize=True)
+        @given(offset=st.integers(0, len(data) - 1), new=st.binary(min_size=1, max_size=64),
+               cut=st.booleans())
+        def damaged_copy(offset, new, cut):
+            overwritten = (data[:offset] + new + data[offset + len(new):])[:len(data)]
+            path.write_bytes(data[:offset] if cut else overwritten)
+            check()
+
+        damaged_copy()
+
+    return run
+
+
+@pytest.fixture
 def device():
     """Where the kernels under test run: the GPU when there is one, else CPU (interpreter)."""
     return torch.device("cuda" if HAS_GPU else "cpu")
