@@ -228,7 +228,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
             f"every patch needs one token: use --img-size {grid * args.patch_size} or leave the sizes unset"
         )
     masking_for(config.grid, args.mask_ratio)  # checks --mask-ratio now
-    train_config = _train_config(args, str(output))
+    train_config = _train_config(args, str(output), input_path=args.input_path)
     _check_run_paths(args, output)
     source = _image_source(args.data)
     if tokenizer is None:
@@ -467,6 +467,11 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--tokenizer-iters", type=int, default=100, help="mini-batch k-means iterations (default: 100)")
     data.add_argument("--mask-ratio", type=float, default=0.4,
                       help="fraction of patches masked, blockwise (default: 0.4, i.e. 75 of 196)")
+    data.add_argument("--input-path", default="auto", choices=("auto", "cpu", "device"),
+                      help="where the two views are made: 'cpu' (decoded and augmented in the --workers "
+                           "processes), 'device' (the workers read the JPEGs and draw the augmentation; "
+                           "decode (nvJPEG) and views on the training device); 'auto': device on CUDA, else "
+                           "cpu (default: auto)")
     model = pre.add_argument_group("model")
     model.add_argument("--model", choices=("tiny", "small", "base", "large"),
                        help=f"size preset: dim 192/384/768/1024 {_both('model')}")

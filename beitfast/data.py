@@ -245,9 +245,10 @@ class DecodeError(Exception):
 class ImageSource(Protocol):
     """What a stream reads: ``len(source)`` images; ``source.load(i)`` the decoded RGB image, or None
     if it cannot be decoded; ``source.open(i)`` the image opened but not yet decoded (so that a fast
-    path can ask a JPEG decoder for a reduced size first), or None; ``source.reject(i, error)``
-    records an image that failed to decode after ``open``; ``source.labels`` a class index per
-    image, or None."""
+    path can ask a JPEG decoder for a reduced size first), or None; ``source.read(i)`` the image as
+    stored: the encoded file's bytes (for a decoder elsewhere, such as nvJPEG), the image itself for an
+    in-memory source, or None if it cannot be read; ``source.reject(i, error)`` records an image that
+    failed to decode after ``open`` or ``read``; ``source.labels`` a class index per image, or None."""
 
     labels: Sequence[int] | None
 
@@ -256,6 +257,8 @@ class ImageSource(Protocol):
     def load(self, index: int) -> Image.Image | None: ...
 
     def open(self, index: int) -> Image.Image | None: ...
+
+    def read(self, index: int) -> bytes | Image.Image | None: ...
 
     def reject(self, index: int, error: Exception) -> None: ...
 
@@ -268,8 +271,9 @@ def decode_rgb(image: Image.Image) -> Image.Image:
 
 class ImageFiles:
     """Shared by sources of encoded images: ``load`` = ``open`` + decode, undecodable images skipped
-    (``load`` and ``open`` return None), counted in ``skipped`` and named in a warning. Subclasses
-    implement ``_open(index)``, returning a lazily decoding PIL image."""
+    (``load``, ``open`` and ``read`` return None), counted in ``skipped`` and named in a warning.
+    Subclasses implement ``_open(index)``, returning a lazily decoding PIL image, and ``_read(index)``,
+    the encoded bytes."""
 
     def __init__(self):
         self.bad: set[int] = set()
@@ -282,6 +286,9 @@ class ImageFiles:
         raise NotImplementedError
 
     def _open(self, index: int) -> Image.Image:
+        raise NotImplementedError
+
+    def _read(self, index: int) -> bytes:
         raise NotImplementedError
 
     def reject(self, index: int, error: Exception) -> None:
@@ -298,6 +305,15 @@ class ImageFiles:
         try:
             return self._open(index)
         except Exception as error:  # PIL raises many types for corrupt files
+            self.reject(index, error)
+            return None
+
+    def read(self, index: int) -> bytes | None:
+        if index in self.bad:
+            return None
+        try:
+            return self._read(index)
+        except OSError as error:
             self.reject(index, error)
             return None
 
@@ -329,7 +345,7 @@ class ImageList:
     def load(self, index: int) -> Image.Image:
         return self.images[index]
 
-    open = load
+    open = read = load  # nothing is encoded
 
     def reject(self, index: int, error: Exception) -> None:
         raise RuntimeError(f"ImageList: image {index} is in memory, yet failed to decode") from error
@@ -371,6 +387,9 @@ class ImageFolder(ImageFiles):
 
     def _open(self, index: int) -> Image.Image:
         return Image.open(self.paths[index])
+
+    def _read(self, index: int) -> bytes:
+        return self.paths[index].read_bytes()
 
 
 # Real colour photographs shipped with scikit-image, and two grey ones (converted to RGB).
@@ -431,8 +450,10 @@ class BatchStream(torch.utils.data.IterableDataset):
     ``(seed, step, position)``, collated by ``make_sample.collate(samples, seed, step, positions)``
     when it has one (else each part is stacked).
 
-    A sample maker with ``decodes = True`` gets the image opened but not decoded (``source.open``)
-    and raises ``DecodeError`` when it cannot decode it.
+    A sample maker with ``decodes = True`` gets the image opened but not decoded (``source.open``),
+    one with ``encoded = True`` the image as stored (``source.read``: bytes, or an in-memory image); both
+    raise ``DecodeError`` when they cannot decode it. A sample maker with ``prepare(batch, device,
+    stream)`` finishes its batches in the training process, on the training device (``prepare``).
 
     Images are visited in a fresh random permutation every epoch (of the source). Iterating yields the
     batches of ``start_step, start_step + 1, ...``; DataLoader workers take every ``num_workers``-th
@@ -462,23 +483,29 @@ class BatchStream(torch.utils.data.IterableDataset):
             self._permutation = (epoch, order)
         return self._permutation[1]
 
-    def _sample(self, step: int, position: int):
+    def sample(self, step: int, position: int, make_sample: Callable | None = None):
+        """The sample at ``position`` of global batch ``step``, made by ``make_sample`` (default: the
+        stream's own sample maker)."""
+        make_sample = self.make_sample if make_sample is None else make_sample
         n = len(self.source)
         epoch, offset_in_epoch = divmod(step * self.batch_size + position, n)
         order = self._order(epoch)
-        decodes = getattr(self.make_sample, "decodes", False)
+        if getattr(make_sample, "encoded", False):
+            get = self.source.read
+        else:
+            get = self.source.open if getattr(make_sample, "decodes", False) else self.source.load
         # An undecodable image is replaced by the next decodable one of the same permutation; the
         # random draws restart, so the replacement gets the draws the first image would have had.
         for offset in range(n):
             i = order[(offset_in_epoch + offset) % n]
-            image = self.source.open(i) if decodes else self.source.load(i)
+            image = get(i)
             if image is None:
                 continue
             labels = self.source.labels
             rng = random.Random(derive_seed(self.seed, step, position))
             try:
-                return self.make_sample(image, None if labels is None else labels[i], rng,
-                                        (self.seed, step, position))
+                return make_sample(image, None if labels is None else labels[i], rng,
+                                   (self.seed, step, position))
             except DecodeError as error:
                 self.source.reject(i, error.__cause__ or error)
         raise RuntimeError(f"BatchStream: none of the {n} images of the data set can be decoded")
@@ -489,11 +516,21 @@ class BatchStream(torch.utils.data.IterableDataset):
         first = self.rank * self.local_batch_size
         size = self.local_batch_size if limit is None else min(limit, self.local_batch_size)
         positions = range(first, first + size)
-        samples = [self._sample(step, j) for j in positions]
+        samples = [self.sample(step, j) for j in positions]
         collate = getattr(self.make_sample, "collate", None)
         if collate is not None:
             return collate(samples, self.seed, step, positions)
         return tuple(torch.stack(parts) for parts in zip(*samples))
+
+    def prepare(self, batch, device: torch.device):
+        """A batch of this stream (as ``batch`` or iterating made it, in this process or a DataLoader
+        worker) as the training step takes it, on ``device``: the sample maker's ``prepare(batch,
+        device, stream)`` when it has one (the device input path makes its views there), else each
+        tensor moved."""
+        prepare = getattr(self.make_sample, "prepare", None)
+        if prepare is not None:
+            return prepare(batch, device, self)
+        return tuple(t.to(device, non_blocking=True) for t in batch)
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -546,10 +583,17 @@ class ClassifySample:
 
 
 def pretrain_stream(source: ImageSource, transform: TwoViewTransform, masking: dict, batch_size: int,
-                    fast: bool = True, **stream_args) -> BatchStream:
-    """Batches ``(model_views [b,3,S,S], tokenizer_views [b,3,s,s], masks [b,N] bool)``; ``fast``: through
+                    fast: bool = True, on_device: bool = False, **stream_args) -> BatchStream:
+    """Batches ``(model_views [b,3,S,S], tokenizer_views [b,3,s,s], masks [b,N] bool)`` once
+    ``stream.prepare(batch, device)`` has made them, on that device. ``on_device``: through
+    ``beitfast.pipeline.DevicePretrainSample`` (the batch holds encoded JPEGs and the random draws; its
+    views are made on the device by ``prepare``); else ``fast``: through
     ``beitfast.pipeline.FastPretrainSample`` (same draws, small documented approximations, several
     times faster), else ``PretrainSample`` (``transform`` itself, the official order)."""
+    if on_device:
+        from .pipeline import DevicePretrainSample  # pipeline builds on this module
+
+        return BatchStream(source, DevicePretrainSample(transform, masking), batch_size, **stream_args)
     if fast:
         from .pipeline import FastPretrainSample  # pipeline builds on this module
 

@@ -31,6 +31,7 @@ tests run it on CPU tensors.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import random
@@ -41,11 +42,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .config import check_choice
 from .data import (IMAGENET_MEAN, IMAGENET_STD, JITTER_OPERATIONS, DecodeError, TwoViewTransform, apply_color_jitter,
                    batch_masks, decode_rgb)
 
 __all__ = ["GREY_WEIGHTS", "jitter_stages", "apply_jitter", "FastTwoView", "FastPretrainSample",
-           "resampling_matrix", "DeviceTwoView"]
+           "resampling_matrix", "DeviceTwoView", "INPUT_PATHS", "resolve_input_path", "decode_jpeg_available",
+           "EncodedBatch", "DevicePretrainSample"]
 
 # ITU-R 601-2 luma: PIL's convert("L"), the grey of ImageEnhance.Color and Contrast.
 GREY_WEIGHTS = (0.299, 0.587, 0.114)
@@ -305,10 +308,13 @@ class DeviceTwoView:
     """``TwoViewTransform`` as batched tensor code on ``device``: ``views(encoded, rngs)`` takes encoded
     images (JPEG bytes, decoded by ``torchvision.io.decode_jpeg`` on the device, nvJPEG on a GPU) and one
     ``random.Random`` per image, and returns ``([B, 3, S, S] normalised, [B, 3, s, s] in [0, 1])`` on
-    ``device``, drawing exactly what ``TwoViewTransform`` draws.
+    ``device``, drawing exactly what ``TwoViewTransform`` draws. ``views_of(images, draws)`` does the
+    same with the draws made already (``TwoViewTransform.draw``) and images that are JPEG bytes or
+    decoded uint8 ``[3, H, W]`` tensors; ``decode`` and ``augment`` are its two halves.
 
-    Resampling is two matrix products per view (``resample``: PIL's filters and 8-bit passes); the flip is the model view's column order; the jitter is
-    ``apply_jitter``, the contrast mean the exact grey mean of the decoded image.
+    Resampling is two matrix products per view (``resample``: PIL's filters and 8-bit passes); the flip
+    is the model view's column order; the jitter is ``apply_jitter``, the contrast mean the exact grey
+    mean of the decoded image.
     """
 
     def __init__(self, transform: TwoViewTransform, device: torch.device | str = "cpu"):
@@ -316,28 +322,42 @@ class DeviceTwoView:
         # float32 products: 8-bit pixels and the weights are exact enough; TF32 would not be.
         self.dtype = torch.float32
 
-    def _decode(self, encoded: Sequence[bytes]) -> list[torch.Tensor]:
+    def decode(self, images: Sequence[bytes | torch.Tensor]) -> list[torch.Tensor | None]:
+        """Each image as uint8 ``[3, H, W]`` on the device: the JPEG bytes in one batched
+        ``decode_jpeg`` call, decoded tensors moved. When the batched call fails, each JPEG is decoded
+        alone; one the decoder refuses then is None."""
         from torchvision.io import ImageReadMode, decode_jpeg
 
-        data = [torch.frombuffer(bytearray(blob), dtype=torch.uint8) for blob in encoded]
-        try:
+        def jpeg(data: torch.Tensor | list[torch.Tensor]):
             return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
-        except RuntimeError as error:
-            raise DecodeError(f"cannot decode a JPEG of the batch: {error}") from error
+
+        out: list[torch.Tensor | None] = [
+            image.to(self.device, non_blocking=True) if isinstance(image, torch.Tensor) else None for image in images]
+        encoded = [k for k, image in enumerate(images) if not isinstance(image, torch.Tensor)]
+        data = [torch.frombuffer(bytearray(images[k]), dtype=torch.uint8) for k in encoded]
+        try:
+            decoded = jpeg(data) if data else []
+        except RuntimeError:  # one bad file fails the whole call: find it
+            decoded = []
+            for blob in data:
+                try:
+                    decoded.append(jpeg(blob))
+                except RuntimeError:
+                    decoded.append(None)
+        for k, image in zip(encoded, decoded):
+            out[k] = image
+        return out
 
     def _resize(self, image: torch.Tensor, box, flipped: bool, size: int, kind: str) -> torch.Tensor:
         return resample(image, box, size, kind, flipped, self.dtype)
 
-    def views(self, encoded: Sequence[bytes], rngs: Sequence[random.Random]) -> tuple[torch.Tensor, torch.Tensor]:
-        if len(encoded) != len(rngs):
-            raise ValueError(f"DeviceTwoView.views: {len(encoded)} images but {len(rngs)} random generators")
-        sizes = [Image.open(io.BytesIO(blob)).size for blob in encoded]  # headers only
-        draws = [self.transform.draw(width, height, rng) for (width, height), rng in zip(sizes, rngs)]
-        images = self._decode(encoded)
+    def augment(self, images: Sequence[torch.Tensor], draws) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two views of decoded uint8 ``[3, H, W]`` images on the device, with ``draws`` (one
+        ``TwoViewTransform.draw`` per image)."""
         grey = torch.tensor(GREY_WEIGHTS, device=self.device, dtype=self.dtype)
         model_views, tokenizer_views, grey_means = [], [], []
-        for image, (width, _), (_, flipped, box) in zip(images, sizes, draws):
-            box = _unflipped_box(width, flipped, box)
+        for image, (_, flipped, box) in zip(images, draws):
+            box = _unflipped_box(image.shape[2], flipped, box)
             model_views.append(self._resize(image, box, flipped, self.transform.model_size, "bicubic"))
             tokenizer_views.append(self._resize(image, box, flipped, self.transform.tokenizer_size, "lanczos"))
             grey_means.append(torch.einsum("chw,c->", image.to(self.dtype), grey) / (image.shape[1] * image.shape[2]))
@@ -345,3 +365,119 @@ class DeviceTwoView:
         model = apply_jitter(torch.stack(model_views), stages, grey_means)
         tokenizer = apply_jitter(torch.stack(tokenizer_views), stages, grey_means)
         return _normalize_(model), tokenizer.div_(255)
+
+    def views_of(self, images: Sequence[bytes | torch.Tensor], draws) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(images) != len(draws):
+            raise ValueError(f"DeviceTwoView.views_of: {len(images)} images but {len(draws)} draws")
+        decoded = self.decode(images)
+        refused = [k for k, image in enumerate(decoded) if image is None]
+        if refused:
+            raise DecodeError(f"DeviceTwoView: decode_jpeg refuses the image(s) at {refused} of the batch")
+        return self.augment(decoded, draws)
+
+    def views(self, encoded: Sequence[bytes], rngs: Sequence[random.Random]) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(encoded) != len(rngs):
+            raise ValueError(f"DeviceTwoView.views: {len(encoded)} images but {len(rngs)} random generators")
+        sizes = [Image.open(io.BytesIO(blob)).size for blob in encoded]  # headers only
+        return self.views_of(encoded, [self.transform.draw(width, height, rng)
+                                       for (width, height), rng in zip(sizes, rngs)])
+
+
+# -- the device input path of training -------------------------------------------------------------
+
+
+def decode_jpeg_available() -> bool:
+    """Whether ``torchvision.io.decode_jpeg`` can be imported (the device path's decoder)."""
+    try:
+        from torchvision.io import decode_jpeg  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+INPUT_PATHS = ("auto", "cpu", "device")
+
+
+def resolve_input_path(input_path: str, device: torch.device | str) -> str:
+    """The pre-training input path for a run on ``device``: ``"cpu"`` (``FastPretrainSample`` in the
+    DataLoader workers) or ``"device"`` (``DevicePretrainSample``: ``DeviceTwoView`` on the training
+    device). ``"auto"`` is ``"device"`` on a CUDA device when ``decode_jpeg`` can be imported (nvJPEG),
+    else ``"cpu"``."""
+    check_choice("resolve_input_path", "input_path", input_path, INPUT_PATHS)
+    if input_path == "auto":
+        return "device" if torch.device(device).type == "cuda" and decode_jpeg_available() else "cpu"
+    if input_path == "device" and not decode_jpeg_available():
+        raise ValueError("input_path 'device' needs torchvision.io.decode_jpeg, which cannot be imported "
+                         "here: install torchvision, or use input_path 'cpu'")
+    return input_path
+
+
+@dataclasses.dataclass
+class EncodedBatch:
+    """A batch of the device path as it leaves the DataLoader: per sample, ``images`` holds the JPEG
+    bytes or, for other images, the decoded uint8 ``[3, H, W]`` pixels, and ``draws`` its
+    ``TwoViewTransform.draw``; the batch's ``masks``; its ``step`` and ``positions`` in the global
+    batch (to replace an image the device cannot decode)."""
+
+    images: list
+    draws: list
+    masks: torch.Tensor
+    step: int
+    positions: range
+
+    def pin_memory(self) -> "EncodedBatch":  # called by a DataLoader with pin_memory=True
+        images = [image.pin_memory() if isinstance(image, torch.Tensor) else image for image in self.images]
+        return dataclasses.replace(self, images=images, masks=self.masks.pin_memory())
+
+
+class DevicePretrainSample:
+    """The device input path of pre-training (``pretrain_stream(on_device=True)``). In the DataLoader
+    workers, per sample: the stored image (``source.read``), its header's size, ``TwoViewTransform``'s
+    draws with the sample's generator, and the pixels decoded by PIL for an image that is not a JPEG
+    (PNG files, in-memory images); the batch adds its masks (``batch_masks``): an ``EncodedBatch``.
+    In the training process, ``prepare`` (``BatchStream.prepare``) makes the views on the training
+    device with ``DeviceTwoView``.
+
+    A JPEG the device decoder refuses, even alone, is decoded by PIL on the host with the same draws;
+    if PIL fails too, the image is rejected (``source.reject``: skipped, counted and named in a
+    warning, as the CPU path does) and replaced by the next decodable image of the permutation
+    (``BatchStream.sample``), so the batch keeps its size and stays a function of the step.
+    ``jpeg_on_device=False`` decodes every image in the workers (that fallback's sample maker)."""
+
+    encoded = True
+
+    def __init__(self, transform: TwoViewTransform, masking: dict, jpeg_on_device: bool = True):
+        self.transform, self.masking, self.jpeg_on_device = transform, masking, jpeg_on_device
+        self._views: DeviceTwoView | None = None
+
+    def __call__(self, stored, label, rng, key) -> tuple[bytes | torch.Tensor, tuple]:
+        try:
+            # Of an encoded file, only the header is read here.
+            image = stored if isinstance(stored, Image.Image) else Image.open(io.BytesIO(stored))
+            jpeg = self.jpeg_on_device and not isinstance(stored, Image.Image) and image.format == "JPEG"
+            draws = self.transform.draw(image.width, image.height, rng)
+            if jpeg:
+                return stored, draws
+            pixels = np.array(decode_rgb(image))  # a copy: writable, its own memory
+        except Exception as error:  # PIL raises many types for corrupt files
+            raise DecodeError(f"cannot decode the image: {error}") from error
+        return torch.from_numpy(pixels).permute(2, 0, 1), draws
+
+    def collate(self, samples, seed: int, step: int, positions: range) -> EncodedBatch:
+        images, draws = (list(parts) for parts in zip(*samples))
+        return EncodedBatch(images, draws, batch_masks(self.masking, seed, step, positions), step, positions)
+
+    def prepare(self, batch: EncodedBatch, device: torch.device, stream) -> tuple[torch.Tensor, ...]:
+        device = torch.device(device)
+        if self._views is None or self._views.device != device:
+            self._views = DeviceTwoView(self.transform, device)
+        images, draws = self._views.decode(batch.images), list(batch.draws)
+        for k, image in enumerate(images):
+            if image is None:
+                host = DevicePretrainSample(self.transform, self.masking, jpeg_on_device=False)
+                pixels, draws[k] = stream.sample(batch.step, batch.positions[k], host)
+                images[k] = pixels.to(device)
+        return (*self._views.augment(images, draws), batch.masks.to(device, non_blocking=True))
+
+    def __getstate__(self):  # DataLoader workers need no device state
+        return {**self.__dict__, "_views": None}

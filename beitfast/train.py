@@ -49,6 +49,7 @@ from .data import (
 )
 from .model import BEiT
 from .ops.cross_entropy import invalid_label_count, reset_invalid_label_count
+from .pipeline import INPUT_PATHS, resolve_input_path
 
 __all__ = [
     "TrainConfig", "Trainer", "NonFiniteLossError", "cosine_schedule", "layer_id", "param_groups",
@@ -91,6 +92,10 @@ class TrainConfig:
     seed: int = 0
     num_workers: int = 0
     device: str = "auto"  # "auto": the GPU of this rank when there is one, else CPU
+    # Pre-training's input path (README "Input pipeline"): "cpu" (views made in the DataLoader workers),
+    # "device" (workers read the JPEGs and draw; decode and views on the training device), "auto" (device
+    # on CUDA, else cpu).
+    input_path: str = "auto"
     precision: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU), "bf16" or "fp32"
     parallel: str = "ddp"  # under torchrun: "ddp" or "fsdp"
     progress: bool = True  # a progress bar; without it, a line every ``log_every`` steps (0: none)
@@ -123,6 +128,7 @@ class TrainConfig:
                 setattr(self, field.name, check_bool(owner, field.name, getattr(self, field.name)))
         check_choice(owner, "precision", self.precision, ("auto", "bf16", "fp32"))
         check_choice(owner, "parallel", self.parallel, ("ddp", "fsdp"))
+        check_choice(owner, "input_path", self.input_path, INPUT_PATHS)
         self.log_every = check_int(owner, "log_every", self.log_every, 0)
         if 0 < self.warmup_steps >= self.steps:
             # The learning rate would reach its peak at the last step at best: surely not what was meant.
@@ -658,7 +664,7 @@ class Trainer:
     def _train_step(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.config.cuda_graphs:  # the previous step's graph outputs may be overwritten from here on
             torch.compiler.cudagraph_mark_step_begin()
-        batch = tuple(t.to(self.device, non_blocking=True) for t in batch)
+        batch = self.stream.prepare(batch, self.device)  # the device input path makes its views here
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
         with autocast:
             loss, accuracy, count = self.task(self.wrapped, batch)
@@ -766,11 +772,13 @@ def pretraining_trainer(model_config: BEiTConfig, tokenizer, source: ImageSource
     ctx = setup_distributed()
     if model_config.image_hw[0] != model_config.image_hw[1]:
         raise ValueError(f"pretrain: square images only, got img_size {model_config.img_size}")
+    device = resolve_device(config.device, ctx.local_rank)
+    on_device = resolve_input_path(config.input_path, device) == "device"
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     model = BEiT(model_config)
     transform = TwoViewTransform(model_config.image_hw[0], tokenizer.input_size, scale=crop_scale)
     stream = pretrain_stream(source, transform, masking_for(model_config.grid, mask_ratio), config.batch_size,
-                             seed=config.seed, rank=ctx.rank, world_size=ctx.world_size)
+                             on_device=on_device, seed=config.seed, rank=ctx.rank, world_size=ctx.world_size)
     return Trainer(model, MaskedImageModeling(tokenizer), stream, config, on_step=on_step)
 
 

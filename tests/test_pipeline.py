@@ -273,11 +273,131 @@ def test_fast_stream_is_a_function_of_the_step():
     assert not torch.equal(stream.batch(3)[0], stream.batch(4)[0])
 
 
+# -- the device input path of training (DevicePretrainSample) -------------------------------------
+
+
+def jpeg_folder(folder, jpegs, count=5, png=True):
+    """``count`` of the photographs as JPEG files and, with ``png``, one as a PNG file (decoded in the
+    workers, not on the device)."""
+    folder.mkdir(exist_ok=True)
+    for i, blob in enumerate(jpegs[:count]):
+        (folder / f"a{i}.jpg").write_bytes(blob)
+    if png:
+        Image.open(io.BytesIO(jpegs[count])).save(folder / "p.png")
+    return ImageFolder(folder)
+
+
+def expected_device_batch(folder, transform, masking, seed, step, batch_size):
+    """Batch ``step`` computed without the stream: the images of the epoch's permutation, each with
+    its own generator's draws, through ``DeviceTwoView.views_of`` (JPEG bytes; the PNG decoded)."""
+    images, draws = [], []
+    for j in range(batch_size):
+        epoch, offset = divmod(step * batch_size + j, len(folder))
+        order = list(range(len(folder)))
+        random.Random(derive_seed(seed, "epoch", epoch)).shuffle(order)
+        path = folder.paths[order[offset]]
+        header = Image.open(path)
+        draws.append(transform.draw(header.width, header.height, random.Random(derive_seed(seed, step, j))))
+        images.append(path.read_bytes() if path.suffix == ".jpg"
+                      else torch.from_numpy(np.array(header.convert("RGB"))).permute(2, 0, 1))
+    masks = batch_masks(masking, seed, step, range(batch_size))
+    return (*DeviceTwoView(transform).views_of(images, draws), masks)
+
+
+def test_device_stream_makes_the_views_of_device_two_view(tmp_path, jpegs):
+    """The worker part (bytes, draws, masks) and ``prepare`` (decode and views on the device) give
+    exactly DeviceTwoView's views of the same images with the same draws."""
+    from beitfast.pipeline import EncodedBatch
+
+    folder = jpeg_folder(tmp_path, jpegs)
+    transform, masking = TwoViewTransform(24, 12), masking_for((3, 3))
+    stream = pretrain_stream(folder, transform, masking, batch_size=4, seed=5, on_device=True)
+    batch = stream.batch(1)
+    assert isinstance(batch, EncodedBatch) and (batch.step, batch.positions) == (1, range(4))
+    assert {type(image) for image in batch.images} == {bytes, torch.Tensor}  # the PNG is decoded
+    views = stream.prepare(batch, torch.device("cpu"))
+    expected = expected_device_batch(folder, transform, masking, 5, 1, 4)
+    assert views[0].shape == (4, 3, 24, 24) and views[1].shape == (4, 3, 12, 12)
+    assert views[2].dtype == torch.bool
+    assert all(torch.equal(a, b) for a, b in zip(views, expected))
+
+
+def test_device_stream_falls_back_to_pil_for_a_jpeg_the_device_refuses(tmp_path, jpegs, monkeypatch):
+    """A JPEG that decode_jpeg refuses (stood in for here) and PIL decodes keeps its place and draws."""
+    import torchvision.io
+
+    folder = jpeg_folder(tmp_path, jpegs, png=False)
+    refused = (tmp_path / "a2.jpg").read_bytes()
+    decode_jpeg = torchvision.io.decode_jpeg
+
+    def picky(data, **kwargs):
+        blobs = data if isinstance(data, list) else [data]
+        if any(bytes(blob.numpy()) == refused for blob in blobs):
+            raise RuntimeError("stand-in refusal")
+        return decode_jpeg(data, **kwargs)
+
+    transform, masking = TwoViewTransform(20, 10), masking_for((2, 2))
+    stream = pretrain_stream(folder, transform, masking, batch_size=5, seed=1, on_device=True)
+    expected = expected_device_batch(folder, transform, masking, 1, 0, 5)
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", picky)
+    batch = stream.batch(0)
+    assert refused in batch.images
+    views = stream.prepare(batch, torch.device("cpu"))
+    assert folder.skipped == 0
+    # PIL's and libjpeg-turbo's IDCTs may differ by a level here and there; a wrong image or draw by tens.
+    for got, want in zip(views[:2], expected[:2]):
+        assert (got - want).abs().max() < 0.1 and (got - want).abs().mean() < 1e-3
+    assert torch.equal(views[2], expected[2])
+
+
+def test_device_stream_skips_and_counts_undecodable_jpegs(tmp_path, jpegs):
+    """A truncated JPEG (its header whole: it reaches the device decoder, which refuses it, then PIL)
+    and a garbage one (refused by its header, in the worker) are skipped, counted and replaced by the
+    next decodable image of the permutation, as the CPU path does: the batch keeps its size and is the
+    batch the stream makes once it knows them."""
+    folder = jpeg_folder(tmp_path, jpegs, count=4)
+    (tmp_path / "b_truncated.jpg").write_bytes(jpegs[4][:len(jpegs[4]) // 2])
+    (tmp_path / "c_garbage.jpg").write_bytes(b"not a JPEG at all" * 20)
+    folder = ImageFolder(tmp_path)
+    transform, masking = TwoViewTransform(20, 10), masking_for((2, 2))
+    stream = pretrain_stream(folder, transform, masking, batch_size=7, on_device=True)
+    with pytest.warns(UserWarning, match="skipping .*c_garbage.jpg"):
+        batch = stream.batch(0)
+    assert folder.skipped == 1
+    with pytest.warns(UserWarning, match="skipping .*b_truncated.jpg"):
+        views = stream.prepare(batch, torch.device("cpu"))
+    assert folder.skipped == 2
+    assert views[0].shape == (7, 3, 20, 20) and views[1].shape == (7, 3, 10, 10) and views[2].shape == (7, 4)
+    assert torch.isfinite(views[0]).all() and views[1].min() >= 0 and views[1].max() <= 1
+    again = stream.prepare(stream.batch(0), torch.device("cpu"))  # both known bad now: replaced in the worker
+    assert all(torch.equal(a, b) for a, b in zip(views, again))
+
+
+def test_input_path_resolution(monkeypatch):
+    import beitfast.pipeline as pipeline
+    from beitfast.pipeline import resolve_input_path
+
+    assert resolve_input_path("auto", torch.device("cpu")) == "cpu"
+    assert resolve_input_path("auto", torch.device("cuda", 1)) == "device"  # no GPU needed to decide
+    assert resolve_input_path("device", "cpu") == "device" and resolve_input_path("cpu", "cuda") == "cpu"
+    with pytest.raises(ValueError, match=r"input_path must be one of \['auto', 'cpu', 'device'\], got 'gpu'"):
+        resolve_input_path("gpu", "cpu")
+    monkeypatch.setattr(pipeline, "decode_jpeg_available", lambda: False)
+    assert resolve_input_path("auto", "cuda") == "cpu"
+    with pytest.raises(ValueError, match="input_path 'device' needs torchvision.io.decode_jpeg"):
+        resolve_input_path("device", "cpu")
+
+
 def test_bad_arguments(jpegs):
     with pytest.raises(ValueError, match="reducing_gap must be >= 1, got 0.5"):
         FastTwoView(TwoViewTransform(), reducing_gap=0.5)
     with pytest.raises(ValueError, match="2 images but 1 random generators"):
         DeviceTwoView(TwoViewTransform(16, 8)).views(jpegs[:2], [random.Random(0)])
+    with pytest.raises(ValueError, match="2 images but 0 draws"):
+        DeviceTwoView(TwoViewTransform(16, 8)).views_of(jpegs[:2], [])
+    with pytest.raises(DecodeError, match=r"refuses the image\(s\) at \[1\]"):
+        truncated = jpegs[1][:len(jpegs[1]) // 2]  # the header is whole
+        DeviceTwoView(TwoViewTransform(16, 8)).views([jpegs[0], truncated], [random.Random(0)] * 2)
     with pytest.raises(DecodeError):
         truncated = Image.open(io.BytesIO(jpegs[0][:len(jpegs[0]) // 2]))  # the header is whole
         FastTwoView(TwoViewTransform(16, 8)).view(truncated, random.Random(0))
