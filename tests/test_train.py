@@ -6,6 +6,7 @@ import math
 import os
 from pathlib import Path
 import socket
+import warnings
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from beitfast import BEiT, BEiTConfig
-from beitfast.data import ClassifyTransform, EvalTransform, ImageList, classify_stream
+from beitfast.data import ClassifyTransform, EvalTransform, ImageFolder, ImageList, classify_stream
 from beitfast.train import (CHECKPOINT_NAME, METRICS_NAME, PLOT_NAME, Classification, MaskedImageModeling,
                             NonFiniteLossError, TrainConfig, Trainer, classifier_from_pretrained, cosine_schedule,
                             evaluate, layer_id, param_groups, pretrain, pretraining_trainer, resolve_device)
@@ -126,9 +127,22 @@ def test_param_groups_skip_frozen():
 # -- pre-training runs -----------------------------------------------------------------------------
 
 
-def run_pretrain(tmp_path, config=None, tokenizer=None, **train_overrides):
-    return pretrain(config or tiny_config(), tokenizer or MeanBrightnessTokenizer(), photos(),
+def run_pretrain(tmp_path, config=None, tokenizer=None, source=None, **train_overrides):
+    return pretrain(config or tiny_config(), tokenizer or MeanBrightnessTokenizer(), source or photos(),
                     train_config(tmp_path, **train_overrides))
+
+
+def jpeg_photos(folder, truncated=False):
+    """``photos()`` as JPEG files (decoded on the device by the device input path) and one PNG file
+    (decoded in the workers); with ``truncated``, also a JPEG cut in half (its header whole)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    images = photos().images
+    for i, image in enumerate(images[:-1]):
+        image.save(folder / f"{i}.jpg", quality=90)
+    images[-1].save(folder / "last.png")
+    if truncated:
+        (folder / "0.jpg").write_bytes((folder / "0.jpg").read_bytes()[:500])
+    return ImageFolder(folder)
 
 
 def test_pretrain_writes_outputs_and_learns(tmp_path):
@@ -146,17 +160,21 @@ def test_pretrain_writes_outputs_and_learns(tmp_path):
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temporary files left
 
 
-def test_resume_is_exact(tmp_path):
-    _, straight = run_pretrain(tmp_path / "straight", steps=6)
+@pytest.mark.parametrize("input_path", ["auto", "device"])
+def test_resume_is_exact(tmp_path, input_path):
+    """On CPU "auto" is the CPU input path; "device" makes the views in the training process (with
+    JPEG files decoded by decode_jpeg)."""
+    source = jpeg_photos(tmp_path / "images") if input_path == "device" else photos()
+    _, straight = run_pretrain(tmp_path / "straight", steps=6, source=source, input_path=input_path)
 
     def kill_after_checkpoint(step, record):
         if step == 4:  # steps 4 was logged but not checkpointed: resume must redo it
             raise StopHere
 
     with pytest.raises(StopHere):
-        pretrain(tiny_config(), MeanBrightnessTokenizer(), photos(),
-                 train_config(tmp_path / "resumed", steps=6), on_step=kill_after_checkpoint)
-    model, rest = run_pretrain(tmp_path / "resumed", steps=6)
+        pretrain(tiny_config(), MeanBrightnessTokenizer(), source,
+                 train_config(tmp_path / "resumed", steps=6, input_path=input_path), on_step=kill_after_checkpoint)
+    model, rest = run_pretrain(tmp_path / "resumed", steps=6, source=source, input_path=input_path)
     assert [r["step"] for r in rest] == [4, 5, 6]
     assert [r["loss"] for r in rest] == [r["loss"] for r in straight[3:]]  # bit-identical on CPU
     assert [r["accuracy"] for r in rest] == [r["accuracy"] for r in straight[3:]]
@@ -176,6 +194,73 @@ def test_workers_do_not_change_the_run(tmp_path):
     for workers in (1, 2):
         assert runs[workers][0] == runs[0][0]
         assert all(torch.equal(value, runs[0][1][key]) for key, value in runs[workers][1].items())
+
+
+class RecordingTask(MaskedImageModeling):
+    """Masked image modeling that keeps a copy of every batch the step gives it."""
+
+    def __init__(self, tokenizer):
+        super().__init__(tokenizer)
+        self.batches = []
+
+    def __call__(self, model, batch):
+        self.batches.append([t.clone() for t in batch])
+        return super().__call__(model, batch)
+
+
+def test_device_input_path_feeds_the_step(tmp_path):
+    """With input_path "device" (on CPU here: the same code, decode_jpeg on CPU) the step gets exactly
+    the stream's batches as ``prepare`` makes them on the device (tests/test_pipeline.py checks those
+    against DeviceTwoView), a truncated JPEG skipped with a warning; with 2 DataLoader workers the run
+    is the same, bit for bit."""
+    from beitfast.data import TwoViewTransform, masking_for, pretrain_stream
+    from beitfast.pipeline import DevicePretrainSample
+
+    source = jpeg_photos(tmp_path / "images", truncated=True)
+    trainer = pretraining_trainer(tiny_config(), MeanBrightnessTokenizer(), source,
+                                  train_config(tmp_path / "0", steps=2, warmup_steps=1, input_path="device"))
+    assert isinstance(trainer.stream.make_sample, DevicePretrainSample)
+    trainer.task = RecordingTask(trainer.task.tokenizer)
+    with pytest.warns(UserWarning, match=r"skipping .*0\.jpg"):
+        records = trainer.fit()
+    assert source.skipped == 1
+    stream = pretrain_stream(jpeg_photos(tmp_path / "again", truncated=True), TwoViewTransform(16, 16),
+                             masking_for(tiny_config().grid), 4, on_device=True)
+    for step, batch in enumerate(trainer.task.batches):
+        with warnings.catch_warnings():  # a fresh source finds the truncated file again
+            warnings.simplefilter("ignore")
+            expected = stream.prepare(stream.batch(step), torch.device("cpu"))
+        assert len(batch) == 3 and all(torch.equal(a, b) for a, b in zip(batch, expected))
+    _, with_workers = run_pretrain(tmp_path / "2", steps=2, warmup_steps=1, source=jpeg_photos(tmp_path / "b"),
+                                   input_path="device", num_workers=2)
+    _, without = run_pretrain(tmp_path / "0b", steps=2, warmup_steps=1, source=jpeg_photos(tmp_path / "b"),
+                              input_path="device")
+    assert [r["loss"] for r in with_workers] == [r["loss"] for r in without]
+    assert all(math.isfinite(r["loss"]) for r in records + with_workers)
+
+
+def test_input_path_auto_is_the_cpu_path_on_cpu(tmp_path):
+    from beitfast.pipeline import FastPretrainSample
+
+    trainer = pretraining_trainer(tiny_config(), MeanBrightnessTokenizer(), photos(), train_config(tmp_path))
+    assert trainer.config.input_path == "auto" and isinstance(trainer.stream.make_sample, FastPretrainSample)
+
+
+@pytest.mark.gpu
+def test_input_path_auto_decodes_on_the_gpu(tmp_path):
+    """On CUDA the default input path decodes the JPEGs with nvJPEG and makes the views on the GPU."""
+    from beitfast.pipeline import DevicePretrainSample
+
+    trainer = pretraining_trainer(tiny_config(), MeanBrightnessTokenizer(), jpeg_photos(tmp_path / "images"),
+                                  train_config(tmp_path / "run", steps=2, warmup_steps=1, device="cuda"))
+    assert isinstance(trainer.stream.make_sample, DevicePretrainSample)
+    batch = trainer.stream.batch(0)
+    assert any(isinstance(image, bytes) for image in batch.images)
+    views = trainer.stream.prepare(batch, trainer.device)
+    assert all(t.is_cuda for t in views)
+    decoded = trainer.stream.make_sample._views.decode(batch.images)
+    assert all(image.is_cuda for image in decoded)
+    assert all(math.isfinite(r["loss"]) for r in trainer.fit())
 
 
 def test_progress_lines_and_resume_notice(tmp_path, capsys):
@@ -376,6 +461,9 @@ def test_train_config_errors(tmp_path):
         train_config(tmp_path, steps=0)
     with pytest.raises(ValueError, match="precision"):
         train_config(tmp_path, precision="fp8")
+    with pytest.raises(ValueError, match=r"TrainConfig: input_path must be one of \['auto', 'cpu', 'device'\], "
+                                         r"got 'gpu'"):
+        train_config(tmp_path, input_path="gpu")
     with pytest.raises(ValueError, match="layer_decay"):
         train_config(tmp_path, layer_decay=1.5)
     with pytest.raises(ValueError, match="num_classes > 0"):
