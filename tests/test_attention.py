@@ -8,6 +8,7 @@ import torch
 from beitfast import BEiT, BEiTConfig, ops
 from beitfast.model import num_relative_positions, relative_position_index
 from beitfast.ops import attention as attention_op
+from beitfast.ops import dispatch
 
 HAS_GPU = torch.cuda.is_available()
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -427,6 +428,47 @@ def test_sdpa_matches_reference(device, index):
     assert_close_to_reference("sdpa", *make_inputs(2, 3, 17, 32, torch.float32, device, index))
 
 
+@pytest.mark.parametrize("B,H,N,D,index", [(2, 3, 17, 32, "beit"), (3, 2, 50, 64, "random"), (1, 2, 7, 80, None),
+                                             (2, 1, 197, 64, "beit")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_blas_matches_reference(B, H, N, D, index, dtype):
+    q, k, v, table, rel_index = make_inputs(B, H, N, D, torch.float32, "cpu", index)
+    q, k, v = as_reference([q, k, v], dtype)
+    if dtype == torch.float64 and table is not None:
+        (table,) = as_reference([table], dtype)
+    grad_out = torch.randn_like(q)
+    got = run("blas", q, k, v, table, rel_index, 0.3, grad_out)
+    ref64 = run("eager", *as_reference([q, k, v, table], torch.float64), rel_index, 0.3, grad_out.double())
+    if dtype == torch.float64:
+        for name, x, ref in zip(["out", "dq", "dk", "dv", "dtable"], got, ref64):
+            torch.testing.assert_close(x, ref, atol=1e-10, rtol=1e-10, msg=name)
+    else:
+        same_precision = run("eager", q, k, v, table, rel_index, 0.3, grad_out)
+        assert_errors_within(["out", "dq", "dk", "dv", "dtable"], got, ref64, same_precision, dtype)
+
+
+def test_blas_dense_bias_gradient_keeps_the_padding_zero():
+    """Given the padded dense bias, blas returns its gradient padded with zeros."""
+    q, k, v, table, rel_index = make_inputs(2, 2, 17, 32, torch.float32, "cpu", "beit")
+    bias = ops.relative_position_bias(table, rel_index).detach().requires_grad_()
+    ops.rel_pos_attention(q, k, v, bias=bias, backend="blas").square().sum().backward()
+    N = q.shape[2]
+    assert bias.grad.shape == bias.shape and bias.grad[:, :N, :N].abs().sum() > 0
+    assert not bias.grad[:, N:].any() and not bias.grad[:, :, N:].any()
+
+
+def test_blas_refuses_16_bit_inputs_and_autocast():
+    """Scores in 16 bits would round before the softmax: those go to sdpa, which auto picks next."""
+    x = torch.randn(1, 2, 7, 32, dtype=torch.bfloat16)
+    assert ops.explain("attention", q=x, k=x, v=x, bias_table=None, rel_index=None, scale=0.1)["blas"]
+    x = x.float()
+    assert ops.explain("attention", q=x, k=x, v=x, bias_table=None, rel_index=None, scale=0.1)["blas"] == []
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ops.explain("attention", q=x, k=x, v=x, bias_table=None, rel_index=None, scale=0.1)["blas"]
+    assert dispatch.select("attention", None, q=x, k=x, v=x, bias_table=None, rel_index=None, bias=None,
+                           scale=0.1).name == "blas"
+
+
 def test_flex_score_mod_matches_reference():
     """The flex backend's score_mod, run by FlexAttention's eager path on CPU (forward only there;
     its gradients, the table's included, are checked on the GPU)."""
@@ -441,7 +483,7 @@ def test_flex_score_mod_matches_reference():
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+@pytest.mark.parametrize("backend", ["eager", "sdpa", "blas"])
 def test_packed_op_on_other_backends(backend):
     """The packed entry point runs the other backends on the unpacked views: [B, N, H, D] out."""
     qkv = torch.randn(2, 17, 3, 2, 32, requires_grad=True)

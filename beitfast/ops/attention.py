@@ -6,7 +6,8 @@ The bias is gathered once into a dense fp32 ``[H, P, P]`` tensor (:func:`relativ
 gradient into the table with a permutation computed once per index and cached, and a model with a
 shared table gathers once per step, so autograd sums all layers' score gradients before one fold.
 
-The eager backend is the definition. The others: ``triton`` (our flash kernels,
+The eager backend is the definition. The others: ``blas`` (the CPU default: batched matmuls with the
+scale and bias folded in and a hand-written backward), ``triton`` (our flash kernels,
 ``beitfast/kernels/attention.py``: dense bias tiles, one-pass backward without atomics, the model's
 packed qkv layout), ``sdpa`` (the bias as ``attn_mask``, what timm and transformers do), ``flex``
 (FlexAttention with the bias as a ``score_mod``), ``xformers`` and ``flash`` (flash-attn, calls
@@ -73,7 +74,7 @@ def rel_pos_attention_packed(
     """:func:`rel_pos_attention` of q, k, v packed as the model's qkv projection makes them:
     ``qkv`` is ``[B, N, 3, H, D]`` (any strides); returns ``[B, N, H, D]``. The triton backend reads
     ``qkv`` in place, writes the output in this layout and the gradient of ``qkv`` packed (no copies);
-    the others run on the unpacked views.
+    blas copies ``qkv`` once and writes its gradient stacked; the others run on the unpacked views.
     """
     _tensor("rel_pos_attention_packed", "qkv", qkv, "a [B, N, 3, H, D] tensor")
     if qkv.dim() != 5 or qkv.shape[2] != 3:
@@ -83,8 +84,8 @@ def rel_pos_attention_packed(
     bias = _dense_bias(q, bias_table, rel_index, bias)
     scale = _scale(q, scale)
     impl = _select(backend, q, k, v, bias_table, rel_index, bias, scale)
-    if impl.name == "triton":
-        return attention_triton_packed(qkv, bias, scale)
+    if impl.name in _PACKED:
+        return _PACKED[impl.name](qkv, bias, scale)
     return impl.fn(q, k, v, bias, scale).transpose(1, 2)
 
 
@@ -354,6 +355,76 @@ def attention_sdpa(q, k, v, bias, scale):
 
 
 # ---------------------------------------------------------------------------------------------------
+# blas: batched BLAS matmuls with a hand-written backward (the CPU default)
+
+
+def _blas_check(q, **_) -> list[str]:
+    # 16-bit scores would round before the softmax; sdpa and eager take those.
+    if q.dtype not in (torch.float32, torch.float64):
+        return [f"blas computes in the inputs' dtype and takes float32/float64, got {q.dtype}"]
+    if torch.is_autocast_enabled(q.device.type):
+        return ["blas does not run under autocast (its matmuls would be 16-bit)"]
+    return []
+
+
+class _BlasAttention(torch.autograd.Function):
+    """Attention of ``qkv`` stacked as ``[3, B * H, N, D]`` (contiguous): the scores ``scale q k^T``
+    from one scaled BLAS call, the ``[H, M, M]`` bias added in place, the probabilities kept for the
+    backward (as SDPA's math path does), and a backward of four matmuls with ``dS = P (dP - rowsum(dO
+    o))`` writing the stacked gradient in place. Against SDPA's math path on the CPU it skips scaling
+    q and k, the checks for fully masked rows, the separate softmax backward and the copies that
+    stack dq, dk and dv."""
+
+    @staticmethod
+    def forward(ctx, qkv, bias, scale):
+        q, k, v = qkv
+        BH, N, _ = q.shape
+        unused = q.new_empty(1, 1, 1)  # beta=0: baddbmm only scales the product
+        scores = torch.baddbmm(unused, q, k.transpose(1, 2), beta=0, alpha=scale)
+        if bias is not None:
+            scores.view(-1, bias.shape[0], N, N).add_(bias[:, :N, :N])
+        probs = torch.softmax(scores, dim=-1)
+        out = torch.bmm(probs, v)
+        ctx.save_for_backward(qkv, probs, out)
+        ctx.scale = scale
+        ctx.bias_like = None if bias is None else (bias.shape, bias.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        qkv, probs, out = ctx.saved_tensors
+        q, k, v = qkv
+        BH, N, _ = q.shape
+        grad_out = grad_out.contiguous()
+        grad = torch.empty_like(qkv)
+        torch.bmm(probs.transpose(1, 2), grad_out, out=grad[2])
+        grad_scores = torch.bmm(grad_out, v.transpose(1, 2))
+        grad_scores.sub_((grad_out * out).sum(-1, keepdim=True)).mul_(probs)
+        grad_bias = None
+        if ctx.needs_input_grad[1]:
+            shape, dtype = ctx.bias_like
+            grad_bias = grad_scores.new_zeros(shape, dtype=dtype)
+            grad_bias[:, :N, :N] = grad_scores.view(-1, shape[0], N, N).sum(0)
+        unused = q.new_empty(1, 1, 1)
+        torch.baddbmm(unused, grad_scores, k, beta=0, alpha=ctx.scale, out=grad[0])
+        torch.baddbmm(unused, grad_scores.transpose(1, 2), q, beta=0, alpha=ctx.scale, out=grad[1])
+        return grad, grad_bias, None
+
+
+@dispatch.register(OP, "blas", _blas_check)
+def attention_blas(q, k, v, bias, scale):
+    B, H, N, D = q.shape
+    return _BlasAttention.apply(torch.stack([q, k, v]).view(3, B * H, N, D), bias, scale).view(B, H, N, D)
+
+
+def attention_blas_packed(qkv, bias, scale):
+    """From the model's ``[B, N, 3, H, D]`` qkv (one copy into the stacked layout), ``[B, N, H, D]`` out."""
+    B, N, _, H, D = qkv.shape
+    stacked = qkv.permute(2, 0, 3, 1, 4).reshape(3, B * H, N, D)
+    return _BlasAttention.apply(stacked, bias, scale).view(B, H, N, D).transpose(1, 2)
+
+
+# ---------------------------------------------------------------------------------------------------
 # flex: FlexAttention, bias as a score_mod, compiled
 
 
@@ -447,3 +518,7 @@ def attention_flash(q, k, v, bias, scale):
 
     out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale)
     return out.transpose(1, 2)
+
+
+# The backends with an entry point of their own for the packed layout.
+_PACKED = {"triton": attention_triton_packed, "blas": attention_blas_packed}

@@ -67,8 +67,8 @@ _REGISTRY: dict[str, dict[str, Backend]] = {}
 # were registered. `set_preference` and the measured per-GPU table replace entries.
 _PREFERENCE: dict[str, dict[str, list[str]]] = {
     "attention": {
-        "cuda": ["triton", "flash", "sdpa", "xformers", "flex", "eager"],
-        "cpu": ["sdpa", "eager"],
+        "cuda": ["triton", "flash", "sdpa", "xformers", "flex", "blas", "eager"],
+        "cpu": ["blas", "sdpa", "eager"],
     },
     "cross_entropy": {"cuda": ["triton", "cuda", "eager"], "cpu": ["eager"]},
     "patch_embed": {"cuda": ["triton", "cuda", "eager"], "cpu": ["eager"]},
