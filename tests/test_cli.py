@@ -307,3 +307,14 @@ def test_fast_step_options_reach_the_model_and_the_trainer(tmp_path, capsys):
     error = capsys.readouterr().err.strip().splitlines()
     assert error == ["beitfast pretrain: error: --cuda-graphs needs a CUDA device, this run is on cpu"]
     assert not (tmp_path / "graphs").exists()  # refused before the tokenizer fit wrote anything
+
+
+def test_input_path_option_reaches_the_trainer(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["pretrain", "--steps", "1", "--output", str(out), *TINY, *TINY_TOKENIZER,
+                 "--input-path", "device"]) == 0
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["train_config"]["input_path"] == "device"
+    assert build_parser().parse_args(["pretrain"]).input_path == "auto"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["pretrain", "--input-path", "gpu"])
+    assert "--input-path: invalid choice: 'gpu'" in capsys.readouterr().err

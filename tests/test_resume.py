@@ -1,7 +1,7 @@
 """Exact resume after ``kill -9``: the ``beitfast pretrain`` command in a subprocess is killed in the
 middle of a step, in the middle of a checkpoint write and at an arbitrary moment from outside, resumed
 each time, and must end with the metrics and the weights of a run never stopped, bit for bit, with 0 or
-2 DataLoader workers (on CPU)."""
+2 DataLoader workers (on CPU), and with the device input path (views made in the training process)."""
 
 import json
 import os
@@ -101,12 +101,13 @@ def assert_identical(got, expected):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    """A few images and a k-means tokenizer fitted on them: the command's arguments."""
+    """A few images (PNG and JPEG files) and a k-means tokenizer fitted on them: the command's arguments."""
     root = tmp_path_factory.mktemp("resume")
     rng = np.random.default_rng(0)
     (root / "images").mkdir()
     for i in range(6):
-        Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(root / "images" / f"{i}.png")
+        name = f"{i}.png" if i % 2 else f"{i}.jpg"
+        Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(root / "images" / name)
     assert main(["tokenizer", "train", "--data", str(root / "images"), "--output", str(root / "tok.safetensors"),
                  "--vocab-size", "16", "--tokenizer-size", "16", "--tokenizer-patch-size", "4",
                  "--tokenizer-images", "48", "--tokenizer-iters", "5"]) == 0
@@ -114,15 +115,16 @@ def setup(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("workers", [0, 2])
-def test_kill_and_resume_is_exact(setup, workers):
+@pytest.mark.parametrize("workers,input_path", [(0, "cpu"), (2, "cpu"), (2, "device")])
+def test_kill_and_resume_is_exact(setup, workers, input_path):
     root, args = setup
+    args = [*args, "--input-path", input_path]
     # The uninterrupted run, without workers.
-    code, printed = run_command(root, [*args, "--output", str(root / f"straight-{workers}")])
+    code, printed = run_command(root, [*args, "--output", str(root / f"straight-{workers}-{input_path}")])
     assert code == 0, printed
-    straight = final_state(root / f"straight-{workers}")
+    straight = final_state(root / f"straight-{workers}-{input_path}")
 
-    output = root / f"killed-{workers}"
+    output = root / f"killed-{workers}-{input_path}"
     args = [*args, "--workers", str(workers), "--output", str(output)]
 
     # Killed in step 5: the checkpoint of step 3 is the one to resume from.
