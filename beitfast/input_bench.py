@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from .data import (BatchStream, ImageFolder, PretrainSample, TwoViewTransform, derive_seed, embedded_photos,
                    masking_for)
@@ -32,12 +33,17 @@ from .pipeline import DeviceTwoView, FastPretrainSample
 __all__ = ["write_jpegs", "bench_paths", "bench_tokenizers"]
 
 
-def write_jpegs(folder: str | os.PathLike, max_side: int = 500, quality: int = 90) -> list[Path]:
-    """The embedded photographs as JPEG files in ``folder``."""
+def write_jpegs(folder: str | os.PathLike, max_side: int = 500, quality: int = 90, enlarge: bool = False
+                ) -> list[Path]:
+    """The embedded photographs as JPEG files in ``folder``, their longer side at most ``max_side``;
+    with ``enlarge``, exactly ``max_side`` (the smaller photographs enlarged, bicubic)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, image in enumerate(embedded_photos(max_side=max_side).images):
+        if enlarge and max(image.size) < max_side:
+            scale = max_side / max(image.size)
+            image = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.BICUBIC)
         path = folder / f"photo{i:02d}.jpg"
         image.save(path, "JPEG", quality=quality)
         paths.append(path)

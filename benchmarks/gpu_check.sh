@@ -7,7 +7,7 @@
 # (liger-kernel, cut-cross-entropy, torchao) travel as wheels in .whl/ (see DEVELOPERS.md).
 # BUDGET_S (default 470) bounds the whole run: a phase that would start too late is skipped and
 # logged, never cut half way. GPU_CHECK_TESTS=1 also runs the GPU tests (they need more time).
-# STEP_VARIANTS (space-separated) replaces the step variants after beitfast and beitfast-fp8; OPS=0
+# STEP_VARIANTS (space-separated) replaces the step variants after beitfast, beitfast-jpeg and beitfast-fp8; OPS=0
 # skips the op benchmarks: a second call can measure what the first had no time for.
 # Not run yet on a GPU: the phase durations below are estimates, not measurements.
 set -uo pipefail
@@ -44,11 +44,11 @@ BEITFAST_CUDA_ARCHS=${BEITFAST_CUDA_ARCHS:-90a} MAX_JOBS=${MAX_JOBS:-16} \
 # Profiles (traces of tens of MB) go to $OUT, not into the results to commit.
 BENCH="python3 -m pytest -q -p no:cacheprovider --profile --profile-dir $OUT/profiles --benchmark-json"
 STEP="benchmarks/test_step_bench.py::test_pretrain_step"
-# The fast path with fp8 in one session (the fp8 loss curve is compared with the bf16 one), then each
-# baseline eager and compiled, then our other variants.
+# The fast path, fed real JPEGs and with fp8 in one session (the real-JPEG rate and the fp8 loss curve are
+# compared with the synthetic bf16 step's), then each baseline eager and compiled, then our other variants.
 if [[ -z "${STEP_VARIANTS:-}" ]]; then
-    run_phase "step beitfast, beitfast-fp8" 120 $BENCH "$OUT/step-beitfast.benchmark.json" \
-        "$STEP[beitfast-base-128]" "$STEP[beitfast-fp8-base-128]"
+    run_phase "step beitfast, beitfast-jpeg, beitfast-fp8" 170 $BENCH "$OUT/step-beitfast.benchmark.json" \
+        "$STEP[beitfast-base-128]" "$STEP[beitfast-jpeg-base-128]" "$STEP[beitfast-fp8-base-128]"
 fi
 for variant in ${STEP_VARIANTS:-hf-sdpa hf-sdpa-compiled timm timm-compiled beitfast-unfused beitfast-compiled}; do
     run_phase "step $variant" 60 $BENCH "$OUT/step-$variant.benchmark.json" "$STEP[$variant-base-128]"

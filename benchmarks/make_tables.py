@@ -9,7 +9,8 @@ Each table lives between two marker lines of README.md and is only ever generate
 
 One table per GPU and model size: images/s (median of the trials, and the slowest and fastest
 trial), step time, peak memory of the variant's process, model FLOP utilisation and the loss check,
-with the date and commit of the measurement. One op table per op and GPU: the fields that tell the
+with the date and commit of the measurement; under it, when both were measured, the end-to-end rate
+with real JPEGs (``beitfast-jpeg``) as a share of the synthetic-input rate (``beitfast``). One op table per op and GPU: the fields that tell the
 rows apart, milliseconds and peak memory. Smoke rows (``--smoke``, CPU) are never tabled.
 """
 
@@ -109,8 +110,28 @@ def step_tables(rows: list[dict]) -> str:
                 loss += f"; curve within {row['loss_gap_vs_bf16_max'] * 100:.1f}% of bf16"
             parts.append(f"| {row['variant']} | {images} | {row['step_ms']:.1f} | {memory} | "
                          f"{mfu}{'%' if mfu != 'n/a' else ''} | {loss} |")
+        line = real_jpeg_line(group)
+        if line is not None:
+            parts += ["", line]
         parts.append("")
     return "\n".join(parts).rstrip()
+
+
+REAL_JPEG_GOAL = 0.9  # the step fed real JPEGs keeps >= 90% of the synthetic-input rate
+
+
+def real_jpeg_line(group: list[dict]) -> str | None:
+    """The real-JPEG step's images/s against the synthetic-input step's, from the rows of one table."""
+    rates = {row["variant"]: row for row in group}
+    if "beitfast" not in rates or "beitfast-jpeg" not in rates:
+        return None
+    real, synthetic = rates["beitfast-jpeg"], rates["beitfast"]
+    share = real["images_per_s"] / synthetic["images_per_s"]
+    workers = real.get("data_workers")
+    return (f"Real JPEGs: `beitfast-jpeg` (JPEG files through the device input path, {workers} DataLoader "
+            f"workers, tokenizer excluded) makes {real['images_per_s']:.0f} images/s, {share * 100:.1f}% of "
+            f"`beitfast` on synthetic inputs ({synthetic['images_per_s']:.0f}); goal >= {REAL_JPEG_GOAL:.0%}: "
+            f"{'met' if share >= REAL_JPEG_GOAL else 'not met'}.")
 
 
 def render(readme: str, table: str, begin: str = BEGIN, end: str = END) -> str:

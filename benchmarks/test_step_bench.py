@@ -5,7 +5,13 @@ Variants (each in a fresh Python process, so no variant inherits another's cache
 or compiled code, and its peak memory is its own):
 
 * ``beitfast``: the fast step (auto backends, each block compiled by Inductor with our ops as single
-  nodes); ``beitfast-unfused``: the same without the block compilation (what that fusion gains);
+  nodes); ``beitfast-jpeg``: the same step fed by the real pre-training input path, end to end: JPEG
+  files written once from the embedded photographs (enlarged or shrunk to a longer side of 500 pixels,
+  ImageNet's typical 500x375, so that decoding costs what it costs there), read by DataLoader workers
+  (half the CPU cores, at most 8), decoded and augmented by the device input path (the trainer's
+  default on CUDA: nvJPEG and ``DeviceTwoView``), masks from the stream; the tokenizer is excluded, as
+  in every variant (random labels), so the gap to ``beitfast`` is the input path's (goal: within 10%);
+  its row carries ``beitfast``'s images/s when both ran in one session; ``beitfast-unfused``: the same without the block compilation (what that fusion gains);
   ``beitfast-eager``: eager backends, no fusion; ``beitfast-compiled``: the whole model through
   ``torch.compile``; ``beitfast-fp8``: the fast step with torchao float8 linear layers (Hopper), its
   loss curve compared with ``beitfast``'s (bf16) on the same inputs; ``beitfast-checkpointed``: the
@@ -36,9 +42,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -61,12 +69,13 @@ PEAK_BF16 = {
 }
 WARMUP_STEPS, TRIALS, STEPS_PER_TRIAL = 3, 5, 30
 LOSS_TOLERANCE = 0.5  # |first loss - ln(vocab)|
-VARIANTS = ["beitfast", "beitfast-unfused", "beitfast-eager", "beitfast-compiled", "beitfast-fp8",
+VARIANTS = ["beitfast", "beitfast-jpeg", "beitfast-unfused", "beitfast-eager", "beitfast-compiled", "beitfast-fp8",
             "beitfast-checkpointed", "beitfast-cudagraphs", "hf-sdpa", "hf-sdpa-compiled", "hf-eager", "timm",
             "timm-compiled"]
 SIZES = ["base", "large"]
 BATCHES = [64, 128, 256]
 SMOKE_BATCH = 4
+JPEG_SIDE = 500  # the longer side of the JPEG files of beitfast-jpeg: ImageNet's typical 500x375
 
 
 def model_config(size: str, smoke: bool):
@@ -137,7 +146,7 @@ def build(variant: str, config, device: torch.device, smoke: bool):
     compile_options = {"backend": "eager"} if smoke else {}
     details: dict = {}
     if variant.startswith("beitfast"):
-        fused = variant in ("beitfast", "beitfast-fp8", "beitfast-checkpointed")
+        fused = variant in ("beitfast", "beitfast-jpeg", "beitfast-fp8", "beitfast-checkpointed")
         options = {"kernels": "eager" if variant == "beitfast-eager" else "auto",
                    "fuse_blocks": "auto" if fused else "off",
                    "checkpoint_blocks": -1 if variant == "beitfast-checkpointed" else 0}
@@ -199,6 +208,30 @@ def make_batch(config, batch: int, device: torch.device) -> dict:
             "masked_labels": labels.flatten()[masked_rows]}
 
 
+def jpeg_feed(config, batch: int, device: torch.device, smoke: bool):
+    """``(feed, workers)``: ``feed(inputs)`` puts the next batch of the real pre-training input path
+    into ``inputs`` (its model views and masks; the labels stay random): JPEG files written once to a
+    temporary folder (removed with ``feed``), the device input path (``pretrain_stream(on_device=True)``)
+    with DataLoader workers, as ``Trainer`` runs it."""
+    from beitfast.data import ImageFolder, TwoViewTransform, masking_for, pretrain_stream
+    from beitfast.input_bench import write_jpegs
+    from beitfast.train import stream_batches
+
+    folder = tempfile.TemporaryDirectory(prefix="beitfast-jpegs-")
+    write_jpegs(folder.name, max_side=JPEG_SIDE, enlarge=True)
+    size = config.image_hw[0]
+    stream = pretrain_stream(ImageFolder(folder.name), TwoViewTransform(size, size // 2),
+                             masking_for(config.grid), batch, on_device=True)
+    workers = 2 if smoke else max(1, min(8, (os.cpu_count() or 2) // 2))
+    batches = stream_batches(stream, 0, workers, device)
+
+    def feed(inputs: dict) -> None:
+        assert folder  # the files live as long as the feed
+        inputs["images"], _, inputs["mask"] = stream.prepare(next(batches), device)
+
+    return feed, workers
+
+
 def run_variant(variant: str, size: str, batch: int, trials: int, steps: int, device: torch.device,
                 smoke: bool = False, profile_dir: str | None = None) -> dict:
     """Time one variant in this process; the result row's fields (or ``{"skipped": why}``)."""
@@ -216,8 +249,12 @@ def run_variant(variant: str, size: str, batch: int, trials: int, steps: int, de
     losses: list[torch.Tensor] = []
 
     graphs = variant.endswith("cudagraphs")
+    feed = None
 
     def step():
+        if feed is not None:
+            with torch.profiler.record_function("data"):
+                feed(inputs)
         if graphs:  # the previous replay's outputs may be overwritten from here on
             torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(device.type, dtype=torch.bfloat16):
@@ -232,6 +269,9 @@ def run_variant(variant: str, size: str, batch: int, trials: int, steps: int, de
     try:
         inputs = make_batch(config, batch, device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, fused=True)
+        if variant == "beitfast-jpeg":
+            feed, details["data_workers"] = jpeg_feed(config, batch, device, smoke)
+            details.update(input_path="device", jpeg_side=JPEG_SIDE, labels="random (tokenizer excluded)")
         times = time_trials(step, trials, steps, warmup=WARMUP_STEPS, device_type=device.type)
     except torch.OutOfMemoryError:
         return {"skipped": f"{variant} BEiT-{size} batch {batch} does not fit"}
@@ -259,9 +299,10 @@ def run_variant(variant: str, size: str, batch: int, trials: int, steps: int, de
     if profile_dir is not None:
         from beitfast.profiling import profile_calls
 
-        def data_and_step():  # the profile also shows the host-to-device copy of a batch
-            with torch.profiler.record_function("data"):
-                inputs["images"] = host_images.to(device, non_blocking=True)
+        def data_and_step():  # the profile shows the host-to-device copy of a batch, or the feed's input path
+            if feed is None:
+                with torch.profiler.record_function("data"):
+                    inputs["images"] = host_images.to(device, non_blocking=True)
             step()
 
         host_images = inputs["images"].cpu()
@@ -298,6 +339,7 @@ def run_in_subprocess(variant, size, batch, trials, steps, smoke, profile_dir, t
 
 
 _bf16_curves: dict[tuple[str, int], list[float]] = {}
+_synthetic_rates: dict[tuple[str, int], float] = {}
 
 
 @pytest.mark.parametrize("batch", BATCHES)
@@ -319,6 +361,10 @@ def test_pretrain_step(variant, size, batch, bench_device, smoke, record_result,
     key = (row["model"], row["batch"])
     if variant == "beitfast":
         _bf16_curves[key] = row["losses"]
+        _synthetic_rates[key] = row["images_per_s"]
+    if variant == "beitfast-jpeg" and key in _synthetic_rates:  # the same step on synthetic inputs
+        row["synthetic_images_per_s"] = _synthetic_rates[key]
+        row["real_over_synthetic"] = row["images_per_s"] / _synthetic_rates[key]
     if variant == "beitfast-fp8" and key in _bf16_curves:  # same seed, inputs and steps as beitfast
         bf16 = _bf16_curves[key]
         row["loss_gap_vs_bf16_max"] = max(abs(a - b) / abs(b) for a, b in zip(row["losses"], bf16))
