@@ -447,6 +447,28 @@ def test_blas_matches_reference(B, H, N, D, index, dtype):
         assert_errors_within(["out", "dq", "dk", "dv", "dtable"], got, ref64, same_precision, dtype)
 
 
+def test_blas_on_strided_and_packed_layouts():
+    """Strided views (the model's packed qkv, a transposed one) give eager's output and gradients; the
+    packed entry point returns the qkv gradient contiguous, in the qkv layout."""
+    B, N, H, D = 2, 17, 3, 32
+    table, rel_index = torch.randn(37, H), torch.randint(0, 37, (N, N))
+    for qkv in (torch.randn(B, N, 3, H, D), torch.randn(B, N, 3, D, H).transpose(-1, -2)):
+        qkv.requires_grad_()
+        grad_out = torch.randn(B, N, H, D)
+        out = ops.rel_pos_attention_packed(qkv, table, rel_index, backend="blas")
+        (grad,) = torch.autograd.grad(out, qkv, grad_out)
+        ref_qkv = qkv.detach().double().requires_grad_()
+        q, k, v = ref_qkv.permute(2, 0, 3, 1, 4)
+        ref = ops.rel_pos_attention(q, k, v, table.double(), rel_index, backend="eager").transpose(1, 2)
+        (ref_grad,) = torch.autograd.grad(ref, ref_qkv, grad_out.double())
+        torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(grad.double(), ref_grad, atol=1e-5, rtol=1e-5)
+        assert out.shape == (B, N, H, D) and grad.is_contiguous()
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # the unpacked entry point on the same strided views
+        torch.testing.assert_close(ops.rel_pos_attention(q, k, v, table, rel_index, backend="blas").transpose(1, 2),
+                                   out)
+
+
 def test_blas_dense_bias_gradient_keeps_the_padding_zero():
     """Given the padded dense bias, blas returns its gradient padded with zeros."""
     q, k, v, table, rel_index = make_inputs(2, 2, 17, 32, torch.float32, "cpu", "beit")

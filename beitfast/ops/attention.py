@@ -74,7 +74,7 @@ def rel_pos_attention_packed(
     """:func:`rel_pos_attention` of q, k, v packed as the model's qkv projection makes them:
     ``qkv`` is ``[B, N, 3, H, D]`` (any strides); returns ``[B, N, H, D]``. The triton backend reads
     ``qkv`` in place, writes the output in this layout and the gradient of ``qkv`` packed (no copies);
-    blas copies ``qkv`` once and writes its gradient stacked; the others run on the unpacked views.
+    so does blas; the others run on the unpacked views.
     """
     _tensor("rel_pos_attention_packed", "qkv", qkv, "a [B, N, 3, H, D] tensor")
     if qkv.dim() != 5 or qkv.shape[2] != 3:
@@ -364,27 +364,35 @@ def _blas_check(q, **_) -> list[str]:
         return [f"blas computes in the inputs' dtype and takes float32/float64, got {q.dtype}"]
     if torch.is_autocast_enabled(q.device.type):
         return ["blas does not run under autocast (its matmuls would be 16-bit)"]
+    if torch.compiler.is_compiling():
+        return ["blas is for eager code: its per-image matmuls into strided outputs would split a compiled graph"]
     return []
 
 
 class _BlasAttention(torch.autograd.Function):
-    """Attention of ``qkv`` stacked as ``[3, B * H, N, D]`` (contiguous): the scores ``scale q k^T``
-    from one scaled BLAS call, the ``[H, M, M]`` bias added in place, the probabilities kept for the
-    backward (as SDPA's math path does), and a backward of four matmuls with ``dS = P (dP - rowsum(dO
-    o))`` writing the stacked gradient in place. Against SDPA's math path on the CPU it skips scaling
-    q and k, the checks for fully masked rows, the separate softmax backward and the copies that
-    stack dq, dk and dv."""
+    """Attention of ``qkv`` in the model's ``[B, N, 3, H, D]`` layout (any strides with a unit last
+    one), out ``[B, N, H, D]``: per image, the scores ``scale q k^T`` from one scaled BLAS call on
+    the strided heads, then the ``[H, M, M]`` bias added in place and the softmax for the whole
+    batch, the probabilities kept for the backward (as SDPA's math path does). The backward is four
+    matmuls per image with ``dS = P (dP - rowsum(dO o))``. Every matmul reads and writes the packed
+    layouts in place, so neither direction copies q, k, v, the output or their gradients; against
+    SDPA's math path on the CPU it also skips scaling q and k, the checks for fully masked rows and
+    the separate softmax backward."""
 
     @staticmethod
     def forward(ctx, qkv, bias, scale):
-        q, k, v = qkv
-        BH, N, _ = q.shape
-        unused = q.new_empty(1, 1, 1)  # beta=0: baddbmm only scales the product
-        scores = torch.baddbmm(unused, q, k.transpose(1, 2), beta=0, alpha=scale)
+        B, N, _, H, D = qkv.shape
+        heads = qkv.permute(2, 0, 3, 1, 4)  # q, k, v: [B, H, N, D] views
+        q, k, v = heads
+        scores = qkv.new_empty(B, H, N, N)
+        for b in range(B):  # beta=0: baddbmm only scales the product (its first argument is unused)
+            torch.baddbmm(scores[b], q[b], k[b].transpose(1, 2), beta=0, alpha=scale, out=scores[b])
         if bias is not None:
-            scores.view(-1, bias.shape[0], N, N).add_(bias[:, :N, :N])
+            scores.add_(bias[:, :N, :N])
         probs = torch.softmax(scores, dim=-1)
-        out = torch.bmm(probs, v)
+        out = qkv.new_empty(B, N, H, D)
+        for b in range(B):
+            torch.bmm(probs[b], v[b], out=out[b].transpose(0, 1))
         ctx.save_for_backward(qkv, probs, out)
         ctx.scale = scale
         ctx.bias_like = None if bias is None else (bias.shape, bias.dtype)
@@ -393,35 +401,38 @@ class _BlasAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         qkv, probs, out = ctx.saved_tensors
-        q, k, v = qkv
-        BH, N, _ = q.shape
-        grad_out = grad_out.contiguous()
-        grad = torch.empty_like(qkv)
-        torch.bmm(probs.transpose(1, 2), grad_out, out=grad[2])
-        grad_scores = torch.bmm(grad_out, v.transpose(1, 2))
-        grad_scores.sub_((grad_out * out).sum(-1, keepdim=True)).mul_(probs)
+        B, N, _, H, D = qkv.shape
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        grad = torch.empty_like(qkv, memory_format=torch.contiguous_format)
+        grad_q, grad_k, grad_v = grad.permute(2, 0, 3, 1, 4)
+        grad_heads = grad_out.transpose(1, 2)  # [B, H, N, D]
+        grad_scores = torch.empty_like(probs)
+        for b in range(B):
+            torch.bmm(probs[b].transpose(1, 2), grad_heads[b], out=grad_v[b])
+            torch.bmm(grad_heads[b], v[b].transpose(1, 2), out=grad_scores[b])
+        rowsum = (grad_out * out).sum(-1).transpose(1, 2).unsqueeze(-1)  # [B, H, N, 1]
+        grad_scores.sub_(rowsum).mul_(probs)
         grad_bias = None
         if ctx.needs_input_grad[1]:
             shape, dtype = ctx.bias_like
             grad_bias = grad_scores.new_zeros(shape, dtype=dtype)
-            grad_bias[:, :N, :N] = grad_scores.view(-1, shape[0], N, N).sum(0)
-        unused = q.new_empty(1, 1, 1)
-        torch.baddbmm(unused, grad_scores, k, beta=0, alpha=ctx.scale, out=grad[0])
-        torch.baddbmm(unused, grad_scores.transpose(1, 2), q, beta=0, alpha=ctx.scale, out=grad[1])
+            grad_bias[:, :N, :N] = grad_scores.sum(0)
+        for b in range(B):
+            torch.baddbmm(grad_q[b], grad_scores[b], k[b], beta=0, alpha=ctx.scale, out=grad_q[b])
+            torch.baddbmm(grad_k[b], grad_scores[b].transpose(1, 2), q[b], beta=0, alpha=ctx.scale, out=grad_k[b])
         return grad, grad_bias, None
 
 
 @dispatch.register(OP, "blas", _blas_check)
 def attention_blas(q, k, v, bias, scale):
-    B, H, N, D = q.shape
-    return _BlasAttention.apply(torch.stack([q, k, v]).view(3, B * H, N, D), bias, scale).view(B, H, N, D)
+    packed = torch.stack([q, k, v]).permute(1, 3, 0, 2, 4)  # [B, N, 3, H, D] view of one copy
+    return _BlasAttention.apply(packed, bias, scale).transpose(1, 2)
 
 
 def attention_blas_packed(qkv, bias, scale):
-    """From the model's ``[B, N, 3, H, D]`` qkv (one copy into the stacked layout), ``[B, N, H, D]`` out."""
-    B, N, _, H, D = qkv.shape
-    stacked = qkv.permute(2, 0, 3, 1, 4).reshape(3, B * H, N, D)
-    return _BlasAttention.apply(stacked, bias, scale).view(B, H, N, D).transpose(1, 2)
+    if qkv.stride(-1) != 1:
+        qkv = qkv.contiguous()
+    return _BlasAttention.apply(qkv, bias, scale)
 
 
 # ---------------------------------------------------------------------------------------------------
