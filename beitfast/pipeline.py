@@ -47,7 +47,7 @@ from .data import (IMAGENET_MEAN, IMAGENET_STD, JITTER_OPERATIONS, DecodeError, 
                    batch_masks, decode_rgb)
 
 __all__ = ["GREY_WEIGHTS", "jitter_stages", "apply_jitter", "FastTwoView", "FastPretrainSample",
-           "resampling_matrix", "DeviceTwoView", "INPUT_PATHS", "resolve_input_path", "decode_jpeg_available",
+           "resampling_weights", "resampling_matrix", "resample_crops", "resample", "DeviceTwoView", "INPUT_PATHS", "resolve_input_path", "decode_jpeg_available",
            "EncodedBatch", "DevicePretrainSample"]
 
 # ITU-R 601-2 luma: PIL's convert("L"), the grey of ImageEnhance.Color and Contrast.
@@ -59,26 +59,29 @@ _MEAN_SUBSAMPLE = 16
 
 
 def jitter_stages(jitters: Sequence[Sequence[tuple[int, float]]]) -> tuple[torch.Tensor, ...]:
-    """Each sample's jitter (``TwoViewTransform.draw``'s first part) as stages for ``apply_jitter``: colour matrices ``[stages, B, 3, 3]``; the contrast stages' ``1 - factor``
-    ``[stages, B]`` (0 elsewhere) and the product of the brightness factors drawn before them, which
+    """Each sample's jitter (``TwoViewTransform.draw``'s first part) as stages for ``apply_jitter``:
+    colour matrices ``[stages, B, 3, 3]``; the contrast stages' ``1 - factor`` ``[stages, B]`` (0 elsewhere) and the product of the brightness factors drawn before them, which
     scale the image's grey mean. A sample with fewer operations gets identity stages."""
     batch = len(jitters)
     stages = max((len(j) for j in jitters), default=0)
-    matrices = torch.eye(3, dtype=torch.float64).repeat(stages, batch, 1, 1)
-    contrast = torch.zeros(stages, batch, dtype=torch.float64)
-    brightness_before = torch.ones(stages, batch, dtype=torch.float64)
-    grey = torch.tensor(GREY_WEIGHTS, dtype=torch.float64)
+    # Built as Python lists on the host, one tensor each at the end: per-element tensor updates would
+    # cost microseconds per sample.
+    matrices = [[[[float(r == c) for c in range(3)] for r in range(3)]] * batch for _ in range(stages)]
+    contrast = [[0.0] * batch for _ in range(stages)]
+    brightness_before = [[1.0] * batch for _ in range(stages)]
     for i, jitter in enumerate(jitters):
         brightness = 1.0
         for stage, (op, factor) in enumerate(jitter):
-            matrices[stage, i] *= factor
+            desaturation = (1 - factor) if op == SATURATION else 0.0
+            matrices[stage][i] = [[factor * (r == c) + desaturation * GREY_WEIGHTS[c] for c in range(3)]
+                                  for r in range(3)]
             if op == BRIGHTNESS:
                 brightness *= factor
             elif op == CONTRAST:
-                contrast[stage, i], brightness_before[stage, i] = 1 - factor, brightness
-            elif op == SATURATION:
-                matrices[stage, i] += (1 - factor) * grey.expand(3, 3)
-    return matrices.float(), contrast.float(), brightness_before.float()
+                contrast[stage][i], brightness_before[stage][i] = 1 - factor, brightness
+    shapes = ((stages, batch, 3, 3), (stages, batch), (stages, batch))
+    return tuple(torch.tensor(values, dtype=torch.float64).reshape(shape).float()
+                 for values, shape in zip((matrices, contrast, brightness_before), shapes))
 
 
 def apply_jitter(views: torch.Tensor, stages: tuple[torch.Tensor, ...], grey_means: torch.Tensor) -> torch.Tensor:
@@ -86,7 +89,7 @@ def apply_jitter(views: torch.Tensor, stages: tuple[torch.Tensor, ...], grey_mea
     ``jitter_stages``; ``grey_means`` ``[B]`` is the grey mean of each whole image in ``[0, 255]``.
     Each stage ends as PIL's 8-bit blend does: truncated to an integer, clipped to ``[0, 255]``.
     No host synchronisation."""
-    matrices, contrast, brightness_before = (t.to(views.device, non_blocking=True) for t in stages)
+    matrices, contrast, brightness_before = (_on(t, views.device) for t in stages)
     # PIL blends with a grey image of the mean rounded to 8 bits.
     means = (grey_means.to(views.device)[None, :] * brightness_before).clamp_(max=255).round_()
     offsets = (contrast * means)[..., None, None].expand(-1, -1, 3, 1)
@@ -262,46 +265,74 @@ def reached_lines(in_size: int, start: float, end: float, out_size: int, kind: s
     return range(first, last)
 
 
+def _on(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on ``device``, copied without making the host wait for the GPU."""
+    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
+
+
+def resampling_weights(in_sizes: Sequence[int], starts: Sequence[float], ends: Sequence[float], out_size: int,
+                       kind: str, first_lines: Sequence[int], count: int, device: torch.device | str | None = None
+                       ) -> torch.Tensor:
+    """``[B, out_size, count]`` float64 weights: for each ``b``, resampling the span ``[starts[b],
+    ends[b])`` of a line of ``in_sizes[b]`` pixels to ``out_size`` pixels as PIL's ``resize(box=...)``
+    does (its filters, widened by the reduction factor when shrinking, so antialiased; each row
+    normalised), for the input lines ``first_lines[b]`` to ``first_lines[b] + count - 1`` (lines past
+    the image get no weight). The parameters come from the host in one copy, without synchronisation."""
+    kernel, support = _FILTERS[kind]
+    device = torch.device("cpu") if device is None else torch.device(device)
+    parameters = _on(torch.tensor([in_sizes, starts, ends, first_lines], dtype=torch.float64), device)
+    in_size, start, end, first_line = parameters[..., None, None]  # each [B, 1, 1]
+    scale = (end - start) / out_size
+    filter_scale = scale.clamp(min=1.0)
+    centre = start + (torch.arange(out_size, dtype=torch.float64, device=device)[:, None] + 0.5) * scale
+    first = (centre - support * filter_scale + 0.5).floor().clamp_min(0)
+    last = torch.minimum((centre + support * filter_scale + 0.5).floor(), in_size)  # exclusive
+    x = first_line + torch.arange(count, dtype=torch.float64, device=device)  # [B, 1, count]
+    weights = kernel((x - centre + 0.5) / filter_scale) * ((x >= first) & (x < last))
+    return weights / weights.sum(dim=-1, keepdim=True)
+
+
 def resampling_matrix(in_size: int, start: float, end: float, out_size: int, kind: str,
                       device: torch.device | str | None = None, lines: range | None = None) -> torch.Tensor:
-    """``[out_size, len(lines)]`` float64 weights resampling the span ``[start, end)`` of a line of
-    ``in_size`` pixels to ``out_size`` pixels as PIL's ``resize(box=...)`` does (its filters, widened
-    by the reduction factor when shrinking, so antialiased; each row normalised), for the input
-    ``lines`` (default: all; ``reached_lines`` has every line with a weight)."""
-    kernel = _FILTERS[kind][0]
-    scale, filter_scale, support = _filter_extent(start, end, out_size, kind)
+    """``resampling_weights`` of one line: ``[out_size, len(lines)]`` for the input ``lines``
+    (default: all; ``reached_lines`` has every line with a weight)."""
     lines = range(in_size) if lines is None else lines
-    centre = start + (torch.arange(out_size, dtype=torch.float64, device=device) + 0.5) * scale
-    first = (centre - support + 0.5).floor().clamp_min(0)
-    last = (centre + support + 0.5).floor().clamp_max(in_size)  # exclusive
-    x = torch.arange(lines.start, lines.stop, dtype=torch.float64, device=device)
-    weights = kernel((x[None, :] - centre[:, None] + 0.5) / filter_scale)
-    weights = weights * ((x[None, :] >= first[:, None]) & (x[None, :] < last[:, None]))
-    return weights / weights.sum(dim=1, keepdim=True)
+    return resampling_weights([in_size], [start], [end], out_size, kind, [lines.start], len(lines), device)[0]
 
 
-def _resampling_lines(in_size: int, start: int, length: int, size: int, kind: str, device, dtype
-                      ) -> tuple[torch.Tensor, slice]:
-    """The resampling weights, built on ``device`` for the input lines the filters reach only (their
-    extent is computed on the host: no synchronisation), and those lines."""
-    lines = reached_lines(in_size, start, start + length, size, kind)
-    weights = resampling_matrix(in_size, start, start + length, size, kind, device, lines).to(dtype)
-    return weights, slice(lines.start, lines.stop)
+def resample_crops(crops: torch.Tensor, sizes: Sequence[tuple[int, int]], boxes: Sequence[tuple[int, int, int, int]],
+                   first_lines: Sequence[tuple[int, int]], flips: Sequence[bool], size: int, kind: str
+                   ) -> torch.Tensor:
+    """A batch of crops resized to ``[B, C, size, size]`` as PIL's ``resize(box=...)`` does: a
+    horizontal then a vertical pass of ``resampling_weights`` (two batched matrix products), each
+    rounded and clipped to 8 bits as PIL does. ``crops`` ``[B, C, Lr, Lc]`` (float, 0-255) holds, for
+    each image of size ``sizes[b]`` = ``(H, W)``, its lines from ``first_lines[b]`` = ``(row, column)``
+    on (zeros past them: they get no weight), ``boxes[b]`` = ``(left, top, w, h)`` in the image;
+    ``flips[b]`` mirrors the columns."""
+    heights, widths = zip(*sizes)
+    lefts, tops, ws, hs = zip(*boxes)
+    first_rows, first_cols = zip(*first_lines)
+    device, dtype = crops.device, crops.dtype
+    rows = resampling_weights(heights, tops, [t + h for t, h in zip(tops, hs)], size, kind, first_rows,
+                              crops.shape[2], device).to(dtype)
+    cols = resampling_weights(widths, lefts, [x + w for x, w in zip(lefts, ws)], size, kind, first_cols,
+                              crops.shape[3], device).to(dtype)
+    if any(flips):
+        cols = torch.where(_on(torch.tensor(flips), device)[:, None, None], cols.flip(1), cols)
+    horizontal = (crops @ cols.transpose(1, 2)[:, None]).round_().clamp_(0, 255)
+    return (rows[:, None] @ horizontal).round_().clamp_(0, 255)
 
 
 def resample(image: torch.Tensor, box: tuple[int, int, int, int], size: int, kind: str, flip: bool = False,
              dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The crop ``box`` = ``(left, top, w, h)`` of an image ``[C, H, W]`` (0-255, any dtype, any device)
-    resized to ``[C, size, size]`` as PIL's ``resize(box=...)`` does: a horizontal then a vertical pass
-    of ``resampling_matrix`` weights (two matrix products), each rounded and clipped to 8 bits as PIL
-    does; ``flip`` mirrors the columns. Float ``dtype`` values."""
+    resized to ``[C, size, size]`` by ``resample_crops``; ``flip`` mirrors the columns. Float ``dtype``
+    values."""
     left, top, w, h = box
-    rows, row_lines = _resampling_lines(image.shape[1], top, h, size, kind, image.device, dtype)
-    cols, col_lines = _resampling_lines(image.shape[2], left, w, size, kind, image.device, dtype)
-    if flip:
-        cols = cols.flip(0)
-    horizontal = (image[:, row_lines, col_lines].to(dtype) @ cols.T).round_().clamp_(0, 255)
-    return (rows @ horizontal).round_().clamp_(0, 255)
+    rows = reached_lines(image.shape[1], top, top + h, size, kind)
+    cols = reached_lines(image.shape[2], left, left + w, size, kind)
+    crop = image[None, :, rows.start:rows.stop, cols.start:cols.stop].to(dtype)
+    return resample_crops(crop, [tuple(image.shape[1:])], [box], [(rows.start, cols.start)], [flip], size, kind)[0]
 
 
 class DeviceTwoView:
@@ -348,22 +379,37 @@ class DeviceTwoView:
             out[k] = image
         return out
 
-    def _resize(self, image: torch.Tensor, box, flipped: bool, size: int, kind: str) -> torch.Tensor:
-        return resample(image, box, size, kind, flipped, self.dtype)
+    def _lines(self, size: int, start: int, length: int) -> range:
+        """The input lines either view's filter reaches."""
+        model = reached_lines(size, start, start + length, self.transform.model_size, "bicubic")
+        tokenizer = reached_lines(size, start, start + length, self.transform.tokenizer_size, "lanczos")
+        return range(min(model.start, tokenizer.start), max(model.stop, tokenizer.stop))
 
     def augment(self, images: Sequence[torch.Tensor], draws) -> tuple[torch.Tensor, torch.Tensor]:
         """The two views of decoded uint8 ``[3, H, W]`` images on the device, with ``draws`` (one
-        ``TwoViewTransform.draw`` per image)."""
-        grey = torch.tensor(GREY_WEIGHTS, device=self.device, dtype=self.dtype)
-        model_views, tokenizer_views, grey_means = [], [], []
-        for image, (_, flipped, box) in zip(images, draws):
-            box = _unflipped_box(image.shape[2], flipped, box)
-            model_views.append(self._resize(image, box, flipped, self.transform.model_size, "bicubic"))
-            tokenizer_views.append(self._resize(image, box, flipped, self.transform.tokenizer_size, "lanczos"))
-            grey_means.append(torch.einsum("chw,c->", image.to(self.dtype), grey) / (image.shape[1] * image.shape[2]))
-        stages, grey_means = jitter_stages([jitter for jitter, _, _ in draws]), torch.stack(grey_means)
-        model = apply_jitter(torch.stack(model_views), stages, grey_means)
-        tokenizer = apply_jitter(torch.stack(tokenizer_views), stages, grey_means)
+        ``TwoViewTransform.draw`` per image). The crops are gathered into one padded batch, so the work
+        is a fixed number of batched operations plus a copy and a grey mean per image."""
+        sizes = [tuple(image.shape[1:]) for image in images]
+        boxes = [_unflipped_box(width, flipped, box) for (_, width), (_, flipped, box) in zip(sizes, draws)]
+        rows = [self._lines(height, top, h) for (height, _), (_, top, _, h) in zip(sizes, boxes)]
+        cols = [self._lines(width, left, w) for (_, width), (left, _, w, _) in zip(sizes, boxes)]
+        crops = torch.zeros(len(images), 3, max(map(len, rows)), max(map(len, cols)), dtype=torch.uint8,
+                            device=self.device)
+        sums = []  # of each channel, exact in int64
+        for crop, image, r, c in zip(crops, images, rows, cols):
+            crop[:, :len(r), :len(c)] = image[:, r.start:r.stop, c.start:c.stop]
+            sums.append(image.sum(dim=(1, 2)))
+        areas = _on(torch.tensor([[height * width] for height, width in sizes], dtype=torch.float64), self.device)
+        grey = torch.tensor(GREY_WEIGHTS, dtype=torch.float64, device=self.device)
+        grey_means = ((torch.stack(sums) / areas) @ grey).to(self.dtype)
+        crops = crops.to(self.dtype)
+        first_lines = [(r.start, c.start) for r, c in zip(rows, cols)]
+        flips = [flipped for _, flipped, _ in draws]
+        model = resample_crops(crops, sizes, boxes, first_lines, flips, self.transform.model_size, "bicubic")
+        tokenizer = resample_crops(crops, sizes, boxes, first_lines, flips, self.transform.tokenizer_size, "lanczos")
+        stages = jitter_stages([jitter for jitter, _, _ in draws])
+        model = apply_jitter(model, stages, grey_means)
+        tokenizer = apply_jitter(tokenizer, stages, grey_means)
         return _normalize_(model), tokenizer.div_(255)
 
     def views_of(self, images: Sequence[bytes | torch.Tensor], draws) -> tuple[torch.Tensor, torch.Tensor]:
