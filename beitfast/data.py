@@ -5,6 +5,8 @@ Every random choice of a sample (which image, crop, jitter, flip, mask) comes fr
 by ``(seed, step, position in the global batch)``. A batch is therefore a pure function of its step:
 resuming at step ``k`` only needs ``k``, DataLoader workers need no shared state, and ``W`` processes
 with ``batch_size / W`` samples each see exactly the samples of one process with the whole batch.
+A sample maker may leave part of the work to the training process: ``BatchStream.prepare(batch,
+device)`` finishes a batch there (the device input path of :mod:`beitfast.pipeline`).
 """
 
 from __future__ import annotations

@@ -24,9 +24,25 @@ brightness drawn before it without clipping; the tokenizer view reduced from the
 rather than resampled from the crop; the DCT-domain reduction of large crops.
 
 ``DeviceTwoView`` runs the same augmentation as batched tensor code on any device (the GPU path:
-nvJPEG through ``torchvision.io.decode_jpeg``, resampling as two matrix products per view with PIL's
-filters, the jitter as batched 3x3 colour matrices with PIL's 8-bit truncation, ``apply_jitter``); the
-tests run it on CPU tensors.
+nvJPEG through ``torchvision.io.decode_jpeg``, the crops of the batch resampled together as two batched
+matrix products per view with PIL's filters, the jitter as batched 3x3 colour matrices with PIL's 8-bit
+truncation, ``apply_jitter``); the tests run it on CPU tensors.
+
+Training takes one of two input paths (``resolve_input_path``; ``TrainConfig.input_path``, ``beitfast
+pretrain --input-path``): ``"cpu"``, ``FastPretrainSample`` in the DataLoader workers, the default off
+CUDA; ``"device"``, the default on CUDA: ``DevicePretrainSample`` leaves the workers only the cheap
+part (read the stored bytes, the header's size, ``TwoViewTransform.draw`` with the sample's own
+generator, the masks; PIL decodes the images that are not JPEGs), an ``EncodedBatch`` crosses to the
+training process, and ``BatchStream.prepare`` decodes and augments it there on the training device
+just before the step. Both paths draw the same numbers, so a batch stays a function of its step.
+
+The device decoder is ``torchvision.io.decode_jpeg(device="cuda")`` (nvJPEG, batched) rather than
+NVIDIA DALI: DALI is a separate, large, CUDA-specific dependency with its own reader and augmentation
+graph, which could not be the code the CPU tests run; torchvision is a dependency already
+and the same tensor code runs on CPU in the tests. The GPU throughput of the two is not measured yet
+(``beitfast bench --data`` and the step benchmark's ``beitfast-jpeg`` variant measure this path). Since
+torchvision 0.29 its image decoders are marked deprecated in favour of TorchCodec: only
+``DeviceTwoView.decode`` would change.
 """
 
 from __future__ import annotations

@@ -211,25 +211,32 @@ def test_jitter_ranges_match_the_pil_path(broken):
 
 
 def pixel_statistics(path, jpegs, seeds):
-    """Per view: the mean and standard deviation of each channel's levels, model and tokenizer views."""
+    """Per view: the mean and standard deviation of each channel's levels, model and tokenizer views,
+    of the ``"pil"``, ``"fast"`` or ``"device"`` path (the last in one batch)."""
     transform = TwoViewTransform(32, 16)
+    blobs = [jpegs[k % len(jpegs)] for k in range(len(seeds))]
+    if path == "device":
+        views = list(zip(*DeviceTwoView(transform).views(blobs, [random.Random(seed) for seed in seeds])))
+    else:
+        view = pil_views if path == "pil" else fast_views
+        views = [view(transform, blob, seed) for blob, seed in zip(blobs, seeds)]
     rows = []
-    for k, seed in enumerate(seeds):
-        model, tokenizer = (pil_views if path == "pil" else fast_views)(transform, jpegs[k % len(jpegs)], seed)
+    for model, tokenizer in views:
         model, tokenizer = levels(model), tokenizer * 255
         rows.append([*model.mean(dim=(1, 2)), *model.std(dim=(1, 2)), *tokenizer.mean(dim=(1, 2))])
     return np.array(rows, dtype=np.float64)
 
 
-def test_pixel_statistics_match_the_pil_path(jpegs):
+@pytest.mark.parametrize("path", ["fast", "device"])
+def test_pixel_statistics_match_the_pil_path(jpegs, path):
     """Over the photographs with independent draws, the distribution of every per-view statistic
     matches; with the same draws, each view's statistics agree closely."""
     count = 2 * SAMPLES
     reference = pixel_statistics("pil", jpegs, [derive_seed("stats-pil", i) for i in range(count)])
-    got = pixel_statistics("fast", jpegs, [derive_seed("stats-fast", i) for i in range(count)])
+    got = pixel_statistics(path, jpegs, [derive_seed("stats-fast", i) for i in range(count)])
     for k in range(reference.shape[1]):
         assert stats.ks_2samp(got[:, k], reference[:, k]).pvalue > 1e-3, k
-    same_draws = pixel_statistics("fast", jpegs, [derive_seed("stats-pil", i) for i in range(count)])
+    same_draws = pixel_statistics(path, jpegs, [derive_seed("stats-pil", i) for i in range(count)])
     assert np.abs(same_draws - reference).mean() < 1.0
 
 
