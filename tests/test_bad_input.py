@@ -211,6 +211,7 @@ TRAIN_FIELDS = {
     "num_workers": lambda v: is_int(v, 0),
     "precision": lambda v: isinstance(v, str) and v in ("auto", "bf16", "fp32"),
     "parallel": lambda v: isinstance(v, str) and v in ("ddp", "fsdp"),
+    "input_path": lambda v: isinstance(v, str) and v in ("auto", "cpu", "device"),
     "progress": is_bool,
     "log_every": lambda v: is_int(v, 0),
     "output_dir": lambda v: isinstance(v, (str, os.PathLike)),
