@@ -477,6 +477,10 @@ def test_blas_dense_bias_gradient_keeps_the_padding_zero():
     N = q.shape[2]
     assert bias.grad.shape == bias.shape and bias.grad[:, :N, :N].abs().sum() > 0
     assert not bias.grad[:, N:].any() and not bias.grad[:, :, N:].any()
+    # The bias alone needs a gradient (frozen q, k, v): the same bias gradient.
+    frozen = [t.detach() for t in (q, k, v)]
+    (grad,) = torch.autograd.grad(ops.rel_pos_attention(*frozen, bias=bias, backend="blas").square().sum(), bias)
+    torch.testing.assert_close(grad, bias.grad)
 
 
 def test_blas_refuses_16_bit_inputs_and_autocast():

@@ -382,8 +382,7 @@ class _BlasAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qkv, bias, scale):
         B, N, _, H, D = qkv.shape
-        heads = qkv.permute(2, 0, 3, 1, 4)  # q, k, v: [B, H, N, D] views
-        q, k, v = heads
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # [B, H, N, D] views
         scores = qkv.new_empty(B, H, N, N)
         for b in range(B):  # beta=0: baddbmm only scales the product (its first argument is unused)
             torch.baddbmm(scores[b], q[b], k[b].transpose(1, 2), beta=0, alpha=scale, out=scores[b])
@@ -403,12 +402,10 @@ class _BlasAttention(torch.autograd.Function):
         qkv, probs, out = ctx.saved_tensors
         B, N, _, H, D = qkv.shape
         q, k, v = qkv.permute(2, 0, 3, 1, 4)
-        grad = torch.empty_like(qkv, memory_format=torch.contiguous_format)
-        grad_q, grad_k, grad_v = grad.permute(2, 0, 3, 1, 4)
+        grad = torch.empty_like(qkv, memory_format=torch.contiguous_format) if ctx.needs_input_grad[0] else None
         grad_heads = grad_out.transpose(1, 2)  # [B, H, N, D]
         grad_scores = torch.empty_like(probs)
         for b in range(B):
-            torch.bmm(probs[b].transpose(1, 2), grad_heads[b], out=grad_v[b])
             torch.bmm(grad_heads[b], v[b].transpose(1, 2), out=grad_scores[b])
         rowsum = (grad_out * out).sum(-1).transpose(1, 2).unsqueeze(-1)  # [B, H, N, 1]
         grad_scores.sub_(rowsum).mul_(probs)
@@ -417,9 +414,13 @@ class _BlasAttention(torch.autograd.Function):
             shape, dtype = ctx.bias_like
             grad_bias = grad_scores.new_zeros(shape, dtype=dtype)
             grad_bias[:, :N, :N] = grad_scores.sum(0)
-        for b in range(B):
-            torch.baddbmm(grad_q[b], grad_scores[b], k[b], beta=0, alpha=ctx.scale, out=grad_q[b])
-            torch.baddbmm(grad_k[b], grad_scores[b].transpose(1, 2), q[b], beta=0, alpha=ctx.scale, out=grad_k[b])
+        if grad is not None:
+            grad_q, grad_k, grad_v = grad.permute(2, 0, 3, 1, 4)
+            for b in range(B):
+                torch.bmm(probs[b].transpose(1, 2), grad_heads[b], out=grad_v[b])
+                torch.baddbmm(grad_q[b], grad_scores[b], k[b], beta=0, alpha=ctx.scale, out=grad_q[b])
+                torch.baddbmm(grad_k[b], grad_scores[b].transpose(1, 2), q[b], beta=0, alpha=ctx.scale,
+                              out=grad_k[b])
         return grad, grad_bias, None
 
 
