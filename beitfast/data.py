@@ -534,6 +534,22 @@ class BatchStream(torch.utils.data.IterableDataset):
             return prepare(batch, device, self)
         return tuple(t.to(device, non_blocking=True) for t in batch)
 
+    def iterate(self, start_step: int, num_workers: int, device: torch.device):
+        """The batches from ``start_step`` on, made in this process (``num_workers`` 0) or in DataLoader
+        worker processes, pinned for a CUDA ``device``; ``prepare(batch, device)`` makes each the step's
+        input."""
+        self.start_step = start_step
+        if num_workers == 0:
+            return iter(self)
+        # Creating the iterator draws a seed from the loader's generator: from torch's global one, that
+        # draw would shift drop path (and differ from a run without workers). The batches use no torch
+        # randomness (they are functions of the step), so a generator of its own changes nothing else.
+        loader = torch.utils.data.DataLoader(
+            self, batch_size=None, num_workers=num_workers, pin_memory=torch.device(device).type == "cuda",
+            prefetch_factor=4, generator=torch.Generator(),
+        )
+        return iter(loader)
+
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)

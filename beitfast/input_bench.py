@@ -6,18 +6,19 @@ ImageNet's typical 500x375), read from a folder as in training. Paths:
 * ``pil``: today's path, ``TwoViewTransform`` (PIL; jitter on the whole image) and one Python mask
   generator per sample; the reference;
 * ``fast-cpu``: ``FastPretrainSample`` (pipeline.py) and the native batch mask generator;
-* ``device-<type>``: ``DeviceTwoView`` on the device (nvJPEG and matrix-product resampling on a GPU),
-  fed the encoded files; measured on a GPU only unless asked for (on CPU it is a test reference).
+* ``device-<type>``: the device input path of training (``DevicePretrainSample``: the files read and
+  the augmentation drawn on the host, decoded by nvJPEG and augmented by ``DeviceTwoView`` on a GPU),
+  as the trainer runs it; measured on a GPU only unless asked for (on CPU it is a test reference).
 
 ``images_per_s_per_core`` is measured in this process with one thread (the median batch time, the host
-paths timed batch by batch in turn); ``images_per_s`` with ``workers`` DataLoader processes of one thread each (the host
-paths), or as the per-core rate for the device path, whose host side is this one thread.
+paths timed batch by batch in turn; the device path: everything in this process); ``images_per_s``
+with ``workers`` DataLoader processes of one thread each (the device path: they read and draw, this
+process decodes and augments on the device).
 """
 
 from __future__ import annotations
 
 import os
-import random
 import statistics
 import tempfile
 import time
@@ -26,9 +27,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .data import (BatchStream, ImageFolder, PretrainSample, TwoViewTransform, derive_seed, embedded_photos,
-                   masking_for)
-from .pipeline import DeviceTwoView, FastPretrainSample
+from .data import (BatchStream, ImageFolder, PretrainSample, TwoViewTransform, embedded_photos, masking_for,
+                   pretrain_stream)
+from .pipeline import FastPretrainSample
 
 __all__ = ["write_jpegs", "bench_paths", "bench_tokenizers"]
 
@@ -89,25 +90,27 @@ def _total_rate(stream: BatchStream, batches: int, workers: int) -> float:
     return rate
 
 
-def _device_rate(folder: Path, transform: TwoViewTransform, device: torch.device, batch_size: int,
-                 batches: int) -> float:
-    blobs = [path.read_bytes() for path in sorted(folder.glob("*.jpg"))]
-    device_views = DeviceTwoView(transform, device)
-
-    def run(step: int):
-        chosen = [blobs[(step * batch_size + j) % len(blobs)] for j in range(batch_size)]
-        rngs = [random.Random(derive_seed(0, step, j)) for j in range(batch_size)]
-        return device_views.views(chosen, rngs)
-
-    run(0)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    started = time.perf_counter()
-    for step in range(1, batches + 1):
-        run(step)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return batches * batch_size / (time.perf_counter() - started)
+def _device_rate(stream: BatchStream, device: torch.device, batches: int, workers: int) -> float:
+    """Images/s of the device path: batches made by ``workers`` DataLoader processes (or this one),
+    finished on ``device`` by ``stream.prepare``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        iterator = stream.iterate(0, workers, device)
+        for _ in range(max(workers, 1)):  # every worker started, the device warm
+            stream.prepare(next(iterator), device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        for _ in range(batches):
+            stream.prepare(next(iterator), device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        rate = batches * stream.local_batch_size / (time.perf_counter() - started)
+    finally:
+        torch.set_num_threads(threads)
+    del iterator
+    return rate
 
 
 def bench_paths(batch_size: int = 32, batches: int = 4, workers: int | None = None, model_size: int = 224,
@@ -131,9 +134,11 @@ def bench_paths(batch_size: int = 32, batches: int = 4, workers: int | None = No
             rows.append({"path": path, "images_per_s": total, "images_per_s_per_core": per_core,
                          "workers": workers})
         if device_path if device_path is not None else device.type == "cuda":
-            rate = _device_rate(folder, transform, device, batch_size, batches)
-            rows.append({"path": f"device-{device.type}", "images_per_s": rate, "images_per_s_per_core": rate,
-                         "workers": 1})
+            stream = pretrain_stream(source, transform, masking, batch_size, on_device=True)
+            per_core = _device_rate(stream, device, batches, 0)
+            total = _device_rate(stream, device, batches, workers) if workers > 1 else per_core
+            rows.append({"path": f"device-{device.type}", "images_per_s": total, "images_per_s_per_core": per_core,
+                         "workers": workers})
     reference = rows[0]["images_per_s_per_core"]
     common = {"batch_size": batch_size, "images": batch_size * batches, "model_size": model_size,
               "tokenizer_size": tokenizer_size, "max_side": max_side, "device": _device_name(device)}

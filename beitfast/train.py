@@ -55,7 +55,7 @@ from .pipeline import INPUT_PATHS, resolve_input_path
 __all__ = [
     "TrainConfig", "Trainer", "NonFiniteLossError", "cosine_schedule", "layer_id", "param_groups",
     "MaskedImageModeling", "Classification", "pretrain", "pretraining_trainer",
-    "classifier_from_pretrained", "evaluate", "stream_batches",
+    "classifier_from_pretrained", "evaluate",
     "setup_distributed", "plot_metrics", "float8_training", "CHECKPOINT_NAME", "METRICS_NAME", "PLOT_NAME",
     "PREVIOUS_CHECKPOINT_NAME",
 ]
@@ -401,23 +401,6 @@ def float8_training(model: BEiT, device: torch.device) -> None:
 # -- the trainer -----------------------------------------------------------------------------------
 
 
-def stream_batches(stream, start_step: int, num_workers: int, device: torch.device):
-    """The batches of ``stream`` from ``start_step`` on, made in this process (``num_workers`` 0) or in
-    DataLoader worker processes, pinned for a CUDA ``device``; ``stream.prepare(batch, device)`` makes
-    each the step's input."""
-    stream.start_step = start_step
-    if num_workers == 0:
-        return iter(stream)
-    # Creating the iterator draws a seed from the loader's generator: from torch's global one, that
-    # draw would shift drop path (and differ from a run without workers). The batches use no torch
-    # randomness (they are functions of the step), so a fixed generator of its own changes nothing else.
-    loader = torch.utils.data.DataLoader(
-        stream, batch_size=None, num_workers=num_workers, pin_memory=device.type == "cuda", prefetch_factor=4,
-        generator=torch.Generator(),
-    )
-    return iter(loader)
-
-
 def _architecture(config: BEiTConfig | dict) -> dict:
     values = config.to_dict() if isinstance(config, BEiTConfig) else dict(config)
     for how in ("kernels", "fuse_blocks", "residual_dtype", "checkpoint_blocks"):
@@ -667,7 +650,7 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------------------
 
     def _batches(self):
-        return stream_batches(self.stream, self.step, self.config.num_workers, self.device)
+        return self.stream.iterate(self.step, self.config.num_workers, self.device)
 
     def _train_step(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.config.cuda_graphs:  # the previous step's graph outputs may be overwritten from here on

@@ -215,7 +215,6 @@ def jpeg_feed(config, batch: int, device: torch.device, smoke: bool):
     with DataLoader workers, as ``Trainer`` runs it."""
     from beitfast.data import ImageFolder, TwoViewTransform, masking_for, pretrain_stream
     from beitfast.input_bench import write_jpegs
-    from beitfast.train import stream_batches
 
     folder = tempfile.TemporaryDirectory(prefix="beitfast-jpegs-")
     write_jpegs(folder.name, max_side=JPEG_SIDE, enlarge=True)
@@ -223,7 +222,7 @@ def jpeg_feed(config, batch: int, device: torch.device, smoke: bool):
     stream = pretrain_stream(ImageFolder(folder.name), TwoViewTransform(size, size // 2),
                              masking_for(config.grid), batch, on_device=True)
     workers = 2 if smoke else max(1, min(8, (os.cpu_count() or 2) // 2))
-    batches = stream_batches(stream, 0, workers, device)
+    batches = stream.iterate(0, workers, device)
 
     def feed(inputs: dict) -> None:
         assert folder  # the files live as long as the feed

@@ -512,3 +512,12 @@ def test_cli_data_pack_and_bench_data(tmp_path, capsys):
     assert {"pil", "fast-cpu", "tokenizer-kmeans", "tokenizer-dalle"} <= set(rows)
     for path in ("pil", "fast-cpu"):
         assert rows[path]["images_per_s"] > 0 and rows[path]["images_per_s_per_core"] > 0
+
+
+def test_bench_data_times_the_device_path_as_training_runs_it():
+    from beitfast.input_bench import bench_paths
+
+    rows = {row["path"]: row for row in bench_paths(batch_size=2, batches=1, workers=2, model_size=32,
+                                                   tokenizer_size=16, patch_size=8, max_side=64, device_path=True)}
+    assert set(rows) == {"pil", "fast-cpu", "device-cpu"}
+    assert rows["device-cpu"]["images_per_s"] > 0 and rows["device-cpu"]["images_per_s_per_core"] > 0
