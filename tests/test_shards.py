@@ -46,6 +46,21 @@ def test_pack_and_read_back_every_image_and_label(tmp_path):
     assert images.shape == (11, 3, 8, 8) and sorted(labels.tolist()) == sorted(folder.labels)
 
 
+def test_read_gives_the_stored_bytes_for_the_device_path(tmp_path):
+    """``read`` (what the device input path's workers take) is each file's bytes, from a shard as from
+    the folder, so both sources make the same device-path batches."""
+    from beitfast.data import TwoViewTransform, masking_for, pretrain_stream
+
+    write_identified_images(tmp_path / "images", count=5)
+    pack_shards(tmp_path / "images", tmp_path / "shards", images_per_shard=2)
+    folder, sharded = ImageFolder(tmp_path / "images"), ShardedImages(tmp_path / "shards")
+    assert all(sharded.read(i) == folder.paths[i].read_bytes() for i in range(len(folder)))
+    streams = [pretrain_stream(source, TwoViewTransform(8, 4), masking_for((2, 2)), 5, on_device=True)
+               for source in (folder, sharded)]
+    views = [stream.prepare(stream.batch(0), torch.device("cpu")) for stream in streams]
+    assert all(torch.equal(a, b) for a, b in zip(*views))
+
+
 def test_unlabelled_shards_and_shard_lists(tmp_path):
     write_identified_images(tmp_path / "images", count=5)
     shards = pack_shards(tmp_path / "images", tmp_path / "shards", images_per_shard=2)
