@@ -22,7 +22,8 @@ or compiled code, and its peak memory is its own):
 * ``timm`` / ``timm-compiled``: timm's BEiT blocks under the same pre-training head.
 
 Every variant: ``cudnn.benchmark`` on; images, masks, labels and the gathered labels or indices a
-baseline needs are made before the timed region, and no variant indexes with a boolean mask inside
+baseline needs are made before the timed region (``beitfast-jpeg``: its images and masks come from the
+input path inside it, the ``data`` region of a profile), and no variant indexes with a boolean mask inside
 it (Hugging Face's logits are gathered with precomputed row indices, sparing its loss's host sync);
 3 warm-up steps (compilation), then 5 trials
 of 30 steps timed with CUDA events (:func:`beitfast.calibrate.time_trials`): median and spread; the
