@@ -348,7 +348,8 @@ def resample(image: torch.Tensor, box: tuple[int, int, int, int], size: int, kin
     rows = reached_lines(image.shape[1], top, top + h, size, kind)
     cols = reached_lines(image.shape[2], left, left + w, size, kind)
     crop = image[None, :, rows.start:rows.stop, cols.start:cols.stop].to(dtype)
-    return resample_crops(crop, [tuple(image.shape[1:])], [box], [(rows.start, cols.start)], [flip], size, kind)[0]
+    first_lines = [(rows.start, cols.start)]
+    return resample_crops(crop, [tuple(image.shape[1:])], [box], first_lines, [flip], size, kind)[0]
 
 
 class DeviceTwoView:
@@ -359,9 +360,9 @@ class DeviceTwoView:
     same with the draws made already (``TwoViewTransform.draw``) and images that are JPEG bytes or
     decoded uint8 ``[3, H, W]`` tensors; ``decode`` and ``augment`` are its two halves.
 
-    Resampling is two matrix products per view (``resample``: PIL's filters and 8-bit passes); the flip
-    is the model view's column order; the jitter is ``apply_jitter``, the contrast mean the exact grey
-    mean of the decoded image.
+    Resampling is two batched matrix products per view for the whole batch (``resample_crops``: PIL's
+    filters and 8-bit passes); the flip is the model view's column order; the jitter is
+    ``apply_jitter``, the contrast mean the exact grey mean of the decoded image.
     """
 
     def __init__(self, transform: TwoViewTransform, device: torch.device | str = "cpu"):
@@ -378,8 +379,8 @@ class DeviceTwoView:
         def jpeg(data: torch.Tensor | list[torch.Tensor]):
             return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
 
-        out: list[torch.Tensor | None] = [
-            image.to(self.device, non_blocking=True) if isinstance(image, torch.Tensor) else None for image in images]
+        out: list[torch.Tensor | None] = [image.to(self.device, non_blocking=True)
+                                          if isinstance(image, torch.Tensor) else None for image in images]
         encoded = [k for k, image in enumerate(images) if not isinstance(image, torch.Tensor)]
         data = [torch.frombuffer(bytearray(images[k]), dtype=torch.uint8) for k in encoded]
         try:
@@ -415,14 +416,16 @@ class DeviceTwoView:
         for crop, image, r, c in zip(crops, images, rows, cols):
             crop[:, :len(r), :len(c)] = image[:, r.start:r.stop, c.start:c.stop]
             sums.append(image.sum(dim=(1, 2)))
-        areas = _on(torch.tensor([[height * width] for height, width in sizes], dtype=torch.float64), self.device)
+        areas = torch.tensor([[height * width] for height, width in sizes], dtype=torch.float64)
+        areas = _on(areas, self.device)
         grey = torch.tensor(GREY_WEIGHTS, dtype=torch.float64, device=self.device)
         grey_means = ((torch.stack(sums) / areas) @ grey).to(self.dtype)
         crops = crops.to(self.dtype)
         first_lines = [(r.start, c.start) for r, c in zip(rows, cols)]
         flips = [flipped for _, flipped, _ in draws]
-        model = resample_crops(crops, sizes, boxes, first_lines, flips, self.transform.model_size, "bicubic")
-        tokenizer = resample_crops(crops, sizes, boxes, first_lines, flips, self.transform.tokenizer_size, "lanczos")
+        geometry = (sizes, boxes, first_lines, flips)
+        model = resample_crops(crops, *geometry, self.transform.model_size, "bicubic")
+        tokenizer = resample_crops(crops, *geometry, self.transform.tokenizer_size, "lanczos")
         stages = jitter_stages([jitter for jitter, _, _ in draws])
         model = apply_jitter(model, stages, grey_means)
         tokenizer = apply_jitter(tokenizer, stages, grey_means)
@@ -481,8 +484,8 @@ class EncodedBatch:
     ``TwoViewTransform.draw``; the batch's ``masks``; its ``step`` and ``positions`` in the global
     batch (to replace an image the device cannot decode)."""
 
-    images: list
-    draws: list
+    images: list[bytes | torch.Tensor]
+    draws: list[tuple]
     masks: torch.Tensor
     step: int
     positions: range
