@@ -73,12 +73,14 @@ def test_fast_path_matches_the_pil_path_per_image(jpegs, sizes):
                            jpegs, seeds)
 
 
-def test_device_path_matches_the_pil_path_per_image(jpegs):
+def test_device_path_matches_the_pil_path_per_image(jpegs, device):
+    """On the GPU when there is one (nvJPEG, CUDA products), else on CPU."""
     transform = TwoViewTransform(40, 24)
     seeds = [derive_seed("device", i) for i in range(len(jpegs))]
-    model, tokenizer = DeviceTwoView(transform).views(jpegs, [random.Random(s) for s in seeds])
+    model, tokenizer = DeviceTwoView(transform, device).views(jpegs, [random.Random(s) for s in seeds])
+    assert model.device.type == tokenizer.device.type == device.type
     assert model.shape == (len(jpegs), 3, 40, 40) and tokenizer.shape == (len(jpegs), 3, 24, 24)
-    check_against_pil_path(list(zip(model, tokenizer)), transform, jpegs, seeds)
+    check_against_pil_path(list(zip(model.cpu(), tokenizer.cpu())), transform, jpegs, seeds)
 
 
 @pytest.mark.parametrize("kind,pil_filter", [("bicubic", Image.Resampling.BICUBIC),
