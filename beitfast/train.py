@@ -653,9 +653,9 @@ class Trainer:
         return self.stream.iterate(self.step, self.config.num_workers, self.device)
 
     def _train_step(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Forward and backward of a batch that ``stream.prepare`` made."""
         if self.config.cuda_graphs:  # the previous step's graph outputs may be overwritten from here on
             torch.compiler.cudagraph_mark_step_begin()
-        batch = self.stream.prepare(batch, self.device)  # the device input path makes its views here
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
         with autocast:
             loss, accuracy, count = self.task(self.wrapped, batch)
@@ -693,10 +693,16 @@ class Trainer:
         self.wrapped.train()
         started = time.perf_counter()
         try:
+            batch = self.stream.prepare(next(batches), self.device)
             for step in range(self.step, c.steps):
                 tick = time.perf_counter()
                 lr, wd = self._set_schedules(step)
-                loss, accuracy, _ = self._train_step(next(batches))
+                loss, accuracy, _ = self._train_step(batch)
+                if step + 1 < c.steps:
+                    # The next batch's input work (the device input path decodes and augments here) is
+                    # issued before this step's synchronisation, so the host does it while the device
+                    # runs the step. Batches are functions of their step: nothing else changes.
+                    batch = self.stream.prepare(next(batches), self.device)
                 max_norm = c.clip_grad if c.clip_grad is not None else float("inf")
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
                 if hasattr(grad_norm, "full_tensor"):  # FSDP: a sharded norm
