@@ -34,7 +34,7 @@ CUDA; ``"device"``, the default on CUDA: ``DevicePretrainSample`` leaves the wor
 part (read the stored bytes, the header's size, ``TwoViewTransform.draw`` with the sample's own
 generator, the masks; PIL decodes the images that are not JPEGs), an ``EncodedBatch`` crosses to the
 training process, and ``BatchStream.prepare`` decodes and augments it there on the training device
-just before the step. Both paths draw the same numbers, so a batch stays a function of its step.
+(the trainer issues that work while the device runs the previous step). Both paths draw the same numbers, so a batch stays a function of its step.
 
 The device decoder is ``torchvision.io.decode_jpeg(device="cuda")`` (nvJPEG, batched) rather than
 NVIDIA DALI: DALI is a separate, large, CUDA-specific dependency with its own reader and augmentation

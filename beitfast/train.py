@@ -9,7 +9,7 @@ Runs are resumable exactly: a checkpoint holds the model, the optimizer, the ste
 of torch, Python and NumPy of every rank; the data stream and the masks are functions of the step
 (:mod:`beitfast.data`), so a run killed and resumed reproduces the loss curve of one never stopped
 (bit-identical on CPU). Pre-training's views are made in the DataLoader workers, or on the training
-device just before the step (``TrainConfig.input_path``; the default on CUDA). Under ``torchrun`` the
+device a step ahead (``TrainConfig.input_path``; the default on CUDA). Under ``torchrun`` the
 model is wrapped in DDP (gloo on CPU, nccl on GPU) or, when asked, FSDP; ``W`` processes with
 ``batch_size / W`` samples each make the updates of one process with the whole batch.
 """
