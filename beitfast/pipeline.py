@@ -47,6 +47,7 @@ torchvision 0.29 its image decoders are marked deprecated in favour of TorchCode
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import math
@@ -424,8 +425,9 @@ class DeviceTwoView:
         first_lines = [(r.start, c.start) for r, c in zip(rows, cols)]
         flips = [flipped for _, flipped, _ in draws]
         geometry = (sizes, boxes, first_lines, flips)
-        model = resample_crops(crops, *geometry, self.transform.model_size, "bicubic")
-        tokenizer = resample_crops(crops, *geometry, self.transform.tokenizer_size, "lanczos")
+        with _float32_products():
+            model = resample_crops(crops, *geometry, self.transform.model_size, "bicubic")
+            tokenizer = resample_crops(crops, *geometry, self.transform.tokenizer_size, "lanczos")
         stages = jitter_stages([jitter for jitter, _, _ in draws])
         model = apply_jitter(model, stages, grey_means)
         tokenizer = apply_jitter(tokenizer, stages, grey_means)
@@ -446,6 +448,18 @@ class DeviceTwoView:
         sizes = [Image.open(io.BytesIO(blob)).size for blob in encoded]  # headers only
         return self.views_of(encoded, [self.transform.draw(width, height, rng)
                                        for (width, height), rng in zip(sizes, rngs)])
+
+
+@contextlib.contextmanager
+def _float32_products():
+    """Full float32 matrix products whatever precision the user set for the model: with TF32 (10
+    mantissa bits) the resampling sums would move 8-bit pixel values by a level."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 # -- the device input path of training -------------------------------------------------------------

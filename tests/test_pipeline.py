@@ -331,6 +331,28 @@ def test_device_stream_makes_the_views_of_device_two_view(tmp_path, jpegs):
     assert all(torch.equal(a, b) for a, b in zip(views, expected))
 
 
+def test_device_resampling_ignores_a_global_tf32_setting(jpegs, monkeypatch):
+    """A user's ``set_float32_matmul_precision("high")`` (TF32 on a GPU) does not reach the resampling
+    products, and is restored afterwards."""
+    from beitfast import pipeline
+
+    seen = []
+    real = pipeline.resample_crops
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_float32_matmul_precision())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "resample_crops", spy)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        DeviceTwoView(TwoViewTransform(16, 8)).views(jpegs[:2], [random.Random(0), random.Random(1)])
+        assert seen == ["highest", "highest"] and torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
 def test_device_stream_falls_back_to_pil_for_a_jpeg_the_device_refuses(tmp_path, jpegs, monkeypatch):
     """A JPEG that decode_jpeg refuses (stood in for here) and PIL decodes keeps its place and draws."""
     import torchvision.io
