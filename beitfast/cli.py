@@ -426,7 +426,8 @@ def _add_training_options(parser: argparse.ArgumentParser, gpu: dict, cpu: dict)
                        help="dtype of the residual stream: float32 (official) or the autocast dtype (default: float32)")
     speed.add_argument("--checkpoint-blocks", type=int, default=0,
                        help="recompute the activations of the first N blocks in backward, -1: all (default: 0)")
-    speed.add_argument("--compile", action="store_true", help="torch.compile the whole model")
+    speed.add_argument("--compile", action="store_true",
+                       help="torch.compile the whole model (and the DALL-E tokenizer's encoder)")
     speed.add_argument("--cuda-graphs", action="store_true", help="compile with CUDA graphs (fixed shapes; CUDA only)")
     speed.add_argument("--fp8", action="store_true",
                        help="float8 linear layers in the blocks (torchao, rowwise scaling; CUDA, compute capability "

@@ -152,15 +152,22 @@ def _device_name(device: torch.device) -> str:
 
 
 def bench_tokenizers(batch_size: int = 64, batches: int = 3, input_size: int = 112, device: str = "cpu",
-                     vocab_size: int = 8192) -> list[dict]:
+                     vocab_size: int = 8192, compiled: bool | None = None) -> list[dict]:
     """Tokens per second of the k-means tokenizer (8x8 patches) and the DALL-E encoder (random weights:
-    the speed does not depend on them) on random views, on ``device``."""
+    the speed does not depend on them) on random views, on ``device``; with ``compiled`` (default: on
+    CUDA) also the DALL-E encoder through ``torch.compile`` (``TrainConfig.compile``), compilation
+    excluded from the time."""
     from .tokenizers import DalleTokenizer, KMeansTokenizer
 
     device = torch.device(device)
     images = torch.rand(batch_size, 3, input_size, input_size, device=device)
     tokenizers = {"kmeans": KMeansTokenizer(torch.randn(vocab_size, 3 * 8 * 8), input_size=input_size),
                   "dalle": DalleTokenizer(vocab_size=vocab_size, input_size=input_size)}
+    if compiled is None:
+        compiled = device.type == "cuda"
+    if compiled:
+        tokenizers["dalle-compiled"] = DalleTokenizer(vocab_size=vocab_size, input_size=input_size)
+        tokenizers["dalle-compiled"].encoder.compile()
     rows = []
     for name, tokenizer in tokenizers.items():
         tokenizer.to(device)

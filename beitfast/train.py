@@ -104,7 +104,7 @@ class TrainConfig:
     resume: str | None = "auto"  # "auto": the output folder's checkpoint if any; a path; None
     # The fast step (README "Fast step"; the model's own options are in BEiTConfig):
     fused_optimizer: bool = True  # AdamW's fused kernel (one launch for every parameter; CPU and CUDA)
-    compile: bool = False  # torch.compile the whole model
+    compile: bool = False  # torch.compile the whole model (and a pre-training tokenizer's encoder)
     cuda_graphs: bool = False  # compile with CUDA graphs (mode "reduce-overhead"): fixed shapes, CUDA only
     fp8: bool = False  # float8 training of the blocks' linear layers (torchao, rowwise scaling), CUDA >= sm_89
 
@@ -230,6 +230,14 @@ class MaskedImageModeling:
 
     def to(self, device: torch.device) -> None:
         self.tokenizer.to(device)
+
+    def compile(self) -> None:
+        """``torch.compile`` the tokenizer's network in place (the DALL-E encoder; the k-means tokenizer
+        is one matrix product and an argmax, nothing to fuse). The trainer calls it with
+        ``TrainConfig.compile``; ``beitfast bench --data`` on a GPU times the encoder both ways."""
+        encoder = getattr(self.tokenizer, "encoder", None)
+        if isinstance(encoder, torch.nn.Module):
+            encoder.compile()
 
     def __call__(self, model, batch):
         views, tokenizer_views, masks = batch
@@ -437,6 +445,8 @@ class Trainer:
         self.model = model.to(self.device)
         self.task, self.stream, self.on_step = task, stream, on_step
         self.task.to(self.device)
+        if (config.compile or config.cuda_graphs) and hasattr(task, "compile"):
+            self.task.compile()
         if config.linear_probe:
             for name, param in model.named_parameters():
                 param.requires_grad_(name.startswith("head."))

@@ -428,6 +428,21 @@ def test_tokenizer_must_fit_the_model(tmp_path):
         run_pretrain(tmp_path, tokenizer=MeanBrightnessTokenizer(input_size=16, patch_size=8))
 
 
+def test_compile_also_compiles_the_tokenizer_encoder(tmp_path):
+    """TrainConfig.compile compiles the DALL-E encoder in place: the same tokens as the eager encoder."""
+    from beitfast.tokenizers import DalleTokenizer
+
+    tokenizer = DalleTokenizer(n_hid=8, n_blk_per_group=1, vocab_size=16, input_size=32)
+    eager = DalleTokenizer(n_hid=8, n_blk_per_group=1, vocab_size=16, input_size=32)
+    eager.load_state_dict(tokenizer.state_dict())
+    pretraining_trainer(tiny_config(), tokenizer, photos(), train_config(tmp_path, compile=True))
+    assert tokenizer.encoder._compiled_call_impl is not None and eager.encoder._compiled_call_impl is None
+    images = torch.rand(3, 3, 32, 32)
+    torch.testing.assert_close(tokenizer.tokenize(images), eager.tokenize(images), rtol=0, atol=0)
+    pretraining_trainer(tiny_config(), eager, photos(), train_config(tmp_path / "plain"))
+    assert eager.encoder._compiled_call_impl is None  # not without compile
+
+
 def test_resume_other_architecture(tmp_path):
     run_pretrain(tmp_path, steps=2, warmup_steps=1, checkpoint_every=2)
     with pytest.raises(ValueError, match="another architecture.*embed_dim: checkpoint 32 vs model 64"):
