@@ -348,6 +348,25 @@ def test_fold_paths_agree():
         torch.testing.assert_close(fold(grad, plan, R).double(), want, atol=1e-5, rtol=1e-6)
 
 
+@pytest.mark.gpu
+def test_gather_and_fold_on_the_gpu_do_not_synchronise():
+    """After the plan is made once, the bias gather and its fold issue no host synchronisation."""
+    grid = (14, 14)
+    rel_index = relative_position_index(grid).cuda()
+    table = torch.randn(num_relative_positions(grid), 12, device="cuda", requires_grad=True)
+    ops.relative_position_bias(table, rel_index)  # plans (and checks the index) once
+    grad = torch.randn(12, attention_op.padded_size(197), attention_op.padded_size(197), device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        bias = attention_op.gather_bias(table, rel_index)
+        (folded,) = torch.autograd.grad(bias, table, grad)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    want = attention_op._fold_scatter(grad.cpu(), attention_op._plan(rel_index.cpu(), table.shape[0]), table.shape[0])
+    torch.testing.assert_close(folded.cpu(), want, atol=1e-4, rtol=1e-5)
+
+
 def test_fold_plan_is_cached_per_index():
     """The permutation is computed once per index tensor; changing the index in place renews it."""
     rel_index = torch.randint(0, 20, (9, 9))

@@ -196,13 +196,13 @@ def relative_position_bias(bias_table: torch.Tensor, rel_index: torch.Tensor) ->
 class _Plan(NamedTuple):
     """What the gather and the fold need of one index, computed once: ``gather`` maps each of the
     ``P * P`` padded positions to its table row (padding to an extra zero row ``R``), ``rows`` each of
-    the ``N * N`` positions; ``order`` lists the padded positions grouped by row, ``lengths`` the
-    group sizes (``[R]``)."""
+    the ``N * N`` positions; ``order`` lists the padded positions grouped by row, ``offsets`` where
+    each row's group starts in it (``[R + 1]``)."""
 
     gather: torch.Tensor
     rows: torch.Tensor
     order: torch.Tensor
-    lengths: torch.Tensor
+    offsets: torch.Tensor
 
 
 # id(index) -> (weak reference, version, num_rows, plan); the model's index is one constant buffer.
@@ -218,8 +218,9 @@ def _plan(rel_index: torch.Tensor, num_rows: int) -> _Plan:
     # The padding's row R sorts last; counting by index_add_ needs no host sync (bincount would).
     order = torch.sort(gather, stable=True).indices[: N * N]
     counts = torch.zeros(num_rows + 1, dtype=torch.long, device=gather.device)
-    plan = _Plan(gather, rel_index.long().reshape(-1), order,
-                 counts.index_add_(0, gather, torch.ones_like(gather))[:num_rows])
+    counts.index_add_(0, gather, torch.ones_like(gather))
+    offsets = F.pad(counts[:num_rows].cumsum(0), (1, 0))
+    plan = _Plan(gather, rel_index.long().reshape(-1), order, offsets)
     key = id(rel_index)
     _PLANS[key] = (weakref.ref(rel_index, lambda _: _PLANS.pop(key, None)), rel_index._version, num_rows, plan)
     return plan
@@ -268,9 +269,10 @@ def _fold_scatter(grad: torch.Tensor, plan: _Plan, num_rows: int) -> torch.Tenso
 
 
 def _fold_sorted(grad: torch.Tensor, plan: _Plan, num_rows: int) -> torch.Tensor:
-    """The padded positions permuted into row order, then one segmented sum per row."""
+    """The padded positions permuted into row order, then one segmented sum per row. By offsets: with
+    lengths, ``segment_reduce`` checks them with two host synchronisations per call."""
     flat = grad.reshape(grad.shape[0], -1)
-    return torch.segment_reduce(flat.t().index_select(0, plan.order), "sum", lengths=plan.lengths, axis=0)
+    return torch.segment_reduce(flat.t().index_select(0, plan.order), "sum", offsets=plan.offsets, axis=0)
 
 
 @fold_bias_grad.register_fake
