@@ -337,3 +337,32 @@ def test_whole_model_compiles_as_one_graph():
     torch.testing.assert_close(loss, want)
     for name, p in model.named_parameters():
         torch.testing.assert_close(grads[name], p.grad, msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fuse_blocks", ["auto", "off"])
+def test_pretraining_forward_and_backward_on_the_gpu_do_not_synchronise(fuse_blocks):
+    """The model's masked-image-modeling forward and backward with the automatic kernels under bf16
+    autocast (patch embedding with the mask, the bias gather, attention, the LM loss and their
+    backward passes) issue no host synchronisation once warm (the trainer's one per step is its own)."""
+    config = small_config(img_size=64, vocab_size=512, kernels="auto", fuse_blocks=fuse_blocks, drop_path_rate=0.1)
+    model = randomise(BEiT(config)).cuda()
+    images = torch.randn(4, 3, 64, 64, device="cuda")
+    masks = random_masks(4, config.grid, 24).cuda()
+    labels = torch.randint(0, 512, (4, config.grid[0] * config.grid[1]), device="cuda")
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss, accuracy = model(images, bool_masked_pos=masks, labels=labels, return_accuracy=True)
+        loss.backward()
+        return loss, accuracy
+
+    step()  # compiles and autotunes (those synchronise), plans the bias fold
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss, accuracy = step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert math.isfinite(loss.item()) and 0 <= accuracy.item() <= 1
