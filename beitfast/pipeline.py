@@ -283,7 +283,8 @@ def reached_lines(in_size: int, start: float, end: float, out_size: int, kind: s
 
 
 def _on(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A small host tensor on ``device``, copied without making the host wait for the GPU."""
+    """A host tensor on ``device``, copied without making the host wait for the GPU (a copy from
+    pageable memory would wait for the stream: the step the input work is meant to overlap)."""
     return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
 
 
@@ -380,8 +381,8 @@ class DeviceTwoView:
         def jpeg(data: torch.Tensor | list[torch.Tensor]):
             return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
 
-        out: list[torch.Tensor | None] = [image.to(self.device, non_blocking=True)
-                                          if isinstance(image, torch.Tensor) else None for image in images]
+        out: list[torch.Tensor | None] = [_on(image, self.device) if isinstance(image, torch.Tensor) else None
+                                          for image in images]
         encoded = [k for k, image in enumerate(images) if not isinstance(image, torch.Tensor)]
         data = [torch.frombuffer(bytearray(images[k]), dtype=torch.uint8) for k in encoded]
         try:
@@ -419,7 +420,7 @@ class DeviceTwoView:
             sums.append(image.sum(dim=(1, 2)))
         areas = torch.tensor([[height * width] for height, width in sizes], dtype=torch.float64)
         areas = _on(areas, self.device)
-        grey = torch.tensor(GREY_WEIGHTS, dtype=torch.float64, device=self.device)
+        grey = _on(torch.tensor(GREY_WEIGHTS, dtype=torch.float64), self.device)
         grey_means = ((torch.stack(sums) / areas) @ grey).to(self.dtype)
         crops = crops.to(self.dtype)
         first_lines = [(r.start, c.start) for r, c in zip(rows, cols)]
@@ -555,7 +556,7 @@ class DevicePretrainSample:
             if image is None:
                 host = DevicePretrainSample(self.transform, self.masking, jpeg_on_device=False)
                 pixels, draws[k] = stream.sample(batch.step, batch.positions[k], host)
-                images[k] = pixels.to(device)
+                images[k] = _on(pixels, device)
         return (*self._views.augment(images, draws), batch.masks.to(device, non_blocking=True))
 
     def __getstate__(self):  # DataLoader workers need no device state

@@ -83,6 +83,25 @@ def test_device_path_matches_the_pil_path_per_image(jpegs, device):
     check_against_pil_path(list(zip(model.cpu(), tokenizer.cpu())), transform, jpegs, seeds)
 
 
+@pytest.mark.gpu
+def test_device_augment_does_not_synchronise(jpegs):
+    """The views of decoded images are made without the host waiting for the GPU, so the trainer's input
+    work for the next step overlaps the current one (copies from the host go through pinned memory)."""
+    transform = TwoViewTransform()
+    views = DeviceTwoView(transform, "cuda")
+    sizes = [Image.open(io.BytesIO(blob)).size for blob in jpegs]
+    draws = [transform.draw(width, height, random.Random(k)) for k, (width, height) in enumerate(sizes)]
+    images = views.decode(jpegs)
+    views.augment(images, draws)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        model, tokenizer = views.augment(images, draws)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert model.is_cuda and torch.isfinite(model).all() and tokenizer.shape[-1] == transform.tokenizer_size
+
+
 @pytest.mark.parametrize("kind,pil_filter", [("bicubic", Image.Resampling.BICUBIC),
                                              ("lanczos", Image.Resampling.LANCZOS)])
 @pytest.mark.parametrize("box,size", [((3, 5, 47, 39), 19), ((0, 0, 61, 47), 61), ((7, 2, 13, 15), 45)])
