@@ -496,6 +496,11 @@ def test_blas_dense_bias_gradient_keeps_the_padding_zero():
     N = q.shape[2]
     assert bias.grad.shape == bias.shape and bias.grad[:, :N, :N].abs().sum() > 0
     assert not bias.grad[:, N:].any() and not bias.grad[:, :, N:].any()
+    # A second derivative through blas is refused clearly (sdpa and eager give one).
+    out = ops.rel_pos_attention(q, k, v, bias=bias, backend="blas")
+    (grad_q,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad_q.sum().backward()
     # The bias alone needs a gradient (frozen q, k, v): the same bias gradient.
     frozen = [t.detach() for t in (q, k, v)]
     (grad,) = torch.autograd.grad(ops.rel_pos_attention(*frozen, bias=bias, backend="blas").square().sum(), bias)

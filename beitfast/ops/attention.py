@@ -400,6 +400,7 @@ class _BlasAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # in-place, out= matmuls: no graph through the backward
     def backward(ctx, grad_out):
         qkv, probs, out = ctx.saved_tensors
         B, N, _, H, D = qkv.shape
