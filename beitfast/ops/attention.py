@@ -379,7 +379,7 @@ class _BlasAttention(torch.autograd.Function):
     matmuls per image with ``dS = P (dP - rowsum(dO o))``. Every matmul reads and writes the packed
     layouts in place, so neither direction copies q, k, v, the output or their gradients; against
     SDPA's math path on the CPU it also skips scaling q and k, the checks for fully masked rows and
-    the separate softmax backward."""
+    the separate softmax backward. First derivatives only: for higher ones, ``backend="sdpa"``."""
 
     @staticmethod
     def forward(ctx, qkv, bias, scale):
