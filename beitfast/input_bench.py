@@ -51,10 +51,6 @@ def write_jpegs(folder: str | os.PathLike, max_side: int = 500, quality: int = 9
     return paths
 
 
-def _one_thread(worker_id: int) -> None:
-    torch.set_num_threads(1)
-
-
 def _per_core_rates(streams: list[BatchStream], batches: int) -> list[float]:
     """Images/s of each stream in this process with one thread: the batch size over the median time of
     a batch, the streams timed batch by batch in turn, so that load from other processes on the machine
@@ -75,24 +71,11 @@ def _per_core_rates(streams: list[BatchStream], batches: int) -> list[float]:
     return [stream.local_batch_size / statistics.median(times) for stream, times in zip(streams, seconds)]
 
 
-def _total_rate(stream: BatchStream, batches: int, workers: int) -> float:
-    """Images/s of ``workers`` DataLoader processes of one thread each."""
-    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
-                                         worker_init_fn=_one_thread, prefetch_factor=2)
-    iterator = iter(loader)
-    for _ in range(workers):  # every worker started and warm
-        next(iterator)
-    started = time.perf_counter()
-    for _ in range(batches * workers):
-        next(iterator)
-    rate = batches * workers * stream.local_batch_size / (time.perf_counter() - started)
-    del iterator
-    return rate
-
-
-def _device_rate(stream: BatchStream, device: torch.device, batches: int, workers: int) -> float:
-    """Images/s of the device path: batches made by ``workers`` DataLoader processes (or this one),
-    finished on ``device`` by ``stream.prepare``."""
+def _rate(stream: BatchStream, device: torch.device, batches: int, workers: int) -> float:
+    """Images/s of ``batches`` batches made by ``workers`` DataLoader processes (one thread each, as
+    DataLoader workers run) or by this process (``workers`` 0) and finished on ``device`` by
+    ``stream.prepare`` (the device path decodes and augments there; the host paths have nothing left
+    to do), this process on one thread."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -130,13 +113,15 @@ def bench_paths(batch_size: int = 32, batches: int = 4, workers: int | None = No
         paths = {"pil": PretrainSample(transform, masking), "fast-cpu": FastPretrainSample(transform, masking)}
         streams = [BatchStream(source, sample, batch_size) for sample in paths.values()]
         for path, stream, per_core in zip(paths, streams, _per_core_rates(streams, batches)):
-            total = _total_rate(stream, batches, workers) if workers > 1 else per_core
+            total = per_core
+            if workers > 1:
+                total = _rate(stream, torch.device("cpu"), batches * workers, workers)
             rows.append({"path": path, "images_per_s": total, "images_per_s_per_core": per_core,
                          "workers": workers})
         if device_path if device_path is not None else device.type == "cuda":
             stream = pretrain_stream(source, transform, masking, batch_size, on_device=True)
-            per_core = _device_rate(stream, device, batches, 0)
-            total = _device_rate(stream, device, batches, workers) if workers > 1 else per_core
+            per_core = _rate(stream, device, batches, 0)
+            total = _rate(stream, device, batches, workers) if workers > 1 else per_core
             rows.append({"path": f"device-{device.type}", "images_per_s": total, "images_per_s_per_core": per_core,
                          "workers": workers})
     reference = rows[0]["images_per_s_per_core"]
