@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ._files import remove_stale_temporaries
+from .pipeline import INPUT_PATHS
 from .train import NonFiniteLossError, resolve_device
 
 # Per-device defaults of the options left unset; printed by --help.
@@ -468,7 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--tokenizer-iters", type=int, default=100, help="mini-batch k-means iterations (default: 100)")
     data.add_argument("--mask-ratio", type=float, default=0.4,
                       help="fraction of patches masked, blockwise (default: 0.4, i.e. 75 of 196)")
-    data.add_argument("--input-path", default="auto", choices=("auto", "cpu", "device"),
+    data.add_argument("--input-path", default="auto", choices=INPUT_PATHS,
                       help="where the two views are made: 'cpu' (decoded and augmented in the --workers "
                            "processes), 'device' (the workers read the JPEGs and draw the augmentation; "
                            "decode (nvJPEG) and views on the training device); 'auto': device on CUDA, else "

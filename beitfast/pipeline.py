@@ -64,8 +64,8 @@ from .data import (IMAGENET_MEAN, IMAGENET_STD, JITTER_OPERATIONS, DecodeError, 
                    batch_masks, decode_rgb)
 
 __all__ = ["GREY_WEIGHTS", "jitter_stages", "apply_jitter", "FastTwoView", "FastPretrainSample",
-           "resampling_weights", "resampling_matrix", "resample_crops", "resample", "DeviceTwoView", "INPUT_PATHS", "resolve_input_path", "decode_jpeg_available",
-           "EncodedBatch", "DevicePretrainSample"]
+           "resampling_weights", "resampling_matrix", "resample_crops", "resample", "DeviceTwoView",
+           "INPUT_PATHS", "resolve_input_path", "decode_jpeg_available", "EncodedBatch", "DevicePretrainSample"]
 
 # ITU-R 601-2 luma: PIL's convert("L"), the grey of ImageEnhance.Color and Contrast.
 GREY_WEIGHTS = (0.299, 0.587, 0.114)
@@ -77,8 +77,9 @@ _MEAN_SUBSAMPLE = 16
 
 def jitter_stages(jitters: Sequence[Sequence[tuple[int, float]]]) -> tuple[torch.Tensor, ...]:
     """Each sample's jitter (``TwoViewTransform.draw``'s first part) as stages for ``apply_jitter``:
-    colour matrices ``[stages, B, 3, 3]``; the contrast stages' ``1 - factor`` ``[stages, B]`` (0 elsewhere) and the product of the brightness factors drawn before them, which
-    scale the image's grey mean. A sample with fewer operations gets identity stages."""
+    colour matrices ``[stages, B, 3, 3]``; the contrast stages' ``1 - factor`` ``[stages, B]`` (0
+    elsewhere) and the product of the brightness factors drawn before them, which scale the image's
+    grey mean. A sample with fewer operations gets identity stages."""
     batch = len(jitters)
     stages = max((len(j) for j in jitters), default=0)
     # Built as Python lists on the host, one tensor each at the end: per-element tensor updates would
@@ -557,7 +558,7 @@ class DevicePretrainSample:
                 host = DevicePretrainSample(self.transform, self.masking, jpeg_on_device=False)
                 pixels, draws[k] = stream.sample(batch.step, batch.positions[k], host)
                 images[k] = _on(pixels, device)
-        return (*self._views.augment(images, draws), batch.masks.to(device, non_blocking=True))
+        return (*self._views.augment(images, draws), _on(batch.masks, device))
 
     def __getstate__(self):  # DataLoader workers need no device state
         return {**self.__dict__, "_views": None}
