@@ -10,8 +10,8 @@ Each table lives between two marker lines of README.md and is only ever generate
 One table per GPU and model size: images/s (median of the trials, and the slowest and fastest
 trial), step time, peak memory of the variant's process, model FLOP utilisation and the loss check,
 with the date and commit of the measurement; under it, when both were measured, the end-to-end rate
-with real JPEGs (``beitfast-jpeg``) as a share of the synthetic-input rate (``beitfast``). One op table per op and GPU: the fields that tell the
-rows apart, milliseconds and peak memory. Smoke rows (``--smoke``, CPU) are never tabled.
+with real JPEGs (``beitfast-jpeg``) as a share of the synthetic-input rate (``beitfast``). One op
+table per op and GPU: the fields that tell the rows apart, milliseconds and peak memory. Smoke rows (``--smoke``, CPU) are never tabled.
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ or compiled code, and its peak memory is its own):
   (half the CPU cores, at most 8), decoded and augmented by the device input path (the trainer's
   default on CUDA: nvJPEG and ``DeviceTwoView``), masks from the stream; the tokenizer is excluded, as
   in every variant (random labels), so the gap to ``beitfast`` is the input path's (goal: within 10%);
-  its row carries ``beitfast``'s images/s when both ran in one session; ``beitfast-unfused``: the same without the block compilation (what that fusion gains);
+  its row carries ``beitfast``'s images/s when both ran in one session; ``beitfast-unfused``: the same
+  without the block compilation (what that fusion gains);
   ``beitfast-eager``: eager backends, no fusion; ``beitfast-compiled``: the whole model through
   ``torch.compile``; ``beitfast-fp8``: the fast step with torchao float8 linear layers (Hopper), its
   loss curve compared with ``beitfast``'s (bf16) on the same inputs; ``beitfast-checkpointed``: the
@@ -23,8 +24,8 @@ or compiled code, and its peak memory is its own):
 
 Every variant: ``cudnn.benchmark`` on; images, masks, labels and the gathered labels or indices a
 baseline needs are made before the timed region (``beitfast-jpeg``: its images and masks come from the
-input path inside it, the ``data`` region of a profile), and no variant indexes with a boolean mask inside
-it (Hugging Face's logits are gathered with precomputed row indices, sparing its loss's host sync);
+input path inside it, the ``data`` region of a profile), and no variant indexes with a boolean mask
+inside it (Hugging Face's logits are gathered with precomputed row indices, sparing its loss's host sync);
 3 warm-up steps (compilation), then 5 trials
 of 30 steps timed with CUDA events (:func:`beitfast.calibrate.time_trials`): median and spread; the
 first loss must be within 0.5 of ln(vocab) (random labels, small initial logits) and every loss
@@ -70,9 +71,9 @@ PEAK_BF16 = {
 }
 WARMUP_STEPS, TRIALS, STEPS_PER_TRIAL = 3, 5, 30
 LOSS_TOLERANCE = 0.5  # |first loss - ln(vocab)|
-VARIANTS = ["beitfast", "beitfast-jpeg", "beitfast-unfused", "beitfast-eager", "beitfast-compiled", "beitfast-fp8",
-            "beitfast-checkpointed", "beitfast-cudagraphs", "hf-sdpa", "hf-sdpa-compiled", "hf-eager", "timm",
-            "timm-compiled"]
+VARIANTS = ["beitfast", "beitfast-jpeg", "beitfast-unfused", "beitfast-eager", "beitfast-compiled",
+            "beitfast-fp8", "beitfast-checkpointed", "beitfast-cudagraphs", "hf-sdpa", "hf-sdpa-compiled",
+            "hf-eager", "timm", "timm-compiled"]
 SIZES = ["base", "large"]
 BATCHES = [64, 128, 256]
 SMOKE_BATCH = 4
