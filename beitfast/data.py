@@ -183,7 +183,7 @@ class TwoViewTransform:
         self.scale, self.ratio, self.jitter, self.flip = tuple(scale), tuple(ratio), jitter, flip
 
     def _augment(self, image: Image.Image, rng: random.Random) -> tuple[Image.Image, tuple[int, int, int, int]]:
-        image = color_jitter(image.convert("RGB"), self.jitter, rng)
+        image = color_jitter(decode_rgb(image), self.jitter, rng)
         return flip_and_crop_box(image, rng, self.flip, self.scale, self.ratio)
 
     def _tokenizer_view(self, image: Image.Image, box: tuple[int, int, int, int]) -> torch.Tensor:
@@ -214,7 +214,7 @@ class ClassifyTransform:
         self.size, self.scale, self.ratio, self.flip = size, tuple(scale), tuple(ratio), flip
 
     def __call__(self, image: Image.Image, rng: random.Random) -> torch.Tensor:
-        image, box = flip_and_crop_box(image.convert("RGB"), rng, self.flip, self.scale, self.ratio)
+        image, box = flip_and_crop_box(decode_rgb(image), rng, self.flip, self.scale, self.ratio)
         return normalize(to_tensor(image.resize((self.size,) * 2, Image.Resampling.BICUBIC, box=box)))
 
 
@@ -227,7 +227,7 @@ class EvalTransform:
         self.size, self.crop_pct = size, crop_pct
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        image = image.convert("RGB")
+        image = decode_rgb(image)
         short = int(round(self.size / self.crop_pct))
         w, h = image.size
         scale = short / min(w, h)
@@ -265,9 +265,18 @@ class ImageSource(Protocol):
     def reject(self, index: int, error: Exception) -> None: ...
 
 
+# How PIL opens 16-bit grey images (PNG, TIFF; "I" in older Pillow): 0-65535, which its convert("RGB")
+# clips at 255 (white). 16-bit colour PNGs PIL reads as 8-bit RGB itself (the high byte).
+_SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
+
+
 def decode_rgb(image: Image.Image) -> Image.Image:
-    """The pixels of an opened image, as RGB (decodes now; PIL decodes lazily)."""
+    """The pixels of an opened image, as RGB (decodes now; PIL decodes lazily). 16-bit grey is scaled
+    from 0-65535 to 0-255 (rounded; values of an "I" image outside that range are clipped)."""
     image.load()
+    if image.mode in _SIXTEEN_BIT_MODES:
+        wide = np.asarray(image).astype(np.int64).clip(0, 65535)
+        image = Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8))
     return image if image.mode == "RGB" else image.convert("RGB")
 
 

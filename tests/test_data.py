@@ -1,11 +1,16 @@
 """Data: the two-view augmentation, image folders (bad files skipped), the embedded photographs and the
 step-addressed batch streams."""
 
+import io
 import random
+import struct
+import zlib
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from beitfast.data import (IMAGENET_MEAN, IMAGENET_STD, ClassifyTransform, EvalTransform, ImageFolder, ImageList,
@@ -198,3 +203,70 @@ def test_image_list_errors():
         ImageList([random_photo(0), random_photo(1)], labels=[0])
     with pytest.raises(ValueError, match="no labels"):
         classify_stream(ImageList([random_photo(0)]), ClassifyTransform(8), 1)
+
+
+# -- 16-bit images ---------------------------------------------------------------------------------
+
+SIXTEEN_BIT = settings(derandomize=True, database=None, deadline=None, max_examples=20)
+
+
+def sixteen_bit_image(mode: str, seed: int, size=(19, 13)) -> tuple[Image.Image, np.ndarray]:
+    """A 16-bit grey image in PIL ``mode`` (values over the whole 0-65535 range) and its expected
+    8-bit RGB pixels (value * 255 / 65535, rounded)."""
+    wide = np.random.default_rng(seed).integers(0, 65536, (size[1], size[0]))
+    wide[0, :3] = 0, 65535, 257 * 128
+    dtype = {"I;16": np.uint16, "I;16B": ">u2", "I": np.int32}[mode]
+    image = Image.fromarray(wide.astype(dtype))
+    assert image.mode == mode
+    expected = np.round(wide * 255 / 65535).astype(np.uint8)
+    return image, np.repeat(expected[..., None], 3, axis=2)
+
+
+def png_16bit_rgb(wide: np.ndarray) -> bytes:
+    """A 16-bit colour PNG (PIL cannot write one)."""
+    height, width, _ = wide.shape
+    rows = b"".join(b"\0" + row.astype(">u2").tobytes() for row in wide)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+@SIXTEEN_BIT
+@given(mode=st.sampled_from(["I;16", "I;16B", "I"]), seed=st.integers(0, 2**32 - 1))
+def test_16bit_grey_is_scaled_not_clipped_by_every_transform(mode, seed):
+    image, expected = sixteen_bit_image(mode, seed)
+    eight_bit = Image.fromarray(expected)
+    for transform in (TwoViewTransform(16, 8), ClassifyTransform(12)):
+        for ours, theirs in zip(transform(image, random.Random(seed)), transform(eight_bit, random.Random(seed))):
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    torch.testing.assert_close(EvalTransform(12)(image), EvalTransform(12)(eight_bit), rtol=0, atol=0)
+
+
+@SIXTEEN_BIT
+@given(seed=st.integers(0, 2**32 - 1))
+def test_16bit_png_files_decode_to_their_8bit_values(tmp_path_factory, seed):
+    from beitfast.pipeline import DevicePretrainSample, FastTwoView
+
+    root = tmp_path_factory.mktemp("png16")
+    image, expected = sixteen_bit_image("I;16", seed)
+    image.save(root / "grey.png")
+    wide = np.random.default_rng(seed).integers(0, 65536, (7, 11, 3))
+    (root / "colour.png").write_bytes(png_16bit_rgb(wide))
+    folder = ImageFolder(root)
+    assert Image.open(root / "grey.png").mode == "I;16"
+    np.testing.assert_array_equal(np.asarray(folder.load(folder.paths.index(root / "grey.png"))), expected)
+    colour = np.asarray(folder.load(folder.paths.index(root / "colour.png"))).astype(int)
+    assert np.abs(colour - wide * 255 / 65535).max() <= 1  # PIL keeps the high byte of 16-bit colour
+    # the fast input paths decode the same pixels
+    transform = TwoViewTransform(16, 16, scale=(1, 1), ratio=(1, 1), jitter=0, flip=False)
+    eight_bit = Image.fromarray(expected)
+    fast = FastTwoView(transform)
+    for ours, theirs in zip(fast.view(Image.open(root / "grey.png"), random.Random(0)),
+                            fast.view(eight_bit, random.Random(0))):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    pixels, _ = DevicePretrainSample(transform, masking_for((2, 2)))(
+        (root / "grey.png").read_bytes(), None, random.Random(0), 0)
+    np.testing.assert_array_equal(pixels.permute(1, 2, 0).numpy(), expected)
