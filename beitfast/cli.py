@@ -104,10 +104,19 @@ def _check_device(args) -> None:
             raise CommandError(f"{flag} needs a CUDA device, this run is on {device}")
 
 
-def _check_run_paths(args, output: Path) -> None:
-    """What a run writes and reads, checked before any data or model work."""
-    from .train import ensure_writable
+def _check_run_paths(args, output: Path, replaced: tuple[str, ...] = ()) -> None:
+    """What a run writes and reads, checked before any data or model work: a fresh run (``--resume
+    none``) does not replace the files of an earlier run (``replaced`` names more of them) unless
+    ``--overwrite`` says so."""
+    from .train import CHECKPOINT_NAME, METRICS_NAME, PREVIOUS_CHECKPOINT_NAME, ensure_writable
 
+    if args.resume == "none" and not args.overwrite:
+        names = (CHECKPOINT_NAME, PREVIOUS_CHECKPOINT_NAME, METRICS_NAME, *replaced)
+        found = [name for name in names if (output / name).exists()]
+        if found:
+            raise CommandError(f"--output {str(output)!r} holds the run {', '.join(found)}, which --resume none "
+                               f"would replace: give --overwrite to replace them, --resume auto to continue that "
+                               f"run, or another --output")
     if _main_process():
         ensure_writable(output)
     if args.resume not in ("auto", "none"):
@@ -187,6 +196,10 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from .train import CHECKPOINT_NAME, METRICS_NAME, PLOT_NAME, pretraining_trainer
 
     if args.demo:
+        if args.output is None and args.resume is None and (Path(DEMO_OUTPUT) / CHECKPOINT_NAME).exists():
+            # The demo's own folder holds an earlier demo run, made again in minutes: it is replaced.
+            _log(f"replacing the earlier demo run in {DEMO_OUTPUT}/")
+            args.overwrite = True
         args.output = args.output or DEMO_OUTPUT
         args.resume = args.resume or "none"
         args.device = "cpu" if args.device == "auto" else args.device
@@ -230,7 +243,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         )
     masking_for(config.grid, args.mask_ratio)  # checks --mask-ratio now
     train_config = _train_config(args, str(output), input_path=args.input_path)
-    _check_run_paths(args, output)
+    _check_run_paths(args, output, (TOKENIZER_NAME,) if args.tokenizer == "kmeans" else ())
     source = _image_source(args.data)
     if tokenizer is None:
         tokenizer = _fit_kmeans(source, args, _log)
@@ -397,6 +410,9 @@ def _add_training_options(parser: argparse.ArgumentParser, gpu: dict, cpu: dict)
     group.add_argument("--clip-grad", type=float, default=3.0, help="gradient norm clip, 0 disables (default: 3.0)")
     group.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth rate (default: 0.1)")
     run = parser.add_argument_group("run")
+    run.add_argument("--overwrite", action="store_true",
+                     help="with --resume none, replace the checkpoints and metrics of an earlier run in --output "
+                          "(refused without it)")
     run.add_argument("--checkpoint-every", type=int, default=500,
                      help="write the resumable checkpoint every N steps, and at the end (default: 500)")
     run.add_argument("--resume", help="'auto': continue from OUTPUT/checkpoint.pt if present; a checkpoint path; "

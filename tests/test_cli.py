@@ -318,3 +318,38 @@ def test_input_path_option_reaches_the_trainer(tmp_path, capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["pretrain", "--input-path", "gpu"])
     assert "--input-path: invalid choice: 'gpu'" in capsys.readouterr().err
+
+
+# -- nothing lost, nothing silent (issue 24) -------------------------------------------------------
+
+
+def test_a_fresh_run_does_not_replace_an_earlier_one(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["pretrain", "--steps", "1", "--output", str(out), *TINY, *TINY_TOKENIZER]) == 0
+    (out / "checkpoint-previous.pt").write_bytes((out / "checkpoint.pt").read_bytes())
+    before = {name: (out / name).read_bytes() for name in ("checkpoint.pt", "checkpoint-previous.pt",
+                                                           "metrics.jsonl", "tokenizer.safetensors")}
+    capsys.readouterr()
+    assert main(["pretrain", "--resume", "none", "--steps", "2", "--output", str(out), *TINY, *TINY_TOKENIZER]) == 2
+    captured = capsys.readouterr()
+    one_line_error_text(captured.err, "--overwrite", "checkpoint.pt", "checkpoint-previous.pt", "metrics.jsonl")
+    assert "k-means" not in captured.out  # refused before any work
+    assert all((out / name).read_bytes() == data for name, data in before.items())
+    data = labelled_folder(tmp_path / "labelled")
+    finetune = ["finetune", "--pretrained", str(out / "checkpoint.pt"), "--data", str(data), "--steps", "1",
+                "--batch-size", "2", "--device", "cpu", "--threads", "1", "--no-progress", "--resume", "none"]
+    assert main([*finetune, "--output", str(out)]) == 2
+    one_line_error(capsys, "--overwrite", "checkpoint.pt")
+    assert all((out / name).read_bytes() == data for name, data in before.items())
+    # --overwrite says so; a folder without a run needs nothing.
+    assert main(["pretrain", "--resume", "none", "--overwrite", "--steps", "2", "--output", str(out), *TINY,
+                 *TINY_TOKENIZER]) == 0
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
+    (tmp_path / "empty").mkdir()
+    assert main([*finetune, "--output", str(tmp_path / "empty")]) == 0
+
+
+def one_line_error_text(err, *phrases):
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    for phrase in phrases:
+        assert phrase in err, err

@@ -134,3 +134,36 @@ def test_two_gloo_ranks_see_every_sample_once_per_epoch(tmp_path):
     assert not torch.equal(order[:count], order[count:])  # each epoch its own shuffle
     for rank in range(world_size):  # and each rank really got a different part
         assert not torch.equal(seen[rank], seen[1 - rank])
+
+
+def test_a_failed_pack_leaves_no_shard_set(tmp_path, monkeypatch):
+    write_identified_images(tmp_path / "images", count=5)
+    calls = []
+    add = tarfile.TarFile.add
+
+    def fail_on_the_fourth(self, *args, **kwargs):  # in the second shard: the first is complete
+        calls.append(1)
+        if len(calls) == 4:
+            raise OSError(28, "No space left on device")
+        return add(self, *args, **kwargs)
+
+    monkeypatch.setattr(tarfile.TarFile, "add", fail_on_the_fourth)
+    with pytest.raises(OSError, match="No space left"):
+        pack_shards(tmp_path / "images", tmp_path / "shards", images_per_shard=3)
+    monkeypatch.undo()
+    assert not (tmp_path / "shards").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["images"]
+    # The same command again writes the whole set; a second pack into it is refused, not mixed in.
+    assert len(pack_shards(tmp_path / "images", tmp_path / "shards", images_per_shard=3)) == 2
+    assert len(ShardedImages(tmp_path / "shards")) == 5
+    with pytest.raises(FileExistsError, match="new or empty folder"):
+        pack_shards(tmp_path / "images", tmp_path / "shards", images_per_shard=2)
+
+
+@pytest.mark.parametrize("cut", [0.01, 0.3, 0.5, 0.99])
+def test_a_truncated_shard_is_named(tmp_path, cut):
+    write_identified_images(tmp_path / "images", count=5)
+    shards = pack_shards(tmp_path / "images", tmp_path / "shards", images_per_shard=3)
+    data = shards[1].read_bytes()
+    shards[1].write_bytes(data[:int(len(data.rstrip(b"\0")) * cut)])  # a cut into the contents
+    with pytest.raises(ValueError, match=rf"shard '.*{shards[1].name}' is truncated or damaged"):
+        ShardedImages(tmp_path / "shards")
