@@ -28,8 +28,8 @@ from .masking import MaskingGenerator
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS", "derive_seed", "TwoViewTransform",
-    "ClassifyTransform", "EvalTransform", "ImageFolder", "ImageList", "embedded_photos", "BatchStream",
-    "pretrain_stream", "classify_stream", "masking_for", "eval_batches", "tokenizer_views",
+    "ClassifyTransform", "EvalTransform", "ImageFolder", "find_images", "ImageList", "embedded_photos",
+    "BatchStream", "pretrain_stream", "classify_stream", "masking_for", "eval_batches", "tokenizer_views",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -362,11 +362,46 @@ class ImageList:
         raise RuntimeError(f"ImageList: image {index} is in memory, yet failed to decode") from error
 
 
-class ImageFolder(ImageFiles):
-    """Every image under ``root`` (recursive, extensions in ``IMAGE_EXTENSIONS``, sorted paths).
+def find_images(root: str | os.PathLike, extensions=IMAGE_EXTENSIONS
+                ) -> tuple[list[Path], dict[str, list[Path]]]:
+    """Every file under ``root`` (recursive, following links to folders) whose suffix is in
+    ``extensions``, sorted, and what was passed over, by reason: ``"suffix"`` (other files),
+    ``"unreadable"`` (a broken link, or no permission to read it or its folder), ``"loop"`` (a link to a
+    folder already walked, such as an ancestor: followed, it would never end or list images twice)."""
+    suffixes = {e.lower() for e in extensions}
+    paths: list[Path] = []
+    ignored: dict[str, list[Path]] = {"suffix": [], "unreadable": [], "loop": []}
+    walked = {Path(root).resolve()}
 
-    With ``labelled=True`` the first-level sub-folders are the classes (ImageNet layout). Files that
-    fail to decode are skipped: ``load`` returns None, ``skipped`` counts them and a warning names them.
+    def unreadable_folder(error: OSError) -> None:
+        ignored["unreadable"].append(Path(error.filename))
+
+    for folder, folders, files in os.walk(root, onerror=unreadable_folder, followlinks=True):
+        for name in sorted(folders):
+            real = Path(folder, name).resolve()
+            if real in walked:
+                folders.remove(name)
+                ignored["loop"].append(Path(folder, name))
+            walked.add(real)
+        for name in files:
+            path = Path(folder, name)
+            if path.suffix.lower() not in suffixes:
+                ignored["suffix"].append(path)
+            elif not (path.is_file() and os.access(path, os.R_OK)):
+                ignored["unreadable"].append(path)
+            else:
+                paths.append(path)
+    return sorted(paths), ignored
+
+
+class ImageFolder(ImageFiles):
+    """Every image under ``root`` (``find_images``: recursive, following links to folders, extensions in
+    ``IMAGE_EXTENSIONS``, sorted paths); ``ignored`` lists what was passed over, by reason, and
+    ``found`` says both in a line.
+
+    With ``labelled=True`` the first-level sub-folders are the classes (ImageNet layout); images beside
+    them are ignored (reason ``"outside a class folder"``). Files that fail to decode are skipped:
+    ``load`` returns None, ``skipped`` counts them and a warning names them.
     """
 
     def __init__(self, root: str | os.PathLike, labelled: bool = False, extensions=IMAGE_EXTENSIONS):
@@ -374,21 +409,35 @@ class ImageFolder(ImageFiles):
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"ImageFolder: data folder {str(self.root)!r} does not exist or is not a folder")
-        suffixes = {e.lower() for e in extensions}
-        self.paths = sorted(p for p in self.root.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
+        self.paths, self.ignored = find_images(self.root, extensions)
         if not self.paths:
             raise ValueError(
-                f"ImageFolder: no images under {str(self.root)!r} (looked for {', '.join(sorted(suffixes))})"
+                f"ImageFolder: no images under {str(self.root)!r} (looked for "
+                f"{', '.join(sorted({e.lower() for e in extensions}))}; {self._ignored_line()})"
             )
         self.labels = None
         self.classes: list[str] = []
         if labelled:
+            self.ignored["outside a class folder"] = [p for p in self.paths if p.parent == self.root]
             self.paths = [p for p in self.paths if p.parent != self.root]
             self.classes = sorted({p.relative_to(self.root).parts[0] for p in self.paths})
             if not self.classes:
                 raise ValueError(f"ImageFolder: labelled data needs class sub-folders under {str(self.root)!r}")
             index = {name: i for i, name in enumerate(self.classes)}
             self.labels = [index[p.relative_to(self.root).parts[0]] for p in self.paths]
+
+    def _ignored_line(self) -> str:
+        counts = [(len(paths), reason) for reason, paths in self.ignored.items() if paths]
+        if not counts:
+            return "skipped none"
+        reasons = {"suffix": "not an image suffix", "loop": "link to a folder already walked"}
+        return f"skipped {sum(n for n, _ in counts)}: " + ", ".join(f"{n} {reasons.get(r, r)}"
+                                                                    for n, r in counts)
+
+    @property
+    def found(self) -> str:
+        """``"found N images under ROOT; skipped M: ..."``, for a command's header."""
+        return f"found {len(self.paths)} images under {str(self.root)!r}; {self._ignored_line()}"
 
     def __len__(self) -> int:
         return len(self.paths)

@@ -270,3 +270,58 @@ def test_16bit_png_files_decode_to_their_8bit_values(tmp_path_factory, seed):
     pixels, _ = DevicePretrainSample(transform, masking_for((2, 2)))(
         (root / "grey.png").read_bytes(), None, random.Random(0), 0)
     np.testing.assert_array_equal(pixels.permute(1, 2, 0).numpy(), expected)
+
+
+# -- folder discovery ------------------------------------------------------------------------------
+
+def linked_tree(root):
+    """Class folders ``cats`` (its images in a folder elsewhere, linked) and ``dogs`` (a linked
+    sub-folder, a link back to ``root``: a loop), a broken image link and a text file: 6 images."""
+    elsewhere = root.parent / f"{root.name}-elsewhere"
+    for folder in (root / "dogs" / "own", elsewhere / "cat-photos", elsewhere / "more-dogs"):
+        folder.mkdir(parents=True)
+    for i, folder in enumerate(["dogs/own", "dogs/own"]):
+        random_photo(i).save(root / folder / f"{i}.png")
+    for i in range(3):
+        random_photo(10 + i).save(elsewhere / "cat-photos" / f"{i}.jpg")
+    random_photo(20).save(elsewhere / "more-dogs" / "0.png")
+    (root / "cats").symlink_to(elsewhere / "cat-photos", target_is_directory=True)
+    (root / "dogs" / "more").symlink_to(elsewhere / "more-dogs", target_is_directory=True)
+    (root / "dogs" / "own" / "up").symlink_to(root, target_is_directory=True)  # a loop
+    (root / "dogs" / "gone.jpg").symlink_to(elsewhere / "missing.jpg")
+    (root / "dogs" / "notes.txt").write_text("not an image")
+    return root
+
+
+def test_folder_follows_linked_folders_and_counts_what_it_skips(tmp_path):
+    folder = ImageFolder(linked_tree(tmp_path / "data"), labelled=True)
+    names = [p.relative_to(folder.root).as_posix() for p in folder.paths]
+    assert names == ["cats/0.jpg", "cats/1.jpg", "cats/2.jpg", "dogs/more/0.png", "dogs/own/0.png", "dogs/own/1.png"]
+    assert folder.classes == ["cats", "dogs"] and folder.labels == [0, 0, 0, 1, 1, 1]
+    assert {reason: [p.name for p in paths] for reason, paths in folder.ignored.items() if paths} == {
+        "suffix": ["notes.txt"], "unreadable": ["gone.jpg"], "loop": ["up"]}
+    assert folder.found == (f"found 6 images under {str(folder.root)!r}; skipped 3: 1 not an image suffix, "
+                            "1 unreadable, 1 link to a folder already walked")
+    assert all(folder.load(i) is not None for i in range(len(folder)))
+
+
+def test_every_command_header_says_what_it_found_and_skipped(tmp_path, capsys):
+    from beitfast.cli import main
+
+    data = linked_tree(tmp_path / "data")
+    header = f"data: found 6 images under {str(data)!r}; skipped 3: "
+    tiny = ["--model", "tiny", "--depth", "1", "--batch-size", "2", "--device", "cpu", "--threads", "1",
+            "--no-progress", "--img-size", "16", "--patch-size", "4"]
+    tokenizer = ["--tokenizer-size", "16", "--tokenizer-patch-size", "4", "--vocab-size", "8",
+                 "--tokenizer-images", "8", "--tokenizer-iters", "2"]
+    commands = [
+        ["tokenizer", "train", "--data", str(data), "--output", str(tmp_path / "tok.safetensors"), *tokenizer],
+        ["data", "pack", str(data), str(tmp_path / "shards")],
+        ["pretrain", "--data", str(data), "--steps", "1", "--output", str(tmp_path / "run"), *tiny, *tokenizer],
+        ["finetune", "--pretrained", str(tmp_path / "run" / "checkpoint.pt"), "--data", str(data), "--steps", "1",
+         "--output", str(tmp_path / "tuned"), *tiny[4:-4]],
+    ]
+    for command in commands:
+        assert main(command) == 0, command
+        out = capsys.readouterr().out
+        assert header in out, (command, out)
