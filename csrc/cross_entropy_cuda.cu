@@ -311,7 +311,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lm_cross_
     // `logits` now holds dlogits. The weight gradient reads the gathered rows before the hidden
     // gradient overwrites them.
     accumulate_weight_grad(grad_weight, logits, chunk_rows);
-    if (bias_grad) grad_bias.add_(at::sum(logits, {0}, false, at::kFloat));
+    if (bias_grad) grad_bias.add_(at::sum(logits, at::IntArrayRef{0}, false, at::kFloat));
     at::mm_out(chunk_rows, logits, weight_c);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, compute_dtype, "scatter_rows", [&] {
       using in_t = scalar_t;

@@ -218,12 +218,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> patch_embed_bwd_cuda(
   }
   const at::Tensor d_weight =
       at::mm(kept.t(), gather_patches(images, weight, patch_size, mask)).view(weight.sizes());
-  const at::Tensor d_bias = at::sum(kept, {0}, false, at::kFloat);
+  const at::Tensor d_bias = at::sum(kept, at::IntArrayRef{0}, false, at::kFloat);
   at::Tensor d_token = at::empty({0}, weight.options().dtype(at::kFloat));
   if (mask.has_value()) {
     // Every patch row's gradient goes either to the bias (kept) or to the mask token (masked).
     const at::Tensor patch_grad = grad.view({images.size(0), g.patches + has_cls, dim}).narrow(1, has_cls, g.patches);
-    d_token = at::sum(patch_grad, {0, 1}, false, at::kFloat).sub(d_bias);
+    d_token = at::sum(patch_grad, at::IntArrayRef{0, 1}, false, at::kFloat).sub(d_bias);
   }
   at::Tensor d_images = at::empty({0}, images.options());
   if (need_images) {

@@ -77,13 +77,27 @@ def test_missing_reports_unknown_ops_and_devices():
 def test_editable_install_keeps_the_checkout_off_sys_path():
     if Path(beitfast.__file__).resolve().parent != ROOT / "beitfast":
         pytest.skip("beitfast is not installed from this checkout")
+    # Another package may own a top-level `kernels` (Hugging Face's, which transformers needs): what
+    # matters is that no top-level module resolves into this checkout.
     out = run_python("""
-        import importlib.util, beitfast.kernels
-        print(importlib.util.find_spec("kernels") is None, beitfast.kernels.__file__)
+        import importlib.util, json, beitfast.kernels
+        spec = importlib.util.find_spec("kernels")
+        print(json.dumps([spec and spec.origin, beitfast.kernels.__file__]))
     """, cwd="/")
-    top_level_hidden, kernels_file = out.split()
-    assert top_level_hidden == "True", "the repository root is on sys.path: `import kernels` would work"
+    top_level_origin, kernels_file = json.loads(out.splitlines()[-1])
+    if top_level_origin is not None:
+        assert not Path(top_level_origin).resolve().is_relative_to(ROOT), (
+            f"the repository root is on sys.path: `import kernels` finds {top_level_origin}")
     assert Path(kernels_file).resolve() == ROOT / "kernels" / "__init__.py"
+
+
+def test_top_level_kernels_check_catches_the_checkout_on_sys_path():
+    # The check above must be able to fail: with the root on sys.path, `kernels` is this checkout's.
+    out = run_python("""
+        import importlib.util
+        print(importlib.util.find_spec("kernels").origin)
+    """, env={"PYTHONPATH": str(ROOT)}, cwd="/")
+    assert Path(out.strip()).resolve().is_relative_to(ROOT)
 
 
 # --- the package without the extension ------------------------------------------------------------

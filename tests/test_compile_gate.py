@@ -59,6 +59,18 @@ def test_the_gate_fails_on_a_float_global_a_spill_and_an_fma_dot():
     assert len(fails) == 3, output
 
 
+def test_a_library_without_device_code_has_no_cuda_rows():
+    # A CPU-only build of the extension (BEITFAST_BUILD_CUDA=0, or no nvcc) gives an empty CUDA table.
+    sys.path.insert(0, str(GATE.parent))
+    try:
+        import compile_gate
+    finally:
+        sys.path.remove(str(GATE.parent))
+    host_only = next(p for p in map(Path, ["/lib/x86_64-linux-gnu/libm.so.6", "/usr/lib64/libm.so.6",
+                                           sys.executable]) if p.exists())
+    assert compile_gate.cuda_rows(str(host_only)) == []
+
+
 def test_report_prints_a_table_of_the_written_reports(tmp_path):
     result = _gate("--arch", "90", "--scenarios", str(SAMPLES), "--out", str(tmp_path), "--jobs", "2")
     assert list(tmp_path.glob("compile_*_sm90.json")), result.stdout + result.stderr

@@ -23,7 +23,6 @@ fastest first, the others after in the built-in order. ``set_preference`` calls 
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import json
 import os
@@ -56,10 +55,23 @@ class Backend:
     available: Callable[[], str | None]
 
     def reasons(self, inputs: dict[str, Any]) -> Reasons:
-        missing = self.available()
+        missing = _missing(self.op, self.name)
         if missing:
             return [missing]
         return list(self.check(**inputs))
+
+
+# Why each backend is missing from this install (None: present), asked once per process: the install
+# does not change while it runs. The compiler takes the answer as a constant rather than tracing the
+# import machinery (and torch 2.11 cannot inline a cached callable held by the frozen dataclass).
+_MISSING: dict[tuple[str, str], str | None] = {}
+
+
+@torch.compiler.assume_constant_result
+def _missing(op: str, name: str) -> str | None:
+    if (op, name) not in _MISSING:
+        _MISSING[op, name] = _REGISTRY[op][name].available()
+    return _MISSING[op, name]
 
 
 _REGISTRY: dict[str, dict[str, Backend]] = {}
@@ -119,7 +131,8 @@ def register(
     """
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
-        _REGISTRY.setdefault(op, {})[name] = Backend(op, name, fn, check, functools.cache(available))
+        _REGISTRY.setdefault(op, {})[name] = Backend(op, name, fn, check, available)
+        _MISSING.pop((op, name), None)
         return fn
 
     return wrap
