@@ -91,6 +91,11 @@ def _image_source(data: str):
     return ImageFolder(data)
 
 
+def _log_found(source, log=None) -> None:
+    """The header's data line: the images found, and the files skipped and why (an image folder)."""
+    (log or _log)(f"data: {getattr(source, 'found', f'{len(source)} images')}")
+
+
 def _check_file(path: str, option: str) -> None:
     if not Path(path).is_file():
         raise FileNotFoundError(f"{option}: {path!r} does not exist or is not a file")
@@ -145,9 +150,27 @@ def _log(message: str) -> None:
         print(message, flush=True)
 
 
+# The least value of each count option, checked as soon as the command line is read (a 0 would otherwise
+# mean "the default" or "never" somewhere). A vocabulary of one token makes every target the same.
+LEAST = {"depth": 1, "img_size": 1, "patch_size": 1, "vocab_size": 2, "tokenizer_size": 1,
+         "tokenizer_patch_size": 1, "tokenizer_images": 1, "tokenizer_iters": 1, "steps": 1, "batch_size": 1,
+         "warmup_steps": 0, "checkpoint_every": 1, "workers": 0, "threads": 1, "log_every": 1,
+         "images_per_shard": 1, "data_workers": 0, "warmup": 0}
+
+
+def _check_counts(args: argparse.Namespace) -> None:
+    for name, least in LEAST.items():
+        value = getattr(args, name, None)
+        if value is not None and value < least:
+            raise CommandError(f"--{name.replace('_', '-')} must be at least {least}, got {value}")
+
+
 def _train_config(args, output: str, **extra):
     from .train import TrainConfig
 
+    if args.min_lr > args.lr:
+        raise CommandError(f"--min-lr ({args.min_lr:g}) must not exceed --lr ({args.lr:g}): the cosine schedule "
+                           f"would rise from the peak towards it")
     resume = None if args.resume == "none" else args.resume
     # Without the bar, a line at least once per checkpoint interval, about twenty in a run.
     log_every = args.log_every if args.log_every is not None else min(args.checkpoint_every, max(1, args.steps // 20))
@@ -223,7 +246,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     if tokenizer is not None and "img_size" not in given:
         args.img_size = tokenizer.grid_size * args.patch_size
     preset = getattr(BEiTConfig, args.model)
-    overrides = {"depth": args.depth} if args.depth else {}
+    overrides = {"depth": args.depth} if args.depth is not None else {}
     config = preset(img_size=args.img_size, patch_size=args.patch_size,
                     vocab_size=tokenizer.vocab_size if tokenizer is not None else args.vocab_size,
                     drop_path_rate=args.drop_path, kernels=args.kernels, **_fast_step(args), **overrides)
@@ -245,6 +268,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     train_config = _train_config(args, str(output), input_path=args.input_path)
     _check_run_paths(args, output, (TOKENIZER_NAME,) if args.tokenizer == "kmeans" else ())
     source = _image_source(args.data)
+    _log_found(source)
     if tokenizer is None:
         tokenizer = _fit_kmeans(source, args, _log)
         if _main_process():
@@ -278,6 +302,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     _check_run_paths(args, Path(args.output))
     train_set = ImageFolder(args.data, labelled=True)
     val_set = ImageFolder(args.val_data, labelled=True) if args.val_data else None
+    _log_found(train_set)
+    if val_set is not None:
+        _log_found(val_set)
     if val_set is not None and val_set.classes != train_set.classes:
         raise CommandError(f"--val-data classes {val_set.classes} differ from --data classes {train_set.classes}")
     model = classifier_from_pretrained(args.pretrained, len(train_set.classes), drop_path_rate=args.drop_path,
@@ -308,7 +335,9 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
         raise CommandError(f"--output {args.output!r} is a folder; give the file to write")
     ensure_writable(output.parent)
     check_patch_size(args.tokenizer_size, args.tokenizer_patch_size, "--tokenizer-size/--tokenizer-patch-size")
-    tokenizer = _fit_kmeans(_image_source(args.data), args, print)
+    source = _image_source(args.data)
+    _log_found(source, print)
+    tokenizer = _fit_kmeans(source, args, print)
     tokenizer.save(args.output)
     print(f"saved: {args.output}")
     return 0
@@ -330,8 +359,10 @@ def _bench_data(args: argparse.Namespace) -> int:
 
 
 def cmd_data_pack(args: argparse.Namespace) -> int:
+    from .data import ImageFolder
     from .shards import pack_shards
 
+    _log_found(ImageFolder(args.folder, labelled=args.labelled), print)
     shards = pack_shards(args.folder, args.output, images_per_shard=args.images_per_shard, labelled=args.labelled)
     print(f"wrote {len(shards)} shard(s) to {args.output}")
     return 0
@@ -355,7 +386,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     _fill(args, _defaults(BENCH_GPU_DEFAULTS, BENCH_CPU_DEFAULTS, args.device))
-    overrides = {"depth": args.depth} if args.depth else {}
+    overrides = {"depth": args.depth} if args.depth is not None else {}
     config = getattr(BEiTConfig, args.model)(img_size=args.img_size, patch_size=args.patch_size, kernels=args.kernels,
                                              **overrides)
     model = BEiT(config).to(device)
@@ -583,9 +614,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "threads", None):
-        torch.set_num_threads(args.threads)
     try:
+        _check_counts(args)
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
         return args.func(args)
     # Expected failures (bad values, files, folders, disk, missing optional packages): one line, no traceback.
     except (CommandError, ValueError, OSError) as error:
