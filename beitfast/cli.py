@@ -616,7 +616,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         _check_counts(args)
-        if args.threads is not None:
+        if getattr(args, "threads", None) is not None:
             torch.set_num_threads(args.threads)
         return args.func(args)
     # Expected failures (bad values, files, folders, disk, missing optional packages): one line, no traceback.

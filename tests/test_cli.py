@@ -2,6 +2,8 @@
 tokenizer and bench commands, and the errors users see."""
 
 import argparse
+import contextlib
+import io
 import json
 import subprocess
 import sys
@@ -9,6 +11,8 @@ import sys
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from beitfast.cli import build_parser, main
@@ -353,3 +357,41 @@ def one_line_error_text(err, *phrases):
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     for phrase in phrases:
         assert phrase in err, err
+
+
+# Every count option of every command, with its least value: one less is refused, naming the option.
+COUNT_OPTIONS = [(command, option, least) for command, options in {
+    "pretrain": {"--depth": 1, "--img-size": 1, "--patch-size": 1, "--vocab-size": 2, "--threads": 1,
+                 "--log-every": 1, "--steps": 1, "--batch-size": 1, "--tokenizer-size": 1,
+                 "--tokenizer-patch-size": 1, "--tokenizer-images": 1, "--checkpoint-every": 1},
+    "finetune": {"--threads": 1, "--log-every": 1, "--steps": 1, "--batch-size": 1},
+    "tokenizer train": {"--vocab-size": 2, "--tokenizer-size": 1, "--tokenizer-images": 1},
+    "bench": {"--depth": 1, "--patch-size": 1, "--threads": 1, "--steps": 1},
+}.items() for option, least in options.items()]
+
+
+@settings(derandomize=True, database=None, deadline=None, max_examples=40)
+@given(case=st.sampled_from(COUNT_OPTIONS), below=st.integers(1, 3))
+def test_a_count_option_below_its_least_value_is_refused(tmp_path_factory, case, below):
+    command, option, least = case
+    out = tmp_path_factory.mktemp("run") / "out"
+    base = {"pretrain": [*TINY, *TINY_TOKENIZER, "--steps", "1", "--output", str(out)],
+            "finetune": ["--pretrained", str(out / "p.pt"), "--data", str(out), "--output", str(out), "--steps",
+                         "1"],
+            "tokenizer train": [*TINY_TOKENIZER, "--output", str(out / "t.safetensors")],
+            "bench": ["--model", "tiny", "--depth", "1", "--img-size", "16", "--patch-size", "4", "--batch-size",
+                      "2", "--steps", "1", "--warmup", "0", "--device", "cpu"]}[command]
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = main([*command.split(), *base, option, str(least - below)])
+    assert code == 2
+    one_line_error_text(err.getvalue(), f"{option} must be at least {least}, got {least - below}")
+    assert not out.exists()
+
+
+def test_min_lr_above_lr_is_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["pretrain", "--steps", "2", "--lr", "1e-4", "--min-lr", "1e-3", "--output", str(out), *TINY,
+                 *TINY_TOKENIZER]) == 2
+    one_line_error(capsys, "--min-lr (0.001) must not exceed --lr (0.0001)")
+    assert not out.exists()
