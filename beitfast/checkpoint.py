@@ -13,8 +13,8 @@ Formats read by :func:`from_state_dict` (detected from the key names by :func:`d
 Without a config, the config is inferred from the shapes (:func:`infer_config`). With one, the state
 dict is adapted to it: a shared bias table is copied into every layer when the config asks for
 per-layer tables (as the official fine-tuning does), and bias tables and the absolute position
-embedding are resized when the config has another image size (:func:`resize_rel_pos_bias_table`,
-:func:`resize_pos_embed`).
+embedding are resized when the config has another image size (:mod:`beitfast.resize`: the official
+geometric-progression cubic resize of the tables, bicubic for the embedding).
 
 Files (:func:`save`, :func:`load`): ``.safetensors`` with the config as JSON in the metadata, and
 ``.pth``/``.pt`` holding ``{"model": state_dict, "config": dict}``; both written atomically, with a
@@ -32,7 +32,6 @@ import argparse
 import dataclasses
 import functools
 import json
-import math
 import os
 import re
 import warnings
@@ -40,7 +39,6 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-import torch.nn.functional as F
 
 from ._files import (
     FileIntegrityError, add_digest, add_safetensors_digest, check_contents, check_finite, check_not_empty,
@@ -48,6 +46,8 @@ from ._files import (
 )
 from .config import BEiTConfig
 from .model import BEiT, num_relative_positions, relative_position_index
+from .resize import RESIZE_METHODS, resize_pos_embed, resize_rel_pos_bias_table
+from .resize import grid_from_table_rows as _grid_from_table_rows, square_grid as _square_grid
 
 __all__ = [
     "FORMATS", "HF_TASKS", "unwrap_state_dict", "detect_format", "to_official_names", "infer_config",
@@ -234,20 +234,6 @@ def to_official_names(state_dict: Any) -> tuple[dict[str, torch.Tensor], str]:
     return _from_hf(state, 5 if fmt == "hf-v5" else 4), fmt
 
 
-def _grid_from_table_rows(rows: int) -> tuple[int, int] | None:
-    side = math.isqrt(max(rows - 3, 0))
-    if side * side != rows - 3 or side % 2 == 0:
-        return None
-    return ((side + 1) // 2,) * 2
-
-
-def _square_grid(num_patches: int, what: str) -> tuple[int, int]:
-    side = math.isqrt(num_patches)
-    if side * side != num_patches:
-        raise ValueError(f"{what}: {num_patches} patches is not a square grid; pass a config with img_size")
-    return (side, side)
-
-
 def _infer_heads(table: torch.Tensor | None, dim: int) -> int:
     if table is not None:
         return table.shape[1]
@@ -326,72 +312,17 @@ def infer_config(state_dict: Mapping[str, torch.Tensor], **overrides) -> BEiTCon
     return BEiTConfig(**{**values, **overrides})
 
 
-# -- resizing -------------------------------------------------------------------------------------
-
-
-def resize_rel_pos_bias_table(
-    table: torch.Tensor, new_grid: tuple[int, int], old_grid: tuple[int, int] | None = None
-) -> torch.Tensor:
-    """A ``[(2Wh-1)(2Ww-1) + 3, H]`` bias table for another patch grid.
-
-    The relative-offset part is resampled as an image by bicubic interpolation (``F.interpolate``,
-    ``align_corners=False``: offset 0 stays at the centre); the last three rows (cls->token,
-    token->cls, cls->cls) are kept. The official code uses a geometric-progression resampling that
-    keeps small offsets closer to their old values; both agree on constant tables and on the
-    centre. ``old_grid`` defaults to the square grid the row count implies.
-    """
-    if old_grid is None:
-        old_grid = _grid_from_table_rows(table.shape[0])
-        if old_grid is None:
-            raise ValueError(
-                f"resize_rel_pos_bias_table: {table.shape[0]} rows is not (2G-1)^2 + 3 for a square grid; "
-                "pass old_grid"
-            )
-    if table.shape[0] != num_relative_positions(old_grid):
-        raise ValueError(
-            f"resize_rel_pos_bias_table: table has {table.shape[0]} rows, grid {old_grid} needs "
-            f"{num_relative_positions(old_grid)}"
-        )
-    if tuple(new_grid) == tuple(old_grid):
-        return table
-    heads = table.shape[1]
-    old_hw = (2 * old_grid[0] - 1, 2 * old_grid[1] - 1)
-    new_hw = (2 * new_grid[0] - 1, 2 * new_grid[1] - 1)
-    offsets = table[:-3].reshape(*old_hw, heads).permute(2, 0, 1).unsqueeze(0)
-    resized = _bicubic(offsets, new_hw).squeeze(0).permute(1, 2, 0).reshape(-1, heads)
-    return torch.cat([resized, table[-3:]], dim=0)
-
-
-def resize_pos_embed(
-    pos_embed: torch.Tensor, new_grid: tuple[int, int], old_grid: tuple[int, int] | None = None
-) -> torch.Tensor:
-    """A ``[1, 1 + N, D]`` absolute position embedding for another patch grid: the patch part is
-    resampled by bicubic interpolation, the cls entry kept. ``old_grid`` defaults to a square grid."""
-    num_patches = pos_embed.shape[1] - 1
-    old_grid = old_grid or _square_grid(num_patches, "resize_pos_embed")
-    if old_grid[0] * old_grid[1] != num_patches:
-        raise ValueError(
-            f"resize_pos_embed: pos_embed has {num_patches} patches, grid {old_grid} has "
-            f"{old_grid[0] * old_grid[1]}"
-        )
-    if tuple(new_grid) == tuple(old_grid):
-        return pos_embed
-    dim = pos_embed.shape[-1]
-    patches = pos_embed[:, 1:].reshape(1, *old_grid, dim).permute(0, 3, 1, 2)
-    resized = _bicubic(patches, tuple(new_grid)).permute(0, 2, 3, 1).reshape(1, -1, dim)
-    return torch.cat([pos_embed[:, :1], resized], dim=1)
-
-
-def _bicubic(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    # Interpolated in at least fp32 (bicubic is not implemented for half types on every device).
-    work = torch.promote_types(image.dtype, torch.float32)
-    out = F.interpolate(image.to(work), size=size, mode="bicubic", align_corners=False)
-    return out.to(image.dtype)
-
-
-def adapt_state_dict(state_dict: Mapping[str, torch.Tensor], config: BEiTConfig) -> dict[str, torch.Tensor]:
+def adapt_state_dict(
+    state_dict: Mapping[str, torch.Tensor], config: BEiTConfig, rel_pos_resize: str = "geometric"
+) -> dict[str, torch.Tensor]:
     """An official-names state dict made to fit ``config``: a shared bias table becomes per-layer
-    tables when the config asks for them; bias tables and ``pos_embed`` are resized to its grid."""
+    tables when the config asks for them; bias tables and ``pos_embed`` are resized to its grid (the
+    tables by ``rel_pos_resize``, a method of :func:`resize_rel_pos_bias_table`: the official
+    geometric-progression cubic resize by default, or ``"bicubic"``)."""
+    if rel_pos_resize not in RESIZE_METHODS:
+        raise ValueError(
+            f"adapt_state_dict: rel_pos_resize must be one of {RESIZE_METHODS}, got {rel_pos_resize!r}"
+        )
     sd = dict(state_dict)
     per_layer = "blocks.0.attn.relative_position_bias_table"
     if config.use_rel_pos_bias and _SHARED_TABLE in sd and per_layer not in sd:
@@ -401,7 +332,7 @@ def adapt_state_dict(state_dict: Mapping[str, torch.Tensor], config: BEiTConfig)
     rows = num_relative_positions(config.grid)
     for key, value in sd.items():
         if key.endswith("relative_position_bias_table") and value.dim() == 2 and value.shape[0] != rows:
-            sd[key] = resize_rel_pos_bias_table(value, config.grid)
+            sd[key] = resize_rel_pos_bias_table(value, config.grid, method=rel_pos_resize)
     pos = sd.get("pos_embed")
     if pos is not None and pos.dim() == 3 and pos.shape[1] != config.num_patches + 1:
         sd["pos_embed"] = resize_pos_embed(pos, config.grid)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from beitfast import BEiT, BEiTConfig
-from beitfast import checkpoint
+from beitfast import checkpoint, resize
 
 
 def small_config(**overrides) -> BEiTConfig:
@@ -273,7 +273,7 @@ def test_resize_identity_at_same_size(grid):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("new_grid", [(7, 7), (3, 3), (4, 6)])
-def test_resize_bias_table_smooth(new_grid, dtype):
+def test_bicubic_resize_smooth(new_grid, dtype):
     heads = 3
     offset = torch.arange(-4, 5.0, dtype=torch.float64)
     dy, dx = torch.meshgrid(offset, offset, indexing="ij")
@@ -282,7 +282,7 @@ def test_resize_bias_table_smooth(new_grid, dtype):
     offsets = (dy[..., None] * slopes + 0.25 * dx[..., None] + 3.0).reshape(-1, heads)
     cls_rows = torch.randn(3, heads, dtype=torch.float64)
     table = torch.cat([offsets, cls_rows]).to(dtype)
-    resized = checkpoint.resize_rel_pos_bias_table(table, new_grid)
+    resized = checkpoint.resize_rel_pos_bias_table(table, new_grid, method="bicubic")
     hh, ww = 2 * new_grid[0] - 1, 2 * new_grid[1] - 1
     assert resized.shape == (hh * ww + 3, heads) and resized.dtype == dtype
     assert torch.equal(resized[-3:], table[-3:])
@@ -301,6 +301,96 @@ def test_resize_bias_table_smooth(new_grid, dtype):
     # ...and monotone in the offset along the rows, with the sign of each head's slope.
     steps = grid[1:, inner[1]] - grid[:-1, inner[1]]
     assert (steps * slopes.sign() > 0).all()
+
+
+def official_resize(table: torch.Tensor, new_side: int) -> torch.Tensor:
+    """A float64 transcription of the official fine-tuning resize of a square grid's bias table
+    (unilm beit/semantic_segmentation/mmcv_custom/checkpoint.py, also in beit/run_class_finetuning.py).
+    The official code calls scipy's interp2d(x, y, z, kind="cubic")(dx, dy), removed from SciPy 1.14;
+    on a full grid that is FITPACK's s=0 spline (regrid), evaluated by bispev, which clamps points
+    beyond the nodes: RectBivariateSpline(y, x, z, kx=3, ky=3, s=0)(dy, dx) is the same computation
+    (checked equal to 5e-15 against interp2d of SciPy 1.12, outside the test suite)."""
+    from scipy.interpolate import RectBivariateSpline
+
+    src = math.isqrt(table.shape[0] - 3)
+    dst = 2 * new_side - 1
+    left, right = 1.01, 1.5
+    while right - left > 1e-6:
+        q = (left + right) / 2.0
+        if (1.0 - q ** (src // 2)) / (1.0 - q) > dst // 2:
+            right = q
+        else:
+            left = q
+    dis, cur = [], 1.0
+    for i in range(src // 2):
+        dis.append(cur)
+        cur += q ** (i + 1)
+    nodes = [-d for d in reversed(dis)] + [0.0] + dis
+    new = [float(i) for i in range(-(dst // 2), dst // 2 + 1)]
+    values = table[:-3].double().numpy()
+    heads = [
+        RectBivariateSpline(nodes, nodes, values[:, h].reshape(src, src), kx=3, ky=3, s=0)(new, new)
+        for h in range(table.shape[1])
+    ]
+    offsets = torch.stack([torch.from_numpy(h.reshape(-1)) for h in heads], dim=1)
+    return torch.cat([offsets, table[-3:].double()])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("new_side", [24, 32, 40])  # 224 px -> 384, 512, 640: 27x27 -> 47, 63, 79 offsets
+def test_geometric_resize_equals_official(new_side, dtype):
+    table = torch.randn(27 * 27 + 3, 3, generator=torch.Generator().manual_seed(new_side), dtype=dtype)
+    resized = checkpoint.resize_rel_pos_bias_table(table, (new_side, new_side))  # the default method
+    assert resized.dtype == dtype and resized.shape == ((2 * new_side - 1) ** 2 + 3, 3)
+    assert torch.equal(resized[-3:], table[-3:])
+    tol = {torch.float32: 1e-6, torch.float64: 1e-12}[dtype]
+    torch.testing.assert_close(resized.double(), official_resize(table, new_side), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("per_layer_source", [False, True])
+def test_adapt_state_dict_resizes_per_layer_and_shared_tables_officially(per_layer_source):
+    # 224 -> 384 px: a shared table (copied into every block, as official fine-tuning does) or per-layer ones.
+    source = small_config(img_size=224, patch_size=16, vocab_size=0,
+                          use_shared_rel_pos_bias=not per_layer_source, use_rel_pos_bias=per_layer_source)
+    state = BEiT(source).state_dict()
+    state = {k: torch.randn(v.shape) if k.endswith("bias_table") else v for k, v in state.items()}
+    target = source.replace(img_size=384, use_shared_rel_pos_bias=False, use_rel_pos_bias=True)
+    adapted = checkpoint.adapt_state_dict(state, target)
+    plain = checkpoint.adapt_state_dict(state, target, rel_pos_resize="bicubic")
+    for i in range(target.depth):
+        key = f"blocks.{i}.attn.relative_position_bias_table"
+        old = state[key if per_layer_source else "rel_pos_bias.relative_position_bias_table"]
+        torch.testing.assert_close(adapted[key].double(), official_resize(old, 24), rtol=1e-6, atol=1e-6)
+        assert torch.equal(plain[key], checkpoint.resize_rel_pos_bias_table(old, (24, 24), method="bicubic"))
+
+
+@pytest.mark.parametrize("sides", [(5, 9), (9, 5), (4, 6), (3, 30)])
+def test_geometric_resize_reproduces_cubics_and_clamps(sides):
+    # Independent of SciPy: a not-a-knot cubic spline reproduces a cubic polynomial exactly, so a table
+    # holding P(y, x) at the official node positions of its offsets resizes to P at the new integer
+    # offsets, where they lie within the nodes; beyond them (3 -> 30 needs q > 1.5, the bisection's
+    # bound) a point takes the value at the outermost node, as FITPACK's evaluation clamps.
+    old, new = sides
+    nodes = resize.geometric_offsets(2 * old - 1, 2 * new - 1)
+    def poly(y, x):
+        return 0.3 * y ** 3 - 0.1 * x ** 2 * y + 0.5 * x - 1.0 + 0.02 * x ** 3 * y ** 3
+
+    at_nodes = poly(nodes[:, None], nodes[None, :]).reshape(-1, 1)
+    table = torch.cat([at_nodes, torch.randn(3, 1, dtype=torch.float64)])
+    resized = checkpoint.resize_rel_pos_bias_table(table, (new, new))
+    offsets = torch.arange(-(new - 1), new, dtype=torch.float64).clamp(nodes[0], nodes[-1])
+    expected = poly(offsets[:, None], offsets[None, :]).reshape(-1)
+    torch.testing.assert_close(resized[:-3, 0], expected, rtol=1e-10, atol=1e-10)
+    assert torch.equal(resized[-3:], table[-3:])
+
+
+def test_geometric_resize_offsets():
+    nodes = resize.geometric_offsets(27, 47)
+    assert nodes.shape == (27,) and nodes[13] == 0 and torch.equal(nodes, -nodes.flip(0))
+    steps = nodes[14:] - nodes[13:-1]
+    q = steps[1] / steps[0]
+    torch.testing.assert_close(steps[1:] / steps[:-1], torch.full((12,), q.item(), dtype=torch.float64))
+    assert steps[0] == 1 and abs(nodes[-1] - 23) < 1e-4  # the largest old offset lands on the largest new one
 
 
 def test_resize_pos_embed_keeps_cls_and_constant():
@@ -323,6 +413,15 @@ def test_load_into_other_image_size():
     assert_state_equal(same.state_dict(), model.state_dict())
     back = bigger.resized(20)
     assert back.pos_embed.shape == model.pos_embed.shape
+
+
+def test_bad_resize_refused():
+    with pytest.raises(ValueError, match="method must be one of"):
+        checkpoint.resize_rel_pos_bias_table(torch.randn(12, 2), (3, 3), method="cubic")
+    with pytest.raises(ValueError, match="at least 4 offsets per axis, this table has 3.*method='bicubic'"):
+        checkpoint.resize_rel_pos_bias_table(torch.randn(12, 2), (3, 3))
+    with pytest.raises(ValueError, match="rel_pos_resize must be one of"):
+        checkpoint.adapt_state_dict(random_model().state_dict(), small_config(), rel_pos_resize="linear")
 
 
 def test_bad_table_rows_refused():
