@@ -231,7 +231,8 @@ def png_16bit_rgb(wide: np.ndarray) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+            + chunk(b"IEND", b""))
 
 
 @SIXTEEN_BIT
@@ -240,8 +241,9 @@ def test_16bit_grey_is_scaled_not_clipped_by_every_transform(mode, seed):
     image, expected = sixteen_bit_image(mode, seed)
     eight_bit = Image.fromarray(expected)
     for transform in (TwoViewTransform(16, 8), ClassifyTransform(12)):
-        for ours, theirs in zip(transform(image, random.Random(seed)), transform(eight_bit, random.Random(seed))):
-            torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+        ours, theirs = transform(image, random.Random(seed)), transform(eight_bit, random.Random(seed))
+        for view, expected_view in zip(ours, theirs):
+            torch.testing.assert_close(view, expected_view, rtol=0, atol=0)
     torch.testing.assert_close(EvalTransform(12)(image), EvalTransform(12)(eight_bit), rtol=0, atol=0)
 
 
@@ -296,7 +298,8 @@ def linked_tree(root):
 def test_folder_follows_linked_folders_and_counts_what_it_skips(tmp_path):
     folder = ImageFolder(linked_tree(tmp_path / "data"), labelled=True)
     names = [p.relative_to(folder.root).as_posix() for p in folder.paths]
-    assert names == ["cats/0.jpg", "cats/1.jpg", "cats/2.jpg", "dogs/more/0.png", "dogs/own/0.png", "dogs/own/1.png"]
+    assert names == ["cats/0.jpg", "cats/1.jpg", "cats/2.jpg", "dogs/more/0.png", "dogs/own/0.png",
+                     "dogs/own/1.png"]
     assert folder.classes == ["cats", "dogs"] and folder.labels == [0, 0, 0, 1, 1, 1]
     assert {reason: [p.name for p in paths] for reason, paths in folder.ignored.items() if paths} == {
         "suffix": ["notes.txt"], "unreadable": ["gone.jpg"], "loop": ["up"]}
@@ -315,11 +318,13 @@ def test_every_command_header_says_what_it_found_and_skipped(tmp_path, capsys):
     tokenizer = ["--tokenizer-size", "16", "--tokenizer-patch-size", "4", "--vocab-size", "8",
                  "--tokenizer-images", "8", "--tokenizer-iters", "2"]
     commands = [
-        ["tokenizer", "train", "--data", str(data), "--output", str(tmp_path / "tok.safetensors"), *tokenizer],
+        ["tokenizer", "train", "--data", str(data), "--output", str(tmp_path / "tok.safetensors"),
+         *tokenizer],
         ["data", "pack", str(data), str(tmp_path / "shards")],
-        ["pretrain", "--data", str(data), "--steps", "1", "--output", str(tmp_path / "run"), *tiny, *tokenizer],
-        ["finetune", "--pretrained", str(tmp_path / "run" / "checkpoint.pt"), "--data", str(data), "--steps", "1",
-         "--output", str(tmp_path / "tuned"), *tiny[4:-4]],
+        ["pretrain", "--data", str(data), "--steps", "1", "--output", str(tmp_path / "run"), *tiny,
+         *tokenizer],
+        ["finetune", "--pretrained", str(tmp_path / "run" / "checkpoint.pt"), "--data", str(data),
+         "--steps", "1", "--output", str(tmp_path / "tuned"), *tiny[4:-4]],
     ]
     for command in commands:
         assert main(command) == 0, command

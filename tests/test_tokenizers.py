@@ -14,6 +14,8 @@ from collections import OrderedDict
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import save_file
 from torch import nn
 
@@ -229,6 +231,32 @@ def test_tokenize_rejects_bad_images(make):
         tokenizer.tokenize(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
     images = torch.rand(2, 3, 32, 32, requires_grad=True)
     assert not tokenizer.tokenize(images).requires_grad
+
+
+@settings(derandomize=True, database=None, deadline=None, max_examples=30)
+@given(kind=st.sampled_from(["kmeans", "dalle"]),
+       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+       value=st.sampled_from([math.nan, math.inf, -math.inf]), batch=st.integers(1, 3),
+       where=st.integers(0, 10**6), how_many=st.integers(1, 5))
+def test_tokenize_refuses_nan_and_infinite_images(kind, dtype, value, batch, where, how_many):
+    if kind == "kmeans":
+        centroids = torch.randn(6, 192, generator=torch.Generator().manual_seed(0))
+        tokenizer = KMeansTokenizer(centroids, input_size=SIZE)
+    else:
+        tokenizer = DalleTokenizer(n_hid=8, n_blk_per_group=1, vocab_size=8, input_size=SIZE)
+    images = smooth_images(batch, seed=where % 7).to(dtype)
+    flat = images.view(-1)
+    flat[[(where + 7919 * i) % flat.numel() for i in range(how_many)]] = value
+    message = rf"{type(tokenizer).__name__}.tokenize: images must be finite.*got \d+ NaN or infinite"
+    with pytest.raises(ValueError, match=message):
+        tokenizer.tokenize(images)
+
+
+def test_fit_refuses_nan_images():
+    images = smooth_images(2)
+    images[1, 2, 3, 4] = math.nan
+    with pytest.raises(ValueError, match=r"KMeansTokenizer.fit: images must be finite.*got 1 NaN"):
+        KMeansTokenizer.fit(images, vocab_size=4, patch_size=8, input_size=SIZE, iters=2)
 
 
 def test_load_tokenizer_rejects_unknown_files(tmp_path):

@@ -57,7 +57,8 @@ class Tokenizer(torch.nn.Module):
     @torch.no_grad()
     def tokenize(self, images: torch.Tensor) -> torch.Tensor:
         """Token ids ``[B, grid_size, grid_size]`` (int64) of ``images`` ``[B, 3, input_size, input_size]``
-        in ``[0, 1]`` (any float dtype; works under autocast; no host synchronisation)."""
+        in ``[0, 1]`` (any float dtype; works under autocast; no host synchronisation). NaN or infinite
+        values are refused (``ValueError``; on a GPU a device-side assertion)."""
         check_images(images, self.input_size, f"{type(self).__name__}.tokenize")
         return self._tokenize(images)
 
@@ -92,7 +93,8 @@ def check_patch_size(input_size: int, patch_size: int, name: str) -> None:
 
 
 def check_images(images: torch.Tensor, input_size: int, name: str) -> None:
-    """Raise a clear error unless ``images`` is a float ``[B, 3, input_size, input_size]`` tensor."""
+    """Raise a clear error unless ``images`` is a finite float ``[B, 3, input_size, input_size]`` tensor
+    (on a GPU, finiteness is asserted on the device, without waiting for it)."""
     expected = f"[B, 3, {input_size}, {input_size}]"
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"{name}: images must be a tensor {expected}, got {type(images).__name__}")
@@ -103,6 +105,14 @@ def check_images(images: torch.Tensor, input_size: int, name: str) -> None:
         )
     if not images.is_floating_point():
         raise TypeError(f"{name}: images must be floating point with values in [0, 1], got {images.dtype}")
+    # NaN or infinity would become token 0 everywhere (the nearest centroid, the argmax of NaN logits).
+    finite = torch.isfinite(images).all()
+    if images.is_cuda:  # checked on the device: raising here would wait for the GPU
+        torch._assert_async(finite, f"{name}: images must be finite, with values in [0, 1]")
+    elif not finite:
+        bad = images.numel() - int(torch.isfinite(images).sum())
+        raise ValueError(f"{name}: images must be finite, with values in [0, 1]; got {bad} NaN or infinite "
+                         f"value(s)")
 
 
 def write_tokenizer_file(
