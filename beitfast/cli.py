@@ -288,8 +288,22 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _labelled_source(data: str, option: str):
+    """The labelled images of ``option``: a folder of class sub-folders; images beside them are named."""
+    from .data import ImageFolder
+
+    source = ImageFolder(data, labelled=True)
+    _log_found(source)
+    outside = source.ignored.get("outside a class folder", [])
+    if outside:
+        names = ", ".join(path.name for path in outside[:5]) + (f" and {len(outside) - 5} more" if len(outside) > 5
+                                                                 else "")
+        _log(f"{option}: ignored {len(outside)} image(s) beside the class folders, in no class: {names}")
+    return source
+
+
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from .data import ClassifyTransform, EvalTransform, ImageFolder, classify_stream
+    from .data import ClassifyTransform, EvalTransform, classify_stream
     from .train import Classification, Trainer, classifier_from_pretrained, evaluate, setup_distributed
 
     _check_device(args)
@@ -299,12 +313,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     train_config = _train_config(args, args.output, layer_decay=layer_decay, label_smoothing=args.label_smoothing,
                                  linear_probe=args.linear_probe)
     _check_file(args.pretrained, "--pretrained")
+    train_set = _labelled_source(args.data, "--data")
+    val_set = _labelled_source(args.val_data, "--val-data") if args.val_data else None
+    if len(train_set.classes) < 2:
+        raise CommandError(f"--data {args.data!r} has {len(train_set.classes)} class {train_set.classes}: "
+                           f"classification needs at least two (one sub-folder per class)")
     _check_run_paths(args, Path(args.output))
-    train_set = ImageFolder(args.data, labelled=True)
-    val_set = ImageFolder(args.val_data, labelled=True) if args.val_data else None
-    _log_found(train_set)
-    if val_set is not None:
-        _log_found(val_set)
     if val_set is not None and val_set.classes != train_set.classes:
         raise CommandError(f"--val-data classes {val_set.classes} differ from --data classes {train_set.classes}")
     model = classifier_from_pretrained(args.pretrained, len(train_set.classes), drop_path_rate=args.drop_path,

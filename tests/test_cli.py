@@ -395,3 +395,23 @@ def test_min_lr_above_lr_is_refused(tmp_path, capsys):
                  *TINY_TOKENIZER]) == 2
     one_line_error(capsys, "--min-lr (0.001) must not exceed --lr (0.0001)")
     assert not out.exists()
+
+
+def test_finetune_needs_two_classes_and_names_stray_images(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["pretrain", "--steps", "1", "--output", str(out), *TINY, *TINY_TOKENIZER]) == 0
+    data = labelled_folder(tmp_path / "labelled")
+    finetune = ["finetune", "--pretrained", str(out / "checkpoint.pt"), "--output", str(tmp_path / "ft"), "--steps",
+                "1", "--batch-size", "2", "--device", "cpu", "--threads", "1", "--no-progress"]
+    capsys.readouterr()
+    one_class = tmp_path / "one"
+    (data / "square").rename(one_class)  # one class left
+    assert main([*finetune, "--data", str(data)]) == 2
+    one_line_error(capsys, "--data", "1 class ['circle']", "at least two")
+    assert not (tmp_path / "ft").exists()
+    (one_class).rename(data / "square")
+    for name in ("stray.png", "other.jpg"):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(data / name)
+    assert main([*finetune, "--data", str(data)]) == 0
+    assert "--data: ignored 2 image(s) beside the class folders, in no class: other.jpg, stray.png" in \
+        capsys.readouterr().out
