@@ -10,8 +10,9 @@ Formats read by :func:`from_state_dict` (detected from the key names by :func:`d
 * ``"hf-v4"``: Hugging Face transformers 4.x (``beit.encoder.layer.N.attention.attention.query``...).
 * ``"hf-v5"``: Hugging Face transformers 5.x (``beit.layers.N.attention.q_proj``...).
 
-Without a config, the config is inferred from the shapes (:func:`infer_config`). With one, the state
-dict is adapted to it: a shared bias table is copied into every layer when the config asks for
+Without a config, the config is inferred from the shapes (:func:`infer_config`); what they do not tell
+keeps our default, except where the format's own differs (Hugging Face: LayerNorm eps 1e-12). With one,
+the state dict is adapted to it: a shared bias table is copied into every layer when the config asks for
 per-layer tables (as the official fine-tuning does), and bias tables and the absolute position
 embedding are resized when the config has another image size (:mod:`beitfast.resize`: the official
 geometric-progression cubic resize of the tables, bicubic for the embedding).
@@ -224,6 +225,12 @@ def _from_hf(state: Mapping[str, torch.Tensor], version: int) -> dict[str, torch
     return out
 
 
+# What the weights do not tell, where the default of the code that wrote them differs from ours (which
+# are the official code's, and timm's): transformers' BeitConfig has layer_norm_eps 1e-12.
+_HF_LAYER_NORM_EPS = 1e-12
+_FORMAT_DEFAULTS = {fmt: {"layer_norm_eps": _HF_LAYER_NORM_EPS} for fmt in ("hf-v4", "hf-v5")}
+
+
 def to_official_names(state_dict: Any) -> tuple[dict[str, torch.Tensor], str]:
     """Unwraps a checkpoint and renames it to official names; returns ``(state_dict, format)``."""
     state = unwrap_state_dict(state_dict)
@@ -387,9 +394,19 @@ def from_state_dict(
     model would (e.g. a new classifier on a pre-trained backbone). A shape mismatch is always an
     error. The model is on the CPU, in float32 (the checkpoint's dtype is cast).
     """
-    state, _ = to_official_names(state_dict)
-    # Overrides go into the inference: they may give what the shapes do not tell (num_heads, img_size).
-    config = config.replace(**overrides) if config is not None else infer_config(state, **overrides)
+    state, fmt = to_official_names(state_dict)
+    return _from_official_names(state, fmt, config, strict, overrides)
+
+
+def _from_official_names(state: dict[str, torch.Tensor], fmt: str, config: BEiTConfig | None, strict: bool,
+                         overrides: dict[str, Any]) -> BEiT:
+    """``from_state_dict`` of a state dict already renamed from ``fmt``."""
+    if config is None:
+        # Overrides go into the inference: they may give what the shapes do not tell (num_heads, img_size);
+        # what they do not give either is the default of the format the weights come from.
+        config = infer_config(state, **{**_FORMAT_DEFAULTS.get(fmt, {}), **overrides})
+    else:
+        config = config.replace(**overrides)
     return _load_checked(config, adapt_state_dict(state, config), strict)
 
 
@@ -535,7 +552,7 @@ def config_from_hf(hf_config: Any, **overrides) -> BEiTConfig:
         use_shared_rel_pos_bias=c.get("use_shared_relative_position_bias", False),
         layer_scale_init_value=c.get("layer_scale_init_value", 0.1),
         use_mean_pooling=c.get("use_mean_pooling", True),
-        layer_norm_eps=c.get("layer_norm_eps", 1e-12),
+        layer_norm_eps=c.get("layer_norm_eps", _HF_LAYER_NORM_EPS),
         drop_path_rate=c.get("drop_path_rate", 0.1),
     )
     return BEiTConfig(**{**values, **overrides})
@@ -699,7 +716,7 @@ def load(path: str | os.PathLike, config: BEiTConfig | None = None, strict: bool
         raise FileNotFoundError(f"load: no such file or folder {str(path)!r}")
     payload, stored = _read_file(path)
     try:
-        state, _ = to_official_names(payload)
+        state, fmt = to_official_names(payload)
     except (TypeError, ValueError) as error:  # what the file holds is not a BEiT state dict
         raise ValueError(f"{path}: {error}") from None
-    return from_state_dict(state, config or stored, strict=strict, **overrides)
+    return _from_official_names(state, fmt, config or stored, strict, overrides)

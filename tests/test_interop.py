@@ -130,7 +130,9 @@ def test_hf_v4_names_load_through_transformers_conversion(tmp_path, bias):
 @pytest.mark.parametrize("bias", list(MIM_BIASES))
 def test_round_trip_through_hf_exact(bias):
     model = randomise_(BEiT(small_config(**MIM_BIASES[bias])))
-    back = BEiT.from_state_dict(hf_peer(model).state_dict(), kernels="eager", drop_path_rate=0.0)
+    # A state dict does not carry the LayerNorm eps: without it, Hugging Face names get Hugging Face's.
+    back = BEiT.from_state_dict(hf_peer(model).state_dict(), kernels="eager", drop_path_rate=0.0,
+                                layer_norm_eps=model.config.layer_norm_eps)
     assert back.config == model.config
     assert_state_equal(back.state_dict(), model.state_dict())
     for version in (4, 5):
@@ -192,3 +194,36 @@ def test_round_trip_through_timm_exact(name):
     back = BEiT.from_state_dict(peer.state_dict(), kernels="eager", drop_path_rate=0.0)
     assert back.config == model.config
     assert_state_equal(back.state_dict(), model.state_dict())
+
+
+@pytest.mark.parametrize("version", [4, 5])
+@pytest.mark.parametrize("task", ["masked_image_modeling", "image_classification"])
+def test_hf_weights_without_a_config_take_the_hf_layer_norm_eps(tmp_path, version, task):
+    """transformers' BeitConfig has layer_norm_eps 1e-12, ours (the official code's) 1e-6: weights in
+    Hugging Face names loaded without a config (a state dict, or a file without config.json) get its
+    eps, and its outputs in float64."""
+    import safetensors.torch
+
+    classify = task == "image_classification"
+    hf_config = transformers.BeitConfig(**checkpoint.hf_config_kwargs(small_config(
+        vocab_size=0 if classify else 101, num_classes=5 if classify else 0), task), attn_implementation="eager")
+    del hf_config.layer_norm_eps  # the Hugging Face default
+    assert transformers.BeitConfig().layer_norm_eps == 1e-12
+    peer_class = transformers.BeitForImageClassification if classify else transformers.BeitForMaskedImageModeling
+    peer = randomise_(peer_class(transformers.BeitConfig(**hf_config.to_dict()))).double()
+    assert peer.config.layer_norm_eps == 1e-12
+    state = BEiT.from_state_dict(peer.state_dict(), kernels="eager").to_hf_state_dict(version, task)
+    safetensors.torch.save_file(state, tmp_path / "model.safetensors")  # no config.json beside it
+    images, mask = inputs(small_config())
+    images = images.double()
+    with torch.no_grad():
+        expected = peer(pixel_values=images, bool_masked_pos=None if classify else mask).logits
+        expected = expected if classify else expected[mask]
+        for model in (BEiT.from_state_dict(state, kernels="eager"),
+                      BEiT.from_file(tmp_path / "model.safetensors", kernels="eager")):
+            assert model.config.layer_norm_eps == 1e-12
+            model = model.double().eval()
+            actual = model(images) if classify else model(images, bool_masked_pos=mask)
+            torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-9 * expected.abs().max().item())
+        # a config or an override still decides
+        assert BEiT.from_state_dict(state, layer_norm_eps=1e-6).config.layer_norm_eps == 1e-6
