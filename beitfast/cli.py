@@ -265,7 +265,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
             f"every patch needs one token: use --img-size {grid * args.patch_size} or leave the sizes unset"
         )
     masking_for(config.grid, args.mask_ratio)  # checks --mask-ratio now
-    train_config = _train_config(args, str(output), input_path=args.input_path)
+    train_config = _train_config(args, str(output), input_path=args.input_path,
+                                 allow_tokenizer_change=args.allow_tokenizer_change)
     _check_run_paths(args, output, (TOKENIZER_NAME,) if args.tokenizer == "kmeans" else ())
     source = _image_source(args.data)
     _log_found(source)
@@ -522,6 +523,9 @@ def build_parser() -> argparse.ArgumentParser:
                                           "load_tokenizer reads: a saved tokenizer or the DALL-E encoder.pkl "
                                           "(default: kmeans)")
     data.add_argument("--vocab-size", type=int, help=f"k-means vocabulary {_both('vocab_size')}")
+    data.add_argument("--allow-tokenizer-change", action="store_true",
+                      help="resume with a tokenizer other than the one the checkpoint was trained with (refused "
+                           "without it: the targets would change mid-run)")
     data.add_argument("--tokenizer-size", type=int, help=f"tokenizer view size in pixels {_both('tokenizer_size')}")
     data.add_argument("--tokenizer-patch-size", type=int,
                       help=f"pixels per token side in the tokenizer view {_both('tokenizer_patch_size')}")

@@ -37,7 +37,14 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import checkpoint
-from ._files import FileIntegrityError, add_digest, keep_previous, remove_stale_temporaries, write_atomically
+from ._files import (
+    FileIntegrityError,
+    add_digest,
+    content_digest,
+    keep_previous,
+    remove_stale_temporaries,
+    write_atomically,
+)
 from .config import BEiTConfig, check_bool, check_choice, check_int, check_real
 from .data import (
     EvalTransform,
@@ -102,6 +109,9 @@ class TrainConfig:
     progress: bool = True  # a progress bar; without it, a line every ``log_every`` steps (0: none)
     log_every: int = 0
     resume: str | None = "auto"  # "auto": the output folder's checkpoint if any; a path; None
+    # Pre-training checkpoints record their tokenizer's checksum: resuming with another tokenizer (other
+    # targets) is refused unless this is set.
+    allow_tokenizer_change: bool = False
     # The fast step (README "Fast step"; the model's own options are in BEiTConfig):
     fused_optimizer: bool = True  # AdamW's fused kernel (one launch for every parameter; CPU and CUDA)
     compile: bool = False  # torch.compile the whole model (and a pre-training tokenizer's encoder)
@@ -230,6 +240,16 @@ class MaskedImageModeling:
 
     def to(self, device: torch.device) -> None:
         self.tokenizer.to(device)
+
+    def checksum(self) -> str:
+        """SHA-256 of the tokenizer (its kind, weights and settings; of another module, its state):
+        what a checkpoint records of its targets."""
+        if getattr(self, "_checksum", None) is None:
+            tok = self.tokenizer
+            contents = tok._file_contents() if hasattr(tok, "_file_contents") else tok.state_dict()
+            self._checksum = content_digest({"kind": type(tok).__name__, "contents": contents,
+                                             "grid": (tok.vocab_size, tok.input_size, tok.patch_size)})
+        return self._checksum
 
     def compile(self) -> None:
         """``torch.compile`` the tokenizer's network in place (the DALL-E encoder; the k-means tokenizer
@@ -466,6 +486,7 @@ class Trainer:
         self.last_good: int | None = None
         self.step = 0
         self.resumed_from: tuple[Path, int] | None = None  # (checkpoint, step) when fit() resumed
+        self.schedule_changes = ""  # on resume: the schedule settings that differ from the checkpoint's
         self.plotting = True  # until matplotlib turns out to be missing
 
     def _wrap(self, model: BEiT):
@@ -533,6 +554,8 @@ class Trainer:
                 # Data stream and masks are functions of (seed, step): their state is the step.
                 "data": {"next_step": step, "seed": self.stream.seed},
             }
+            if hasattr(self.task, "checksum"):
+                payload["tokenizer_sha256"] = self.task.checksum()
             buffer = io.BytesIO()
             torch.save(add_digest(payload), buffer)
             keep_previous(self.checkpoint_path, self.previous_checkpoint_path)
@@ -597,6 +620,20 @@ class Trainer:
                     f"resume: {str(path)!r} was trained with {key}={saved[key]}, this run has "
                     f"{key}={getattr(self.config, key)}; exact resume needs the same value"
                 )
+        recorded = payload.get("tokenizer_sha256")  # None in checkpoints of older versions
+        if recorded is not None and hasattr(self.task, "checksum") and recorded != self.task.checksum() \
+                and not self.config.allow_tokenizer_change:
+            raise ValueError(
+                f"resume: {str(path)!r} was trained with another tokenizer (checksum {recorded[:12]}, this run's "
+                f"is {self.task.checksum()[:12]}): its targets would change mid-run. Use that run's tokenizer, or "
+                f"allow_tokenizer_change (--allow-tokenizer-change) to continue with this one"
+            )
+        # The schedules are planned from these: a change re-plans the rest of the run, which the resume
+        # line says.
+        self.schedule_changes = ", ".join(
+            f"{key} {saved[key]} -> {getattr(self.config, key)}"
+            for key in ("steps", "warmup_steps", "lr", "min_lr", "weight_decay", "weight_decay_end")
+            if key in saved and saved[key] != getattr(self.config, key))
         self._load_state(payload["model"], payload["optimizer"])
         if payload["world_size"] == self.ctx.world_size:
             restore_rng_states(payload["rng"][self.ctx.rank], self.device)
@@ -688,7 +725,8 @@ class Trainer:
         if resume is not None:
             self.load_checkpoint(resume, payload)
             self.resumed_from = (resume, self.step)
-            self._log(f"{self.task.name}: resumed from {resume} at step {self.step} of {c.steps}")
+            self._log(f"{self.task.name}: resumed from {resume} at step {self.step} of {c.steps}" + (
+                f" (schedule re-planned: {self.schedule_changes})" if self.schedule_changes else ""))
         else:
             self._seed_rngs(0)
         if self.ctx.is_main:

@@ -216,6 +216,7 @@ TRAIN_FIELDS = {
     "log_every": lambda v: is_int(v, 0),
     "output_dir": lambda v: isinstance(v, (str, os.PathLike)),
     "resume": lambda v: v is None or isinstance(v, (str, os.PathLike)),
+    "allow_tokenizer_change": is_bool,
     "device": lambda v: v == "auto" or isinstance(v, torch.device) or (isinstance(v, str) and parses_as_device(v)),
     # the options of the fast step (README "Fast step")
     "fused_optimizer": is_bool,

@@ -415,3 +415,41 @@ def test_finetune_needs_two_classes_and_names_stray_images(tmp_path, capsys):
     assert main([*finetune, "--data", str(data)]) == 0
     assert "--data: ignored 2 image(s) beside the class folders, in no class: other.jpg, stray.png" in \
         capsys.readouterr().out
+
+
+def test_resume_with_another_tokenizer_is_refused_unless_allowed(tmp_path, capsys):
+    """Two k-means tokenizers of the same vocabulary (other seeds): the checkpoint records its tokenizer's
+    checksum; a checkpoint of an older version, without one, still resumes."""
+    tokenizers = []
+    for seed in (1, 2):
+        tokenizers.append(tmp_path / f"tok{seed}.safetensors")
+        assert main(["tokenizer", "train", "--output", str(tokenizers[-1]), *TINY_TOKENIZER, "--seed", str(seed)]) == 0
+    out = tmp_path / "run"
+    pretrain = ["pretrain", "--output", str(out), *TINY]
+    assert main([*pretrain, "--steps", "1", "--tokenizer", str(tokenizers[0])]) == 0
+    capsys.readouterr()
+    assert main([*pretrain, "--steps", "2", "--tokenizer", str(tokenizers[1])]) == 2
+    one_line_error(capsys, "another tokenizer", "--allow-tokenizer-change")
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 1
+    assert main([*pretrain, "--steps", "2", "--tokenizer", str(tokenizers[1]), "--allow-tokenizer-change"]) == 0
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
+    # The same tokenizer resumes without a word; so does a checkpoint without the checksum.
+    assert main([*pretrain, "--steps", "3", "--tokenizer", str(tokenizers[1])]) == 0
+    from beitfast._files import DIGEST_KEY, add_digest
+
+    payload = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert len(payload.pop("tokenizer_sha256")) == 64
+    payload.pop(DIGEST_KEY)
+    torch.save(add_digest(payload), out / "checkpoint.pt")
+    assert main([*pretrain, "--steps", "4", "--tokenizer", str(tokenizers[0])]) == 0
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 4
+
+
+def test_the_resume_line_says_when_the_schedule_changes(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["pretrain", "--steps", "2", "--warmup-steps", "1", "--output", str(out), *TINY,
+                 *TINY_TOKENIZER]) == 0
+    assert main(["pretrain", "--steps", "3", "--warmup-steps", "1", "--output", str(out), *TINY,
+                 *TINY_TOKENIZER]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "resumed from" in line]
+    assert lines[0].endswith("at step 2 of 3 (schedule re-planned: steps 2 -> 3)"), lines
