@@ -313,7 +313,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     layer_decay = None if args.linear_probe else args.layer_decay
     train_config = _train_config(args, args.output, layer_decay=layer_decay, label_smoothing=args.label_smoothing,
                                  linear_probe=args.linear_probe)
-    _check_file(args.pretrained, "--pretrained")
+    if not Path(args.pretrained).exists():
+        raise FileNotFoundError(f"--pretrained: {args.pretrained!r} does not exist (a weights file or a Hugging "
+                                f"Face model folder)")
     train_set = _labelled_source(args.data, "--data")
     val_set = _labelled_source(args.val_data, "--val-data") if args.val_data else None
     if len(train_set.classes) < 2:
@@ -323,7 +325,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if val_set is not None and val_set.classes != train_set.classes:
         raise CommandError(f"--val-data classes {val_set.classes} differ from --data classes {train_set.classes}")
     model = classifier_from_pretrained(args.pretrained, len(train_set.classes), drop_path_rate=args.drop_path,
-                                       **_fast_step(args))
+                                       log=_log, **_fast_step(args))
     size = model.config.image_hw[0]
     ctx = setup_distributed()
     stream = classify_stream(train_set, ClassifyTransform(size), args.batch_size, seed=args.seed, rank=ctx.rank,
@@ -555,7 +557,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "decay, label smoothing; or a linear probe (only the classifier trains).",
     )
     fine.add_argument("--pretrained", required=True,
-                      help="a checkpoint.pt of `beitfast pretrain`, or any BEiT weights file BEiT.from_file reads")
+                      help="a checkpoint.pt of `beitfast pretrain`, or any BEiT weights file or Hugging Face model "
+                           "folder BEiT.from_file reads (a classifier's head of another class count is dropped)")
     fine.add_argument("--data", required=True, help="training images: a folder with one sub-folder per class")
     fine.add_argument("--val-data", help="validation images (same classes); top-1 accuracy reported at the end")
     fine.add_argument("--output", default="beitfast-finetune", help="output folder (default: ./beitfast-finetune)")

@@ -26,6 +26,7 @@ import random
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -828,9 +829,12 @@ def pretraining_trainer(model_config: BEiTConfig, tokenizer, source: ImageSource
 
 
 def classifier_from_pretrained(pretrained: BEiT | str | os.PathLike, num_classes: int,
-                               drop_path_rate: float = 0.1, **overrides) -> BEiT:
+                               drop_path_rate: float = 0.1, log: Callable[[str], None] | None = None,
+                               **overrides) -> BEiT:
     """A classifier (mean pooling, no LM head) from pre-trained weights: a :class:`BEiT`, a training
-    checkpoint of this trainer, or any file :meth:`BEiT.from_file` reads."""
+    checkpoint of this trainer, or any file or folder :meth:`BEiT.from_file` reads. The head of a
+    classifier of another class count is dropped (re-initialised, as the official recipe does), which
+    ``log`` (default: a warning) is told in one line."""
     if isinstance(pretrained, BEiT):
         state, config = pretrained.state_dict(), pretrained.config
     else:
@@ -842,6 +846,15 @@ def classifier_from_pretrained(pretrained: BEiT | str | os.PathLike, num_classes
     state = checkpoint.adapt_state_dict(checkpoint.to_official_names(state)[0], target)
     # The LM head, the mask token and the final norm (replaced by fc_norm) are not used.
     state = {k: v for k, v in state.items() if not k.startswith(("lm_head.", "mask_token", "norm."))}
+    head = state.get("head.weight")
+    if head is not None and head.shape[0] != num_classes:
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}
+        notice = (f"the pre-trained classifier's head has {head.shape[0]} classes, this one {num_classes}: "
+                  f"its head is dropped and a new one initialised")
+        if log is None:
+            warnings.warn(notice, stacklevel=2)
+        else:
+            log(notice)
     missing, unexpected = model.load_state_dict(state, strict=False)
     new_layers = [k for k in missing if not k.startswith(("head.", "fc_norm."))]
     if new_layers or unexpected:

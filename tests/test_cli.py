@@ -453,3 +453,40 @@ def test_the_resume_line_says_when_the_schedule_changes(tmp_path, capsys):
                  *TINY_TOKENIZER]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if "resumed from" in line]
     assert lines[0].endswith("at step 2 of 3 (schedule re-planned: steps 2 -> 3)"), lines
+
+
+@pytest.mark.parametrize("source", ["beitfast", "timm", "hugging-face-folder"])
+def test_finetune_from_a_classifier_of_another_class_count_drops_its_head(tmp_path, capsys, source):
+    from beitfast import BEiT, BEiTConfig
+    from beitfast import checkpoint as formats
+
+    classes = {"beitfast": 5, "timm": 1000, "hugging-face-folder": 10}[source]
+    config = BEiTConfig.tiny(img_size=16, patch_size=4, depth=1, vocab_size=0, num_classes=classes,
+                             use_mean_pooling=True)
+    model = BEiT(config)
+    if source == "beitfast":
+        pretrained = tmp_path / "classifier.pt"
+        model.save(pretrained)
+    elif source == "timm":
+        pretrained = tmp_path / "timm.pth"
+        torch.save(formats.to_timm_state_dict(model), pretrained)
+    else:
+        import safetensors.torch
+        import transformers
+
+        pretrained = tmp_path / "hf"
+        transformers.BeitConfig(**model.to_hf_config(), architectures=["BeitForImageClassification"]
+                                ).save_pretrained(pretrained)
+        safetensors.torch.save_file(model.to_hf_state_dict(), pretrained / "model.safetensors")
+    data = labelled_folder(tmp_path / "labelled")
+    out = tmp_path / "ft"
+    assert main(["finetune", "--pretrained", str(pretrained), "--data", str(data), "--output", str(out), "--steps",
+                 "1", "--batch-size", "2", "--device", "cpu", "--threads", "1", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert f"head has {classes} classes, this one 2: its head is dropped" in printed
+    tuned = BEiT.from_file(out / "checkpoint.pt")
+    assert tuned.config.num_classes == 2
+    # The backbone is the pre-trained one, moved by one step of AdamW (lr 1e-3 at most).
+    for name, weight in model.state_dict().items():
+        if name.startswith(("blocks.", "patch_embed.")) and weight.dim() == 2:
+            assert (tuned.state_dict()[name] - weight).abs().max() < 3e-3, name
