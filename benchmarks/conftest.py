@@ -3,15 +3,22 @@
 Options:
 
 * ``--smoke``: tiny shapes on the CPU, so the suites run end to end anywhere (``tests/test_bench_smoke.py``
-  does, inside ``make test``). Timings then mean nothing: rows are written only to ``--results-dir``
-  when one is given, never to ``benchmarks/results/``. A benchmark opts in by taking the ``smoke`` or
+  does, inside ``make test``). Timings then mean nothing (rows are marked ``smoke`` and never tabled).
+  A benchmark opts in by taking the ``smoke`` or
   the ``bench_device`` fixture (and shrinking its shapes); the others are skipped in smoke mode, so a
   full-size CPU benchmark never runs there.
 * ``--profile``: every benchmark that measures also writes a ``torch.profiler`` trace
   (``<test>.trace.json``, Chrome/Perfetto), its top ops (``<test>.kernels.txt``) and the time by
   region (``<test>.regions.json``, see :mod:`beitfast.profiling`) to ``--profile-dir`` (default
   ``<results dir>/profiles/``).
-* ``--results-dir``: where result rows go (default ``benchmarks/results``).
+* ``--results-dir``: where result rows go; by default a new scratch folder under the system's temporary
+  folder, named at the end of the run. A benchmark run never rewrites the committed
+  ``benchmarks/results/``: only ``make record-cpu`` and ``make record-gpu`` (a GPU run's rows, see
+  ``benchmarks/gpu_out.py``) do, deliberately.
+
+A baseline the run selected must run: when every test of ``hf-*``, ``timm*``, ``liger*`` or
+``cut-cross-entropy`` was skipped (a broken import, a peer not installed), the run fails and says why. On
+the CPU this holds in smoke mode for the installed baselines that run there (Hugging Face, timm).
 
 Fixtures:
 
@@ -39,12 +46,14 @@ rows of the tests it ran and keeps the others.
 from __future__ import annotations
 
 import datetime
+import importlib.metadata
 import json
 import os
 import platform
 import re
 import statistics
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -56,7 +65,13 @@ from beitfast.calibrate import git_commit, time_trials
 from beitfast.ops.dispatch import gpu_slug
 
 HAS_GPU = torch.cuda.is_available()
-RESULTS = Path(__file__).parent / "results"
+# Baselines by variant name: the distribution that provides each, and whether it runs on the CPU.
+BASELINES = {
+    **{name: ("transformers", True) for name in ("hf-sdpa", "hf-sdpa-compiled", "hf-eager")},
+    **{name: ("timm", True) for name in ("timm", "timm-compiled")},
+    **{name: ("liger-kernel", False) for name in ("liger", "liger-fp32-accum")},
+    "cut-cross-entropy": ("cut-cross-entropy", False),
+}
 
 
 def pytest_addoption(parser):
@@ -66,26 +81,84 @@ def pytest_addoption(parser):
     group.addoption("--profile", action="store_true",
                     help="write a torch.profiler trace, a top-ops table and the time by region per benchmark")
     group.addoption("--results-dir", default=None,
-                    help="where result rows (and profiles) go; default benchmarks/results")
+                    help="where result rows (and profiles) go; default a new scratch folder (never the "
+                         "committed benchmarks/results: make record-cpu / record-gpu update those)")
     group.addoption("--profile-dir", default=None,
                     help="where --profile writes; default <results dir>/profiles")
 
 
+_baseline_of = pytest.StashKey[dict]()
+_baseline_outcomes = pytest.StashKey[dict]()
+_scratch = pytest.StashKey[Path]()
+
+
 def pytest_collection_modifyitems(config, items):
-    if not config.getoption("--smoke"):
-        return
+    smoke = config.getoption("--smoke")
     skip = pytest.mark.skip(reason="no smoke mode (takes neither the smoke nor the bench_device fixture)")
+    config.stash[_baseline_of] = {}
     for item in items:
-        if not {"smoke", "bench_device"} & set(getattr(item, "fixturenames", ())):
+        if smoke and not {"smoke", "bench_device"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(skip)
+            continue
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        names = [value for value in params.values() if isinstance(value, str) and value in BASELINES]
+        if names and _required(names[0], smoke):
+            config.stash[_baseline_of][item.nodeid] = names[0]
 
 
-def results_dir(config) -> Path | None:
-    """Where rows go: ``--results-dir``, else ``benchmarks/results`` except in smoke mode (nowhere)."""
+def _required(baseline: str, smoke: bool) -> bool:
+    """Whether a run that selects ``baseline`` must measure it: always on a GPU; on the CPU in smoke
+    mode when it runs on the CPU and is installed."""
+    distribution, runs_on_cpu = BASELINES[baseline]
+    if HAS_GPU:
+        return True
+    try:
+        importlib.metadata.version(distribution)  # not imported: a shadowed import must not hide it
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return smoke and runs_on_cpu
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    baseline = item.config.stash.get(_baseline_of, {}).get(item.nodeid)
+    if baseline is not None and (report.when == "call" or report.skipped or report.failed):
+        skipped = report.skipped and isinstance(report.longrepr, tuple)
+        reason = report.longrepr[2].removeprefix("Skipped: ") if skipped else ""
+        item.config.stash.setdefault(_baseline_outcomes, {}).setdefault(baseline, []).append(
+            (report.outcome, reason))
+
+
+def missing_baselines(config) -> dict[str, str]:
+    """Baselines the run selected whose every test was skipped: name -> the first skip's reason."""
+    outcomes = config.stash.get(_baseline_outcomes, {})
+    return {name: runs[0][1] for name, runs in outcomes.items() if all(o == "skipped" for o, _ in runs)}
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if missing_baselines(session.config) and exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    for baseline, reason in missing_baselines(config).items():
+        terminalreporter.write_line(f"FAILED: baseline {baseline} did not run (every test of it was skipped: "
+                                    f"{reason}); a benchmark run must measure the baselines it selects",
+                                    red=True)
+    if _scratch in config.stash:
+        terminalreporter.write_line(f"result rows: {config.stash[_scratch]} (scratch; --results-dir sets it)")
+
+
+def results_dir(config) -> Path:
+    """Where rows go: ``--results-dir``, else a scratch folder made for this run."""
     given = config.getoption("--results-dir")
     if given:
         return Path(given)
-    return None if config.getoption("--smoke") else RESULTS
+    if _scratch not in config.stash:
+        config.stash[_scratch] = Path(tempfile.mkdtemp(prefix="beitfast-benchmark-results-"))
+    return config.stash[_scratch]
 
 
 @pytest.fixture
@@ -128,7 +201,9 @@ def machine(device_type: str) -> dict[str, Any]:
         device = {"cpu": _cpu_model(), "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
     return {**device, "python": sys.version.split()[0], "torch": torch.__version__, "triton": triton_version,
             "cuda": torch.version.cuda, "platform": platform.platform(),
-            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "commit": git_commit()}
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            # Set by gpu_check.sh where the checkout travelled without its .git.
+            "commit": os.environ.get("BEITFAST_COMMIT") or git_commit()}
 
 
 def _save(path: Path, row: dict[str, Any]) -> None:
@@ -147,8 +222,6 @@ def _recorder(request, cpu_benchmark: bool) -> Callable[..., dict[str, Any]]:
         on_gpu = HAS_GPU and not cpu_benchmark
         row = {"benchmark": name, **fields, "test": request.node.nodeid, "smoke": smoke_run,
                **machine("cuda" if on_gpu else "cpu")}
-        if folder is None:
-            return row
         if cpu_benchmark or smoke_run:
             _save(folder / f"{gpu_slug(name)}_cpu.json", row)
         elif on_gpu:
@@ -193,17 +266,13 @@ def profile_name(nodeid: str) -> str:
 
 
 @pytest.fixture
-def profile_dir(request, tmp_path_factory) -> Path | None:
-    """``--profile-dir`` or ``<results dir>/profiles`` under ``--profile`` (a temporary folder in
-    smoke mode without either), else None."""
+def profile_dir(request) -> Path | None:
+    """``--profile-dir`` or ``<results dir>/profiles`` under ``--profile``, else None."""
     if not request.config.getoption("--profile"):
         return None
     if request.config.getoption("--profile-dir"):
         return Path(request.config.getoption("--profile-dir"))
-    folder = results_dir(request.config)
-    if folder is None:
-        folder = tmp_path_factory.mktemp("benchmark-results")
-    return folder / "profiles"
+    return results_dir(request.config) / "profiles"
 
 
 @pytest.fixture
