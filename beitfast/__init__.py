@@ -10,7 +10,8 @@ from . import ops
 from .config import BEiTConfig
 from .masking import MaskingGenerator
 from .model import BEiT
+from .segmentation import BEiTForSegmentation
 
 __version__ = "0.1.0"
 
-__all__ = ["BEiT", "BEiTConfig", "MaskingGenerator", "ops", "__version__"]
+__all__ = ["BEiT", "BEiTConfig", "BEiTForSegmentation", "MaskingGenerator", "ops", "__version__"]

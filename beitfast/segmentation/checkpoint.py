@@ -1,0 +1,276 @@
+"""Segmentation checkpoints: ours, the official (mmseg) code's, transformers' BeitForSemanticSegmentation.
+
+Names of the three formats read by :func:`from_state_dict` (and written by the exports):
+
+* ``"beitfast"``: ``backbone.*`` (official BEiT names), ``neck.fpn1.0.weight``..., ``decode_head.*`` and
+  ``auxiliary_head.*`` in mmseg's names (``conv_seg`` the classifier).
+* ``"mmseg"`` (the official code): the same, with the neck inside the backbone (``backbone.fpn1.0``...).
+* ``"hf-v4"`` / ``"hf-v5"``: transformers 4.x / 5.x: the backbone under ``beit.`` as for the other BEiT
+  models, the neck as ``fpn1.0``... (4.x) or ``fpn.fpn1.conv_transpose1``... (5.x), the heads'
+  ``classifier`` and, in 5.x, ``psp_bottleneck``, ``psp_modules.blocks.i.conv`` and
+  ``convolution``/``normalization`` for ``conv``/``bn`` (the renames transformers 5 applies itself to
+  4.x files).
+
+BatchNorm running statistics travel with the weights. The backbone part goes through
+:mod:`beitfast.checkpoint` (format, inference of its config, shared to per-layer tables, the official
+resize of the tables when the image size changes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import warnings
+from typing import Any, Mapping
+
+import torch
+
+from .. import checkpoint as beit_checkpoint
+from ..config import BEiTConfig
+from .config import SegmentationConfig, default_out_indices
+from .model import BEiTForSegmentation
+
+__all__ = ["SEGMENTATION_FORMATS", "detect_format", "to_our_names", "infer_segmentation_config",
+           "from_state_dict", "from_backbone", "to_mmseg_state_dict", "to_hf_state_dict", "hf_config_kwargs"]
+
+SEGMENTATION_FORMATS = ("beitfast", "mmseg", "hf-v4", "hf-v5")
+_HEADS = ("decode_head.", "auxiliary_head.")
+# Backbone entries the segmentation backbone does not have (heads and final norms of other tasks).
+_OTHER_TASKS = re.compile(r"(norm|fc_norm|head|lm_head)\.(weight|bias)|mask_token")
+
+# Neck and heads, rule by rule (re.sub in order). Ours -> transformers 4.x and back:
+_TO_HF4 = [(r"^neck\.", ""), (r"^(decode_head|auxiliary_head)\.conv_seg\.", r"\1.classifier.")]
+_FROM_HF4 = [(r"^(fpn[12]\.)", r"neck.\1"), (r"^(decode_head|auxiliary_head)\.classifier\.", r"\1.conv_seg.")]
+# transformers 4.x -> 5.x and back (the 4.x -> 5.x rules are those transformers 5 applies on load).
+_HF4_TO_HF5 = [
+    (r"^fpn1\.0\.", "fpn.fpn1.conv_transpose1."),
+    (r"^fpn1\.1\.", "fpn.fpn1.normalization."),
+    (r"^fpn1\.3\.", "fpn.fpn1.conv_transpose2."),
+    (r"^fpn2\.0\.", "fpn.fpn2."),
+    (r"^decode_head\.bottleneck\.", "decode_head.psp_bottleneck."),
+    (r"\.psp_modules\.(\d+)\.1\.conv\.", r".psp_modules.blocks.\1.conv.convolution."),
+    (r"\.psp_modules\.(\d+)\.1\.bn\.", r".psp_modules.blocks.\1.conv.normalization."),
+    (r"\.conv\.weight$", ".convolution.weight"),
+    (r"\.bn\.", ".normalization."),
+]
+_HF5_TO_HF4 = [
+    (r"^fpn\.fpn1\.conv_transpose1\.", "fpn1.0."),
+    (r"^fpn\.fpn1\.normalization\.", "fpn1.1."),
+    (r"^fpn\.fpn1\.conv_transpose2\.", "fpn1.3."),
+    (r"^fpn\.fpn2\.", "fpn2.0."),
+    (r"^decode_head\.psp_bottleneck\.", "decode_head.bottleneck."),
+    (r"\.psp_modules\.blocks\.(\d+)\.conv\.convolution\.", r".psp_modules.\1.1.conv."),
+    (r"\.psp_modules\.blocks\.(\d+)\.conv\.normalization\.", r".psp_modules.\1.1.bn."),
+    (r"\.convolution\.weight$", ".conv.weight"),
+    (r"\.normalization\.", ".bn."),
+]
+
+
+def _rename(key: str, rules) -> str:
+    for pattern, replacement in rules:
+        key = re.sub(pattern, replacement, key)
+    return key
+
+
+def detect_format(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """One of :data:`SEGMENTATION_FORMATS`; a ValueError naming the keys otherwise, and saying so when
+    the state dict is a BEiT of another task (pre-training, classification)."""
+    keys = list(state_dict)
+    if any(k.startswith(_HEADS) for k in keys):
+        if any(k.startswith("neck.") for k in keys):
+            return "beitfast"
+        if any(k.startswith("backbone.") for k in keys):
+            return "mmseg"
+        beit = {k: v for k, v in state_dict.items() if k.startswith("beit.")}
+        if beit:
+            return beit_checkpoint.detect_format(beit)
+    try:
+        other = beit_checkpoint.detect_format(state_dict)
+    except ValueError:
+        other = None
+    if other is not None:
+        raise ValueError(
+            f"not a segmentation checkpoint: a BEiT state dict ({other} names) without decode heads, of "
+            "another task (pre-training or classification); BEiTForSegmentation.from_backbone starts a "
+            "segmentation model from it"
+        )
+    raise ValueError(
+        "not a BEiT segmentation state dict of a known format (beitfast, official/mmseg, transformers "
+        f"BeitForSemanticSegmentation 4.x or 5.x); keys seen: {beit_checkpoint._few(keys)}"
+    )
+
+
+def to_our_names(state_dict: Any) -> tuple[dict[str, torch.Tensor], str]:
+    """Unwraps a checkpoint and renames it to ours; returns ``(state_dict, format)``. Entries a
+    segmentation model does not have (final norms, mask token, relative position indices) are dropped."""
+    state = beit_checkpoint.unwrap_state_dict(state_dict)
+    fmt = detect_format(state)
+    if fmt in ("beitfast", "mmseg"):
+        backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+        rest = {k: v for k, v in state.items() if not k.startswith("backbone.")}
+        rest.update({f"neck.{k}": backbone.pop(k) for k in list(backbone) if k.startswith("fpn")})
+    else:
+        backbone = {k: v for k, v in state.items() if k.startswith("beit.")}
+        rest = {k: v for k, v in state.items() if not k.startswith("beit.")}
+        if fmt == "hf-v5":
+            rest = {_rename(k, _HF5_TO_HF4): v for k, v in rest.items()}
+        rest = {_rename(k, _FROM_HF4): v for k, v in rest.items()}
+    backbone, _ = beit_checkpoint.to_official_names(backbone)
+    out = {f"backbone.{k}": v for k, v in backbone.items() if not _OTHER_TASKS.fullmatch(k)}
+    out.update(rest)
+    return out, fmt
+
+
+def _part(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def infer_segmentation_config(state: Mapping[str, torch.Tensor], depth: int,
+                              **overrides) -> SegmentationConfig:
+    """The :class:`SegmentationConfig` of a state dict in our names, from its shapes: classes and
+    channels from the classifiers, the auxiliary head's presence and width. Pool scales (when there
+    are four pooling branches), out_indices (for depth 12 or 24), taps, dropout and the loss keep the
+    official defaults; ``overrides`` set them."""
+    classifier = state.get("decode_head.conv_seg.weight")
+    if classifier is None:
+        raise ValueError(
+            "infer_segmentation_config: no decode_head.conv_seg.weight (the classifier) in the state dict"
+        )
+    values: dict[str, Any] = dict(num_classes=classifier.shape[0], channels=classifier.shape[1])
+    auxiliary = state.get("auxiliary_head.conv_seg.weight")
+    values["auxiliary_channels"] = auxiliary.shape[1] if auxiliary is not None else 0
+    branches = len({m.group(1) for k in state if (m := re.match(r"decode_head\.psp_modules\.(\d+)\.", k))})
+    if "pool_scales" not in overrides and branches != 4:
+        raise ValueError(
+            f"infer_segmentation_config: the decode head has {branches} pooling branches, not the official "
+            "4; pass pool_scales"
+        )
+    if "out_indices" not in overrides:
+        values["out_indices"] = default_out_indices(depth)
+    return SegmentationConfig(**{**values, **overrides})
+
+
+def _split_overrides(overrides: dict) -> tuple[dict, dict]:
+    segmentation_fields = {f.name for f in dataclasses.fields(SegmentationConfig)}
+    return ({k: v for k, v in overrides.items() if k not in segmentation_fields},
+            {k: v for k, v in overrides.items() if k in segmentation_fields})
+
+
+def from_state_dict(state_dict: Any, config: BEiTConfig | None = None,
+                    segmentation: SegmentationConfig | None = None, strict: bool = True,
+                    **overrides) -> BEiTForSegmentation:
+    """A :class:`BEiTForSegmentation` holding the weights of any supported segmentation state dict.
+
+    Configs not given are inferred from the shapes (:func:`beitfast.checkpoint.infer_config`,
+    :func:`infer_segmentation_config`); ``overrides`` change fields of either (by name). A ``config``
+    of another image size gets the backbone's tables resized the official way. ``strict=True``
+    refuses missing or unexpected keys; ``strict=False`` warns and keeps the new model's
+    initialisation for the missing ones. A shape mismatch is always an error."""
+    state, _ = to_our_names(state_dict)
+    beit_overrides, seg_overrides = _split_overrides(overrides)
+    backbone = _part(state, "backbone.")
+    if config is None:
+        config = beit_checkpoint.infer_config(backbone, **beit_overrides)
+    else:
+        config = config.replace(**beit_overrides)
+    backbone = beit_checkpoint.adapt_state_dict(backbone, config.replace(vocab_size=0, num_classes=0))
+    state = {**{f"backbone.{k}": v for k, v in backbone.items()},
+             **{k: v for k, v in state.items() if not k.startswith("backbone.")}}
+    if segmentation is None:
+        segmentation = infer_segmentation_config(state, config.depth, **seg_overrides)
+    else:
+        segmentation = segmentation.replace(**seg_overrides)
+    model = BEiTForSegmentation(config, segmentation)
+    _load_checked(model, state, strict)
+    return model
+
+
+def _load_checked(model: torch.nn.Module, state: Mapping[str, torch.Tensor], strict: bool) -> None:
+    expected = model.state_dict()
+    mismatched = [f"{k}: expected {tuple(expected[k].shape)}, got {tuple(v.shape)}"
+                  for k, v in state.items() if k in expected and v.shape != expected[k].shape]
+    if mismatched:
+        raise ValueError("BEiTForSegmentation.from_state_dict: shape mismatch for " + "; ".join(mismatched))
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        message = f"BEiTForSegmentation.from_state_dict: missing keys {missing}, unexpected keys {unexpected}"
+        if strict:
+            raise ValueError(message + " (strict=False loads the rest)")
+        warnings.warn(message + "; missing ones keep the initialisation of a new model", stacklevel=3)
+    model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
+
+
+def from_backbone(state_dict: Any, config: BEiTConfig, segmentation: SegmentationConfig | None = None,
+                  **overrides) -> BEiTForSegmentation:
+    """A new :class:`BEiTForSegmentation` whose backbone holds a BEiT of another task (see
+    :meth:`BEiTForSegmentation.from_backbone`)."""
+    state, _ = beit_checkpoint.to_official_names(state_dict)
+    model = BEiTForSegmentation(config, segmentation, **overrides)
+    state = {k: v for k, v in state.items() if not _OTHER_TASKS.fullmatch(k)}
+    state = beit_checkpoint.adapt_state_dict(state, model.config)
+    expected = model.backbone.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"BEiTForSegmentation.from_backbone: the state dict does not fit the backbone config: missing "
+            f"keys {missing}, unexpected keys {unexpected}"
+        )
+    model.backbone.load_state_dict(state)
+    return model
+
+
+def to_mmseg_state_dict(model: BEiTForSegmentation) -> dict[str, torch.Tensor]:
+    """The names of the official/mmseg code: the neck back inside the backbone."""
+    return {re.sub(r"^neck\.", "backbone.", k): v for k, v in model.state_dict().items()}
+
+
+def to_hf_state_dict(model: BEiTForSegmentation, version: int = 5) -> dict[str, torch.Tensor]:
+    """The state dict of transformers' ``BeitForSemanticSegmentation`` in 5.x (or 4.x) names; build the
+    peer with ``transformers.BeitConfig(**hf_config_kwargs(model))``."""
+    if version not in (4, 5):
+        raise ValueError(f"to_hf_state_dict: version must be 4 or 5, got {version!r}")
+    out = beit_checkpoint.to_hf_state_dict(model.backbone, version, task="image_classification")
+    for key, value in model.state_dict().items():
+        if not key.startswith("backbone."):
+            key = _rename(key, _TO_HF4)
+            out[_rename(key, _HF4_TO_HF5) if version == 5 else key] = value
+    return out
+
+
+def hf_config_kwargs(model: BEiTForSegmentation, out_indices=None) -> dict[str, Any]:
+    """Keyword arguments of ``transformers.BeitConfig`` for the same model.
+
+    transformers reads ``out_indices`` as ``hidden_states[i - 1]`` (the output of block i - 2) and
+    accepts only increasing indices in [0, depth]. A model with ``taps="huggingface"`` keeps its
+    indices; official block indices b become b + 2, which transformers can express only when the last
+    block is not tapped. The official recipes tap it (11 of 12 blocks, 23 of 24): no transformers
+    config computes those models, and this raises unless ``out_indices`` is given (transformers' own
+    conversions of the official checkpoints give the official numbers, e.g. [3, 5, 7, 11], so that
+    model reads blocks 1, 3, 5, 9). transformers averages the loss over labelled pixels
+    (``loss_average="labelled_pixels"``)."""
+    seg = model.segmentation_config
+    depth = model.config.depth
+    if seg.channels != model.config.embed_dim:
+        raise ValueError(
+            f"hf_config_kwargs: transformers' UPerNet head is as wide as the backbone "
+            f"({model.config.embed_dim}), this one has channels={seg.channels}"
+        )
+    if out_indices is None:
+        out_indices = [i + 2 for i in seg.out_indices] if seg.taps == "official" else list(seg.out_indices)
+        if out_indices != sorted(set(out_indices)) or not all(0 <= i <= depth for i in out_indices):
+            raise ValueError(
+                f"hf_config_kwargs: transformers cannot tap the blocks {list(seg.out_indices)} of {depth} "
+                f"(its out_indices [i + 2] = {out_indices} must increase within [0, {depth}]: the last "
+                "block's output is out of its reach); pass out_indices to export anyway, knowing it reads "
+                "other blocks"
+            )
+    # Mean pooling: transformers' final layernorm is then an identity, as our backbone's.
+    backbone = model.config.replace(use_mean_pooling=True)
+    kwargs = beit_checkpoint.hf_config_kwargs(backbone, "image_classification")
+    kwargs.update(
+        num_labels=seg.num_classes, out_indices=list(out_indices), pool_scales=list(seg.pool_scales),
+        use_auxiliary_head=seg.auxiliary_channels > 0, auxiliary_channels=seg.auxiliary_channels or 256,
+        auxiliary_num_convs=1, auxiliary_concat_input=False, auxiliary_loss_weight=seg.auxiliary_loss_weight,
+        semantic_loss_ignore_index=seg.ignore_index,
+    )
+    return kwargs

@@ -1,0 +1,134 @@
+"""BEiT for semantic segmentation: backbone, neck, UPerNet decode head and auxiliary FCN head."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..config import BEiTConfig
+from .backbone import BEiTBackbone
+from .config import SegmentationConfig, default_out_indices
+from .heads import FCNHead, UPerHead
+from .neck import MultiScaleNeck
+
+__all__ = ["BEiTForSegmentation"]
+
+
+class BEiTForSegmentation(nn.Module):
+    """The official BEiT UPerNet segmentation model (microsoft/unilm ``beit/semantic_segmentation``).
+
+    * ``model(images)`` -> logits ``[B, num_classes, H/4, W/4]`` (the decode head's, at 1/4 of the
+      image, as the official ``EncoderDecoder`` before its final resize);
+    * ``model(images, labels)`` -> the training loss: the decode head's cross-entropy plus
+      ``auxiliary_loss_weight`` x the auxiliary head's, each on logits upsampled to the ``[B, H', W']``
+      labels (values in ``[0, num_classes)`` or ``ignore_index``).
+
+    ``config`` is the backbone's (its ``img_size``: any multiple of the patch size; it gets no LM head,
+    classifier or final norm); ``segmentation`` the neck's and heads'. The official fine-tuning
+    backbone has a bias table per layer (``use_rel_pos_bias=True``); the default is its BEiT-B at
+    512 px for ADE20K's 150 classes. Built with the official initialisation; load weights with
+    :meth:`from_state_dict`, or start from a pre-trained or classification BEiT with
+    :meth:`from_backbone`.
+    """
+
+    def __init__(self, config: BEiTConfig | None = None, segmentation: SegmentationConfig | None = None,
+                 **overrides):
+        super().__init__()
+        if config is not None and not isinstance(config, BEiTConfig):
+            raise TypeError(
+                f"BEiTForSegmentation: config must be a BEiTConfig or None, got {type(config).__name__}"
+            )
+        if segmentation is not None and not isinstance(segmentation, SegmentationConfig):
+            raise TypeError(
+                "BEiTForSegmentation: segmentation must be a SegmentationConfig or None, got "
+                f"{type(segmentation).__name__}"
+            )
+        seg = (segmentation or SegmentationConfig()).replace(**overrides)
+        config = config or BEiTConfig.base(img_size=512, use_shared_rel_pos_bias=False, use_rel_pos_bias=True)
+        if seg.out_indices is None:
+            seg = seg.replace(out_indices=default_out_indices(config.depth))
+        if seg.channels is None:
+            seg = seg.replace(channels=config.embed_dim)
+        self.segmentation_config = seg
+        self.backbone = BEiTBackbone(config, seg.out_indices, seg.taps)
+        self.config = self.backbone.config
+        dim = config.embed_dim
+        self.neck = MultiScaleNeck(dim)
+        loss = dict(ignore_index=seg.ignore_index, loss_average=seg.loss_average)
+        self.decode_head = UPerHead(dim, seg.channels, seg.num_classes, seg.pool_scales, seg.dropout, **loss)
+        self.auxiliary_head = (
+            FCNHead(dim, seg.auxiliary_channels, seg.num_classes, in_index=2, dropout=seg.dropout,
+                    loss_weight=seg.auxiliary_loss_weight, **loss)
+            if seg.auxiliary_channels > 0 else None
+        )
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if labels is not None:
+            self._check_labels(images, labels)
+        features = self.neck(self.backbone(images))
+        logits = self.decode_head(features)
+        if labels is None:
+            return logits
+        loss = self.decode_head.loss(logits, labels)
+        if self.auxiliary_head is not None:
+            loss = loss + self.auxiliary_head.loss(self.auxiliary_head(features), labels)
+        return loss
+
+    def _check_labels(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        seg = self.segmentation_config
+        form = f"an integer [B, H, W] tensor with B = {images.shape[0]}"
+        if not isinstance(labels, torch.Tensor):
+            raise TypeError(f"BEiTForSegmentation: labels must be {form}, got {type(labels).__name__}")
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise TypeError(f"BEiTForSegmentation: labels must be {form}, got {labels.dtype}")
+        if labels.dim() != 3 or labels.shape[0] != images.shape[0] or labels.numel() == 0:
+            raise ValueError(f"BEiTForSegmentation: labels must be {form}, got {tuple(labels.shape)}")
+        bad = labels[((labels < 0) | (labels >= seg.num_classes)) & (labels != seg.ignore_index)]
+        if bad.numel():
+            raise ValueError(
+                f"BEiTForSegmentation: labels must be in [0, {seg.num_classes}) or ignore_index "
+                f"{seg.ignore_index}, got {sorted(set(bad.unique()[:8].tolist()))}"
+            )
+
+    # -- checkpoints (implemented in beitfast.segmentation.checkpoint) --------------------------------
+
+    @staticmethod
+    def from_state_dict(state_dict, config: BEiTConfig | None = None,
+                        segmentation: SegmentationConfig | None = None, strict: bool = True,
+                        **overrides) -> "BEiTForSegmentation":
+        """A model from a segmentation state dict: ours, the official/mmseg code's, or transformers'
+        ``BeitForSemanticSegmentation`` (4.x or 5.x names); configs inferred from the shapes when not
+        given. See :mod:`beitfast.segmentation.checkpoint`."""
+        from . import checkpoint
+
+        return checkpoint.from_state_dict(state_dict, config, segmentation, strict, **overrides)
+
+    @staticmethod
+    def from_backbone(state_dict, config: BEiTConfig, segmentation: SegmentationConfig | None = None,
+                      **overrides) -> "BEiTForSegmentation":
+        """A new model whose backbone holds the weights of a BEiT state dict of any task and format
+        (pre-training, classification; official, beitfast, timm, transformers), adapted to ``config``
+        as the official fine-tuning does (a shared bias table copied into every layer, tables resized
+        to its grid); neck and heads newly initialised."""
+        from . import checkpoint
+
+        return checkpoint.from_backbone(state_dict, config, segmentation, **overrides)
+
+    def to_mmseg_state_dict(self) -> dict[str, torch.Tensor]:
+        """Weights in the names of the official/mmseg code (``backbone.fpn1.0.weight``, ``conv_seg``...)."""
+        from . import checkpoint
+
+        return checkpoint.to_mmseg_state_dict(self)
+
+    def to_hf_state_dict(self, version: int = 5) -> dict[str, torch.Tensor]:
+        """Weights in the names of transformers' ``BeitForSemanticSegmentation`` (5.x or 4.x)."""
+        from . import checkpoint
+
+        return checkpoint.to_hf_state_dict(self, version)
+
+    def to_hf_config(self, out_indices=None) -> dict:
+        """Keyword arguments of ``transformers.BeitConfig`` for the same model (see
+        :func:`beitfast.segmentation.checkpoint.hf_config_kwargs` for which taps it can express)."""
+        from . import checkpoint
+
+        return checkpoint.hf_config_kwargs(self, out_indices)
