@@ -49,3 +49,56 @@ bench: install
 
 clean:
 	rm -rf build *.egg-info beitfast/_C*.so
+
+# -- GPU checks (DEVELOPERS.md, "GPU checks") ------------------------------------------------------------
+# The peers the GPU machine lacks, as wheels for its Python 3.12, in .whl/ (ignored; the device call
+# carries it), with the commit of this checkout (its .git does not travel).
+GPU_WHEELS ?= liger-kernel==0.8.5 cut-cross-entropy==25.1.1 torchao==0.18.0
+# A stand-in of the GPU machine's software: Python 3.12, torch 2.11.0, triton 3.6.0, transformers 5.17.
+STANDIN_VENV ?= /tmp/standin/venv
+PREFLIGHT ?= /tmp/beitfast-gpu-preflight
+GPU_OUT ?=
+
+.PHONY: gpu-wheels gpu-preflight record-gpu record-cpu
+
+gpu-wheels:
+	rm -rf .whl && mkdir .whl
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 \
+		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
+	{ git rev-parse HEAD | tr -d '\n'; git diff --quiet HEAD || printf -- -dirty; echo; } > .whl/COMMIT
+	ls -l .whl
+
+# The whole of gpu_check.sh in CPU mode (benchmarks in --smoke) on the stand-in, offline, in a copy of
+# the tree as the device call sends it (the build writes into the tree it builds): run it before
+# spending device time. The stand-in's packages reach a venv of its Python through a .pth file, so
+# the editable install of the copy leaves the stand-in itself untouched; setup.py looks for the CUDA
+# library headers of pip's nvidia wheels in the interpreter's own site-packages, hence the link.
+gpu-preflight:
+	test -x $(STANDIN_VENV)/bin/python || { echo "STANDIN_VENV=$(STANDIN_VENV): no environment"; exit 2; }
+	rm -rf $(PREFLIGHT)/tree $(PREFLIGHT)/out && mkdir -p $(PREFLIGHT)/tree
+	git ls-files -z -co --exclude-standard | tar --null --ignore-failed-read -T - -cf - \
+		| tar -xf - -C $(PREFLIGHT)/tree
+	test ! -d .whl || cp -r .whl $(PREFLIGHT)/tree/
+	test -x $(PREFLIGHT)/python/bin/python3 || { \
+		$(STANDIN_VENV)/bin/python -m venv --without-pip $(PREFLIGHT)/python && \
+		standin=$$($(STANDIN_VENV)/bin/python -c 'import site; print(site.getsitepackages()[0])') && \
+		own=$$($(PREFLIGHT)/python/bin/python3 -c 'import site; print(site.getsitepackages()[0])') && \
+		echo $$standin > $$own/standin.pth && ln -s $$standin/nvidia $$own/nvidia; }
+	cd $(PREFLIGHT)/tree && unshare -n env -u PYTHONPATH PATH=$(PREFLIGHT)/python/bin:$$PATH \
+		OUT=$(PREFLIGHT)/out GPU_CHECK_DRY_RUN=1 GPU_CHECK_WORK=$(PREFLIGHT)/work GPU_CHECK_FRESH=1 \
+		bash benchmarks/gpu_check.sh; status=$$?; ls -l $(PREFLIGHT)/out; \
+		$(PREFLIGHT)/python/bin/python3 benchmarks/gpu_out.py check $(PREFLIGHT)/out && exit $$status
+
+# After a device call: merge the GPU rows it brought back (GPU_OUT: the folder its files came to) into
+# benchmarks/results and regenerate the README's tables from them; commit both.
+record-gpu: install
+	test -n "$(GPU_OUT)" || { echo "GPU_OUT=<the folder the device call's files came to> is required"; exit 2; }
+	$(BIN)/python benchmarks/gpu_out.py record $(GPU_OUT)
+	$(BIN)/python benchmarks/make_tables.py
+
+# The genuine CPU benchmarks, recorded on purpose into benchmarks/results (a plain run writes to scratch).
+record-cpu: install
+	$(BIN)/pytest benchmarks/test_masking_bench.py::test_masking_cpu \
+		benchmarks/test_input_bench.py::test_input_paths_cpu benchmarks/test_cpu_step_bench.py \
+		--results-dir benchmarks/results

@@ -35,7 +35,7 @@ LOG=$OUT/gpu_check.log
 
 [[ "${GPU_CHECK_FRESH:-0}" == 1 ]] && rm -rf "$WORK"
 mkdir -p "$OUT" "$WORK/results" "$WORK/junit" "$WORK/state"
-[[ -f "$WORK/started" ]] || date +%s >"$WORK/started"
+date +%s >"$WORK/started"
 START=$(date +%s)
 # One cache folder for the run: compiled Triton kernels, their autotuning results and Inductor's
 # FX-graph and autotune caches are shared by every process (each benchmark variant is one).

@@ -3,9 +3,11 @@ they cannot rot: ``pytest benchmarks --smoke --profile`` passes, writes rows onl
 profiles every measured benchmark (trace, top ops, time by region) and reports to pytest-benchmark.
 The README's step table is what ``benchmarks/make_tables.py`` makes of the recorded results."""
 
+import importlib.metadata
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -35,8 +37,7 @@ def _smoke_rows_in(folder: Path) -> list[str]:
 @pytest.mark.slow
 def test_benchmarks_run_in_smoke_mode(tmp_path):
     results = tmp_path / "results"
-    # As a user runs it: no interpreter, and not as an xdist worker (pytest-benchmark saves nothing there).
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET" and not k.startswith("PYTEST_")}
+    env = _as_a_user_runs_it()
     done = subprocess.run(
         [sys.executable, "-m", "pytest", str(BENCHMARKS), "--smoke", "--profile", "--results-dir", str(results),
          "--benchmark-json", str(tmp_path / "benchmark.json"), "-q", "-p", "no:cacheprovider", "-x"],
@@ -71,6 +72,64 @@ def test_benchmarks_run_in_smoke_mode(tmp_path):
     jpeg = next(r for r in steps if r["variant"] == "beitfast-jpeg")  # fed by the device input path, on CPU
     assert jpeg["input_path"] == "device" and jpeg["data_workers"] == 2 and jpeg["regions_ms"]["data"] > 0
     assert jpeg["synthetic_images_per_s"] == row["images_per_s"]
+
+
+def _as_a_user_runs_it() -> dict[str, str]:
+    """The environment without the interpreter, and not that of an xdist worker (pytest-benchmark saves
+    nothing there)."""
+    return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET" and not k.startswith("PYTEST_")}
+
+
+def _committed_results() -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in (BENCHMARKS / "results").iterdir() if path.is_file()}
+
+
+def _rows_folder(output: str) -> Path:
+    """The scratch folder a run without --results-dir names at its end."""
+    return Path(re.search(r"^result rows: (\S+)", output, re.M).group(1))
+
+
+@pytest.mark.slow
+def test_hugging_face_baselines_run_from_the_repository_root():
+    """``python -m pytest benchmarks`` from the checkout, as gpu_check.sh runs it: with PYTHONSAFEPATH the
+    checkout's ``kernels/`` does not shadow Hugging Face's ``kernels`` (which transformers imports), so
+    the ``hf-*`` rows are measured; without it they would be skipped, and a skipped baseline fails the run."""
+    committed = _committed_results()
+    env = _as_a_user_runs_it()
+    command = [sys.executable, "-m", "pytest", "benchmarks", "--smoke", "-q", "-p", "no:cacheprovider",
+               "-k", "test_pretrain_step and hf-sdpa-base-128"]
+    done = subprocess.run(command, cwd=BENCHMARKS.parent, env={**env, "PYTHONSAFEPATH": "1"},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-3000:]
+    rows = json.loads((_rows_folder(done.stdout) / "pretrain_step_cpu.json").read_text())
+    assert [row["variant"] for row in rows] == ["hf-sdpa"] and rows[0]["commit"]
+    assert _committed_results() == committed  # the rows went to a scratch folder
+    try:
+        importlib.metadata.version("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("Hugging Face's kernels package is not installed: nothing to shadow")
+    env.pop("PYTHONSAFEPATH", None)
+    shadowed = subprocess.run(command, cwd=BENCHMARKS.parent, env=env, capture_output=True, text=True,
+                              timeout=600)
+    assert shadowed.returncode == 1, shadowed.stdout[-5000:]
+    assert "FAILED: baseline hf-sdpa did not run" in shadowed.stdout
+
+
+@pytest.mark.slow
+def test_a_cpu_benchmark_run_leaves_the_committed_results_alone(tmp_path):
+    """A genuine CPU benchmark run without --results-dir writes its rows to a scratch folder; only
+    ``make record-cpu`` updates benchmarks/results."""
+    committed = _committed_results()
+    command = [sys.executable, "-m", "pytest", str(BENCHMARKS / "test_masking_bench.py"), "-q",
+               "-p", "no:cacheprovider", "-k", "test_masking_cpu and cpp"]
+    done = subprocess.run(command, cwd=tmp_path, env=_as_a_user_runs_it(), capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-3000:]
+    if "1 skipped" in done.stdout:
+        pytest.skip("the C++ masking backend is not built")
+    rows = json.loads((_rows_folder(done.stdout) / "masking_cpu.json").read_text())
+    assert [row["backend"] for row in rows] == ["cpp"] and not rows[0]["smoke"]
+    assert _committed_results() == committed
 
 
 def step_row(variant, images_per_s, **extra):
