@@ -4,6 +4,8 @@ of every format both ways, resizing, and bad input.
 
 Every parameter and BatchNorm statistic is randomised, so a wrongly mapped tensor cannot hide."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -384,3 +386,42 @@ def test_bad_input():
     del state["auxiliary_head.conv_seg.bias"]
     with pytest.raises(ValueError, match=r"missing keys \['auxiliary_head.conv_seg.bias'\]"):
         BEiTForSegmentation.from_state_dict(state, out_indices=(0, 1, 2, 3))
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_save_and_load_files(tmp_path, suffix):
+    model = float_model(taps="huggingface", out_indices=(1, 2, 3, 5), loss_average="labelled_pixels")
+    model.save(tmp_path / f"model{suffix}")
+    back = BEiTForSegmentation.from_file(tmp_path / f"model{suffix}")
+    assert back.config == model.config and back.segmentation_config == model.segmentation_config
+    assert_state_equal(back.state_dict(), model.state_dict())
+    # An official/mmseg training checkpoint: {"meta": ..., "state_dict": ...}.
+    torch.save({"meta": {"iter": 160000}, "state_dict": model.to_mmseg_state_dict()}, tmp_path / "mmseg.pth")
+    official = BEiTForSegmentation.from_file(tmp_path / "mmseg.pth", out_indices=(0, 1, 2, 4))
+    assert_state_equal(official.state_dict(), model.state_dict())
+    (tmp_path / f"model{suffix}").write_bytes((tmp_path / f"model{suffix}").read_bytes()[:-100])
+    with pytest.raises(ValueError, match=f"model{suffix}"):
+        BEiTForSegmentation.from_file(tmp_path / f"model{suffix}")
+
+
+def test_load_hf_folder(tmp_path):
+    model = float_model()
+    peer = hf_peer(model)
+    peer.save_pretrained(tmp_path)
+    back = BEiTForSegmentation.from_file(tmp_path, kernels="eager")
+    assert back.segmentation_config == model.segmentation_config  # the taps recorded in config.json
+    assert_state_equal(back.state_dict(), model.state_dict())
+    # A folder of transformers' own (no beitfast_* entries): out_indices keep their numbers, read the
+    # official way; taps="huggingface" computes what transformers does.
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["beitfast_out_indices"], config["beitfast_taps"]
+    config["out_indices"] = [1, 2, 3, 4]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    official = BEiTForSegmentation.from_file(tmp_path, kernels="eager")
+    assert official.segmentation_config.out_indices == (1, 2, 3, 4)
+    assert official.segmentation_config.taps == "official"
+    same = BEiTForSegmentation.from_file(tmp_path, kernels="eager", taps="huggingface").double().eval()
+    peer = hf_peer(model.double(), out_indices=[1, 2, 3, 4])
+    images, _ = images_and_labels(model.config)
+    with torch.no_grad():
+        torch.testing.assert_close(same(images), peer(pixel_values=images).logits, rtol=1e-6, atol=1e-6)

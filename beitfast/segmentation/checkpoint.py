@@ -14,24 +14,33 @@ Names of the three formats read by :func:`from_state_dict` (and written by the e
 BatchNorm running statistics travel with the weights. The backbone part goes through
 :mod:`beitfast.checkpoint` (format, inference of its config, shared to per-layer tables, the official
 resize of the tables when the image size changes).
+
+Files (:func:`save`, :func:`load`): ours as :mod:`beitfast.checkpoint` writes them (atomic, with a
+SHA-256), both configs stored; :func:`load` also reads official/mmseg ``.pth`` files and transformers
+folders (or their weights file beside a ``config.json``), with the same integrity checks.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import re
 import warnings
+from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
 from .. import checkpoint as beit_checkpoint
+from .._files import add_digest, add_safetensors_digest, write_atomically
 from ..config import BEiTConfig
 from .config import SegmentationConfig, default_out_indices
 from .model import BEiTForSegmentation
 
 __all__ = ["SEGMENTATION_FORMATS", "detect_format", "to_our_names", "infer_segmentation_config",
-           "from_state_dict", "from_backbone", "to_mmseg_state_dict", "to_hf_state_dict", "hf_config_kwargs"]
+           "from_state_dict", "from_backbone", "to_mmseg_state_dict", "to_hf_state_dict", "hf_config_kwargs",
+           "segmentation_config_from_hf", "save", "load"]
 
 SEGMENTATION_FORMATS = ("beitfast", "mmseg", "hf-v4", "hf-v5")
 _HEADS = ("decode_head.", "auxiliary_head.")
@@ -246,8 +255,9 @@ def hf_config_kwargs(model: BEiTForSegmentation, out_indices=None) -> dict[str, 
     block is not tapped. The official recipes tap it (11 of 12 blocks, 23 of 24): no transformers
     config computes those models, and this raises unless ``out_indices`` is given (transformers' own
     conversions of the official checkpoints give the official numbers, e.g. [3, 5, 7, 11], so that
-    model reads blocks 1, 3, 5, 9). transformers averages the loss over labelled pixels
-    (``loss_average="labelled_pixels"``)."""
+    model reads blocks 1, 3, 5, 9). Our own taps are recorded beside (``beitfast_out_indices``,
+    ``beitfast_taps``, kept in ``config.json``) for :func:`segmentation_config_from_hf`.
+    transformers averages the loss over labelled pixels (``loss_average="labelled_pixels"``)."""
     seg = model.segmentation_config
     depth = model.config.depth
     if seg.channels != model.config.embed_dim:
@@ -272,5 +282,87 @@ def hf_config_kwargs(model: BEiTForSegmentation, out_indices=None) -> dict[str, 
         use_auxiliary_head=seg.auxiliary_channels > 0, auxiliary_channels=seg.auxiliary_channels or 256,
         auxiliary_num_convs=1, auxiliary_concat_input=False, auxiliary_loss_weight=seg.auxiliary_loss_weight,
         semantic_loss_ignore_index=seg.ignore_index,
+        beitfast_out_indices=list(seg.out_indices), beitfast_taps=seg.taps,
     )
     return kwargs
+
+
+def segmentation_config_from_hf(hf_config: Any, **overrides) -> SegmentationConfig:
+    """A :class:`SegmentationConfig` from a ``transformers.BeitConfig`` or its ``config.json`` dict.
+
+    The taps are those recorded by :func:`hf_config_kwargs` when it wrote the config; otherwise
+    ``out_indices`` keep their numbers and are read the official way (``taps="official"``): the
+    published transformers checkpoints are conversions of the official ones, trained with those
+    blocks. Pass ``taps="huggingface"`` to compute what transformers computes with them."""
+    c = hf_config if isinstance(hf_config, Mapping) else hf_config.to_dict()
+    values = dict(
+        num_classes=c.get("num_labels") or len(c.get("id2label") or {}) or 2,
+        out_indices=tuple(c.get("beitfast_out_indices") or c.get("out_indices") or (3, 5, 7, 11)),
+        taps=c.get("beitfast_taps", "official"),
+        channels=c.get("hidden_size", 768),
+        auxiliary_channels=c.get("auxiliary_channels", 256) if c.get("use_auxiliary_head", True) else 0,
+        pool_scales=tuple(c.get("pool_scales", (1, 2, 3, 6))),
+        auxiliary_loss_weight=c.get("auxiliary_loss_weight", 0.4),
+        ignore_index=c.get("semantic_loss_ignore_index", 255),
+    )
+    return SegmentationConfig(**{**values, **overrides})
+
+
+_SEGMENTATION_METADATA_KEY = "beitfast_segmentation_config"
+
+
+def save(model: BEiTForSegmentation, path: str | os.PathLike) -> None:
+    """Writes the weights and both configs, atomically: ``.safetensors`` (configs as JSON in the
+    metadata) or ``.pth``/``.pt`` (``{"model", "config", "segmentation"}``), with a SHA-256."""
+    import safetensors.torch
+
+    path = Path(path)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    # Through JSON in both formats: tuples become lists, as a reader gets them back.
+    config, segmentation = model.config.to_dict(), json.loads(json.dumps(model.segmentation_config.to_dict()))
+    if path.suffix == ".safetensors":
+        metadata = {"format": "pt", beit_checkpoint._CONFIG_METADATA_KEY: json.dumps(config),
+                    _SEGMENTATION_METADATA_KEY: json.dumps(segmentation)}
+        metadata = add_safetensors_digest(state, metadata)
+        write_atomically(path, lambda temp: safetensors.torch.save_file(state, temp, metadata=metadata))
+    elif path.suffix in (".pth", ".pt"):
+        payload = add_digest({"model": state, "config": config, "segmentation": segmentation})
+        write_atomically(path, lambda temp: torch.save(payload, temp))
+    else:
+        raise ValueError(f"save: path must end in .safetensors, .pth or .pt, got {str(path)!r}")
+
+
+def _stored_segmentation(path: Path, payload: Any) -> SegmentationConfig | None:
+    """The segmentation config saved with ours, or of a transformers ``config.json`` beside the weights."""
+    if path.suffix == ".safetensors":
+        import safetensors
+
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            stored = (f.metadata() or {}).get(_SEGMENTATION_METADATA_KEY)
+        if stored:
+            return SegmentationConfig(**json.loads(stored))
+    elif isinstance(payload, Mapping) and isinstance(payload.get("segmentation"), Mapping):
+        return SegmentationConfig(**payload["segmentation"])
+    config_file = (path if path.is_dir() else path.parent) / "config.json"
+    hf_config = json.loads(config_file.read_text()) if config_file.exists() else {}
+    if "BeitForSemanticSegmentation" in (hf_config.get("architectures") or []):
+        return segmentation_config_from_hf(hf_config)
+    return None
+
+
+def load(path: str | os.PathLike, config: BEiTConfig | None = None,
+         segmentation: SegmentationConfig | None = None, strict: bool = True,
+         **overrides) -> BEiTForSegmentation:
+    """A :class:`BEiTForSegmentation` from a file (ours, an official/mmseg ``.pth``, a transformers
+    weights file) or a transformers folder. Configs, in order: the arguments, those stored with ours or
+    in a transformers ``config.json``, inferred from the shapes; ``overrides`` change fields of either."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"load: no such file or folder {str(path)!r}")
+    payload, stored = beit_checkpoint._read_file(path)
+    try:
+        state, _ = to_our_names(payload)
+    except (TypeError, ValueError) as error:  # what the file holds is not a segmentation state dict
+        raise ValueError(f"{path}: {error}") from None
+    segmentation = segmentation or _stored_segmentation(path, payload)
+    return from_state_dict(state, config or stored, segmentation, strict, **overrides)

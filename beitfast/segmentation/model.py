@@ -114,6 +114,21 @@ class BEiTForSegmentation(nn.Module):
 
         return checkpoint.from_backbone(state_dict, config, segmentation, **overrides)
 
+    @staticmethod
+    def from_file(path, config: BEiTConfig | None = None, segmentation: SegmentationConfig | None = None,
+                  strict: bool = True, **overrides) -> "BEiTForSegmentation":
+        """A model from ``.safetensors``/``.pth``/``.pt``/``.bin`` (ours, official/mmseg, transformers) or a
+        transformers folder."""
+        from . import checkpoint
+
+        return checkpoint.load(path, config, segmentation, strict, **overrides)
+
+    def save(self, path) -> None:
+        """Writes ``.safetensors`` or ``.pth``/``.pt`` (weights and both configs), atomically."""
+        from . import checkpoint
+
+        checkpoint.save(self, path)
+
     def to_mmseg_state_dict(self) -> dict[str, torch.Tensor]:
         """Weights in the names of the official/mmseg code (``backbone.fpn1.0.weight``, ``conv_seg``...)."""
         from . import checkpoint
