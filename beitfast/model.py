@@ -224,7 +224,11 @@ class BEiT(nn.Module):
     * ``model(images, bool_masked_pos=mask)`` -> logits of the masked positions ``[num_masked, V]``,
       in ``x[bool_masked_pos]`` order;
     * ``model(images, bool_masked_pos=mask, labels=tokens)`` -> mean cross-entropy over the masked
-      positions, through the fused loss (``return_accuracy=True`` adds the MIM accuracy);
+      positions, through the fused loss (``return_accuracy=True`` adds the MIM accuracy;
+      ``max_masked_per_image``, the most patches the masking covers in an image, bounds the rows the
+      loss plans: the trainer passes its masking's ``num_masking_patches``). No host synchronisation;
+      the logits of the masked positions (no ``labels``) have a shape that depends on the mask, so
+      that path reads the mask's count once;
     * ``model(images)`` -> class logits ``[B, num_classes]``, or pooled features if no classifier;
     * ``model.forward_features(images, bool_masked_pos=None)`` -> final hidden states ``[B, 1+N, D]``.
     """
@@ -340,6 +344,7 @@ class BEiT(nn.Module):
         bool_masked_pos: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         return_accuracy: bool = False,
+        max_masked_per_image: int | None = None,
     ):
         if labels is not None and bool_masked_pos is None:
             raise ValueError("BEiT: labels (visual tokens) need bool_masked_pos")
@@ -354,6 +359,7 @@ class BEiT(nn.Module):
         return ops.masked_lm_cross_entropy(
             patches, self.lm_head.weight, self.lm_head.bias, labels, mask=bool_masked_pos,
             backend=backend_for("cross_entropy", self.config.kernels), return_accuracy=return_accuracy,
+            max_masked_per_image=max_masked_per_image,
         )
 
     # -- checkpoints (implemented in beitfast.checkpoint) --------------------------------------------

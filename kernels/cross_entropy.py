@@ -8,28 +8,31 @@ Entry point: :func:`lm_cross_entropy_chunked`, the same contract as the CUDA op
 
 Rows. ``row_labels`` ``[R]`` (``ignore_index`` on rows that do not count), optionally ``source_rows``
 ``[R]`` (the row of ``hidden`` flattened over ``[B, N]`` that row ``r`` reads) and ``row_count``, a
-device scalar: only rows ``r < row_count`` exist. ``R`` is then an upper bound (``B * N`` for a mask),
-and every kernel reads the count and leaves at once past it: no host sync, and chunks past the count
-cost a launch each, not a GEMM.
+device scalar: only rows ``r < row_count`` exist. ``R`` is then an upper bound (``B`` times the most
+masked patches per image when the caller knows it, else ``B * N``), and every kernel reads the count
+and leaves at once past it: no host sync.
 
-Per chunk of ``C`` rows (``rows_per_chunk``: a 12th of the rows, or a 32nd of an upper bound):
+Chunks. The rows go in as few chunks as the logits buffer allows: a chunk's ``[C, V]`` logits in the
+compute dtype take at most ``LOGITS_BUDGET_BYTES`` (:func:`rows_per_chunk`). At BEiT-B (128 x 75 rows,
+V = 8192) that is one chunk under 16-bit autocast and two in fp32; five launches per chunk. Per chunk:
 
 1. gather: the chunk's rows of ``hidden`` (any strides and dtype) into a ``[C, D]`` buffer in the
    compute dtype, so every GEMM below reads contiguous 16-bit tiles (no cast per tile);
-2. logits: ``[C, V] = rows @ W_c.T + b`` into a bounded buffer in the compute dtype (as the eager linear
-   rounds its output);
+2. logits: ``[C, V] = rows @ W_c.T + b`` into the bounded buffer in the compute dtype (as the eager
+   linear rounds its output);
 3. row pass: per row the max, log-sum-exp, loss, argmax hit, and (with gradients) the logits
    overwritten in place by ``(softmax - onehot) * row_scale``;
-4. weight gradient: ``dW += dlogits.T @ rows`` in an fp32 ``[V, D]`` accumulator (load, add, store:
-   each program owns its tile and chunks run in order); the programs of the first D tile also sum the
-   bias gradient;
+4. weight gradient: ``dW = dlogits.T @ rows``, fp32 accumulation over every row of the chunk, each
+   program storing its own ``[V, D]`` tile once (and the programs of the first D tile the bias
+   gradient). With one chunk that is one GEMM over all rows, written once; a later chunk, only when
+   the budget forces more than one, adds its product to the stored tile (in chunk order:
+   deterministic);
 5. hidden gradient: ``dlogits @ W_c`` stored straight into the selected rows of a ``[B, N, D]``
    gradient in hidden's dtype (each row is written once).
 
 Why not one kernel that never materialises the logits: the gradient needs the full row's log-sum-exp,
 so that design reruns the logits GEMM in the backward (four GEMMs) and adds ``dh`` and ``dW`` from many
-programs at once (atomics). A chunk of logits small next to the ``[M, V]`` eager logits gives three GEMMs
-and plain stores. The GEMMs are Triton rather than cuBLAS because they read the row count on the device.
+programs at once (atomics). A bounded chunk of logits gives three GEMMs and plain stores. The GEMMs are Triton rather than cuBLAS because they read the row count on the device.
 
 Precision: GEMM operands in the compute dtype (the autocast dtype under autocast, else the input
 dtype) with fp32 accumulation; the loss in fp32 from the rounded logits; fp32 inputs use IEEE fp32 dots
@@ -45,20 +48,25 @@ import triton
 import triton.language as tl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# Chunks per call. With an exact row count a chunk's logits are a 12th of the rows' logits; with an
-# upper bound (B * N rows for a mask), a 32nd of the bound's: still under a tenth of the counted rows'
-# logits when at least ~30% of the rows are selected (BEiT masks 75 of 196). Both sit under the goal of
-# a tenth of the eager logits (float32, plus the 16-bit copy under autocast) with the other buffers.
-CHUNKS_EXACT = 12
-CHUNKS_UPPER_BOUND = 32
-# Smallest chunk, in rows: one GEMM tile row at least.
+# The most bytes a chunk's logits buffer ([C, V] in the compute dtype) may take. BEiT-B pre-training's
+# 128 x 75 masked rows at V = 8192 take 150 MiB in 16-bit: one chunk (two in fp32), so the weight
+# gradient is one GEMM over every row and the loss five launches. Bigger problems get more chunks of at
+# most this size, so the buffer falls under a tenth of the fp32 logits once those pass 10x the budget.
+LOGITS_BUDGET_BYTES = 160 * 2**20
+# Smallest chunk, in rows: one GEMM tile row at least; chunks are whole multiples of it.
 MIN_CHUNK_ROWS = 64
 _SMEM_BYTES = 160 * 1024  # what a config may use: under sm_80's 163 KB (and sm_90's 227 KB)
 
 
-def rows_per_chunk(rows: int, upper_bound: bool) -> int:
-    chunks = CHUNKS_UPPER_BOUND if upper_bound else CHUNKS_EXACT
-    return min(rows, max(MIN_CHUNK_ROWS, rows // chunks // MIN_CHUNK_ROWS * MIN_CHUNK_ROWS))
+def rows_per_chunk(rows: int, vocab: int, itemsize: int, budget: int = LOGITS_BUDGET_BYTES) -> int:
+    """Rows per chunk: as few chunks as ``budget`` bytes of ``[C, vocab]`` logits allow, of equal size
+    (whole ``MIN_CHUNK_ROWS`` tiles), so the last one is no sliver."""
+    if budget <= 0:
+        raise ValueError(f"lm_cross_entropy_chunked: logits_budget must be a positive byte count, "
+                         f"got {budget}")
+    largest = max(MIN_CHUNK_ROWS, budget // (vocab * itemsize) // MIN_CHUNK_ROWS * MIN_CHUNK_ROWS)
+    chunks = triton.cdiv(rows, largest)
+    return max(1, min(rows, triton.cdiv(triton.cdiv(rows, chunks), MIN_CHUNK_ROWS) * MIN_CHUNK_ROWS))
 
 
 def _gemm_configs():
@@ -217,14 +225,16 @@ def _row_pass_kernel(
 @triton.jit
 def _weight_grad_kernel(
     a_ptr, b_ptr, dw_ptr, db_ptr, count_ptr, first, chunk_rows, V, D,
-    HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """``dw[V, D] += a[C, V].T @ b[C, D]`` (fp32) over the live rows; ``db[V] += a.sum(0)``."""
+    """``dw[V, D] = a[C, V].T @ b[C, D]`` (fp32) over the live rows, ``db[V] = a.sum(0)``; ACCUMULATE
+    (chunks after the first) adds to what is stored instead. Without ACCUMULATE every tile is written,
+    zeros when no row is live."""
     pid_d = tl.program_id(0)
     pid_v = tl.program_id(1)
-    live = _live_rows(count_ptr, first, chunk_rows)
-    if live <= 0:
+    live = tl.maximum(_live_rows(count_ptr, first, chunk_rows), 0)
+    if ACCUMULATE and live == 0:
         return
     vs = pid_v * BLOCK_M + tl.arange(0, BLOCK_M)
     ds = pid_d * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -242,10 +252,14 @@ def _weight_grad_kernel(
             bias_acc += tl.sum(a_t.to(tl.float32), axis=1)
     tile = dw_ptr + vs[:, None] * D + ds[None, :]
     tile_ok = v_ok[:, None] & d_ok[None, :]
-    tl.store(tile, tl.load(tile, mask=tile_ok) + acc, mask=tile_ok)
+    if ACCUMULATE:
+        acc += tl.load(tile, mask=tile_ok)
+    tl.store(tile, acc, mask=tile_ok)
     if HAS_BIAS:
         bias_ok = v_ok & (pid_d == 0)
-        tl.store(db_ptr + vs, tl.load(db_ptr + vs, mask=bias_ok) + bias_acc, mask=bias_ok)
+        if ACCUMULATE:
+            bias_acc += tl.load(db_ptr + vs, mask=bias_ok)
+        tl.store(db_ptr + vs, bias_acc, mask=bias_ok)
 
 
 @triton.autotune(key=["V", "D"], **_GEMM_TUNING)
@@ -293,6 +307,7 @@ def lm_cross_entropy_chunked(
     row_scale: torch.Tensor | None,
     ignore_index: int,
     compute_dtype: torch.dtype,
+    logits_budget: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row loss ``[R]`` (fp32, 0 on uncounted rows) and argmax hit ``[R]`` (bool); with ``row_scale``
     (fp32, one value or ``[R]``) also the gradients of ``sum(row_scale * loss)`` for hidden (``[B, N, D]``,
@@ -300,7 +315,8 @@ def lm_cross_entropy_chunked(
 
     ``hidden`` is ``[B, N, D]`` (any strides); ``weight`` ``[V, D]``; ``row_labels`` int64 ``[R]``;
     ``source_rows`` int64 ``[R]`` or None (row ``r`` of hidden flattened); ``row_count`` a one-element
-    integer tensor or None (all ``R`` rows). Launches kernels only: never reads device values.
+    integer tensor or None (all ``R`` rows); ``logits_budget`` the most bytes of the chunk's logits
+    buffer (None: ``LOGITS_BUDGET_BYTES``). Launches kernels only: never reads device values.
     """
     device = hidden.device
     R = row_labels.shape[0]
@@ -311,10 +327,12 @@ def lm_cross_entropy_chunked(
     hits = torch.empty(R, device=device, dtype=torch.bool)
     empty = hidden.new_empty(0)
     grad_hidden = torch.zeros(B, N, D, device=device, dtype=hidden.dtype) if with_grad else empty
-    # fp32 accumulators; for fp32 parameters they are the gradients themselves.
-    grad_weight = torch.zeros(V, D, device=device, dtype=torch.float32) if with_grad else empty
+    # fp32, written whole by the first chunk's weight-gradient GEMM; for fp32 parameters they are the
+    # gradients themselves.
+    new = torch.zeros if R == 0 else torch.empty
+    grad_weight = new(V, D, device=device, dtype=torch.float32) if with_grad else empty
     with_bias_grad = with_grad and bias is not None
-    grad_bias = torch.zeros(V, device=device, dtype=torch.float32) if with_bias_grad else empty
+    grad_bias = new(V, device=device, dtype=torch.float32) if with_bias_grad else empty
     if R == 0:
         return loss, hits, grad_hidden, grad_weight.to(weight.dtype), grad_bias.to(_dtype_of(bias))
 
@@ -326,7 +344,8 @@ def lm_cross_entropy_chunked(
     source = source_rows.contiguous() if source_rows is not None else labels
     scale = row_scale.contiguous() if with_grad else loss
     scale_stride = 1 if with_grad and row_scale.numel() > 1 else 0
-    chunk = rows_per_chunk(R, upper_bound=row_count is not None)
+    budget = LOGITS_BUDGET_BYTES if logits_budget is None else logits_budget
+    chunk = rows_per_chunk(R, V, compute_dtype.itemsize, budget)
     rows = torch.empty(chunk, D, device=device, dtype=compute_dtype)
     logits = torch.empty(chunk, V, device=device, dtype=compute_dtype)
     precision = _input_precision(compute_dtype)
@@ -351,7 +370,7 @@ def lm_cross_entropy_chunked(
             continue
         _weight_grad_kernel[_tiles(V, D)](
             logits, rows, grad_weight, grad_bias if bias is not None else grad_weight, count, first,
-            rows_here, V, D, HAS_BIAS=bias is not None, INPUT_PRECISION=precision,
+            rows_here, V, D, HAS_BIAS=bias is not None, ACCUMULATE=first > 0, INPUT_PRECISION=precision,
         )
         _hidden_grad_kernel[_tiles(rows_here, D)](
             logits, weight_c, grad_hidden, source, count, first, rows_here, V, D, N,

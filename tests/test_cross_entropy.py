@@ -50,8 +50,9 @@ def make_inputs(B, N, D, V, dtype, device, *, masked=0.4, labels_2d=True, with_b
     return hidden, weight, bias, labels, mask
 
 
-def run(backend, hidden, weight, bias, labels, mask, reduction="mean", upstream=None, cast=None):
-    """Loss, accuracy and the gradients of hidden, weight and bias (on leaf copies, optionally cast)."""
+def run(backend, hidden, weight, bias, labels, mask, reduction="mean", upstream=None, cast=None, bound=None):
+    """Loss, accuracy and the gradients of hidden, weight and bias (on leaf copies, optionally cast);
+    ``bound``: the op's ``max_masked_per_image``."""
     h, w, b = (None if t is None else (t.to(cast) if cast else t).detach().requires_grad_(True)
                for t in (hidden, weight, bias))
     h_in = h
@@ -61,7 +62,7 @@ def run(backend, hidden, weight, bias, labels, mask, reduction="mean", upstream=
         h_in = h[:, 1:]
     loss, accuracy = masked_lm_cross_entropy(
         h_in, w, b, labels, mask, ignore_index=IGNORE, reduction=reduction, backend=backend,
-        return_accuracy=True,
+        return_accuracy=True, max_masked_per_image=bound,
     )
     # Not 1: a backward that drops grad_output shows.
     (loss * (upstream if upstream is not None else 0.75)).sum().backward()
@@ -69,13 +70,13 @@ def run(backend, hidden, weight, bias, labels, mask, reduction="mean", upstream=
     return loss.detach(), accuracy, [grad_hidden, w.grad, None if b is None else b.grad]
 
 
-def check_against_reference(backend, inputs, reduction="mean", upstream=None):
+def check_against_reference(backend, inputs, reduction="mean", upstream=None, bound=None):
     hidden, weight, bias, labels, mask = inputs
     dtype = hidden.dtype
     ref_loss, ref_acc, ref_grads = run("eager", *inputs, reduction=reduction, upstream=upstream,
                                        cast=torch.float64)
     same_loss, _, same_grads = run("eager", *inputs, reduction=reduction, upstream=upstream)
-    loss, acc, grads = run(backend, *inputs, reduction=reduction, upstream=upstream)
+    loss, acc, grads = run(backend, *inputs, reduction=reduction, upstream=upstream, bound=bound)
 
     assert loss.dtype == torch.float32 and loss.shape == ref_loss.shape
     assert torch.equal(acc, ref_acc.float()), (acc, ref_acc)
@@ -106,6 +107,13 @@ def poisoned(monkeypatch):
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))
 
 
+def chunks_of(rows, V, dtype, monkeypatch):
+    """Sets the triton backend's logits budget to ``rows`` rows of ``[rows, V]`` logits in ``dtype``."""
+    from beitfast.kernels import cross_entropy as kernels
+
+    monkeypatch.setattr(kernels, "LOGITS_BUDGET_BYTES", rows * V * dtype.itemsize)
+
+
 # ---------------------------------------------------------------------------------------------------
 # triton (interpreter on CPU)
 
@@ -114,16 +122,78 @@ TRITON_CASES = {
     "mask-2d": (3, 37, 48, 1000, {}),
     "mask-1d-no-bias": (2, 45, 32, 257, {"labels_2d": False, "with_bias": False}),
     "rows-multi-d-tile": (2, 40, 192, 300, {"transposed_weight": True}),
-    # 200 rows in chunks of 64: three chunks hold selected rows, the last one only rows past the count
-    "many-chunks": (4, 50, 40, 130, {"masked": 0.6}),
+    # A budget of 64 rows: 200 rows in chunks of 64, three hold selected rows (the weight gradient
+    # adds the later ones to the first), the last one only rows past the count
+    "many-chunks": (4, 50, 40, 130, {"masked": 0.6, "chunk_rows": 64}),
 }
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("case", list(TRITON_CASES))
-def test_triton_matches_float64(case, dtype, device, poisoned):
+def test_triton_matches_float64(case, dtype, device, poisoned, monkeypatch):
     B, N, D, V, options = TRITON_CASES[case]
+    options = dict(options)
+    if "chunk_rows" in options:
+        chunks_of(options.pop("chunk_rows"), V, dtype, monkeypatch)
     check_against_reference("triton", make_inputs(B, N, D, V, dtype, device, **options))
+
+
+def bounded_mask(B, N, most, device):
+    """A mask selecting at most ``most`` positions per image (exactly ``most`` in all but the last)."""
+    mask = torch.zeros(B, N, dtype=torch.bool, device=device)
+    for b in range(B):
+        mask[b, torch.randperm(N, device=device)[: most - (b == B - 1)]] = True
+    return mask
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 64], ids=["one-chunk", "chunks-of-64"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_triton_rows_bounded_by_the_masking(chunk_rows, dtype, device, poisoned, monkeypatch):
+    # max_masked_per_image plans B * 23 rows instead of B * N: the same function as without a bound.
+    B, N, D, V, most = 5, 61, 40, 300, 23
+    if chunk_rows:
+        chunks_of(chunk_rows, V, dtype, monkeypatch)
+    hidden, weight, bias, labels, _ = make_inputs(B, N, D, V, dtype, device)
+    mask = bounded_mask(B, N, most, device)
+    planned = cross_entropy_ops.plan_rows(labels, mask, IGNORE, V, most)
+    assert planned.row_labels.shape == (B * most,) and planned.bounded
+    for reduction in ("mean", "sum"):
+        check_against_reference("triton", (hidden, weight, bias, labels, mask), reduction=reduction,
+                                bound=most)
+
+
+def test_rows_past_the_bound_are_an_error(device, monkeypatch):
+    hidden, weight, bias, labels, _ = make_inputs(3, 20, 16, 50, torch.float32, device)
+    mask = bounded_mask(3, 20, 6, device)
+    with pytest.raises(ValueError, match=r"max_masked_per_image=5.*6 rows"):
+        masked_lm_cross_entropy(hidden, weight, bias, labels, mask, backend="triton", max_masked_per_image=5)
+    with pytest.raises(ValueError, match="max_masked_per_image"):
+        masked_lm_cross_entropy(hidden, weight, bias, labels, mask, backend="triton", max_masked_per_image=-1)
+    # Where values are not read (a GPU), the dropped rows make the loss NaN: the trainer stops on it.
+    monkeypatch.setattr(dispatch, "may_inspect_values", lambda t: False)
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            loss = masked_lm_cross_entropy(hidden.requires_grad_(grad), weight, bias, labels, mask,
+                                           backend="triton", max_masked_per_image=5)
+        assert loss.isnan(), grad
+    fits = masked_lm_cross_entropy(hidden, weight, bias, labels, mask, backend="triton",
+                                   max_masked_per_image=6)
+    assert fits.isfinite()
+
+
+def test_chunk_plan_at_beit_b():
+    # 128 images x 75 masked rows at V = 8192: one chunk of logits in 16-bit, two in fp32; without the
+    # bound (B * N = 25,088 rows) three 16-bit chunks, most of them past the count.
+    from beitfast.kernels.cross_entropy import LOGITS_BUDGET_BYTES, rows_per_chunk
+
+    assert rows_per_chunk(128 * 75, 8192, 2) == 9600
+    assert rows_per_chunk(128 * 75, 8192, 4) == 4800
+    assert rows_per_chunk(128 * 196, 8192, 2) == 8384
+    assert 9600 * 8192 * 2 <= LOGITS_BUDGET_BYTES < 9600 * 8192 * 4
+    # A chunk never exceeds the budget, and is at least one tile of rows.
+    for rows, vocab, size, budget in [(10**5, 50257, 2, 2**26), (1000, 8192, 2, 1), (7, 100, 4, 10**9)]:
+        chunk = rows_per_chunk(rows, vocab, size, budget)
+        assert 1 <= chunk <= rows and (chunk * vocab * size <= budget or chunk == 64)
 
 
 def test_triton_without_mask(device, poisoned):
@@ -288,19 +358,27 @@ def test_allocated_bytes_sees_a_temporary():
 
 
 @pytest.mark.skipif(HAS_GPU, reason="CPU accounting; the GPU test measures the CUDA allocator")
-@pytest.mark.parametrize("dtype, autocast, gathered", [
-    (torch.float32, torch.float16, False),  # the model: fp32 hidden and weight under 16-bit autocast
-    (torch.float16, None, False),
-    (torch.float32, None, False),
-    (torch.float16, None, True),  # pre-gathered rows: the exact row count, bigger chunks
-], ids=["fp32-autocast-fp16", "fp16", "fp32", "fp16-gathered"])
-def test_triton_extra_memory_under_a_tenth_of_the_logits(dtype, autocast, gathered, monkeypatch):
+@pytest.mark.parametrize("dtype, autocast, gathered, budget", [
+    # the model: fp32 hidden and weight under 16-bit autocast, the trainer's bound, the default budget
+    (torch.float32, torch.float16, False, None),
+    # a budget that needs many chunks: the buffers fall under a tenth of the logits
+    (torch.float32, torch.float16, False, 1 / 20),
+    (torch.float16, None, False, 1 / 20),
+    (torch.float32, None, False, 1 / 20),
+    (torch.float16, None, True, 1 / 20),  # pre-gathered rows: the exact row count
+], ids=["fp32-autocast-fp16-default-budget", "fp32-autocast-fp16", "fp16", "fp32", "fp16-gathered"])
+def test_triton_extra_memory(dtype, autocast, gathered, budget, monkeypatch):
     from beitfast.kernels import cross_entropy as kernels
 
     for name in dir(kernels):
         if name.endswith("_kernel"):
             monkeypatch.setattr(getattr(kernels, name), "run", lambda *args, **kwargs: None)
     B, N, D, V, masked = 128, 196, 768, 8192, 75
+    compute = autocast or dtype
+    # The eager logits: the linear's output in the compute dtype and, for 16-bit, its float32 copy.
+    logits_bytes = B * masked * V * (4 + (compute.itemsize if compute != torch.float32 else 0))
+    if budget is not None:
+        monkeypatch.setattr(kernels, "LOGITS_BUDGET_BYTES", int(B * masked * V * 4 * budget))
     mask = torch.zeros(B, N, dtype=torch.bool)
     mask[:, torch.randperm(N)[:masked]] = True
     labels = torch.randint(0, V, (B, N))
@@ -312,14 +390,15 @@ def test_triton_extra_memory_under_a_tenth_of_the_logits(dtype, autocast, gather
     bias = torch.randn(V, dtype=dtype, requires_grad=True)
     context = torch.autocast("cpu", dtype=autocast) if autocast else contextlib.nullcontext()
     with AllocatedBytes() as mode, context:
-        loss = masked_lm_cross_entropy(hidden, weight, bias, labels, mask, backend="triton")
+        loss = masked_lm_cross_entropy(hidden, weight, bias, labels, mask, backend="triton",
+                                       max_masked_per_image=masked if budget is None else None)
         loss.backward()
-    compute = autocast or dtype
-    # The eager logits: the linear's output in the compute dtype and, for 16-bit, its float32 copy.
-    logits_bytes = B * masked * V * (4 + (compute.itemsize if compute != torch.float32 else 0))
     grad_bytes = sum(t.grad.nbytes for t in (hidden, weight, bias))
     extra = mode.total - grad_bytes
-    assert 0 < extra < logits_bytes / 10, (extra / logits_bytes, extra, logits_bytes)
+    # One chunk of logits within the budget, everything else under a tenth of the eager logits.
+    logits_buffer = B * masked * V * compute.itemsize if budget is None else 0
+    assert logits_buffer <= kernels.LOGITS_BUDGET_BYTES
+    assert 0 < extra - logits_buffer < logits_bytes / 10, (extra / logits_bytes, extra, logits_bytes)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -586,9 +665,11 @@ def test_gpu_gradients_are_bitwise_reproducible(backend):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_gpu_extra_memory_under_a_tenth_of_the_logits(backend):
-    # The model's case at BEiT-B shapes: fp32 hidden and weight under bf16 autocast, 75 of 196 masked.
+def test_gpu_extra_memory_under_a_tenth_of_the_logits(backend, monkeypatch):
+    # The model's case at BEiT-B shapes: fp32 hidden and weight under bf16 autocast, 75 of 196 masked,
+    # with a triton logits budget that needs several chunks (the cuda backend has its own plan).
     _skip_unless(backend)
+    chunks_of(128 * 75 // 20, 8192, torch.float32, monkeypatch)
     B, N, D, V, masked = 128, 196, 768, 8192, 75
     hidden = torch.randn(B, N, D, device="cuda", requires_grad=True)
     weight = (torch.randn(V, D, device="cuda") * D ** -0.5).requires_grad_()
@@ -613,3 +694,156 @@ def test_gpu_extra_memory_under_a_tenth_of_the_logits(backend):
     extra = torch.cuda.max_memory_allocated() - before - grad_bytes
     logits_bytes = B * masked * V * (2 + 4)  # eager: bf16 logits and their float32 copy
     assert extra < logits_bytes / 10, (extra / logits_bytes, extra)
+
+
+# ---------------------------------------------------------------------------------------------------
+# launches and host reads of a pre-training step, on CPU: Triton's launchers intercepted as in
+# benchmarks/compile_gate.py (nothing runs, so BEiT-B shapes cost nothing), torch ops seen by a mode
+
+
+class Launches:
+    """Counts Triton launches per kernel name (``module.kernel``) while active; no kernel runs."""
+
+    def __init__(self):
+        self.counts: dict[str, int] = {}
+
+    def _count(self, fn):
+        name = f"{fn.fn.__module__.rsplit('.', 1)[-1]}.{fn.fn.__name__}"
+        self.counts[name] = self.counts.get(name, 0) + 1
+
+    def of(self, module: str) -> int:
+        return sum(n for name, n in self.counts.items() if name.startswith(module + "."))
+
+    @contextlib.contextmanager
+    def active(self):
+        from unittest import mock
+
+        from triton.runtime.autotuner import Autotuner
+        from triton.runtime.interpreter import InterpretedFunction
+        from triton.runtime.jit import JITFunction
+
+        # A kernel is a JITFunction, or under TRITON_INTERPRET=1 an InterpretedFunction.
+        with mock.patch.object(JITFunction, "run", lambda fn, *a, **k: self._count(fn)), \
+                mock.patch.object(InterpretedFunction, "run", lambda fn, *a, **k: self._count(fn)), \
+                mock.patch.object(Autotuner, "run", lambda tuner, *a, **k: self._count(tuner.fn)):
+            yield self
+
+
+# The loss's budget per pre-training step (forward and backward), DESIGN "Kernel goals".
+LOSS_LAUNCH_BUDGET = 8
+
+
+def test_loss_launches_per_step_at_beit_b():
+    # The trainer's case: fp32 final-norm output and lm_head under 16-bit autocast (bf16 on a GPU, fp16
+    # here: the same plan), rows bounded by the masking's 75 patches: one chunk, five launches.
+    B, N, D, V, masked = 128, 196, 768, 8192, 75
+    hidden = torch.empty(B, N, D, requires_grad=True)
+    weight, bias = torch.empty(V, D, requires_grad=True), torch.empty(V, requires_grad=True)
+    labels = torch.randint(0, V, (B, N))
+    mask = bounded_mask(B, N, masked, "cpu")
+    with Launches().active() as launches, torch.autocast("cpu", dtype=torch.float16):
+        masked_lm_cross_entropy(hidden, weight, bias, labels, mask, backend="triton",
+                                max_masked_per_image=masked).backward()
+    assert launches.of("cross_entropy") <= LOSS_LAUNCH_BUDGET, launches.counts
+    assert set(launches.counts.values()) == {1}, launches.counts  # one chunk: each kernel once
+    # Without the bound, B * N rows: three chunks, most of them past the count.
+    with Launches().active() as launches, torch.autocast("cpu", dtype=torch.float16):
+        masked_lm_cross_entropy(hidden, weight, bias, labels, mask, backend="triton").backward()
+    assert launches.of("cross_entropy") == 15, launches.counts
+
+
+def test_model_passes_the_masking_bound_to_the_loss(monkeypatch):
+    # The model's pre-training forward and backward with the trainer's arguments: the loss plans
+    # B * max_masked_per_image rows and stays within its launch budget.
+    from beitfast.config import BEiTConfig
+    from beitfast.model import BEiT
+
+    model = BEiT(BEiTConfig.tiny(img_size=16, patch_size=4, depth=1, embed_dim=32, num_heads=2, vocab_size=16,
+                                 kernels="triton"))
+    B, most = 3, 5
+    planned = []
+    plan_rows = cross_entropy_ops.plan_rows
+    monkeypatch.setattr(cross_entropy_ops, "plan_rows",
+                        lambda *a: planned.append(plan_rows(*a)) or planned[-1])
+    images, mask = torch.randn(B, 3, 16, 16), bounded_mask(B, 16, most, "cpu")
+    tokens = torch.randint(0, 16, (B, 16))
+    with Launches().active() as launches:
+        loss = model(images, bool_masked_pos=mask, labels=tokens, max_masked_per_image=most)
+        loss.backward()
+    assert [p.row_labels.shape[0] for p in planned] == [B * most]
+    assert 0 < launches.of("cross_entropy") <= LOSS_LAUNCH_BUDGET, launches.counts
+
+
+class HostReads(TorchDispatchMode):
+    """Records every op that, on a CUDA tensor, makes the host wait for the device to read a value
+    (``.item()``/``int()``/``bool()``, boolean indexing, nonzero, ...): the device-to-host transfers of
+    a step, seen on CPU. Our custom ops run their implementation under the mode."""
+
+    SYNCING = {"_local_scalar_dense", "nonzero", "nonzero_numpy", "argwhere", "masked_select", "unique",
+               "_unique", "_unique2", "unique_consecutive", "unique_dim", "is_nonzero", "equal", "allclose",
+               "bincount", "histc", "repeat_interleave"}
+
+    def __init__(self):
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func._schema.name.split("::")[-1]
+        indices = args[1] if name in ("index", "index_put", "index_put_", "_index_put_impl_") else ()
+        boolean_index = any(isinstance(t, torch.Tensor) and t.dtype in (torch.bool, torch.uint8)
+                            for t in indices or ())
+        # repeat_interleave syncs only without output_size (its third argument).
+        sized = name == "repeat_interleave" and kwargs.get("output_size", (*args, None, None)[2]) is not None
+        if (name in self.SYNCING and not sized) or boolean_index:
+            self.reads.append(str(func))
+        if func.namespace == "beitfast":
+            with self:
+                return func.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), *args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def test_host_reads_sees_a_boolean_index():
+    x, mask = torch.randn(4, 3), torch.tensor([True, False, True, True])
+    with HostReads() as mode:
+        x[mask]
+        x.sum().item()
+        x[:2] * 2
+    assert len(mode.reads) == 2, mode.reads
+
+
+@pytest.mark.parametrize("case", ["mean", "sum", "no-grad", "none-1d-labels", "unbounded"])
+def test_loss_reads_nothing_on_the_host(case, monkeypatch):
+    # What a GPU run does: values are not inspected (no BEITFAST_CHECKS), kernels launch asynchronously.
+    monkeypatch.setattr(dispatch, "may_inspect_values", lambda t: False)
+    hidden, weight, bias, labels, mask = make_inputs(3, 20, 16, 50, torch.float32, "cpu")
+    mask = bounded_mask(3, 20, 7, "cpu")
+    bound = None if case == "unbounded" else 7
+    reduction = {"sum": "sum", "none-1d-labels": "none"}.get(case, "mean")
+    if case == "none-1d-labels":
+        labels = labels[mask]
+    hidden.requires_grad_(case != "no-grad")
+    with Launches().active(), HostReads() as mode:
+        loss, accuracy = masked_lm_cross_entropy(hidden, weight, bias, labels, mask, backend="triton",
+                                                 reduction=reduction, max_masked_per_image=bound,
+                                                 return_accuracy=True)
+        if hidden.requires_grad:
+            loss.sum().backward()
+    assert mode.reads == [], mode.reads
+
+
+def test_model_pretraining_step_reads_nothing_on_the_host(monkeypatch):
+    # The model's forward and backward with the trainer's arguments, every op on its Triton backend.
+    from beitfast.config import BEiTConfig
+    from beitfast.model import BEiT
+
+    monkeypatch.setattr(dispatch, "may_inspect_values", lambda t: False)
+    model = BEiT(BEiTConfig.tiny(img_size=16, patch_size=4, depth=1, embed_dim=32, num_heads=2, vocab_size=16,
+                                 kernels="triton"))
+    images, mask = torch.randn(3, 3, 16, 16), bounded_mask(3, 16, 5, "cpu")
+    tokens = torch.randint(0, 16, (3, 16))
+    with Launches().active(), HostReads() as mode:
+        loss, accuracy = model(images, bool_masked_pos=mask, labels=tokens, return_accuracy=True,
+                               max_masked_per_image=5)
+        loss.backward()
+    assert mode.reads == [], mode.reads

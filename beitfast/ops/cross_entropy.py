@@ -15,8 +15,12 @@ backward with the per-row upstream gradients.
 
 Rows are selected on the device (:class:`RowPlan`): no gathered copy of hidden and no host sync for
 mean and sum (``reduction="none"`` with ``[B, N]`` labels reads the row count: the output shape
-depends on it). The triton backend reads the count on the device; the cuda backend's cuBLAS GEMMs
-take host sizes, so it covers the upper bound ``B * N`` (rows past the count cost GEMM work).
+depends on it). With a mask, the planned rows are an upper bound: ``B * max_masked_per_image`` when the
+caller knows the most masked patches per image (the trainer passes its masking's
+``num_masking_patches``), else ``B * N``. The triton backend reads the true count on the device and
+leaves at once past it; the cuda backend's cuBLAS GEMMs take host sizes, so it covers the whole bound.
+A mask selecting more rows than the bound is a user error: ValueError where values may be read (CPU,
+``BEITFAST_CHECKS=1``), else a NaN loss (the trainer stops on it).
 
 Invalid labels. A counted label outside ``[0, V)`` is a user error. On CPU, or with
 ``BEITFAST_CHECKS=1`` on a GPU (a host sync), the call raises ValueError. Otherwise nothing is read on
@@ -50,6 +54,7 @@ def masked_lm_cross_entropy(
     reduction: str = "mean",
     backend: str | None = None,
     return_accuracy: bool = False,
+    max_masked_per_image: int | None = None,
 ):
     """Cross-entropy of the LM head over the counted rows.
 
@@ -62,13 +67,18 @@ def masked_lm_cross_entropy(
 
     With ``return_accuracy=True`` returns ``(loss, accuracy)``, ``accuracy`` being the float32 fraction
     of counted rows whose argmax logit is the label (0 when none count).
+
+    ``max_masked_per_image``: the most rows ``mask`` selects in any image, when the caller knows it
+    (BEiT's masking generator never masks more than its ``num_masking_patches``); the fused backends
+    then plan ``B * max_masked_per_image`` rows instead of ``B * N``. None: unknown.
     """
-    _validate(hidden, weight, bias, labels, mask, ignore_index, reduction)
+    _validate(hidden, weight, bias, labels, mask, ignore_index, reduction, max_masked_per_image)
     impl = dispatch.select(
         OP, backend, hidden=hidden, weight=weight, bias=bias, labels=labels, mask=mask,
         ignore_index=ignore_index, reduction=reduction,
     )
-    loss, accuracy = impl.fn(hidden, weight, bias, labels, mask, ignore_index, reduction)
+    loss, accuracy = impl.fn(hidden, weight, bias, labels, mask, ignore_index, reduction,
+                             max_masked_per_image)
     return (loss, accuracy) if return_accuracy else loss
 
 
@@ -76,10 +86,13 @@ def _shape(t) -> tuple:
     return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
 
 
-def _validate(hidden, weight, bias, labels, mask, ignore_index, reduction) -> None:
+def _validate(hidden, weight, bias, labels, mask, ignore_index, reduction, max_masked_per_image) -> None:
     name = "masked_lm_cross_entropy"
     if reduction not in _REDUCTIONS:
         raise ValueError(f"{name}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    bound = max_masked_per_image
+    if bound is not None and (isinstance(bound, bool) or not isinstance(bound, int) or bound < 0):
+        raise ValueError(f"{name}: max_masked_per_image must be an int >= 0 or None, got {bound!r}")
     if not isinstance(hidden, torch.Tensor) or hidden.dtype not in dispatch.FLOAT_DTYPES:
         got = hidden.dtype if isinstance(hidden, torch.Tensor) else type(hidden).__name__
         raise TypeError(
@@ -138,6 +151,12 @@ def _validate(hidden, weight, bias, labels, mask, ignore_index, reduction) -> No
             raise ValueError(
                 f"{name}: labels has {labels.shape[0]} entries but mask selects {int(mask.sum())} rows"
             )
+        if bound is not None and dispatch.may_inspect_values(mask):
+            most = int(mask.sum(1).max())
+            if most > bound:
+                raise ValueError(
+                    f"{name}: max_masked_per_image={bound}, but mask selects {most} rows in one image"
+                )
     if dispatch.may_inspect_values(labels):
         keep = labels != ignore_index
         if mask is not None and labels.dim() == 2:
@@ -174,7 +193,7 @@ def reduce_loss(per_row: torch.Tensor, counted: torch.Tensor, reduction: str) ->
 
 
 @dispatch.register(OP, "eager", dispatch.accepts_all)
-def cross_entropy_eager(hidden, weight, bias, labels, mask, ignore_index, reduction):
+def cross_entropy_eager(hidden, weight, bias, labels, mask, ignore_index, reduction, max_masked_per_image):
     rows, row_labels = select_rows(hidden, labels, mask)
     logits = F.linear(rows, weight, bias)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float32 at least
@@ -196,14 +215,17 @@ class RowPlan:
     ``row_labels`` ``[R]`` int64 holds ``ignore_index`` on rows that do not exist; ``source_rows``
     ``[R]`` is the row of ``hidden`` (flattened over ``[B, N]``) that row ``r`` reads, None when row ``r``
     is row ``r`` of an ``[M, D]`` hidden. With a mask and ``[B, N]`` labels the number of selected rows
-    is only known on the device: ``R = B * N`` is an upper bound, ``row_count`` the true count, and the
-    rows past it carry ``ignore_index``. ``counted`` marks the rows that count (label in ``[0, V)``).
+    is only known on the device: ``R`` is an upper bound (``B * max_masked_per_image``, else ``B * N``),
+    ``row_count`` the true count, and the rows past it carry ``ignore_index``. ``counted`` marks the rows
+    that count (label in ``[0, V)``). ``bounded``: ``R`` is under ``B * N``, so a mask selecting more rows
+    than the caller's bound loses rows (:func:`_flag_dropped_rows`).
     """
 
     row_labels: Tensor
     source_rows: Tensor | None
     counted: Tensor
     row_count: Tensor | None
+    bounded: bool = False
 
 
 def counted_labels(labels: Tensor, ignore_index: int, vocab: int) -> Tensor:
@@ -211,7 +233,8 @@ def counted_labels(labels: Tensor, ignore_index: int, vocab: int) -> Tensor:
     return (labels != ignore_index) & (labels >= 0) & (labels < vocab)
 
 
-def plan_rows(labels: Tensor, mask: Tensor | None, ignore_index: int, vocab: int) -> RowPlan:
+def plan_rows(labels: Tensor, mask: Tensor | None, ignore_index: int, vocab: int,
+              max_masked_per_image: int | None = None) -> RowPlan:
     if mask is None:
         row_labels = labels.long()
         return RowPlan(row_labels, None, counted_labels(row_labels, ignore_index, vocab), None)
@@ -222,10 +245,14 @@ def plan_rows(labels: Tensor, mask: Tensor | None, ignore_index: int, vocab: int
         row_labels = labels.long()
         counted = counted_labels(row_labels, ignore_index, vocab)
         return RowPlan(row_labels, order[: labels.shape[0]], counted, None)
+    batch, positions = mask.shape
+    per_image = positions if max_masked_per_image is None else min(max_masked_per_image, positions)
+    order = order[: batch * per_image]  # the most rows the mask may select
     row_count = selected.sum()
     live = torch.arange(order.shape[0], device=order.device) < row_count
     row_labels = torch.where(live, labels.reshape(-1)[order].long(), ignore_index)
-    return RowPlan(row_labels, order, counted_labels(row_labels, ignore_index, vocab), row_count)
+    counted = counted_labels(row_labels, ignore_index, vocab)
+    return RowPlan(row_labels, order, counted, row_count, bounded=per_image < positions)
 
 
 _INVALID_LABELS: dict[torch.device, Tensor] = {}
@@ -267,14 +294,26 @@ def compute_dtype(hidden: Tensor) -> torch.dtype:
     return hidden.dtype
 
 
+def _flag_dropped_rows(loss: Tensor, plan: RowPlan) -> Tensor:
+    """NaN when the mask selected more rows than the plan's bound (rows were dropped), without a host
+    sync: the trainer stops on a non-finite loss."""
+    if not plan.bounded:
+        return loss
+    return torch.where(plan.row_count > plan.row_labels.shape[0], float("nan"), loss)
+
+
 def _finish(loss_rows: Tensor, hits: Tensor, plan: RowPlan, reduction: str):
     accuracy = hit_rate(hits, plan.counted)
     if reduction != "none":
-        return reduce_loss(loss_rows, plan.counted, reduction), accuracy
+        return _flag_dropped_rows(reduce_loss(loss_rows, plan.counted, reduction), plan), accuracy
     if plan.row_count is not None:
         # The [num_masked] shape depends on the mask: this is the one path that reads the count on
         # the host (mean and sum never do).
-        loss_rows = loss_rows[: int(plan.row_count)]
+        count = int(plan.row_count)
+        if count > loss_rows.shape[0]:
+            raise ValueError(f"masked_lm_cross_entropy: mask selects {count} rows, more than "
+                             f"max_masked_per_image allows ({loss_rows.shape[0]} in all)")
+        loss_rows = loss_rows[:count]
     return loss_rows, accuracy
 
 
@@ -399,8 +438,8 @@ def _rows_backward(ctx, grad_rows, _):
 _fused_rows.register_autograd(_rows_backward, setup_context=_rows_setup_context)
 
 
-def _fused(backend, hidden, weight, bias, labels, mask, ignore_index, reduction):
-    plan = plan_rows(labels, mask, ignore_index, weight.shape[0])
+def _fused(backend, hidden, weight, bias, labels, mask, ignore_index, reduction, max_masked_per_image):
+    plan = plan_rows(labels, mask, ignore_index, weight.shape[0], max_masked_per_image)
     dtype = compute_dtype(hidden)
     args = (hidden, weight, bias, plan.row_labels, plan.source_rows, plan.row_count)
     needs_grad = torch.is_grad_enabled() and any(
@@ -414,7 +453,7 @@ def _fused(backend, hidden, weight, bias, labels, mask, ignore_index, reduction)
     else:
         row_scale = torch.ones((), device=hidden.device)
     loss, hits, *_ = _fused_reduced(*args, row_scale, ignore_index, dtype, backend)
-    return loss, hit_rate(hits, plan.counted)
+    return _flag_dropped_rows(loss, plan), hit_rate(hits, plan.counted)
 
 
 def _triton_check(hidden, weight, bias, **_) -> list[str]:
@@ -423,8 +462,8 @@ def _triton_check(hidden, weight, bias, **_) -> list[str]:
 
 
 @dispatch.register(OP, "triton", _triton_check, dispatch.needs_package("triton"))
-def cross_entropy_triton(hidden, weight, bias, labels, mask, ignore_index, reduction):
-    return _fused("triton", hidden, weight, bias, labels, mask, ignore_index, reduction)
+def cross_entropy_triton(hidden, weight, bias, labels, mask, ignore_index, reduction, max_masked_per_image):
+    return _fused("triton", hidden, weight, bias, labels, mask, ignore_index, reduction, max_masked_per_image)
 
 
 def _cuda_check(hidden, weight, bias, **_) -> list[str]:
@@ -435,5 +474,5 @@ def _cuda_check(hidden, weight, bias, **_) -> list[str]:
 
 
 @dispatch.register(OP, "cuda", _cuda_check, _ext.available("lm_cross_entropy_chunked", "cuda"))
-def cross_entropy_cuda(hidden, weight, bias, labels, mask, ignore_index, reduction):
-    return _fused("cuda", hidden, weight, bias, labels, mask, ignore_index, reduction)
+def cross_entropy_cuda(hidden, weight, bias, labels, mask, ignore_index, reduction, max_masked_per_image):
+    return _fused("cuda", hidden, weight, bias, labels, mask, ignore_index, reduction, max_masked_per_image)
