@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -126,6 +127,30 @@ def _check_run_paths(args, output: Path, replaced: tuple[str, ...] = ()) -> None
         ensure_writable(output)
     if args.resume not in ("auto", "none"):
         _check_file(args.resume, "--resume")
+        with open(args.resume, "rb") as f:
+            head = f.read(2)
+        # torch.save writes a zip archive ("PK"), or a pickle (protocol byte 0x80) in its legacy format;
+        # an empty or damaged checkpoint is left to the integrity checks, which say what is wrong with it.
+        if head and not (head == b"PK" or head[:1] == b"\x80"):
+            raise CommandError(f"--resume: {args.resume!r} is not a checkpoint (not a file torch.save wrote); "
+                               f"give a run's checkpoint.pt, 'auto' or 'none'")
+
+
+def _load_tokenizer(path, what: str):
+    import pickle
+
+    from .tokenizers import load_tokenizer
+
+    try:
+        return load_tokenizer(path)
+    except pickle.UnpicklingError as error:  # a pickle that would run code on load, or not a pickle at all
+        raise CommandError(f"{what} {str(path)!r}: {error}") from None
+
+
+def _check_batch_size(batch_size: int, source, data: str) -> None:
+    if batch_size > len(source):
+        raise CommandError(f"--batch-size {batch_size} is larger than the data set ({len(source)} images in "
+                           f"{data}): every batch would repeat images; use --batch-size {len(source)} or less")
 
 
 def _fit_kmeans(source, args, log):
@@ -214,7 +239,6 @@ def _summary(trainer, records: list[dict], window: int = 10) -> str:
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from .config import BEiTConfig
     from .data import masking_for
-    from .tokenizers import load_tokenizer
     from .tokenizers.base import check_patch_size
     from .train import CHECKPOINT_NAME, METRICS_NAME, PLOT_NAME, pretraining_trainer
 
@@ -237,9 +261,10 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     tokenizer, tokenizer_file = None, None
     if args.tokenizer != "kmeans":
         _check_file(args.tokenizer, "--tokenizer")
-        tokenizer, tokenizer_file = load_tokenizer(args.tokenizer), args.tokenizer
+        tokenizer, tokenizer_file = _load_tokenizer(args.tokenizer, "--tokenizer"), args.tokenizer
     elif args.resume != "none" and tokenizer_path.exists() and (output / CHECKPOINT_NAME).exists():
-        tokenizer, tokenizer_file = load_tokenizer(tokenizer_path), tokenizer_path  # resuming: same targets
+        # Resuming: the same targets.
+        tokenizer, tokenizer_file = _load_tokenizer(tokenizer_path, "the run's tokenizer"), tokenizer_path
         _log(f"tokenizer: {tokenizer_path} (from the run being resumed)")
     # One token per patch: the model's patch grid follows a given tokenizer, a k-means tokenizer to be
     # fitted follows the model, and a contradiction set explicitly is refused before any work.
@@ -267,9 +292,10 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     masking_for(config.grid, args.mask_ratio)  # checks --mask-ratio now
     train_config = _train_config(args, str(output), input_path=args.input_path,
                                  allow_tokenizer_change=args.allow_tokenizer_change)
-    _check_run_paths(args, output, (TOKENIZER_NAME,) if args.tokenizer == "kmeans" else ())
     source = _image_source(args.data)
     _log_found(source)
+    _check_batch_size(args.batch_size, source, args.data)
+    _check_run_paths(args, output, (TOKENIZER_NAME,) if args.tokenizer == "kmeans" else ())
     if tokenizer is None:
         tokenizer = _fit_kmeans(source, args, _log)
         if _main_process():
@@ -321,6 +347,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if len(train_set.classes) < 2:
         raise CommandError(f"--data {args.data!r} has {len(train_set.classes)} class {train_set.classes}: "
                            f"classification needs at least two (one sub-folder per class)")
+    _check_batch_size(args.batch_size, train_set, args.data)
     _check_run_paths(args, Path(args.output))
     if val_set is not None and val_set.classes != train_set.classes:
         raise CommandError(f"--val-data classes {val_set.classes} differ from --data classes {train_set.classes}")
@@ -635,25 +662,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    action = getattr(args, f"{args.command}_command", None)  # of "tokenizer train", "data pack"
+    command = f"{args.command} {action}" if action else args.command
+
+    def one_line(message, category, filename, lineno, file=None, line=None):  # a warning as the errors are
+        print(f"beitfast {command}: warning: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+
     try:
         _check_counts(args)
         if getattr(args, "threads", None) is not None:
             torch.set_num_threads(args.threads)
-        return args.func(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = one_line
+            return args.func(args)
     # Expected failures (bad values, files, folders, disk, missing optional packages): one line, no traceback.
     except (CommandError, ValueError, OSError) as error:
-        print(f"beitfast {args.command}: error: {' '.join(str(error).split())}", file=sys.stderr)
+        print(f"beitfast {command}: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
     except NonFiniteLossError as error:
-        print(f"beitfast {args.command}: stopped: {error}", file=sys.stderr)
+        print(f"beitfast {command}: stopped: {error}", file=sys.stderr)
         return 1
     except torch.cuda.OutOfMemoryError as error:
-        print(f"beitfast {args.command}: error: {' '.join(str(error).split())} (a smaller --batch-size needs less "
+        print(f"beitfast {command}: error: {' '.join(str(error).split())} (a smaller --batch-size needs less "
               f"memory)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"beitfast {args.command}: interrupted; the same command resumes from the last checkpoint"
-              if args.command in ("pretrain", "finetune") else f"beitfast {args.command}: interrupted",
+        print(f"beitfast {command}: interrupted; the same command resumes from the last checkpoint"
+              if args.command in ("pretrain", "finetune") else f"beitfast {command}: interrupted",
               file=sys.stderr)
         return 130
 

@@ -568,7 +568,7 @@ class BatchStream(torch.utils.data.IterableDataset):
                                    (self.seed, step, position))
             except DecodeError as error:
                 self.source.reject(i, error.__cause__ or error)
-        raise RuntimeError(f"BatchStream: none of the {n} images of the data set can be decoded")
+        raise ValueError(f"BatchStream: none of the {n} images of the data set can be decoded")
 
     def batch(self, step: int, limit: int | None = None) -> tuple[torch.Tensor, ...]:
         """This rank's part of global batch ``step``, collated; with ``limit``, only its first ``limit``

@@ -490,3 +490,71 @@ def test_finetune_from_a_classifier_of_another_class_count_drops_its_head(tmp_pa
     for name, weight in model.state_dict().items():
         if name.startswith(("blocks.", "patch_embed.")) and weight.dim() == 2:
             assert (tuned.state_dict()[name] - weight).abs().max() < 3e-3, name
+
+
+def undecodable_folder(root, count=4):
+    root.mkdir()
+    for i in range(count):
+        (root / f"{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n not really" * (i + 1))
+    return root
+
+
+@pytest.mark.parametrize("command", ["pretrain", "tokenizer train"])
+def test_a_folder_of_only_undecodable_images_is_one_line(tmp_path, capsys, command):
+    data = undecodable_folder(tmp_path / "broken")
+    out = tmp_path / ("run" if command == "pretrain" else "tok.safetensors")
+    extra = TINY if command == "pretrain" else []
+    assert main([*command.split(), "--data", str(data), "--output", str(out), *extra, *TINY_TOKENIZER]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert lines[-1] == f"beitfast {command}: error: BatchStream: none of the 4 images of the data set can be decoded"
+    # Each image skipped is named in one warning line.
+    assert all(line.startswith(f"beitfast {command}: warning: ImageFolder: skipping") for line in lines[:-1])
+    assert len(lines) == 5
+
+
+def test_an_unsafe_tokenizer_pickle_is_refused_in_one_line(tmp_path, capsys):
+    import pickle
+
+    class RunsCode:
+        def __reduce__(self):
+            return (print, ("this ran while loading",))
+
+    path = tmp_path / "encoder.pkl"
+    path.write_bytes(pickle.dumps({"encoder": RunsCode()}))
+    assert main(["pretrain", "--tokenizer", str(path), "--steps", "1", "--output", str(tmp_path / "run"),
+                 *TINY]) == 2
+    captured = capsys.readouterr()
+    one_line_error_text(captured.err, "--tokenizer", str(path), "refusing to load global 'builtins.print'")
+    assert "this ran" not in captured.out
+
+
+def test_resume_from_a_file_that_is_not_a_checkpoint(tmp_path, capsys):
+    text = tmp_path / "notes.txt"
+    text.write_text("step 3 went well\n")
+    assert main(["pretrain", "--resume", str(text), "--steps", "1", "--output", str(tmp_path / "run"), *TINY,
+                 *TINY_TOKENIZER]) == 2
+    one_line_error(capsys, "--resume", "notes.txt", "is not a checkpoint")
+
+
+@settings(derandomize=True, database=None, deadline=None, max_examples=6)
+@given(extra=st.integers(1, 100_000))
+def test_a_batch_larger_than_the_data_set_is_refused_before_any_work(tmp_path_factory, extra):
+    tmp_path = tmp_path_factory.mktemp("data")
+    data = labelled_folder(tmp_path / "labelled")  # 6 images
+    out = tmp_path / "run"
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()) as printed:
+        code = main(["pretrain", "--data", str(data), "--output", str(out), *TINY, *TINY_TOKENIZER, "--steps", "1",
+                     "--batch-size", str(6 + extra)])
+    assert code == 2 and "k-means" not in printed.getvalue() and not out.exists()
+    one_line_error_text(err.getvalue(), f"--batch-size {6 + extra} is larger than the data set (6 images")
+    pretrained = tmp_path / "p.pt"
+    pretrained.write_bytes(b"unused")
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = main(["finetune", "--pretrained", str(pretrained), "--data", str(data), "--output", str(out),
+                     "--steps", "1", "--device", "cpu", "--batch-size", str(6 + extra)])
+    assert code == 2 and not out.exists()
+    one_line_error_text(err.getvalue(), f"--batch-size {6 + extra} is larger than the data set (6 images")

@@ -127,7 +127,7 @@ def test_folder_errors(tmp_path):
     bad_only.mkdir()
     (bad_only / "a.png").write_bytes(b"garbage")
     stream = pretrain_stream(ImageFolder(bad_only), TwoViewTransform(8, 8), masking_for((1, 1)), batch_size=1)
-    with pytest.warns(UserWarning), pytest.raises(RuntimeError, match="none of the 1 images"):
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="none of the 1 images"):
         stream.batch(0)
 
 
