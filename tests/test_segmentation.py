@@ -190,11 +190,10 @@ def hf_peer(model: BEiTForSegmentation, **config_changes):
 
 
 def hf_loss(model, peer, images, labels):
-    """Ours with transformers' loss average against transformers."""
-    model.segmentation_config.loss_average = "labelled_pixels"
-    for head in (model.decode_head, model.auxiliary_head):
-        head.loss_average = "labelled_pixels"
-    return model(images, labels), peer(pixel_values=images, labels=labels).loss
+    """Ours with transformers' loss average (the same weights), and transformers' loss."""
+    twin = BEiTForSegmentation(model.config, model.segmentation_config.replace(loss_average="labelled_pixels"))
+    twin.to(torch.float64).load_state_dict(model.state_dict())
+    return twin.eval()(images, labels), peer(pixel_values=images, labels=labels).loss
 
 
 def test_hf_taps_equal_ours_with_huggingface_taps():
