@@ -241,14 +241,12 @@ def record(folder: Path, results: Path) -> int:
     from beitfast._files import write_atomically
     from beitfast.ops.dispatch import gpu_slug
 
-    recorded = 0
+    recorded, gpu = 0, tarballs[0].name.removeprefix("rows-").removesuffix(".tar.gz")
     with tarfile.open(tarballs[0]) as tar:
         for member in tar.getmembers():
-            match = re.fullmatch(r"results/([A-Za-z0-9_]+?)_([A-Za-z0-9_]+)\.json", member.name)
-            if not member.isfile() or not match or match.group(2) == "cpu":
-                continue
+            if not (member.isfile() and re.fullmatch(rf"results/\w+_{gpu}\.json", member.name)):
+                continue  # CPU rows, pytest-benchmark and JUnit reports
             rows = json.loads(tar.extractfile(member).read())
-            gpu = match.group(2)
             foreign = [r.get("test") for r in rows if gpu_slug(r.get("gpu") or "") != gpu or r.get("smoke")]
             if foreign:
                 print(f"record: {member.name}: rows not measured on {gpu}: {foreign}", file=sys.stderr)

@@ -190,3 +190,51 @@ def test_the_contract_checker_fails_each_breach(tmp_path, breach):
     else:
         (out / "link.json").symlink_to(out / "summary.json")
     assert len(check(out)) == 1, check(out)
+
+
+def test_a_profile_too_big_is_trimmed_to_its_kernels_or_refused():
+    trim = gpu_out().trim_trace
+    events = [{"cat": "cpu_op", "name": f"aten::op{i}", "ts": i} for i in range(20000)]
+    events += [{"cat": "kernel", "name": "gemm", "ts": 1}, {"cat": "gpu_memcpy", "name": "copy", "ts": 2}]
+    trace = {"traceEvents": events, "deviceProperties": []}
+    data, dropped = trim(trace, 10**6)
+    assert dropped == [] and len(data) <= 10**6
+    data, dropped = trim(trace, 2000)
+    assert "cpu_op" in dropped and len(data) <= 2000
+    kept = json.loads(__import__("gzip").decompress(data))["traceEvents"]
+    assert [e["cat"] for e in kept] == ["kernel", "gpu_memcpy"]
+    with pytest.raises(ValueError, match="does not fit"):
+        trim(trace, 10)
+
+
+def _returned(tmp_path, mode, rows_by_file):
+    """A folder as a device call's files come back: summary.json and rows-<gpu>.tar.gz."""
+    folder = tmp_path / "returned"
+    (folder / "results").mkdir(parents=True)
+    (folder / "summary.json").write_text(json.dumps({"mode": mode, "commit": "0123abc"}))
+    for name, rows in rows_by_file.items():
+        (folder / "results" / name).write_text(json.dumps(rows))
+    with tarfile.open(folder / "rows-NVIDIA_H100_80GB_HBM3.tar.gz", "w:gz") as tar:
+        tar.add(folder / "results", arcname="results")
+    return folder
+
+
+def test_record_merges_only_the_gpu_rows_of_that_gpu(tmp_path):
+    record = gpu_out().record
+    h100 = "NVIDIA H100 80GB HBM3"
+    results = tmp_path / "results"
+    results.mkdir()
+    kept_row = {"test": "old", "gpu": h100, "images_per_s": 1.0}
+    (results / "pretrain_step_NVIDIA_H100_80GB_HBM3.json").write_text(json.dumps(
+        [kept_row, {"test": "b", "gpu": h100, "images_per_s": 2.0}]))
+    (results / "masking_cpu.json").write_text("[]")
+    new = [{"test": "b", "gpu": h100, "images_per_s": 3.0}, {"test": "c", "gpu": h100, "images_per_s": 4.0}]
+    folder = _returned(tmp_path, "gpu", {"pretrain_step_NVIDIA_H100_80GB_HBM3.json": new,
+                                         "masking_cpu.json": [{"test": "m", "cpu": "the GPU machine's"}]})
+    assert record(folder, results) == 0
+    assert json.loads((results / "pretrain_step_NVIDIA_H100_80GB_HBM3.json").read_text()) == [kept_row, *new]
+    assert (results / "masking_cpu.json").read_text() == "[]"  # the GPU machine's CPU rows stay out
+    foreign = _returned(tmp_path / "2", "gpu", {"attention_NVIDIA_H100_80GB_HBM3.json": [
+        {"test": "x", "gpu": "NVIDIA H200"}]})
+    assert record(foreign, results) == 1 and not (results / "attention_NVIDIA_H100_80GB_HBM3.json").exists()
+    assert record(_returned(tmp_path / "3", "cpu", {}), results) == 2  # a dry run's rows are never recorded
