@@ -191,7 +191,8 @@ def hf_peer(model: BEiTForSegmentation, **config_changes):
 
 def hf_loss(model, peer, images, labels):
     """Ours with transformers' loss average (the same weights), and transformers' loss."""
-    twin = BEiTForSegmentation(model.config, model.segmentation_config.replace(loss_average="labelled_pixels"))
+    labelled = model.segmentation_config.replace(loss_average="labelled_pixels")
+    twin = BEiTForSegmentation(model.config, labelled)
     twin.to(torch.float64).load_state_dict(model.state_dict())
     return twin.eval()(images, labels), peer(pixel_values=images, labels=labels).loss
 
@@ -290,6 +291,10 @@ def test_shared_table_checkpoint_and_other_image_size():
     images, labels = images_and_labels(bigger.config)
     with torch.no_grad():
         assert bigger.eval()(images.float()).shape == (2, CLASSES, 24, 24)
+    wide = model.resized((64, 128))
+    assert wide.config.image_hw == (64, 128) and wide.segmentation_config == model.segmentation_config
+    assert wide.backbone.blocks[0].attn.relative_position_bias_table.shape == (7 * 15 + 3, 2)
+    assert wide.eval()(torch.randn(1, 3, 64, 128)).shape == (1, CLASSES, 16, 32)
 
 
 def test_from_backbone_of_a_pretrained_model():

@@ -25,7 +25,7 @@ class BEiTBackbone(BEiT):
     """
 
     def __init__(self, config: BEiTConfig, out_indices, taps: str = "official"):
-        # No fc_norm (use_mean_pooling=False), and the final norm that leaves is an identity.
+        # As the official segmentation backbone: no fc_norm (use_mean_pooling=False), no final norm.
         super().__init__(config.replace(vocab_size=0, num_classes=0, use_mean_pooling=False))
         self.norm = nn.Identity()
         if taps not in TAPS:

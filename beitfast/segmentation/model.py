@@ -24,11 +24,11 @@ class BEiTForSegmentation(nn.Module):
       labels (values in ``[0, num_classes)`` or ``ignore_index``).
 
     ``config`` is the backbone's (its ``img_size``: any multiple of the patch size; it gets no LM head,
-    classifier or final norm); ``segmentation`` the neck's and heads'. The official fine-tuning
-    backbone has a bias table per layer (``use_rel_pos_bias=True``); the default is its BEiT-B at
-    512 px for ADE20K's 150 classes. Built with the official initialisation; load weights with
-    :meth:`from_state_dict`, or start from a pre-trained or classification BEiT with
-    :meth:`from_backbone`.
+    classifier or final norm); ``segmentation`` the neck's and heads', ``overrides`` change its fields.
+    The official fine-tuning backbone has a bias table per layer (``use_rel_pos_bias=True``); the
+    default is its BEiT-B at 512 px for ADE20K's 150 classes. Built with the official initialisation;
+    load weights with :meth:`from_state_dict` or :meth:`from_file`, start from a pre-trained or
+    classification BEiT with :meth:`from_backbone`, change the image size with :meth:`resized`.
     """
 
     def __init__(self, config: BEiTConfig | None = None, segmentation: SegmentationConfig | None = None,
@@ -128,6 +128,14 @@ class BEiTForSegmentation(nn.Module):
         from . import checkpoint
 
         checkpoint.save(self, path)
+
+    def resized(self, img_size) -> "BEiTForSegmentation":
+        """A copy for another image size (any multiple of the patch size): the bias tables resized the
+        official way, the absolute position embedding (if any) bicubic."""
+        from . import checkpoint
+
+        return checkpoint.from_state_dict(self.state_dict(), self.config.replace(img_size=img_size),
+                                          self.segmentation_config)
 
     def to_mmseg_state_dict(self) -> dict[str, torch.Tensor]:
         """Weights in the names of the official/mmseg code (``backbone.fpn1.0.weight``, ``conv_seg``...)."""
