@@ -297,7 +297,7 @@ def test_shared_table_checkpoint_and_other_image_size():
     assert wide.eval()(torch.randn(1, 3, 64, 128)).shape == (1, CLASSES, 16, 32)
 
 
-def test_from_backbone_of_a_pretrained_model():
+def test_from_backbone_of_a_pretrained_model(tmp_path):
     # Pre-training checkpoint (shared table, LM head, 48 px) -> segmentation at 64 px, per-layer tables.
     pretrained = BEiT(backbone_config(img_size=48, vocab_size=11, use_shared_rel_pos_bias=True,
                                       use_rel_pos_bias=False))
@@ -308,6 +308,10 @@ def test_from_backbone_of_a_pretrained_model():
         expected = checkpoint.resize_rel_pos_bias_table(shared, (4, 4))
         assert torch.equal(block.attn.relative_position_bias_table.detach(), expected)
     torch.testing.assert_close(model.backbone.blocks[1].mlp.fc1.weight, pretrained.blocks[1].mlp.fc1.weight)
+    pretrained.save(tmp_path / "pretrained.safetensors")
+    for source in (pretrained, tmp_path / "pretrained.safetensors"):
+        again = BEiTForSegmentation.from_backbone(source, backbone_config(), seg_config())
+        assert_state_equal(again.backbone.state_dict(), model.backbone.state_dict())
     with pytest.raises(ValueError, match=r"not a segmentation checkpoint: a BEiT state dict \(official"):
         BEiTForSegmentation.from_state_dict(pretrained.state_dict())
 

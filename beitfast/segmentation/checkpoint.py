@@ -209,11 +209,16 @@ def _load_checked(model: torch.nn.Module, state: Mapping[str, torch.Tensor], str
     model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
 
 
-def from_backbone(state_dict: Any, config: BEiTConfig, segmentation: SegmentationConfig | None = None,
+def from_backbone(source: Any, config: BEiTConfig, segmentation: SegmentationConfig | None = None,
                   **overrides) -> BEiTForSegmentation:
     """A new :class:`BEiTForSegmentation` whose backbone holds a BEiT of another task (see
-    :meth:`BEiTForSegmentation.from_backbone`)."""
-    state, _ = beit_checkpoint.to_official_names(state_dict)
+    :meth:`BEiTForSegmentation.from_backbone`): ``source`` is a :class:`beitfast.BEiT`, its state dict
+    in any format, or a file or folder :meth:`beitfast.BEiT.from_file` reads."""
+    if isinstance(source, (str, os.PathLike)):
+        source = beit_checkpoint.load(source)
+    if isinstance(source, torch.nn.Module):
+        source = source.state_dict()
+    state, _ = beit_checkpoint.to_official_names(source)
     model = BEiTForSegmentation(config, segmentation, **overrides)
     state = {k: v for k, v in state.items() if not _OTHER_TASKS.fullmatch(k)}
     state = beit_checkpoint.adapt_state_dict(state, model.config)

@@ -104,15 +104,15 @@ class BEiTForSegmentation(nn.Module):
         return checkpoint.from_state_dict(state_dict, config, segmentation, strict, **overrides)
 
     @staticmethod
-    def from_backbone(state_dict, config: BEiTConfig, segmentation: SegmentationConfig | None = None,
+    def from_backbone(source, config: BEiTConfig, segmentation: SegmentationConfig | None = None,
                       **overrides) -> "BEiTForSegmentation":
-        """A new model whose backbone holds the weights of a BEiT state dict of any task and format
-        (pre-training, classification; official, beitfast, timm, transformers), adapted to ``config``
-        as the official fine-tuning does (a shared bias table copied into every layer, tables resized
-        to its grid); neck and heads newly initialised."""
+        """A new model whose backbone holds the weights of a BEiT of any task and format (pre-training,
+        classification; official, beitfast, timm, transformers): a :class:`beitfast.BEiT`, a state dict,
+        or a file or folder. They are adapted to ``config`` as the official fine-tuning does (a shared
+        bias table copied into every layer, tables resized to its grid); neck and heads are new."""
         from . import checkpoint
 
-        return checkpoint.from_backbone(state_dict, config, segmentation, **overrides)
+        return checkpoint.from_backbone(source, config, segmentation, **overrides)
 
     @staticmethod
     def from_file(path, config: BEiTConfig | None = None, segmentation: SegmentationConfig | None = None,
