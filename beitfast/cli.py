@@ -41,6 +41,7 @@ BENCH_GPU_DEFAULTS = {**GPU_DEFAULTS, "batch_size": 128}
 BENCH_CPU_DEFAULTS = {**CPU_DEFAULTS, "batch_size": 32}
 DEMO_OUTPUT = "demo-output"
 TOKENIZER_NAME = "tokenizer.safetensors"
+EVAL_NAME = "eval.json"  # finetune --val-data: the validation numbers
 
 
 class CommandError(Exception):
@@ -85,7 +86,7 @@ def _image_source(data: str):
             return embedded_photos()
         except ImportError as error:  # scikit-image and scikit-learn are the optional data extra
             raise CommandError(f"--data embedded: {error}; or give an image folder") from error
-    if data.endswith(".tar") or (Path(data).is_dir() and any(Path(data).glob("*.tar"))):
+    if _is_shards(data):
         from .shards import ShardedImages
 
         return ShardedImages(data)  # shards written by `beitfast data pack`
@@ -95,6 +96,18 @@ def _image_source(data: str):
 def _log_found(source, log=None) -> None:
     """The header's data line: the images found, and the files skipped and why (an image folder)."""
     (log or _log)(f"data: {getattr(source, 'found', f'{len(source)} images')}")
+
+
+def _is_shards(data: str) -> bool:
+    """Whether ``data`` names shards of `beitfast data pack`: a .tar file or a folder of them."""
+    return data.endswith(".tar") or (Path(data).is_dir() and any(Path(data).glob("*.tar")))
+
+
+def _print_outputs(output: Path, names: tuple[tuple[str, str], ...]) -> None:
+    """Where the run wrote each of its files (those that exist)."""
+    for name, what in names:
+        if (output / name).exists():
+            print(f"{what:>10}: {(output / name).resolve()}")
 
 
 def _check_file(path: str, option: str) -> None:
@@ -308,17 +321,25 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     records = trainer.fit()
     if _main_process():
         print(f"done: {_summary(trainer, records)}")
-        for name, what in ((CHECKPOINT_NAME, "checkpoint"), (METRICS_NAME, "metrics"), (PLOT_NAME, "plot"),
-                           (TOKENIZER_NAME, "tokenizer")):
-            if (output / name).exists():
-                print(f"{what:>10}: {(output / name).resolve()}")
+        _print_outputs(output, ((CHECKPOINT_NAME, "checkpoint"), (METRICS_NAME, "metrics"), (PLOT_NAME, "plot"),
+                                (TOKENIZER_NAME, "tokenizer")))
     return 0
 
 
 def _labelled_source(data: str, option: str):
-    """The labelled images of ``option``: a folder of class sub-folders; images beside them are named."""
+    """The labelled images of ``option``: a folder of class sub-folders (images beside them are named), or
+    shards that `beitfast data pack --labelled` wrote."""
     from .data import ImageFolder
 
+    if _is_shards(data):
+        from .shards import ShardedImages
+
+        source = ShardedImages(data)
+        if source.labels is None:
+            raise CommandError(f"{option} {data!r}: these shards have no class labels; pack them with "
+                               f"`beitfast data pack --labelled`")
+        _log_found(source)
+        return source
     source = ImageFolder(data, labelled=True)
     _log_found(source)
     outside = source.ignored.get("outside a class folder", [])
@@ -331,7 +352,18 @@ def _labelled_source(data: str, option: str):
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     from .data import ClassifyTransform, EvalTransform, classify_stream
-    from .train import Classification, Trainer, classifier_from_pretrained, evaluate, setup_distributed
+    from .train import (
+        CHECKPOINT_NAME,
+        METRICS_NAME,
+        PLOT_NAME,
+        Classification,
+        Trainer,
+        classifier_from_pretrained,
+        evaluation,
+        plot_metrics,
+        setup_distributed,
+        write_bytes_atomically,
+    )
 
     _check_device(args)
     _fill(args, _defaults(FINETUNE_GPU_DEFAULTS, FINETUNE_CPU_DEFAULTS, args.device))
@@ -362,11 +394,21 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     trainer = Trainer(model, Classification(args.label_smoothing), stream, train_config)
     records = trainer.fit()
     _log(f"done: {_summary(trainer, records)}")
+    output = Path(args.output)
     if val_set is not None:
-        accuracy = evaluate(model, val_set, EvalTransform(size), device=train_config.device)
-        _log(f"validation top-1 accuracy: {accuracy:.4f} on {len(val_set) - val_set.skipped} images")
+        numbers = evaluation(model, val_set, EvalTransform(size), device=train_config.device)
+        _log(f"validation on {numbers['images']} images: top-1 accuracy {numbers['top1']:.4f}, top-5 "
+             f"{numbers['top5']:.4f}, loss {numbers['loss']:.4f}")
         if _main_process():
-            (Path(args.output) / "eval.json").write_text(json.dumps({"top1": accuracy}) + "\n")
+            numbers = {"step": trainer.step, **numbers}
+            write_bytes_atomically(output / EVAL_NAME, (json.dumps(numbers, indent=1) + "\n").encode())
+            try:  # drawn again with the validation numbers
+                plot_metrics(output / METRICS_NAME, output / PLOT_NAME, validation=numbers)
+            except ImportError:  # matplotlib is optional: the trainer said so once, eval.json has the numbers
+                pass
+    if _main_process():
+        _print_outputs(output, ((CHECKPOINT_NAME, "checkpoint"), (METRICS_NAME, "metrics"), (PLOT_NAME, "plot"),
+                                (EVAL_NAME, "validation")))
     return 0
 
 

@@ -63,7 +63,7 @@ from .pipeline import INPUT_PATHS, resolve_input_path
 __all__ = [
     "TrainConfig", "Trainer", "NonFiniteLossError", "cosine_schedule", "layer_id", "param_groups",
     "MaskedImageModeling", "Classification", "pretrain", "pretraining_trainer",
-    "classifier_from_pretrained", "evaluate",
+    "classifier_from_pretrained", "evaluate", "evaluation",
     "setup_distributed", "plot_metrics", "float8_training", "CHECKPOINT_NAME", "METRICS_NAME", "PLOT_NAME",
     "PREVIOUS_CHECKPOINT_NAME",
 ]
@@ -380,8 +380,11 @@ def restore_rng_states(states: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(states["cuda"], device)
 
 
-def plot_metrics(metrics_path: str | os.PathLike, png_path: str | os.PathLike) -> None:
-    """Loss, accuracy and learning rate against the step, from a metrics JSONL file."""
+def plot_metrics(metrics_path: str | os.PathLike, png_path: str | os.PathLike,
+                 validation: dict | None = None) -> None:
+    """Loss, accuracy and learning rate against the step, from a metrics JSONL file; a dashed line at
+    every step a run resumed from (records with ``"resumed"``); ``validation`` (``evaluation``'s
+    numbers, with the ``step`` they were measured at) as points on the loss and accuracy panels."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -391,9 +394,19 @@ def plot_metrics(metrics_path: str | os.PathLike, png_path: str | os.PathLike) -
     if not records:
         return
     steps = [r["step"] for r in records]
+    resumes = [r["step"] for r in records if r.get("resumed")]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for ax, key, title in zip(axes, ("loss", "accuracy", "lr"), ("loss", "accuracy", "learning rate")):
-        ax.plot(steps, [r[key] for r in records], linewidth=1)
+        ax.plot(steps, [r[key] for r in records], linewidth=1, label="training")
+        for i, step in enumerate(resumes):
+            ax.axvline(step, color="grey", linestyle="--", linewidth=0.8, label="resumed" if i == 0 else None)
+        if validation is not None and key in ("loss", "accuracy"):
+            value = validation["loss" if key == "loss" else "top1"]
+            ax.plot([validation["step"]], [value], "o", color="tab:red", label="validation")
+            ax.annotate(f"{value:.3f}", (validation["step"], value), textcoords="offset points", xytext=(-4, 6),
+                        ha="right", color="tab:red")
+        if resumes or (validation is not None and key != "lr"):
+            ax.legend(fontsize=8)
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -661,12 +674,15 @@ class Trainer:
     # -- metrics -----------------------------------------------------------------------------------
 
     def _start_metrics(self) -> None:
-        """Keep the records up to the resumed step (a killed run may have logged steps past it)."""
+        """Keep the records up to the resumed step (a killed run may have logged steps past it); the
+        record of that step gets ``"resumed": true`` (the plot marks it)."""
         kept = []
         if self.step > 0 and self.metrics_path.exists():
-            kept = [line for line in self.metrics_path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= self.step]
-        write_bytes_atomically(self.metrics_path, "".join(line + "\n" for line in kept).encode())
+            kept = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+            kept = [record for record in kept if record["step"] <= self.step]
+            if kept and kept[-1]["step"] == self.step:
+                kept[-1]["resumed"] = True
+        write_bytes_atomically(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept).encode())
 
     def _set_schedules(self, step: int) -> tuple[float, float]:
         c = self.config
@@ -865,20 +881,46 @@ def classifier_from_pretrained(pretrained: BEiT | str | os.PathLike, num_classes
 
 
 @torch.no_grad()
-def evaluate(model: BEiT, source: ImageSource, transform: EvalTransform, batch_size: int = 256,
-             device: str | torch.device = "auto") -> float:
-    """Top-1 accuracy of ``model`` on every decodable image of ``source`` (all ranks together)."""
+def evaluation(model: BEiT, source: ImageSource, transform: EvalTransform, batch_size: int = 256,
+               device: str | torch.device = "auto") -> dict:
+    """``model`` on every decodable image of ``source`` (all ranks together): ``images``, the mean
+    cross-entropy ``loss`` (no label smoothing), ``top1``, ``top5`` (top-k with k = min(5, classes)) and
+    ``per_class``, the top-1 accuracy of each class (by name, ``source.classes``, when it has them; None
+    for a class without images)."""
     ctx = setup_distributed()
     device = resolve_device(device, ctx.local_rank) if isinstance(device, str) else device
     was_training = model.training
     model.eval().to(device)
-    hits = torch.zeros(2, dtype=torch.float64, device=device)
+    num_classes = model.config.num_classes
+    # loss sum, top-1 hits, top-k hits, images; then per class: hits, images
+    sums = torch.zeros(4 + 2 * num_classes, dtype=torch.float64, device=device)
     for images, labels in eval_batches(source, transform, batch_size, ctx.rank, ctx.world_size):
+        labels = labels.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = model(images.to(device))
-        hits[0] += (logits.argmax(-1) == labels.to(device)).sum()
-        hits[1] += labels.numel()
+        logits = logits.float()
+        hits = logits.argmax(-1) == labels
+        top = logits.topk(min(5, num_classes), dim=-1).indices
+        sums[0] += F.cross_entropy(logits, labels, reduction="sum").double()
+        sums[1] += hits.sum()
+        sums[2] += (top == labels[:, None]).any(-1).sum()
+        sums[3] += labels.numel()
+        sums[4:4 + num_classes] += torch.bincount(labels[hits], minlength=num_classes)
+        sums[4 + num_classes:] += torch.bincount(labels, minlength=num_classes)
     if ctx.enabled:
-        dist.all_reduce(hits)
+        dist.all_reduce(sums)
     model.train(was_training)
-    return (hits[0] / hits[1].clamp(min=1)).item()
+    sums = sums.tolist()
+    count = max(sums[3], 1)
+    names = list(getattr(source, "classes", None) or range(num_classes))
+    per_class = {str(name): (hits / total if total else None)
+                 for name, hits, total in zip(names, sums[4:4 + num_classes], sums[4 + num_classes:])}
+    return {"images": int(sums[3]), "loss": sums[0] / count, "top1": sums[1] / count, "top5": sums[2] / count,
+            "per_class": per_class}
+
+
+def evaluate(model: BEiT, source: ImageSource, transform: EvalTransform, batch_size: int = 256,
+             device: str | torch.device = "auto") -> float:
+    """Top-1 accuracy of ``model`` on every decodable image of ``source`` (all ranks together); the
+    other numbers: :func:`evaluation`."""
+    return evaluation(model, source, transform, batch_size, device)["top1"]

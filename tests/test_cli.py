@@ -112,7 +112,7 @@ def test_pretrain_end_to_end_resume_and_finetune(tmp_path, capsys):
     assert main(["finetune", "--pretrained", str(out / "checkpoint.pt"), "--data", str(data), "--val-data", str(data),
                  "--output", str(ft), "--steps", "2", "--batch-size", "2", "--warmup-steps", "1", "--device", "cpu",
                  "--threads", "1", "--no-progress"]) == 0
-    assert "validation top-1 accuracy" in capsys.readouterr().out
+    assert "top-1 accuracy" in capsys.readouterr().out
     assert 0 <= json.loads((ft / "eval.json").read_text())["top1"] <= 1
 
 
@@ -558,3 +558,49 @@ def test_a_batch_larger_than_the_data_set_is_refused_before_any_work(tmp_path_fa
                      "--steps", "1", "--device", "cpu", "--batch-size", str(6 + extra)])
     assert code == 2 and not out.exists()
     one_line_error_text(err.getvalue(), f"--batch-size {6 + extra} is larger than the data set (6 images")
+
+
+def test_finetune_on_labelled_shards_reports_its_files_and_the_validation_numbers(tmp_path, capsys, monkeypatch):
+    import matplotlib.axes
+
+    drawn = []
+    for name in ("axvline", "plot"):
+        def record(self, *args, _name=name, _original=getattr(matplotlib.axes.Axes, name), **kwargs):
+            drawn.append((_name, args, kwargs.get("label")))
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(matplotlib.axes.Axes, name, record)
+    run = tmp_path / "run"
+    assert main(["pretrain", "--steps", "1", "--output", str(run), *TINY, *TINY_TOKENIZER]) == 0
+    data = labelled_folder(tmp_path / "labelled")
+    shards = tmp_path / "shards"
+    assert main(["data", "pack", str(data), str(shards), "--labelled", "--images-per-shard", "4"]) == 0
+    out = tmp_path / "ft"
+    finetune = ["finetune", "--pretrained", str(run / "checkpoint.pt"), "--data", str(shards), "--val-data",
+                str(data), "--output", str(out), "--batch-size", "2", "--device", "cpu", "--threads", "1",
+                "--no-progress", "--warmup-steps", "1"]
+    assert main([*finetune, "--steps", "2"]) == 0
+    capsys.readouterr()
+    drawn.clear()
+    assert main([*finetune, "--steps", "3"]) == 0  # resumed at step 2
+    printed = capsys.readouterr().out
+    for name, what in (("checkpoint.pt", "checkpoint"), ("metrics.jsonl", "metrics"), ("curves.png", "plot"),
+                       ("eval.json", "validation")):
+        assert f"{what:>10}: {(out / name).resolve()}" in printed
+    numbers = json.loads((out / "eval.json").read_text())
+    assert numbers["step"] == 3 and numbers["images"] == 6 and set(numbers["per_class"]) == {"circle", "square"}
+    assert all(0 <= numbers[key] <= 1 for key in ("top1", "top5")) and numbers["loss"] > 0
+    assert numbers["top5"] == 1.0  # two classes: the top 2 hold every label
+    assert numbers["top1"] == sum(numbers["per_class"].values()) / 2  # three images per class
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3] and [r.get("resumed") for r in records] == [None, True, None]
+    # The last drawing marks the resume in each panel and the validation numbers on loss and accuracy.
+    assert [args for name, args, _ in drawn if name == "axvline"][-3:] == [(2,)] * 3
+    assert ("plot", ([3], [numbers["top1"]], "o"), "validation") in drawn
+    assert ("plot", ([3], [numbers["loss"]], "o"), "validation") in drawn
+
+    # Shards without labels cannot be fine-tuned on: one line.
+    unlabelled = tmp_path / "unlabelled"
+    assert main(["data", "pack", str(data), str(unlabelled)]) == 0
+    assert main([*finetune, "--data", str(unlabelled), "--output", str(tmp_path / "ft2"), "--steps", "2"]) == 2
+    one_line_error(capsys, "--data", "no class labels", "--labelled")
