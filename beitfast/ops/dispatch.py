@@ -61,13 +61,12 @@ class Backend:
         return list(self.check(**inputs))
 
 
-# Why each backend is missing from this install (None: present), asked once per process: the install
-# does not change while it runs. The compiler takes the answer as a constant rather than tracing the
-# import machinery (and torch 2.11 cannot inline a cached callable held by the frozen dataclass).
+# Why each backend is missing from this install (None: present), asked once per process (the install
+# does not change while it runs) and kept as a plain value, which the compiler reads as a constant: torch
+# 2.11's cannot inline a cached callable held by the frozen dataclass, nor trace importlib.
 _MISSING: dict[tuple[str, str], str | None] = {}
 
 
-@torch.compiler.assume_constant_result
 def _missing(op: str, name: str) -> str | None:
     if (op, name) not in _MISSING:
         _MISSING[op, name] = _REGISTRY[op][name].available()
@@ -108,8 +107,10 @@ def _always_available() -> str | None:
 def needs_package(module: str, package: str | None = None) -> Callable[[], str | None]:
     """The ``available`` of a backend that imports ``module`` (installed as ``package``, default the
     module's name)."""
-    missing = f"{package or module} is not installed"
-    return lambda: None if importlib.util.find_spec(module) else missing
+    # Looked up now, not when asked: the lookup is cheap (nothing is imported) and a compiled graph
+    # asking for it must not trace importlib.
+    missing = None if importlib.util.find_spec(module) else f"{package or module} is not installed"
+    return lambda: missing
 
 
 def accepts_all(**_: Any) -> Reasons:
