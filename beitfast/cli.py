@@ -454,9 +454,37 @@ def cmd_data_pack(args: argparse.Namespace) -> int:
     return 0
 
 
+def _benchmarks_folder() -> Path | None:
+    """The benchmark suite: ./benchmarks, or that of the source checkout this package is installed from
+    (an editable install); None for an installed package (the suite is not part of it)."""
+    for folder in (Path.cwd() / "benchmarks", Path(__file__).resolve().parents[1] / "benchmarks"):
+        if (folder / "conftest.py").is_file():
+            return folder
+    return None
+
+
+def _run_benchmark_suite(pytest_args: list[str]) -> int:
+    import importlib.util
+
+    folder = _benchmarks_folder()
+    if folder is None:
+        raise CommandError("bench --pytest runs the benchmark suite of a source checkout (benchmarks/ is not "
+                           "installed with the package): git clone the beitfast repository, pip install -e "
+                           "'.[dev]' in it and run this there; `beitfast bench` without --pytest times "
+                           "pre-training steps here")
+    missing = [package for module, package in (("pytest", "pytest"), ("pytest_benchmark", "pytest-benchmark"))
+               if importlib.util.find_spec(module) is None]
+    if missing:
+        raise CommandError(f"bench --pytest needs {' and '.join(missing)}: pip install 'beitfast[dev]' (or "
+                           f"pip install {' '.join(missing)})")
+    # Run from inside the suite's folder: the checkout's root on sys.path would let its top-level kernels/
+    # shadow the Hugging Face package of that name.
+    return subprocess.call([sys.executable, "-m", "pytest", str(folder), *pytest_args], cwd=folder)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.pytest:
-        return subprocess.call([sys.executable, "-m", "pytest", "benchmarks", *args.pytest_args])
+        return _run_benchmark_suite(args.pytest_args)
     if args.calibrate:
         from .calibrate import calibrate
 
@@ -671,7 +699,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda'")
     bench.add_argument("--kernels", default="auto", help="backend of every fused op (default: auto)")
     bench.add_argument("--threads", type=int, help="CPU threads for tensor math (default: PyTorch's choice)")
-    bench.add_argument("--pytest", action="store_true", help="run `pytest benchmarks/` (GPU suites)")
+    bench.add_argument("--pytest", action="store_true",
+                       help="run `pytest benchmarks/` (GPU suites) of a source checkout: ./benchmarks or the "
+                            "checkout of an editable install; needs pytest and pytest-benchmark (the dev extra)")
     bench.add_argument("--calibrate", action="store_true",
                        help="time every backend of every fused op (fwd+bwd, BEiT-B sizes, --warmup and "
                             "--steps calls) and write the dispatcher's auto order for this GPU (GPU only)")

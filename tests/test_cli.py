@@ -604,3 +604,27 @@ def test_finetune_on_labelled_shards_reports_its_files_and_the_validation_number
     assert main(["data", "pack", str(data), str(unlabelled)]) == 0
     assert main([*finetune, "--data", str(unlabelled), "--output", str(tmp_path / "ft2"), "--steps", "2"]) == 2
     one_line_error(capsys, "--data", "no class labels", "--labelled")
+
+
+def test_bench_pytest_runs_the_checkout_suite_or_says_what_it_needs(tmp_path, monkeypatch, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    import beitfast.cli
+
+    calls = []
+    monkeypatch.setattr(subprocess, "call", lambda command, **options: calls.append((command, options)) or 0)
+    monkeypatch.chdir(tmp_path)  # not a checkout: the suite of the editable install's checkout is found
+    suite = Path(beitfast.cli.__file__).resolve().parents[1] / "benchmarks"
+    assert main(["bench", "--pytest", "--", "-k", "masking"]) == 0
+    assert calls == [([sys.executable, "-m", "pytest", str(suite), "-k", "masking"], {"cwd": suite})]
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pytest_benchmark"
+                        else find_spec(name, *a))
+    assert main(["bench", "--pytest"]) == 2
+    one_line_error(capsys, "needs pytest-benchmark", "pip install 'beitfast[dev]'")
+    # An installed package (pip install beitfast) has no suite: what to do instead, in one line.
+    monkeypatch.setattr(beitfast.cli, "_benchmarks_folder", lambda: None, raising=False)
+    assert main(["bench", "--pytest"]) == 2
+    one_line_error(capsys, "source checkout", "pip install -e '.[dev]'", "without --pytest")
+    assert len(calls) == 1
