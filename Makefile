@@ -1,7 +1,7 @@
 # `make demo`: set up and run the main job. `make test`: set up and run every test.
-# The environment lives outside the checkout, keyed by the requirements, so reruns reuse it.
+# The environments live outside the checkout, keyed by their pinned requirements, so reruns reuse them.
 PYTHON ?= python3
-REQ_HASH := $(shell sha256sum requirements-dev.txt | cut -c1-12)
+REQ_HASH := $(shell sha256sum requirements-lock.txt | cut -c1-12)
 VENV ?= $(HOME)/.cache/beitfast/venv-$(REQ_HASH)
 BIN := $(VENV)/bin
 CUDA_HOME ?= /usr/local/cuda
@@ -10,15 +10,29 @@ PYTEST_ARGS ?=
 # triton 3.6 (the GPU machines' version) beside the environment's 3.8, for the compile gate only.
 TRITON36 ?= $(HOME)/.cache/beitfast/triton-3.6.0
 GATE := $(BIN)/python benchmarks/compile_gate.py
+# The oldest supported torch (the GPU machines' software: Python 3.12, torch 2.11, triton 3.6), pinned in
+# requirements-torch211.txt: the CUDA sources compile against its headers and the compiler tests run on it.
+PYTHON312 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) python3.12)
+OLDEST_HASH := $(shell sha256sum requirements-torch211.txt | cut -c1-12)
+OLDEST_VENV ?= $(HOME)/.cache/beitfast/venv-torch211-$(OLDEST_HASH)
+# triton 3.6's interpreter (CPU tests only) converts 1-element arrays to scalars, which numpy 2.5 refuses:
+# the tests on the oldest torch put numpy 2.3 first on the path. The GPU machines compile the kernels.
+OLDEST_NUMPY ?= $(HOME)/.cache/beitfast/numpy-2.3.5-py312
+# The stand-in of the GPU machine for `make gpu-preflight`: the same environment, run offline.
+STANDIN_VENV ?= $(OLDEST_VENV)
+# The newest releases of everything requirements-dev.txt names (`make test-latest`, `make lock`).
+LATEST_VENV ?= $(HOME)/.cache/beitfast/venv-latest
 
-.PHONY: env install triton36 test demo bench compile-gate compile-report clean
+.PHONY: env install triton36 oldest test test-oldest test-latest lock demo bench compile-gate \
+	compile-report clean
 
 env: $(VENV)/.ready
 
-$(VENV)/.ready: requirements-dev.txt
+$(VENV)/.ready: requirements-lock.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -r requirements-dev.txt
+	$(BIN)/pip install -q $$(grep '^pip==' requirements-lock.txt)
+	$(BIN)/pip install --no-deps -r requirements-lock.txt
+	$(BIN)/pip check
 	touch $@
 
 install: env
@@ -30,8 +44,39 @@ $(TRITON36)/.ready: $(VENV)/.ready
 	$(BIN)/pip install -q --no-deps --target $(TRITON36) triton==3.6.0
 	touch $@
 
-test: install triton36
+test: install triton36 test-oldest
 	BEITFAST_TRITON36=$(TRITON36) $(BIN)/pytest -n 2 tests $(PYTEST_ARGS)
+
+oldest: $(OLDEST_VENV)/.ready
+
+$(OLDEST_VENV)/.ready: requirements-torch211.txt
+	$(PYTHON312) -m venv $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/pip install -q $$(grep '^pip==' requirements-torch211.txt)
+	$(OLDEST_VENV)/bin/pip install -q --no-deps -r requirements-torch211.txt
+	$(OLDEST_VENV)/bin/pip check
+	$(OLDEST_VENV)/bin/pip install -q --no-deps --target $(OLDEST_NUMPY) numpy==2.3.5
+	touch $@
+
+# On the oldest supported torch: the extension (CUDA sources included, one architecture: compile only)
+# builds against its headers and loads, and the tests of torch's compiler and op registration pass.
+test-oldest: oldest
+	BEITFAST_CUDA_ARCHS=90a $(OLDEST_VENV)/bin/pip install -q --no-build-isolation --no-deps -e .
+	PYTHONPATH=$(OLDEST_NUMPY) $(OLDEST_VENV)/bin/pytest -n 2 -m compiler tests $(PYTEST_ARGS)
+
+# The suite on the newest releases of requirements-dev.txt (torch stays at the pinned build), for
+# whoever updates the pins: if it passes, `make lock` writes them to requirements-lock.txt.
+test-latest: triton36
+	rm -rf $(LATEST_VENV)
+	$(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/pip install -q --upgrade pip
+	$(LATEST_VENV)/bin/pip install -q --upgrade -r requirements-dev.txt
+	$(LATEST_VENV)/bin/pip install -q --no-build-isolation --no-deps -e .
+	BEITFAST_TRITON36=$(TRITON36) $(LATEST_VENV)/bin/pytest -n 2 tests $(PYTEST_ARGS)
+
+lock:
+	test -x $(LATEST_VENV)/bin/pip || { echo "run make test-latest first"; exit 2; }
+	{ sed -n '1,2p' requirements-lock.txt; $(LATEST_VENV)/bin/pip freeze --all --exclude-editable; } > requirements-lock.txt.new
+	mv requirements-lock.txt.new requirements-lock.txt
 
 # The compile gate alone, triton 3.8 then 3.6; reports in benchmarks/results/compile_*.json.
 compile-gate: install triton36
