@@ -628,3 +628,15 @@ def test_bench_pytest_runs_the_checkout_suite_or_says_what_it_needs(tmp_path, mo
     assert main(["bench", "--pytest"]) == 2
     one_line_error(capsys, "source checkout", "pip install -e '.[dev]'", "without --pytest")
     assert len(calls) == 1
+
+
+def test_the_demo_replaces_its_own_earlier_run_and_says_so(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    demo = ["pretrain", "--demo", "--steps", "1", *TINY, *TINY_TOKENIZER]
+    assert main(demo) == 0
+    assert "replacing" not in capsys.readouterr().out
+    assert main(demo) == 0
+    assert "replacing the earlier demo run in demo-output/" in capsys.readouterr().out
+    # A folder the user names is another matter: the demo starts afresh there only with --overwrite.
+    assert main([*demo, "--output", "demo-output"]) == 2
+    one_line_error(capsys, "--overwrite", "checkpoint.pt")
