@@ -5,6 +5,7 @@ of every format both ways, resizing, and bad input.
 Every parameter and BatchNorm statistic is randomised, so a wrongly mapped tensor cannot hide."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -141,7 +142,8 @@ def official_uper_head(sd, inputs, pool_scales=(1, 2, 3, 6)):
     laterals = [conv_module(sd, f"decode_head.lateral_convs.{i}", inputs[i]) for i in range(3)]
     laterals.append(conv_module(sd, "decode_head.bottleneck", torch.cat(psp_outs, dim=1)))
     for i in range(3, 0, -1):
-        laterals[i - 1] += resize(laterals[i], laterals[i - 1].shape[2:])
+        # mmseg adds in place (+=); out of place here so that autograd can differentiate the reference.
+        laterals[i - 1] = laterals[i - 1] + resize(laterals[i], laterals[i - 1].shape[2:])
     fpn_outs = [conv_module(sd, f"decode_head.fpn_convs.{i}", laterals[i]) for i in range(3)] + [laterals[-1]]
     for i in range(3, 0, -1):
         fpn_outs[i] = resize(fpn_outs[i], fpn_outs[0].shape[2:])
@@ -175,6 +177,22 @@ def test_matches_official_transcription(variant):
         torch.testing.assert_close(logits, expected, rtol=1e-10, atol=1e-10)
         loss = mmseg_loss(expected, labels, 1.0) + mmseg_loss(official_fcn_head(sd, features), labels, 0.4)
         torch.testing.assert_close(model(images, labels), loss, rtol=1e-10, atol=1e-10)
+
+
+def test_gradients_match_official_transcription():
+    model = random_model(out_indices=(0, 1, 2, 4))  # every block feeds the heads
+    images, labels = images_and_labels(model.config)
+    statistics = ("running_mean", "running_var", "num_batches_tracked")
+    sd = {k: v.detach().clone().requires_grad_(not k.endswith(statistics))
+          for k, v in model.to_mmseg_state_dict().items()}
+    features = official_backbone(sd, images, 16, 2, out_indices=[0, 1, 2, 4])
+    loss = (mmseg_loss(official_uper_head(sd, features), labels, 1.0)
+            + mmseg_loss(official_fcn_head(sd, features), labels, 0.4))
+    loss.backward()
+    model(images, labels).backward()
+    for name, parameter in model.named_parameters():
+        expected = sd[re.sub(r"^neck\.", "backbone.", name)].grad
+        torch.testing.assert_close(parameter.grad, expected, rtol=1e-9, atol=1e-10, msg=name)
 
 
 # -- transformers' BeitForSemanticSegmentation ------------------------------------------------------
