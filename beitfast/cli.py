@@ -133,9 +133,9 @@ def _check_run_paths(args, output: Path, replaced: tuple[str, ...] = ()) -> None
         names = (CHECKPOINT_NAME, PREVIOUS_CHECKPOINT_NAME, METRICS_NAME, *replaced)
         found = [name for name in names if (output / name).exists()]
         if found:
-            raise CommandError(f"--output {str(output)!r} holds the run {', '.join(found)}, which --resume none "
-                               f"would replace: give --overwrite to replace them, --resume auto to continue that "
-                               f"run, or another --output")
+            raise CommandError(f"--output {str(output)!r} holds the run {', '.join(found)}, which --resume "
+                               f"none would replace: give --overwrite to replace them, --resume auto to "
+                               f"continue that run, or another --output")
     if _main_process():
         ensure_writable(output)
     if args.resume not in ("auto", "none"):
@@ -145,8 +145,8 @@ def _check_run_paths(args, output: Path, replaced: tuple[str, ...] = ()) -> None
         # torch.save writes a zip archive ("PK"), or a pickle (protocol byte 0x80) in its legacy format;
         # an empty or damaged checkpoint is left to the integrity checks, which say what is wrong with it.
         if head and not (head == b"PK" or head[:1] == b"\x80"):
-            raise CommandError(f"--resume: {args.resume!r} is not a checkpoint (not a file torch.save wrote); "
-                               f"give a run's checkpoint.pt, 'auto' or 'none'")
+            raise CommandError(f"--resume: {args.resume!r} is not a checkpoint (not a file torch.save "
+                               f"wrote); give a run's checkpoint.pt, 'auto' or 'none'")
 
 
 def _load_tokenizer(path, what: str):
@@ -162,8 +162,9 @@ def _load_tokenizer(path, what: str):
 
 def _check_batch_size(batch_size: int, source, data: str) -> None:
     if batch_size > len(source):
-        raise CommandError(f"--batch-size {batch_size} is larger than the data set ({len(source)} images in "
-                           f"{data}): every batch would repeat images; use --batch-size {len(source)} or less")
+        raise CommandError(f"--batch-size {batch_size} is larger than the data set ({len(source)} images "
+                           f"in {data}): every batch would repeat images; use --batch-size {len(source)} or "
+                           f"less")
 
 
 def _fit_kmeans(source, args, log):
@@ -207,8 +208,8 @@ def _train_config(args, output: str, **extra):
     from .train import TrainConfig
 
     if args.min_lr > args.lr:
-        raise CommandError(f"--min-lr ({args.min_lr:g}) must not exceed --lr ({args.lr:g}): the cosine schedule "
-                           f"would rise from the peak towards it")
+        raise CommandError(f"--min-lr ({args.min_lr:g}) must not exceed --lr ({args.lr:g}): the cosine "
+                           f"schedule would rise from the peak towards it")
     resume = None if args.resume == "none" else args.resume
     # Without the bar, a line at least once per checkpoint interval, about twenty in a run.
     log_every = args.log_every if args.log_every is not None else min(args.checkpoint_every, max(1, args.steps // 20))
@@ -321,8 +322,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     records = trainer.fit()
     if _main_process():
         print(f"done: {_summary(trainer, records)}")
-        _print_outputs(output, ((CHECKPOINT_NAME, "checkpoint"), (METRICS_NAME, "metrics"), (PLOT_NAME, "plot"),
-                                (TOKENIZER_NAME, "tokenizer")))
+        _print_outputs(output, ((CHECKPOINT_NAME, "checkpoint"), (METRICS_NAME, "metrics"),
+                                (PLOT_NAME, "plot"), (TOKENIZER_NAME, "tokenizer")))
     return 0
 
 
@@ -344,8 +345,8 @@ def _labelled_source(data: str, option: str):
     _log_found(source)
     outside = source.ignored.get("outside a class folder", [])
     if outside:
-        names = ", ".join(path.name for path in outside[:5]) + (f" and {len(outside) - 5} more" if len(outside) > 5
-                                                                 else "")
+        more = f" and {len(outside) - 5} more" if len(outside) > 5 else ""
+        names = ", ".join(path.name for path in outside[:5]) + more
         _log(f"{option}: ignored {len(outside)} image(s) beside the class folders, in no class: {names}")
     return source
 
@@ -372,8 +373,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     train_config = _train_config(args, args.output, layer_decay=layer_decay, label_smoothing=args.label_smoothing,
                                  linear_probe=args.linear_probe)
     if not Path(args.pretrained).exists():
-        raise FileNotFoundError(f"--pretrained: {args.pretrained!r} does not exist (a weights file or a Hugging "
-                                f"Face model folder)")
+        raise FileNotFoundError(f"--pretrained: {args.pretrained!r} does not exist (a weights file or a "
+                                f"Hugging Face model folder)")
     train_set = _labelled_source(args.data, "--data")
     val_set = _labelled_source(args.val_data, "--val-data") if args.val_data else None
     if len(train_set.classes) < 2:
@@ -407,8 +408,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             except ImportError:  # matplotlib is optional: the trainer said so once, eval.json has the numbers
                 pass
     if _main_process():
-        _print_outputs(output, ((CHECKPOINT_NAME, "checkpoint"), (METRICS_NAME, "metrics"), (PLOT_NAME, "plot"),
-                                (EVAL_NAME, "validation")))
+        _print_outputs(output, ((CHECKPOINT_NAME, "checkpoint"), (METRICS_NAME, "metrics"),
+                                (PLOT_NAME, "plot"), (EVAL_NAME, "validation")))
     return 0
 
 
@@ -556,8 +557,8 @@ def _add_training_options(parser: argparse.ArgumentParser, gpu: dict, cpu: dict)
     group.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth rate (default: 0.1)")
     run = parser.add_argument_group("run")
     run.add_argument("--overwrite", action="store_true",
-                     help="with --resume none, replace the checkpoints and metrics of an earlier run in --output "
-                          "(refused without it)")
+                     help="with --resume none, replace the checkpoints and metrics of an earlier run in "
+                          "--output (refused without it)")
     run.add_argument("--checkpoint-every", type=int, default=500,
                      help="write the resumable checkpoint every N steps, and at the end (default: 500)")
     run.add_argument("--resume", help="'auto': continue from OUTPUT/checkpoint.pt if present; a checkpoint path; "
@@ -623,8 +624,8 @@ def build_parser() -> argparse.ArgumentParser:
                                           "(default: kmeans)")
     data.add_argument("--vocab-size", type=int, help=f"k-means vocabulary {_both('vocab_size')}")
     data.add_argument("--allow-tokenizer-change", action="store_true",
-                      help="resume with a tokenizer other than the one the checkpoint was trained with (refused "
-                           "without it: the targets would change mid-run)")
+                      help="resume with a tokenizer other than the one the checkpoint was trained with "
+                           "(refused without it: the targets would change mid-run)")
     data.add_argument("--tokenizer-size", type=int, help=f"tokenizer view size in pixels {_both('tokenizer_size')}")
     data.add_argument("--tokenizer-patch-size", type=int,
                       help=f"pixels per token side in the tokenizer view {_both('tokenizer_patch_size')}")
@@ -654,8 +655,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "decay, label smoothing; or a linear probe (only the classifier trains).",
     )
     fine.add_argument("--pretrained", required=True,
-                      help="a checkpoint.pt of `beitfast pretrain`, or any BEiT weights file or Hugging Face model "
-                           "folder BEiT.from_file reads (a classifier's head of another class count is dropped)")
+                      help="a checkpoint.pt of `beitfast pretrain`, or any BEiT weights file or Hugging Face "
+                           "model folder BEiT.from_file reads (a classifier's head of another class count is "
+                           "dropped)")
     fine.add_argument("--data", required=True, help="training images: a folder with one sub-folder per class")
     fine.add_argument("--val-data", help="validation images (same classes); top-1 accuracy reported at the end")
     fine.add_argument("--output", default="beitfast-finetune", help="output folder (default: ./beitfast-finetune)")
@@ -700,8 +702,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--kernels", default="auto", help="backend of every fused op (default: auto)")
     bench.add_argument("--threads", type=int, help="CPU threads for tensor math (default: PyTorch's choice)")
     bench.add_argument("--pytest", action="store_true",
-                       help="run `pytest benchmarks/` (GPU suites) of a source checkout: ./benchmarks or the "
-                            "checkout of an editable install; needs pytest and pytest-benchmark (the dev extra)")
+                       help="run `pytest benchmarks/` (GPU suites) of a source checkout: ./benchmarks or "
+                            "the checkout of an editable install; needs pytest and pytest-benchmark (the dev "
+                            "extra)")
     bench.add_argument("--calibrate", action="store_true",
                        help="time every backend of every fused op (fwd+bwd, BEiT-B sizes, --warmup and "
                             "--steps calls) and write the dispatcher's auto order for this GPU (GPU only)")

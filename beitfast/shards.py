@@ -60,7 +60,7 @@ def pack_shards(folder: str | os.PathLike, output: str | os.PathLike, images_per
     samples in ``output`` (a new or empty folder); returns the shard paths. The files are copied, not
     decoded (an undecodable one is skipped when read). Labelled shards come with ``classes.json``, the
     class names in index order. The set is written into a hidden folder beside ``output`` and renamed to
-    ``output`` at the end: a failure or a kill leaves no partial set that a reader would take for the whole."""
+    ``output`` at the end: a failure or a kill leaves no partial set that a reader would accept."""
     if isinstance(images_per_shard, bool) or not isinstance(images_per_shard, int) or images_per_shard < 1:
         raise ValueError(f"pack_shards: images_per_shard must be a positive int, got {images_per_shard!r}")
     output = Path(output)
@@ -131,8 +131,8 @@ class ShardedImages(ImageFiles):
                             keys.append(key)
                             self.entries.append((shard_index, member.offset_data, member.size, member.name))
             except (tarfile.TarError, EOFError, UnicodeDecodeError, ValueError) as error:
-                raise ValueError(f"ShardedImages: shard {str(path)!r} is truncated or damaged, not a readable tar "
-                                 f"file ({type(error).__name__}: {error})") from None
+                raise ValueError(f"ShardedImages: shard {str(path)!r} is truncated or damaged, not a "
+                                 f"readable tar file ({type(error).__name__}: {error})") from None
         if not self.entries:
             raise ValueError(f"ShardedImages: no images in the {len(self.shards)} shard(s) given")
         self.labels = [class_of[key] for key in keys] if all(key in class_of for key in keys) else None

@@ -403,8 +403,8 @@ def plot_metrics(metrics_path: str | os.PathLike, png_path: str | os.PathLike,
         if validation is not None and key in ("loss", "accuracy"):
             value = validation["loss" if key == "loss" else "top1"]
             ax.plot([validation["step"]], [value], "o", color="tab:red", label="validation")
-            ax.annotate(f"{value:.3f}", (validation["step"], value), textcoords="offset points", xytext=(-4, 6),
-                        ha="right", color="tab:red")
+            ax.annotate(f"{value:.3f}", (validation["step"], value), textcoords="offset points",
+                        xytext=(-4, 6), ha="right", color="tab:red")
         if resumes or (validation is not None and key != "lr"):
             ax.legend(fontsize=8)
         ax.set_title(title)
@@ -638,9 +638,9 @@ class Trainer:
         if recorded is not None and hasattr(self.task, "checksum") and recorded != self.task.checksum() \
                 and not self.config.allow_tokenizer_change:
             raise ValueError(
-                f"resume: {str(path)!r} was trained with another tokenizer (checksum {recorded[:12]}, this run's "
-                f"is {self.task.checksum()[:12]}): its targets would change mid-run. Use that run's tokenizer, or "
-                f"allow_tokenizer_change (--allow-tokenizer-change) to continue with this one"
+                f"resume: {str(path)!r} was trained with another tokenizer (checksum {recorded[:12]}, this "
+                f"run's is {self.task.checksum()[:12]}): its targets would change mid-run. Use that run's "
+                f"tokenizer, or allow_tokenizer_change (--allow-tokenizer-change) to continue with this one"
             )
         # The schedules are planned from these: a change re-plans the rest of the run, which the resume
         # line says.

@@ -334,9 +334,11 @@ def test_a_fresh_run_does_not_replace_an_earlier_one(tmp_path, capsys):
     before = {name: (out / name).read_bytes() for name in ("checkpoint.pt", "checkpoint-previous.pt",
                                                            "metrics.jsonl", "tokenizer.safetensors")}
     capsys.readouterr()
-    assert main(["pretrain", "--resume", "none", "--steps", "2", "--output", str(out), *TINY, *TINY_TOKENIZER]) == 2
+    assert main(["pretrain", "--resume", "none", "--steps", "2", "--output", str(out), *TINY,
+                 *TINY_TOKENIZER]) == 2
     captured = capsys.readouterr()
-    one_line_error_text(captured.err, "--overwrite", "checkpoint.pt", "checkpoint-previous.pt", "metrics.jsonl")
+    one_line_error_text(captured.err, "--overwrite", "checkpoint.pt", "checkpoint-previous.pt",
+                        "metrics.jsonl")
     assert "k-means" not in captured.out  # refused before any work
     assert all((out / name).read_bytes() == data for name, data in before.items())
     data = labelled_folder(tmp_path / "labelled")
@@ -376,11 +378,11 @@ def test_a_count_option_below_its_least_value_is_refused(tmp_path_factory, case,
     command, option, least = case
     out = tmp_path_factory.mktemp("run") / "out"
     base = {"pretrain": [*TINY, *TINY_TOKENIZER, "--steps", "1", "--output", str(out)],
-            "finetune": ["--pretrained", str(out / "p.pt"), "--data", str(out), "--output", str(out), "--steps",
-                         "1"],
+            "finetune": ["--pretrained", str(out / "p.pt"), "--data", str(out), "--output", str(out),
+                         "--steps", "1"],
             "tokenizer train": [*TINY_TOKENIZER, "--output", str(out / "t.safetensors")],
-            "bench": ["--model", "tiny", "--depth", "1", "--img-size", "16", "--patch-size", "4", "--batch-size",
-                      "2", "--steps", "1", "--warmup", "0", "--device", "cpu"]}[command]
+            "bench": ["--model", "tiny", "--depth", "1", "--img-size", "16", "--patch-size", "4",
+                      "--batch-size", "2", "--steps", "1", "--warmup", "0", "--device", "cpu"]}[command]
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
         code = main([*command.split(), *base, option, str(least - below)])
@@ -401,8 +403,8 @@ def test_finetune_needs_two_classes_and_names_stray_images(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["pretrain", "--steps", "1", "--output", str(out), *TINY, *TINY_TOKENIZER]) == 0
     data = labelled_folder(tmp_path / "labelled")
-    finetune = ["finetune", "--pretrained", str(out / "checkpoint.pt"), "--output", str(tmp_path / "ft"), "--steps",
-                "1", "--batch-size", "2", "--device", "cpu", "--threads", "1", "--no-progress"]
+    finetune = ["finetune", "--pretrained", str(out / "checkpoint.pt"), "--output", str(tmp_path / "ft"),
+                "--steps", "1", "--batch-size", "2", "--device", "cpu", "--threads", "1", "--no-progress"]
     capsys.readouterr()
     one_class = tmp_path / "one"
     (data / "square").rename(one_class)  # one class left
@@ -423,7 +425,8 @@ def test_resume_with_another_tokenizer_is_refused_unless_allowed(tmp_path, capsy
     tokenizers = []
     for seed in (1, 2):
         tokenizers.append(tmp_path / f"tok{seed}.safetensors")
-        assert main(["tokenizer", "train", "--output", str(tokenizers[-1]), *TINY_TOKENIZER, "--seed", str(seed)]) == 0
+        assert main(["tokenizer", "train", "--output", str(tokenizers[-1]), *TINY_TOKENIZER, "--seed",
+                     str(seed)]) == 0
     out = tmp_path / "run"
     pretrain = ["pretrain", "--output", str(out), *TINY]
     assert main([*pretrain, "--steps", "1", "--tokenizer", str(tokenizers[0])]) == 0
@@ -431,7 +434,8 @@ def test_resume_with_another_tokenizer_is_refused_unless_allowed(tmp_path, capsy
     assert main([*pretrain, "--steps", "2", "--tokenizer", str(tokenizers[1])]) == 2
     one_line_error(capsys, "another tokenizer", "--allow-tokenizer-change")
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 1
-    assert main([*pretrain, "--steps", "2", "--tokenizer", str(tokenizers[1]), "--allow-tokenizer-change"]) == 0
+    assert main([*pretrain, "--steps", "2", "--tokenizer", str(tokenizers[1]),
+                 "--allow-tokenizer-change"]) == 0
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
     # The same tokenizer resumes without a word; so does a checkpoint without the checksum.
     assert main([*pretrain, "--steps", "3", "--tokenizer", str(tokenizers[1])]) == 0
@@ -480,8 +484,8 @@ def test_finetune_from_a_classifier_of_another_class_count_drops_its_head(tmp_pa
         safetensors.torch.save_file(model.to_hf_state_dict(), pretrained / "model.safetensors")
     data = labelled_folder(tmp_path / "labelled")
     out = tmp_path / "ft"
-    assert main(["finetune", "--pretrained", str(pretrained), "--data", str(data), "--output", str(out), "--steps",
-                 "1", "--batch-size", "2", "--device", "cpu", "--threads", "1", "--no-progress"]) == 0
+    assert main(["finetune", "--pretrained", str(pretrained), "--data", str(data), "--output", str(out),
+                 "--steps", "1", "--batch-size", "2", "--device", "cpu", "--threads", "1", "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert f"head has {classes} classes, this one 2: its head is dropped" in printed
     tuned = BEiT.from_file(out / "checkpoint.pt")
@@ -508,7 +512,8 @@ def test_a_folder_of_only_undecodable_images_is_one_line(tmp_path, capsys, comma
     err = capsys.readouterr().err
     assert "Traceback" not in err
     lines = err.strip().splitlines()
-    assert lines[-1] == f"beitfast {command}: error: BatchStream: none of the 4 images of the data set can be decoded"
+    assert lines[-1] == (f"beitfast {command}: error: BatchStream: none of the 4 images of the data set can be "
+                         f"decoded")
     # Each image skipped is named in one warning line.
     assert all(line.startswith(f"beitfast {command}: warning: ImageFolder: skipping") for line in lines[:-1])
     assert len(lines) == 5
@@ -546,8 +551,8 @@ def test_a_batch_larger_than_the_data_set_is_refused_before_any_work(tmp_path_fa
     out = tmp_path / "run"
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()) as printed:
-        code = main(["pretrain", "--data", str(data), "--output", str(out), *TINY, *TINY_TOKENIZER, "--steps", "1",
-                     "--batch-size", str(6 + extra)])
+        code = main(["pretrain", "--data", str(data), "--output", str(out), *TINY, *TINY_TOKENIZER, "--steps",
+                     "1", "--batch-size", str(6 + extra)])
     assert code == 2 and "k-means" not in printed.getvalue() and not out.exists()
     one_line_error_text(err.getvalue(), f"--batch-size {6 + extra} is larger than the data set (6 images")
     pretrained = tmp_path / "p.pt"
@@ -560,7 +565,7 @@ def test_a_batch_larger_than_the_data_set_is_refused_before_any_work(tmp_path_fa
     one_line_error_text(err.getvalue(), f"--batch-size {6 + extra} is larger than the data set (6 images")
 
 
-def test_finetune_on_labelled_shards_reports_its_files_and_the_validation_numbers(tmp_path, capsys, monkeypatch):
+def test_finetune_on_labelled_shards_reports_its_files_and_validation_numbers(tmp_path, capsys, monkeypatch):
     import matplotlib.axes
 
     drawn = []
@@ -588,12 +593,14 @@ def test_finetune_on_labelled_shards_reports_its_files_and_the_validation_number
                        ("eval.json", "validation")):
         assert f"{what:>10}: {(out / name).resolve()}" in printed
     numbers = json.loads((out / "eval.json").read_text())
-    assert numbers["step"] == 3 and numbers["images"] == 6 and set(numbers["per_class"]) == {"circle", "square"}
+    assert numbers["step"] == 3 and numbers["images"] == 6
+    assert set(numbers["per_class"]) == {"circle", "square"}
     assert all(0 <= numbers[key] <= 1 for key in ("top1", "top5")) and numbers["loss"] > 0
     assert numbers["top5"] == 1.0  # two classes: the top 2 hold every label
     assert numbers["top1"] == sum(numbers["per_class"].values()) / 2  # three images per class
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2, 3] and [r.get("resumed") for r in records] == [None, True, None]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert [r.get("resumed") for r in records] == [None, True, None]
     # The last drawing marks the resume in each panel and the validation numbers on loss and accuracy.
     assert [args for name, args, _ in drawn if name == "axvline"][-3:] == [(2,)] * 3
     assert ("plot", ([3], [numbers["top1"]], "o"), "validation") in drawn
@@ -602,7 +609,8 @@ def test_finetune_on_labelled_shards_reports_its_files_and_the_validation_number
     # Shards without labels cannot be fine-tuned on: one line.
     unlabelled = tmp_path / "unlabelled"
     assert main(["data", "pack", str(data), str(unlabelled)]) == 0
-    assert main([*finetune, "--data", str(unlabelled), "--output", str(tmp_path / "ft2"), "--steps", "2"]) == 2
+    assert main([*finetune, "--data", str(unlabelled), "--output", str(tmp_path / "ft2"),
+                 "--steps", "2"]) == 2
     one_line_error(capsys, "--data", "no class labels", "--labelled")
 
 
