@@ -99,7 +99,7 @@ def _validate(images, weight, bias, patch_size, mask, mask_token, cls_token, pos
             raise ValueError(
                 f"{name}: {arg} must hold D={D} values ([D], [1, D] or [1, 1, D]), got {tuple(t.shape)}")
     if pos_embed is not None:
-        T = N + (cls_token is not None)
+        T = N + (1 if cls_token is not None else 0)
         if tuple(pos_embed.shape) not in ((1, T, D), (T, D)):
             raise ValueError(
                 f"{name}: pos_embed must be [1, {T}, {D}] or [{T}, {D}] (output length x D), "
@@ -168,7 +168,8 @@ def _define_fused(name: str, forward: Callable, backward: Callable) -> Callable:
     def _(images, weight, bias, patch_size, mask, mask_token, cls_token, pos_embed):
         B, _, H, W = images.shape
         N = (H // patch_size) * (W // patch_size)
-        return weight.new_empty((B, N + (cls_token is not None), weight.shape[0]))
+        # An int, not a bool: torch 2.11 cannot add a bool to a symbolic size.
+        return weight.new_empty((B, N + (1 if cls_token is not None else 0), weight.shape[0]))
 
     def setup_context(ctx, inputs, output):
         images, weight, bias, patch_size, mask, mask_token, cls_token, pos_embed = inputs
