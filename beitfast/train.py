@@ -76,7 +76,8 @@ CHECKPOINT_FORMAT = checkpoint.TRAIN_CHECKPOINT_FORMAT
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; nothing was saved after it."""
+    """The loss or the gradient norm became NaN or infinite; that step's update was skipped and nothing
+    was saved after it."""
 
 
 @dataclass
@@ -222,8 +223,11 @@ class MaskedImageModeling:
 
     name = "pretrain"
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, max_masked_per_image: int | None = None):
         self.tokenizer = tokenizer
+        # The most patches a mask covers in an image (the masking's num_masking_patches): the loss
+        # plans that many rows per image instead of every patch.
+        self.max_masked_per_image = max_masked_per_image
 
     def check(self, config: BEiTConfig) -> None:
         tok = self.tokenizer
@@ -264,7 +268,8 @@ class MaskedImageModeling:
         views, tokenizer_views, masks = batch
         with torch.no_grad():
             tokens = self.tokenizer.tokenize(tokenizer_views).flatten(1)
-        loss, accuracy = model(views, bool_masked_pos=masks, labels=tokens, return_accuracy=True)
+        loss, accuracy = model(views, bool_masked_pos=masks, labels=tokens, return_accuracy=True,
+                               max_masked_per_image=self.max_masked_per_image)
         return loss, accuracy, masks.sum()
 
 
@@ -736,6 +741,22 @@ class Trainer:
         objective.backward()
         return stats[0] / stats[2], stats[1] / stats[2], objective
 
+    def _optimizer_step(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        """``optimizer.step()``, skipped when the loss or the gradient norm is not finite. The fused AdamW
+        kernel decides on the device (it reads ``found_inf`` as under a GradScaler and leaves parameters
+        and state untouched), so the host queues the next step without waiting; the plain optimizer
+        cannot skip on the device, so its step waits for the host to read the two values."""
+        finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
+        if not self.config.fused_optimizer:
+            if bool(finite):  # a host synchronisation, only without the fused optimizer
+                self.optimizer.step()
+            return
+        self.optimizer.found_inf = (~finite).float()
+        try:
+            self.optimizer.step()
+        finally:
+            del self.optimizer.found_inf
+
     def fit(self) -> list[dict]:
         c = self.config
         resume, payload = self._resume_checkpoint()
@@ -769,25 +790,30 @@ class Trainer:
                     # runs the step. Batches are functions of their step: nothing else changes.
                     batch = self.stream.prepare(next(batches), self.device)
                 max_norm = c.clip_grad if c.clip_grad is not None else float("inf")
+                # Clipping is decided on the device (a scale of min(1, max_norm / norm)), no host read.
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
                 if hasattr(grad_norm, "full_tensor"):  # FSDP: a sharded norm
                     grad_norm = grad_norm.full_tensor()
-                # One host synchronisation per step brings back every number the record needs, the
-                # count of masked tokens whose label the fused loss had to ignore included.
-                numbers = [loss, accuracy, grad_norm.to(loss.device, torch.float32),
-                           invalid_label_count(loss.device).to(torch.float32)]
+                grad_norm = grad_norm.to(loss.device, torch.float32)
+                # loss is the global mean (all-reduced): every rank skips or steps alike.
+                self._optimizer_step(loss, grad_norm)
+                # One host synchronisation per step, after the optimizer step is queued, brings back
+                # every number the record needs, the count of masked tokens whose label the fused loss
+                # had to ignore included.
+                numbers = [loss, accuracy, grad_norm, invalid_label_count(loss.device).to(torch.float32)]
                 loss_value, accuracy_value, grad_norm_value, invalid_value = torch.stack(numbers).tolist()
                 if invalid_value:
                     reset_invalid_label_count()
                     self._log(f"warning: step {step + 1}: {int(invalid_value)} masked token(s) had a label outside "
                               f"[0, vocab_size) and were ignored by the loss (set BEITFAST_CHECKS=1 to stop there)")
-                if not math.isfinite(loss_value):
+                if not (math.isfinite(loss_value) and math.isfinite(grad_norm_value)):
+                    what = (f"the loss became {loss_value}" if not math.isfinite(loss_value)
+                            else f"the gradient norm became {grad_norm_value} (loss {loss_value:.4g})")
                     where = self._last_good_checkpoint()
                     raise NonFiniteLossError(
-                        f"the loss became {loss_value} at step {step + 1}; training stopped and nothing was "
-                        f"saved after it: {where}. Lower the learning rate or check the data."
+                        f"{what} at step {step + 1}; its update was skipped, training stopped and nothing "
+                        f"was saved after it: {where}. Lower the learning rate or check the data."
                     )
-                self.optimizer.step()
                 self.step = step + 1
                 elapsed = time.perf_counter() - tick
                 record = {"step": self.step, "loss": loss_value, "accuracy": accuracy_value, "lr": lr,
@@ -839,9 +865,11 @@ def pretraining_trainer(model_config: BEiTConfig, tokenizer, source: ImageSource
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     model = BEiT(model_config)
     transform = TwoViewTransform(model_config.image_hw[0], tokenizer.input_size, scale=crop_scale)
-    stream = pretrain_stream(source, transform, masking_for(model_config.grid, mask_ratio), config.batch_size,
+    masking = masking_for(model_config.grid, mask_ratio)
+    stream = pretrain_stream(source, transform, masking, config.batch_size,
                              on_device=on_device, seed=config.seed, rank=ctx.rank, world_size=ctx.world_size)
-    return Trainer(model, MaskedImageModeling(tokenizer), stream, config, on_step=on_step)
+    task = MaskedImageModeling(tokenizer, max_masked_per_image=masking["num_masking_patches"])
+    return Trainer(model, task, stream, config, on_step=on_step)
 
 
 def classifier_from_pretrained(pretrained: BEiT | str | os.PathLike, num_classes: int,

@@ -333,6 +333,51 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
     assert max(saved) == 4
 
 
+class InfiniteGradientAtStep(MaskedImageModeling):
+    """A finite loss whose gradient is infinite from call ``bad_call`` on."""
+
+    def __init__(self, tokenizer, bad_call):
+        super().__init__(tokenizer)
+        self.calls, self.bad_call = 0, bad_call
+
+    def __call__(self, model, batch):
+        self.calls += 1
+        if self.calls == self.bad_call:
+            model.cls_token.register_hook(lambda grad: torch.full_like(grad, float("inf")))
+        return super().__call__(model, batch)
+
+
+@pytest.mark.parametrize("poisoned", ["loss", "gradient"])
+def test_non_finite_step_is_skipped_on_the_device_and_read_after_the_optimizer(tmp_path, monkeypatch, poisoned):
+    # The step's one synchronisation (where invalid_label_count is read) comes after optimizer.step(),
+    # which skips a non-finite step itself; the run stops there with the last good checkpoint intact and
+    # the model and optimizer as that checkpoint has them.
+    import beitfast.train as train_module
+    from beitfast.data import TwoViewTransform, masking_for, pretrain_stream
+
+    config = tiny_config()
+    tc = train_config(tmp_path, steps=8, checkpoint_every=2)
+    stream = pretrain_stream(photos(), TwoViewTransform(16, 16), masking_for(config.grid), 4)
+    task = (NaNAtStep if poisoned == "loss" else InfiniteGradientAtStep)(MeanBrightnessTokenizer(), bad_call=5)
+    trainer = Trainer(BEiT(config), task, stream, tc)
+    events = []
+    step, count = trainer.optimizer.step, train_module.invalid_label_count
+    monkeypatch.setattr(trainer.optimizer, "step", lambda: (events.append("optimizer"), step())[1])
+    monkeypatch.setattr(train_module, "invalid_label_count", lambda device: (events.append("sync"), count(device))[1])
+    message = r"nan at step 5" if poisoned == "loss" else r"gradient norm became (inf|nan) \(loss [0-9.]+\) at step 5"
+    with pytest.raises(NonFiniteLossError, match=message + r".*update was skipped.*last good checkpoint.*step 4"):
+        trainer.fit()
+    assert events == ["optimizer", "sync"] * 5
+    saved = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
+    assert saved["step"] == 4
+    for name, value in trainer.model.state_dict().items():
+        assert torch.equal(value, saved["model"][name]), name
+    state = trainer.optimizer.state_dict()["state"]
+    assert all(float(s["step"]) == 4 for s in state.values())
+    for key, s in state.items():
+        assert torch.equal(s["exp_avg"], saved["optimizer"]["state"][key]["exp_avg"]), key
+
+
 # -- DDP -------------------------------------------------------------------------------------------
 
 
