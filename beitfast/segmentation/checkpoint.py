@@ -170,16 +170,18 @@ def from_state_dict(state_dict: Any, config: BEiTConfig | None = None,
                     **overrides) -> BEiTForSegmentation:
     """A :class:`BEiTForSegmentation` holding the weights of any supported segmentation state dict.
 
-    Configs not given are inferred from the shapes (:func:`beitfast.checkpoint.infer_config`,
-    :func:`infer_segmentation_config`); ``overrides`` change fields of either (by name). A ``config``
+    Configs not given are inferred from the shapes (:func:`beitfast.checkpoint.infer_config`, with
+    transformers' LayerNorm eps 1e-12 for its names; :func:`infer_segmentation_config`); ``overrides``
+    change fields of either (by name). A ``config``
     of another image size gets the backbone's tables resized the official way. ``strict=True``
     refuses missing or unexpected keys; ``strict=False`` warns and keeps the new model's
     initialisation for the missing ones. A shape mismatch is always an error."""
-    state, _ = to_our_names(state_dict)
+    state, fmt = to_our_names(state_dict)
     beit_overrides, seg_overrides = _split_overrides(overrides)
     backbone = _part(state, "backbone.")
-    if config is None:
-        config = beit_checkpoint.infer_config(backbone, **beit_overrides)
+    if config is None:  # what the shapes do not tell is the default of the code that wrote them
+        defaults = beit_checkpoint._FORMAT_DEFAULTS.get(fmt, {})
+        config = beit_checkpoint.infer_config(backbone, **{**defaults, **beit_overrides})
     else:
         config = config.replace(**beit_overrides)
     backbone = beit_checkpoint.adapt_state_dict(backbone, config.replace(vocab_size=0, num_classes=0))
