@@ -19,12 +19,16 @@ eager ``[M, V]`` logits (bf16 and their fp32 copy, 6 bytes an element), the refe
 "extra memory under a tenth of the eager logits".
 
 ``NUMERICS`` states what each contestant computes in (the peers at their documented defaults); every
-row carries it as ``numerics``, and the peers' rows their package version.
+row carries it as ``numerics``, and the peers' rows their package version. ``triton_launches`` is the
+number of Triton kernels one warm forward+backward launches (counted by wrapping Triton's launchers);
+the model case bounds the rows by the masking (``max_masked_per_image``), as the trainer does.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
+from unittest import mock
 
 import pytest
 import torch
@@ -37,7 +41,7 @@ SHAPES = {"full": dict(grid=14, num_masked=75, min_block=16, vocab=8192),
           "smoke": dict(grid=4, num_masked=6, min_block=2, vocab=64, batch=2, dim=32)}
 NUMERICS = {
     "triton": "bf16 GEMMs with fp32 accumulation, logits rounded to bf16 as eager, softmax in fp32, "
-              "dW and db summed over chunks in fp32 and rounded once",
+              "dW and db summed in fp32 (one chunk at these shapes) and rounded once",
     "cuda": "as triton (cuBLAS GEMMs, dW with fp32 output)",
     "eager": "F.linear in bf16, cross-entropy on the fp32 copy of the logits, bf16 gradient GEMMs",
     "eager-compiled": "eager under torch.compile (inductor may fuse the softmax into fewer passes)",
@@ -105,10 +109,32 @@ def _masks(case: dict, device: torch.device) -> torch.Tensor:
     return generator.batch(case["batch"]).reshape(case["batch"], -1).to(device)
 
 
+@contextlib.contextmanager
+def _counting_triton_launches():
+    """A list that gets one entry per Triton kernel launched while active (the kernels still run)."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    launched = []
+    with contextlib.ExitStack() as stack:
+        for kind in (JITFunction, InterpretedFunction):
+            def counted(fn, *args, _run=kind.run, **kwargs):
+                if not kwargs.get("warmup"):
+                    launched.append(fn)
+                return _run(fn, *args, **kwargs)
+            stack.enter_context(mock.patch.object(kind, "run", counted))
+        yield launched
+
+
 def _record(record_result, measure, name, contestant, case, rows, forward_backward, on_gpu):
-    grads = forward_backward()
+    grads = forward_backward()  # warm: autotuning done, so each launch below is one kernel
     grad_bytes = sum(g.numel() * g.element_size() for g in grads)
     del grads
+    launches = None
+    if contestant in ("triton", "liger", "liger-fp32-accum", "cut-cross-entropy"):
+        with _counting_triton_launches() as launched:
+            forward_backward()
+        launches = len(launched)
     ms, peak = measure(forward_backward)
     package = PEER_PACKAGES.get(contestant)
     record_result(
@@ -116,6 +142,7 @@ def _record(record_result, measure, name, contestant, case, rows, forward_backwa
         dim=case["dim"], vocab=case["vocab"], ms=ms, peak_memory_bytes=peak if on_gpu else None,
         extra_memory_bytes=peak - grad_bytes if on_gpu else None, eager_logits_bytes=rows * case["vocab"] * 6,
         numerics=NUMERICS[contestant], peer_version=_version(package) if package else None,
+        triton_launches=launches,
     )
     assert ms > 0
 
@@ -170,7 +197,8 @@ def test_cross_entropy_model(contestant, batch, dim, bench_device, smoke, record
     def forward_backward():
         # The view is taken inside, as the model does, so its backward is part of the timing.
         with autocast():
-            loss = masked_lm_cross_entropy(tokens[:, 1:], weight, bias, labels, mask, backend=contestant)
+            loss = masked_lm_cross_entropy(tokens[:, 1:], weight, bias, labels, mask, backend=contestant,
+                                           max_masked_per_image=case["num_masked"])
         return torch.autograd.grad(loss, params)
 
     _record(record_result, measure, "model", contestant, case, int(mask.sum()), forward_backward,
