@@ -41,20 +41,25 @@ START=$(date +%s)
 # FX-graph and autotune caches are shared by every process (each benchmark variant is one).
 export TRITON_CACHE_DIR=$WORK/cache/triton TORCHINDUCTOR_CACHE_DIR=$WORK/cache/inductor
 export TRITON_CACHE_AUTOTUNING=1 TORCHINDUCTOR_FX_GRAPH_CACHE=1 TORCHINDUCTOR_AUTOGRAD_CACHE=1
-export PYTHONPATH=$WORK/site${PYTHONPATH:+:$PYTHONPATH}  # the carried peers' wheels (build phase)
 # Rows carry the commit; .git need not travel, so `make gpu-wheels` writes it beside the wheels.
 COMMIT=$(git rev-parse HEAD 2>/dev/null || cat .whl/COMMIT 2>/dev/null || echo unknown)
 export BEITFAST_COMMIT=$COMMIT
 
 if [[ $MODE == gpu ]]; then
     DEVICE=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
-    [[ -n "$DEVICE" ]] || { echo "gpu_check: nvidia-smi finds no GPU (CPU mode: GPU_CHECK_DRY_RUN=1)"; exit 2; }
+    if [[ -z "$DEVICE" ]]; then
+        echo "gpu_check: nvidia-smi finds no GPU (CPU mode: GPU_CHECK_DRY_RUN=1)"
+        exit 2
+    fi
 else
     DEVICE=cpu
 fi
 GPU=$(sed -E 's/[^A-Za-z0-9]+/_/g; s/^_+|_+$//g' <<<"$DEVICE")
 SMOKE=()
 [[ $MODE == cpu ]] && SMOKE=(--smoke)
+# The peers' carried wheels, installed by the build phase. In CPU mode they are installed and imported
+# there, but the benchmarks run without them, as on any CPU machine: they need a GPU.
+[[ $MODE == cpu ]] || export PYTHONPATH=$WORK/site${PYTHONPATH:+:$PYTHONPATH}
 
 log() { echo "== [$(( $(date +%s) - START )) s] $*" | tee -a "$LOG"; }
 record() {  # record NAME STATUS [KEY=NUMBER...]: one JSON line per phase event
@@ -113,6 +118,12 @@ build_and_check() {
         python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
             --target "$WORK/site" .whl/*.whl \
             || { echo "BUILD FAILED: the carried wheels (.whl/) do not install"; return 1; }
+        PYTHONPATH=$WORK/site python3 -c '
+import importlib, pathlib
+for wheel in sorted(pathlib.Path(".whl").glob("*.whl")):
+    module = importlib.import_module(wheel.name.split("-")[0])
+    print("carried:", wheel.name, "imports as", module.__name__)' \
+            || { echo "BUILD FAILED: a carried wheel does not import"; return 1; }
     fi
     BEITFAST_CUDA_ARCHS=${BEITFAST_CUDA_ARCHS:-90a} MAX_JOBS=${MAX_JOBS:-$(nproc)} \
         python3 -m pip install --no-index --no-deps --no-build-isolation -e . \
