@@ -99,8 +99,6 @@ clean:
 # The peers the GPU machine lacks, as wheels for its Python 3.12, in .whl/ (ignored; the device call
 # carries it), with the commit of this checkout (its .git does not travel).
 GPU_WHEELS ?= liger-kernel==0.8.5 cut-cross-entropy==25.1.1 torchao==0.18.0
-# A stand-in of the GPU machine's software: Python 3.12, torch 2.11.0, triton 3.6.0, transformers 5.17.
-STANDIN_VENV ?= /tmp/standin/venv
 PREFLIGHT ?= /tmp/beitfast-gpu-preflight
 GPU_OUT ?=
 
