@@ -119,15 +119,14 @@ gpu-wheels:
 # library headers of pip's nvidia wheels in the interpreter's own site-packages, hence the link.
 gpu-preflight:
 	test -x $(STANDIN_VENV)/bin/python || { echo "STANDIN_VENV=$(STANDIN_VENV): no environment"; exit 2; }
-	rm -rf $(PREFLIGHT)/tree $(PREFLIGHT)/out && mkdir -p $(PREFLIGHT)/tree
+	rm -rf $(PREFLIGHT)/tree $(PREFLIGHT)/out $(PREFLIGHT)/python && mkdir -p $(PREFLIGHT)/tree
 	git ls-files -z -co --exclude-standard | tar --null --ignore-failed-read -T - -cf - \
 		| tar -xf - -C $(PREFLIGHT)/tree
 	test ! -d .whl || cp -r .whl $(PREFLIGHT)/tree/
-	test -x $(PREFLIGHT)/python/bin/python3 || { \
-		$(STANDIN_VENV)/bin/python -m venv --without-pip $(PREFLIGHT)/python && \
-		standin=$$($(STANDIN_VENV)/bin/python -c 'import site; print(site.getsitepackages()[0])') && \
+	$(STANDIN_VENV)/bin/python -m venv --without-pip $(PREFLIGHT)/python
+	standin=$$($(STANDIN_VENV)/bin/python -c 'import site; print(site.getsitepackages()[0])') && \
 		own=$$($(PREFLIGHT)/python/bin/python3 -c 'import site; print(site.getsitepackages()[0])') && \
-		echo $$standin > $$own/standin.pth && ln -s $$standin/nvidia $$own/nvidia; }
+		echo $$standin > $$own/standin.pth && ln -s $$standin/nvidia $$own/nvidia
 	cd $(PREFLIGHT)/tree && unshare -n env -u PYTHONPATH PATH=$(PREFLIGHT)/python/bin:$$PATH \
 		OUT=$(PREFLIGHT)/out GPU_CHECK_DRY_RUN=1 GPU_CHECK_WORK=$(PREFLIGHT)/work GPU_CHECK_FRESH=1 \
 		bash benchmarks/gpu_check.sh; status=$$?; ls -l $(PREFLIGHT)/out; \
