@@ -129,7 +129,7 @@ def attention_scenarios():
 def cross_entropy_scenarios():
     from beitfast import ops
 
-    def run(dtype, autocast, reduction="mean", grad=True):
+    def run(dtype, autocast, reduction="mean", grad=True, bound=MASKED):
         hidden = _empty(B, N - 1, D, dtype=dtype)
         weight, bias = _empty(V, D, dtype=dtype), _empty(V, dtype=dtype)
         labels = torch.zeros(B, N - 1, dtype=torch.long)
@@ -137,16 +137,18 @@ def cross_entropy_scenarios():
         mask[:, :MASKED] = True
         with _autocast(autocast), torch.set_grad_enabled(grad):
             loss = ops.masked_lm_cross_entropy(hidden, weight, bias, labels, mask, reduction=reduction,
-                                               backend="triton")
+                                               backend="triton", max_masked_per_image=bound)
         if grad:
             loss.sum().backward()
 
     # Under bf16 autocast the model passes the fp32 final-norm output and the fp32 lm_head weight;
-    # a bf16 model passes bf16 for both. Evaluation runs without gradients; per-row losses have
-    # their own backward.
+    # a bf16 model passes bf16 for both; the trainer bounds the rows by the masking (one chunk). Without
+    # the bound, several chunks: the weight gradient's accumulating variant. Evaluation runs without
+    # gradients; per-row losses have their own backward.
     for dtype, autocast in ((torch.float32, torch.bfloat16), (torch.bfloat16, None)):
         yield (f"loss hidden/weight={_name(dtype)} autocast={_name(autocast)}",
                lambda d=dtype, a=autocast: run(d, a))
+    yield "loss bf16 rows unbounded", lambda: run(torch.bfloat16, None, bound=None)
     yield "loss fp32 under bf16 autocast, no grad", lambda: run(torch.float32, torch.bfloat16, grad=False)
     yield "loss bf16 reduction=none", lambda: run(torch.bfloat16, None, reduction="none")
 
