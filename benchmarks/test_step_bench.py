@@ -30,7 +30,10 @@ inside it (Hugging Face's logits are gathered with precomputed row indices, spar
 of 30 steps timed with CUDA events (:func:`beitfast.calibrate.time_trials`): median and spread; the
 first loss must be within 0.5 of ln(vocab) (random labels, small initial logits) and every loss
 finite; peak memory of the process. MFU uses the dense bf16 peak of the exact GPU model (vendor data
-sheets); an unknown GPU gets no MFU rather than a guess.
+sheets); an unknown GPU gets no MFU rather than a guess. ``triton_launches_per_op``: the Triton kernels
+our ops launch in one more step, by op (their launchers wrapped, the kernels still run; Inductor's own
+kernels and CUDA-graph replays are not counted). Our variants bound the loss's rows by the masking
+(``max_masked_per_image``), as the trainer does.
 
 ``python benchmarks/test_step_bench.py --variant beitfast ...`` runs one variant and prints (or
 writes) its JSON; the tests launch it. With ``--profile`` the variant also writes a profiler trace,
@@ -165,7 +168,8 @@ def build(variant: str, config, device: torch.device, smoke: bool):
                 raise ValueError("CUDA graphs need a CUDA device")
             run = torch.compile(model, mode="reduce-overhead")
         details["fuse_blocks"] = "compile" if fused and device.type == "cuda" else "off"
-        return model, lambda b: run(b["images"], bool_masked_pos=b["mask"], labels=b["labels"]), details
+        return model, lambda b: run(b["images"], bool_masked_pos=b["mask"], labels=b["labels"],
+                                    max_masked_per_image=b["max_masked_per_image"]), details
     if variant.startswith("hf"):
         import transformers
 
@@ -201,13 +205,37 @@ def make_batch(config, batch: int, device: torch.device) -> dict:
     from beitfast.data import masking_for
 
     images = torch.randn(batch, config.in_chans, *config.image_hw, device=device)
-    mask = MaskingGenerator(**masking_for(config.grid), seed=0).batch(batch).to(device)  # 75 of 196 at 224
+    masking = masking_for(config.grid)
+    mask = MaskingGenerator(**masking, seed=0).batch(batch).to(device)  # 75 of 196 at 224
     if not mask.any(1).all():
         raise ValueError("every image needs a masked patch")
     labels = torch.randint(0, config.vocab_size, (batch, config.num_patches), device=device)
     masked_rows = mask.flatten().nonzero().squeeze(1)
     return {"images": images, "mask": mask, "labels": labels, "masked_rows": masked_rows,
-            "masked_labels": labels.flatten()[masked_rows]}
+            "masked_labels": labels.flatten()[masked_rows],
+            "max_masked_per_image": masking["num_masking_patches"]}
+
+
+def triton_launches_per_op(fn) -> dict[str, int]:
+    """The Triton kernels of our ops (``beitfast.kernels.<op>``) one call of ``fn`` launches, by op."""
+    from unittest import mock
+
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    counts: dict[str, int] = {}
+    patches = []
+    for kind in (JITFunction, InterpretedFunction):
+        def counted(kernel, *args, _run=kind.run, **kwargs):
+            module = kernel.fn.__module__
+            if module.startswith("beitfast.kernels.") and not kwargs.get("warmup"):
+                op = module.rsplit(".", 1)[-1]
+                counts[op] = counts.get(op, 0) + 1
+            return _run(kernel, *args, **kwargs)
+        patches.append(mock.patch.object(kind, "run", counted))
+    with patches[0], patches[1]:
+        fn()
+    return dict(sorted(counts.items()))
 
 
 def jpeg_feed(config, batch: int, device: torch.device, smoke: bool):
@@ -278,6 +306,8 @@ def run_variant(variant: str, size: str, batch: int, trials: int, steps: int, de
         return {"skipped": f"{variant} BEiT-{size} batch {batch} does not fit"}
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
     curve = torch.stack(losses).float().tolist()
+    if not graphs:
+        details["triton_launches_per_op"] = triton_launches_per_op(step)
     expected = math.log(config.vocab_size)
     median_ms = statistics.median(times)
     row = {
