@@ -172,9 +172,11 @@ def _fit_kmeans(source, args, log):
     from .tokenizers import KMeansTokenizer
 
     started = time.perf_counter()
-    views = tokenizer_views(source, args.tokenizer_images, args.tokenizer_size, args.seed)
+    progress = not getattr(args, "no_progress", False) and _main_process()
+    views = tokenizer_views(source, args.tokenizer_images, args.tokenizer_size, args.seed, progress=progress)
     tokenizer = KMeansTokenizer.fit(views, vocab_size=args.vocab_size, patch_size=args.tokenizer_patch_size,
-                                    input_size=args.tokenizer_size, seed=args.seed, iters=args.tokenizer_iters)
+                                    input_size=args.tokenizer_size, seed=args.seed, iters=args.tokenizer_iters,
+                                    progress=progress)
     log(f"k-means tokenizer: {tokenizer.vocab_size} tokens of {args.tokenizer_patch_size}-pixel patches fitted on "
         f"{args.tokenizer_images} random {args.tokenizer_size}-pixel views in {time.perf_counter() - started:.1f} s")
     return tokenizer
@@ -678,9 +680,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--vocab-size", type=int, default=8192, help="number of tokens (default: 8192)")
     train.add_argument("--tokenizer-size", type=int, default=112, help="tokenizer view size in pixels (default: 112)")
     train.add_argument("--tokenizer-patch-size", type=int, default=8, help="pixels per token side (default: 8)")
-    train.add_argument("--tokenizer-images", type=int, default=20_000,
-                       help="random augmented views to fit on (default: 20000)")
-    train.add_argument("--tokenizer-iters", type=int, default=100, help="mini-batch k-means iterations (default: 100)")
+    # The defaults fit in minutes on a 2-core CPU (see the README); more views and iterations fit a little better.
+    train.add_argument("--tokenizer-images", type=int, default=4000,
+                       help="random augmented views to fit on (default: 4000)")
+    train.add_argument("--tokenizer-iters", type=int, default=30, help="mini-batch k-means iterations (default: 30)")
     train.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
     train.set_defaults(func=cmd_tokenizer_train)
 

@@ -22,6 +22,7 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageStat
+from tqdm.auto import tqdm
 
 from . import _ext
 from .masking import MaskingGenerator
@@ -692,13 +693,18 @@ class TokenizerViewSample:
         return (self.transform.tokenizer_view(image, rng),)
 
 
-def tokenizer_views(source: ImageSource, count: int, size: int, seed: int = 0, batch_size: int = 1024):
+def tokenizer_views(source: ImageSource, count: int, size: int, seed: int = 0, batch_size: int = 1024,
+                    progress: bool = False):
     """``count`` augmented tokenizer views ``[b, 3, size, size]`` in ``[0, 1]``, in batches: the data a
-    k-means tokenizer is fitted on (the distribution it will tokenize during pre-training)."""
+    k-means tokenizer is fitted on (the distribution it will tokenize during pre-training).
+    ``progress``: a progress bar of the views made (tqdm, on stderr)."""
     stream = BatchStream(source, TokenizerViewSample(TwoViewTransform(size, size)), batch_size,
                          seed=derive_seed(seed, "tokenizer"))
-    for step in range(math.ceil(count / batch_size)):
-        yield stream.batch(step, limit=count - step * batch_size)[0]
+    with tqdm(total=count, desc="tokenizer views", unit="view", disable=not progress) as bar:
+        for step in range(math.ceil(count / batch_size)):
+            views = stream.batch(step, limit=count - step * batch_size)[0]
+            bar.update(len(views))
+            yield views
 
 
 def eval_batches(source: ImageSource, transform: EvalTransform, batch_size: int, rank: int = 0, world_size: int = 1):

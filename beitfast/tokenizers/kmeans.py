@@ -27,6 +27,7 @@ import warnings
 from typing import Any, Iterable
 
 import torch
+from tqdm.auto import tqdm
 
 from .base import Tokenizer, check_images, check_patch_size
 
@@ -125,6 +126,7 @@ class KMeansTokenizer(Tokenizer):
         max_patches: int = 1_000_000,
         contrast_floor: float = DEFAULT_CONTRAST_FLOOR,
         device: torch.device | str | None = None,
+        progress: bool = False,
     ) -> "KMeansTokenizer":
         """Fit ``vocab_size`` centroids to the patches of ``images``.
 
@@ -133,6 +135,7 @@ class KMeansTokenizer(Tokenizer):
         from a sample of at most ``max_patches`` patches. Runs on ``device`` (default: the images'
         device). If the data has fewer distinct patches than ``vocab_size``, the vocabulary is
         clamped to their number with a warning. Deterministic for a given ``seed`` on the CPU.
+        ``progress``: a progress bar of the iterations (tqdm, on stderr).
         """
         for name, value in (("vocab_size", vocab_size), ("iters", iters), ("batch_size", batch_size),
                             ("max_patches", max_patches), ("patch_size", patch_size)):
@@ -155,7 +158,7 @@ class KMeansTokenizer(Tokenizer):
             )
             vocab_size = len(distinct)
         centroids = _seed_centroids(patches, distinct, vocab_size, generator)
-        centroids = _minibatch_kmeans(patches, centroids, iters, batch_size, generator)
+        centroids = _minibatch_kmeans(patches, centroids, iters, batch_size, generator, progress)
         return cls(centroids, patch_size=patch_size, input_size=input_size, contrast_floor=contrast_floor)
 
     def _tokenize(self, images: torch.Tensor) -> torch.Tensor:
@@ -295,14 +298,15 @@ def _seed_centroids(
 
 
 def _minibatch_kmeans(
-    patches: torch.Tensor, centroids: torch.Tensor, iters: int, batch_size: int, generator: torch.Generator
+    patches: torch.Tensor, centroids: torch.Tensor, iters: int, batch_size: int, generator: torch.Generator,
+    progress: bool = False,
 ) -> torch.Tensor:
     vocab_size = len(centroids)
     # When every patch fits in one batch this is Lloyd's algorithm (each centre = mean of its patches).
     full_batch = len(patches) <= batch_size
     counts = torch.zeros(vocab_size, dtype=torch.long, device=centroids.device)
     hits_since_check = torch.zeros_like(counts)
-    for step in range(1, iters + 1):
+    for step in tqdm(range(1, iters + 1), desc="k-means", unit="iteration", disable=not progress):
         if full_batch:
             x = patches.float()
         else:
