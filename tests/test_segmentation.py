@@ -394,6 +394,9 @@ def test_bad_input():
     bad[1, 0, 0] = -1
     with pytest.raises(ValueError, match=r"labels must be in \[0, 5\) or ignore_index 255, got \[-1, 5\]"):
         model(images, bad)
+    with pytest.raises(ValueError, match="training needs at least 2 images per batch"):
+        model.train()(images[:1], labels[:1])
+    model.eval()
     with pytest.raises(TypeError, match="labels must be an integer"):
         model(images, labels.float())
     with pytest.raises(ValueError, match=r"an integer \[B, H, W\] tensor with B = 2, got \(2, 1, 64, 64\)"):

@@ -65,7 +65,12 @@ class BEiTForSegmentation(nn.Module):
     def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         if labels is not None:
             self._check_labels(images, labels)
-        features = self.neck(self.backbone(images))
+        features = self.neck(self.backbone(images))  # the backbone checks the images
+        # The 1x1 pooling branch leaves one value per channel and image: BatchNorm (not SyncBatchNorm,
+        # which counts every process's images) cannot normalise a batch of one in training.
+        if self.training and images.shape[0] == 1 and type(self.decode_head.bottleneck.bn) is nn.BatchNorm2d:
+            raise ValueError("BEiTForSegmentation: training needs at least 2 images per batch (BatchNorm of "
+                             "the 1x1 pyramid pooling branch); got 1")
         logits = self.decode_head(features)
         if labels is None:
             return logits
