@@ -70,4 +70,8 @@ def missing(op: str | None = None, device_type: str = "cpu") -> str | None:
 def available(op: str | None = None, device_type: str = "cpu") -> Callable[[], str | None]:
     """The ``available`` callable of ``dispatch.register`` for a backend running ``op`` on
     ``device_type``: ``dispatch.register("loss", "cuda", check, available=_ext.available("x", "cuda"))``."""
-    return lambda: missing(op, device_type)
+    def why_missing() -> str | None:
+        return missing(op, device_type)
+
+    why_missing.loads_extension = True  # asked when first needed: importing beitfast does not load it
+    return why_missing

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 # What a test's source calls when it depends on torch's compiler or on how our ops are registered.
-COMPILER_CALLS = ("torch.compile", "opcheck", "torch.ops.beitfast", "_dynamo", "register_fake")
+COMPILER_CALLS = ("torch.compile", "opcheck", "torch.ops.beitfast", "_dynamo", "register_fake", "counters[",
+                  'fuse_blocks="compile"', "compile=True")
 
 
 def uses_the_compiler(function) -> bool:

@@ -134,6 +134,10 @@ def register(
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         _REGISTRY.setdefault(op, {})[name] = Backend(op, name, fn, check, available)
         _MISSING.pop((op, name), None)
+        # Asked now unless that would load the extension: a compiled graph that fills in the answer
+        # while tracing would be traced again (its guard sees the table change).
+        if not getattr(available, "loads_extension", False):
+            _MISSING[op, name] = available()
         return fn
 
     return wrap
