@@ -634,18 +634,25 @@ def test_gpu_compile_fullgraph(backend):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("bounded", [False, True], ids=["rows-unbounded", "rows-bounded"])
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_gpu_no_host_sync_and_invalid_labels_counted(backend):
+def test_gpu_no_host_sync_and_invalid_labels_counted(backend, bounded):
     _skip_unless(backend)
     hidden, weight, bias, labels, mask = make_inputs(4, 196, 256, 1000, torch.bfloat16, "cuda")
     hidden = hidden.detach().requires_grad_(True)
-    masked_lm_cross_entropy(hidden, weight, bias, labels, mask, backend=backend).backward()  # warm up
+    bound = int(mask.sum(1).max()) if bounded else None  # read before the sync check, as a trainer knows it
+
+    def loss_of(labels):
+        return masked_lm_cross_entropy(hidden, weight, bias, labels, mask, backend=backend,
+                                       max_masked_per_image=bound)
+
+    loss_of(labels).backward()  # warm up
     broken = labels.clone()
     broken[mask.nonzero()[:2].unbind(1)] = torch.tensor([1000, -7], device="cuda")
     cross_entropy_ops.reset_invalid_label_count()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        loss = masked_lm_cross_entropy(hidden, weight, bias, broken, mask, backend=backend)
+        loss = loss_of(broken)
         loss.backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
