@@ -28,7 +28,8 @@ V = 8192) that is one chunk under 16-bit autocast and two in fp32; five launches
    the budget forces more than one, adds its product to the stored tile (in chunk order:
    deterministic);
 5. hidden gradient: ``dlogits @ W_c`` stored straight into the selected rows of a ``[B, N, D]``
-   gradient in hidden's dtype (each row is written once).
+   gradient in hidden's dtype (each row is written once); BEiT-B's one chunk of 9,600 rows x 768 gives
+   450 tiles of 128 x 128 for 132 SMs.
 
 Why not one kernel that never materialises the logits: the gradient needs the full row's log-sum-exp,
 so that design reruns the logits GEMM in the backward (four GEMMs) and adds ``dh`` and ``dW`` from many
@@ -61,9 +62,6 @@ _SMEM_BYTES = 160 * 1024  # what a config may use: under sm_80's 163 KB (and sm_
 def rows_per_chunk(rows: int, vocab: int, itemsize: int, budget: int = LOGITS_BUDGET_BYTES) -> int:
     """Rows per chunk: as few chunks as ``budget`` bytes of ``[C, vocab]`` logits allow, of equal size
     (whole ``MIN_CHUNK_ROWS`` tiles), so the last one is no sliver."""
-    if budget <= 0:
-        raise ValueError(f"lm_cross_entropy_chunked: logits_budget must be a positive byte count, "
-                         f"got {budget}")
     largest = max(MIN_CHUNK_ROWS, budget // (vocab * itemsize) // MIN_CHUNK_ROWS * MIN_CHUNK_ROWS)
     chunks = triton.cdiv(rows, largest)
     return max(1, min(rows, triton.cdiv(triton.cdiv(rows, chunks), MIN_CHUNK_ROWS) * MIN_CHUNK_ROWS))
@@ -307,7 +305,6 @@ def lm_cross_entropy_chunked(
     row_scale: torch.Tensor | None,
     ignore_index: int,
     compute_dtype: torch.dtype,
-    logits_budget: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row loss ``[R]`` (fp32, 0 on uncounted rows) and argmax hit ``[R]`` (bool); with ``row_scale``
     (fp32, one value or ``[R]``) also the gradients of ``sum(row_scale * loss)`` for hidden (``[B, N, D]``,
@@ -315,8 +312,7 @@ def lm_cross_entropy_chunked(
 
     ``hidden`` is ``[B, N, D]`` (any strides); ``weight`` ``[V, D]``; ``row_labels`` int64 ``[R]``;
     ``source_rows`` int64 ``[R]`` or None (row ``r`` of hidden flattened); ``row_count`` a one-element
-    integer tensor or None (all ``R`` rows); ``logits_budget`` the most bytes of the chunk's logits
-    buffer (None: ``LOGITS_BUDGET_BYTES``). Launches kernels only: never reads device values.
+    integer tensor or None (all ``R`` rows). Launches kernels only: never reads device values.
     """
     device = hidden.device
     R = row_labels.shape[0]
@@ -344,8 +340,7 @@ def lm_cross_entropy_chunked(
     source = source_rows.contiguous() if source_rows is not None else labels
     scale = row_scale.contiguous() if with_grad else loss
     scale_stride = 1 if with_grad and row_scale.numel() > 1 else 0
-    budget = LOGITS_BUDGET_BYTES if logits_budget is None else logits_budget
-    chunk = rows_per_chunk(R, V, compute_dtype.itemsize, budget)
+    chunk = rows_per_chunk(R, V, compute_dtype.itemsize, LOGITS_BUDGET_BYTES)
     rows = torch.empty(chunk, D, device=device, dtype=compute_dtype)
     logits = torch.empty(chunk, V, device=device, dtype=compute_dtype)
     precision = _input_precision(compute_dtype)
