@@ -100,6 +100,8 @@ clean:
 # carries it), with the commit of this checkout (its .git does not travel).
 GPU_WHEELS ?= liger-kernel==0.8.5 cut-cross-entropy==25.1.1 torchao==0.18.0
 PREFLIGHT ?= /tmp/beitfast-gpu-preflight
+# The commit the rows will carry (-dirty: tracked files differ from it), rewritten before every use.
+GPU_STAMP = { git rev-parse HEAD | tr -d "\n"; git diff --quiet HEAD || printf -- -dirty; echo; } >.whl/COMMIT
 GPU_OUT ?=
 
 .PHONY: gpu-wheels gpu-preflight record-gpu record-cpu
@@ -109,7 +111,7 @@ gpu-wheels:
 	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 		--platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 \
 		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
-	{ git rev-parse HEAD | tr -d '\n'; git diff --quiet HEAD || printf -- -dirty; echo; } > .whl/COMMIT
+	$(GPU_STAMP)
 	ls -l .whl
 
 # The whole of gpu_check.sh in CPU mode (benchmarks in --smoke) on the stand-in, offline, in a copy of
@@ -122,7 +124,7 @@ gpu-preflight:
 	rm -rf $(PREFLIGHT)/tree $(PREFLIGHT)/out $(PREFLIGHT)/python && mkdir -p $(PREFLIGHT)/tree
 	git ls-files -z -co --exclude-standard | tar --null --ignore-failed-read -T - -cf - \
 		| tar -xf - -C $(PREFLIGHT)/tree
-	test ! -d .whl || cp -r .whl $(PREFLIGHT)/tree/
+	mkdir -p .whl && $(GPU_STAMP) && cp -r .whl $(PREFLIGHT)/tree/
 	$(STANDIN_VENV)/bin/python -m venv --without-pip $(PREFLIGHT)/python
 	standin=$$($(STANDIN_VENV)/bin/python -c 'import site; print(site.getsitepackages()[0])') && \
 		own=$$($(PREFLIGHT)/python/bin/python3 -c 'import site; print(site.getsitepackages()[0])') && \
