@@ -98,20 +98,22 @@ def attention_scenarios():
     from beitfast import ops
     from beitfast.model import num_relative_positions, relative_position_index
 
-    grid = (IMG // PATCH, IMG // PATCH)
-    rows = num_relative_positions(grid)
-    index = relative_position_index(grid)
+    def bias_of(img):
+        grid = (img // PATCH, img // PATCH)
+        return num_relative_positions(grid), relative_position_index(grid)
 
     def unpacked(qkv_dtype, table_dtype):
+        rows, index = bias_of(IMG)
         q, k, v = (_empty(B, H, N, D // H, dtype=qkv_dtype) for _ in range(3))
         table = _empty(rows, H, dtype=table_dtype)
         with _autocast(qkv_dtype):
             out = ops.rel_pos_attention(q, k, v, table, index, backend="triton")
         out.backward(torch.empty_like(out))
 
-    def packed(qkv_dtype, with_bias):
+    def packed(qkv_dtype, with_bias, img=IMG, batch=B):
         # What the model launches: its qkv projection [B, N, 3, H, D] read in place.
-        qkv = _empty(B, N, 3, H, D // H, dtype=qkv_dtype)
+        rows, index = bias_of(img)
+        qkv = _empty(batch, index.shape[0], 3, H, D // H, dtype=qkv_dtype)
         table = _empty(rows, H) if with_bias else None
         with _autocast(qkv_dtype):
             out = ops.rel_pos_attention_packed(qkv, table, index if with_bias else None, backend="triton")
@@ -124,6 +126,10 @@ def attention_scenarios():
         for with_bias in (True, False):
             yield (f"attention packed qkv={_name(qkv_dtype)} bias={'yes' if with_bias else 'no'}",
                    lambda q=qkv_dtype, b=with_bias: packed(q, b))
+    # 512-px fine-tuning: N = 1025 (one compile per sequence length).
+    for with_bias in (True, False):
+        yield (f"attention packed qkv=bf16 bias={'yes' if with_bias else 'no'} img=512",
+               lambda b=with_bias: packed(torch.bfloat16, b, img=512, batch=16))
 
 
 def cross_entropy_scenarios():

@@ -1,23 +1,25 @@
 """Flash attention with a dense additive bias for BEiT's short sequences, forward and backward, in Triton.
 
 ``out = softmax(q k^T * scale + bias[h, :N, :N]) v``. The bias is BEiT's relative position bias already
-gathered from its table (``beitfast.ops.relative_position_bias``): a dense fp32 ``[H, P, P]`` tensor
-padded to ``P = padded_size(N)`` (a multiple of the largest tile), identical for every image, about
-3 MB at BEiT-B, so it stays in L2. The kernels read it as affine tiles without bounds masks and never
-see the relative-position index.
+gathered from its table (``beitfast.ops.relative_position_bias``): a dense ``[H, P, P]`` tensor padded
+to ``P = padded_size(N)`` (a multiple of the largest tile), identical for every image. The kernels read
+it in the compute dtype (the launcher casts an fp32 bias for 16-bit q, k, v: half the bytes), as affine
+tiles without bounds masks, and never see the relative-position index; its gradient is fp32.
 
 * N and the head dim are compile-time constants (one compile per sequence length). A sequence is cut
   into full tiles, read without masks, and one tail tile of the smallest power of two >= 16 that
   covers the rest, the only tile that masks: at N = 197, 64-wide tiles execute 208 rows, not 256.
-* forward: one program per (image, head) walks every query block; online softmax in fp32, base 2;
-  saves the row log-sum-exp (base 2) for the backward.
-* backward: one pass, one program per (head, group of images): for each image it computes
-  ``delta = rowsum(dO * O)``, then for each key block and each query block rebuilds ``P`` once and runs
-  five matmuls (``S = Q K^T``, ``dV += P^T dO``, ``dP = dO V^T``, ``dK += dS^T Q``, ``dQ += dS K``).
-  dQ and the score gradient ``dS`` are summed in scratch rows that belong to the program alone, so
-  there are no atomics: ``dS`` is summed over the group's images in place and the groups' partial sums
-  are added in a fixed order by the launcher. For a given tile configuration, results repeat bit
-  for bit.
+* Every grid is ``(blocks, B, H)``: the programs that run together belong to one head and share its
+  bias tiles in L2 (head-major), and every sequence length gives ``blocks * B * H`` programs.
+* forward: one program per (query block, image, head); online softmax in fp32, base 2; saves the row
+  log-sum-exp (base 2) for the backward.
+* backward, four launches, no atomics and no read-modify-write of global memory: ``delta =
+  rowsum(dO * O)`` per row; dK and dV per (key block, image, head) over the query blocks (four
+  matmuls); dQ per (query block, image, head) over the key blocks (three); the bias gradient per
+  (score tile, group of images, head), ``dS`` summed over the group's images in registers and written
+  once (two matmuls: the scores and ``dP`` recomputed). With more than one group the launcher adds the
+  groups' ``[H, P, P]`` sums in a fixed order. Results repeat bit for bit for a given tile
+  configuration.
 
 q, k and v are read through their strides (the model's packed ``[B, N, 3, H, D]`` qkv needs no copy);
 the output is written ``[B, N, H, D]`` (returned as a ``[B, H, N, D]`` view, so the projection reads
@@ -26,7 +28,8 @@ gradient of the model's qkv.
 
 Ops: ``beitfast::attention_fwd`` / ``beitfast::attention_packed_fwd`` (q, k, v apart or packed) and
 ``beitfast::attention_bwd``, registered with ``torch.library`` so ``torch.compile`` keeps each as one
-node. Entry points: :func:`attention` and :func:`attention_packed`.
+node. Entry points: :func:`attention` and :func:`attention_packed`; :func:`launch_plan` lists the
+launches and grids for a shape (the work model reads it).
 """
 
 from __future__ import annotations
@@ -39,21 +42,13 @@ import triton.language as tl
 
 from ..ops.attention import padded_size
 
-__all__ = ["attention", "attention_packed", "group_size"]
+__all__ = ["attention", "attention_packed", "bias_groups", "launch_plan"]
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# The backward sums the score gradient over at most this many groups of images (one scratch
-# [H, P, P] fp32 slice each, all under _SCRATCH_BYTES): more groups spread the work, fewer use less
-# memory and traffic.
-_MAX_GROUPS = 16
-_SCRATCH_BYTES = 1 << 26
-
-
-def group_size(batch: int, heads: int, padded: int) -> int:
-    """Images per backward program."""
-    groups = max(1, min(batch, _MAX_GROUPS, _SCRATCH_BYTES // (heads * padded * padded * 4)))
-    return triton.cdiv(batch, groups)
+# The bias-gradient launch aims at this many programs per SM (two resident CTAs, two waves) before it
+# splits the batch into more groups of images (each group adds an [H, P, P] fp32 partial sum).
+_BIAS_PROGRAMS_PER_SM = 4
 
 
 def _tail(n: int, block: int) -> int:
@@ -72,28 +67,79 @@ def _tile_configs(shapes: list[tuple[int, int, int, int]]) -> list[triton.Config
     ]
 
 
+def _fits(config, named_args, kwargs) -> bool:
+    """fp32 inputs and head dims above 64 keep the tiles up to 64 x 64 (bigger ones spill or overflow
+    shared memory)."""
+    wide = named_args["Q"].element_size() == 4 or kwargs.get("BLOCK_D", 64) > 64
+    return not wide or config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"] <= 64 * 64
+
+
 def _prune(configs, named_args, **kwargs):
-    """Candidates that fit: fp32 inputs and head dims above 64 keep the tiles up to 64 x 64 (bigger
-    ones spill or overflow shared memory)."""
     if len(configs) == 1:
         return configs
-    wide = named_args["Q"].element_size() == 4 or kwargs.get("BLOCK_D", 64) > 64
-    keep = [c for c in configs if not wide or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
-    return keep or configs
+    return [c for c in configs if _fits(c, named_args, kwargs)] or configs
+
+
+def _prune_by_arch(tiles: dict[int, list[tuple[int, int, int, int]]]):
+    """A pruning function keeping the candidates of the GPU's generation (``9``: sm_90 and later,
+    ``8``: earlier) that fit."""
+
+    def prune(configs, named_args, **kwargs):
+        if len(configs) == 1:
+            return configs
+        major = torch.cuda.get_device_capability(named_args["Q"].device)[0]
+        mine = tiles[9 if major >= 9 else 8]
+        keep = [c for c in configs
+                if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in mine]
+        return [c for c in keep if _fits(c, named_args, kwargs)] or keep
+
+    return prune
+
+
+def _union(tiles: dict[int, list]) -> list:
+    return list(dict.fromkeys(t for arch in tiles.values() for t in arch))
 
 
 # 32 x 64 with 4 warps left an 8-byte stack frame without a bias on sm_90 with triton 3.6 (compile gate).
 _FWD_TILES = [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2)]
 _FWD_CONFIGS = _tile_configs(_FWD_TILES)
-# The backward keeps more live than the forward (dK, dV, k, v, five score-sized tiles, the scratch
-# updates): at D = 64 only 16-row tiles compile without spills on sm_90 with and without a bias
-# (compile gate; 32 x 32 and larger spill with 4 or 8 warps, 32 x 16 without a bias).
-_BWD_TILES = [(16, 64, 4, 1), (16, 32, 4, 1)]
-_BWD_CONFIGS = _tile_configs(_BWD_TILES)
+# dK/dV: BLOCK_N key rows (the M side of its four matmuls: 64 rows per warpgroup reach wgmma on
+# sm_90), BLOCK_M query rows a step. On sm_80 (mma.sync, operands in registers) 64 key rows spill
+# with 4 and 8 warps (compile gate): 32 there.
+_KV_TILES = {9: [(64, 64, 4, 2), (32, 64, 4, 2), (64, 64, 4, 3), (64, 128, 8, 2)],
+             8: [(64, 32, 4, 2), (32, 32, 4, 2), (128, 32, 8, 2)]}
+_KV_CONFIGS = _tile_configs(_union(_KV_TILES))
+# dQ: BLOCK_M query rows (the M side of its three matmuls), BLOCK_N key rows a step; on sm_80 64 x 64
+# spills with 3 stages or 8 warps.
+_Q_TILES = {9: [(64, 64, 4, 2), (64, 32, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2)],
+            8: [(64, 32, 4, 2), (32, 64, 4, 2)]}
+_Q_CONFIGS = _tile_configs(_union(_Q_TILES))
+# The bias gradient's tile is fixed (not autotuned): its number of image groups, and so its scratch,
+# depends on the number of tiles.
+_BIAS_TILE = 32 if _INTERPRET else 64
 _HEURISTICS = {
     "TAIL_M": lambda args: _tail(args["N"], args["BLOCK_M"]),
     "TAIL_N": lambda args: _tail(args["N"], args["BLOCK_N"]),
 }
+
+
+def bias_groups(batch: int, heads: int, n: int, sms: int) -> int:
+    """Groups of images the bias gradient splits the batch into: one, unless the score tiles of all
+    heads give fewer than ``_BIAS_PROGRAMS_PER_SM`` programs per SM."""
+    tiles = triton.cdiv(n, _BIAS_TILE) ** 2 * heads
+    groups = max(1, min(batch, triton.cdiv(_BIAS_PROGRAMS_PER_SM * sms, tiles)))
+    return triton.cdiv(batch, triton.cdiv(batch, groups))  # none empty
+
+
+def launch_plan(B: int, H: int, N: int, tiles: dict[str, tuple[int, int]], sms: int, bias: bool = True):
+    """``[(kernel, grid)]`` of one forward and one backward, for the given ``{kernel: (BLOCK_M,
+    BLOCK_N)}`` tiles (``fwd``, ``kv``, ``q``); the grids the launchers below compute."""
+    P = padded_size(N)
+    plan = [("fwd", (triton.cdiv(N, tiles["fwd"][0]), B, H)), ("delta", (P // _DELTA_ROWS, B, H)),
+            ("kv", (triton.cdiv(N, tiles["kv"][1]), B, H)), ("q", (triton.cdiv(N, tiles["q"][0]), B, H))]
+    if bias:
+        plan.append(("bias", (triton.cdiv(N, _BIAS_TILE) ** 2, bias_groups(B, H, N, sms), H)))
+    return plan
 
 
 @triton.jit
@@ -153,8 +199,10 @@ def _fwd_key_block(
     if TAIL:
         s = tl.where((cols < N)[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
+    # Rows masked so far (a user bias of -inf): exponentiate against 0, not -inf (-inf - -inf is NaN).
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return acc, m_new, l_i
@@ -184,9 +232,20 @@ def _fwd_query_block(
             acc, m_i, l_i, q, K, V, BIAS, rows, N // BLOCK_N * BLOCK_N, offs_d, s_kn, s_kd, s_vn, s_vd, s_bi,
             scale_log2, N, D, HAS_BIAS, PRECISION, TAIL_N, True,
         )
-    _store_rows(OUT, acc / l_i[:, None], rows, offs_d, s_on, s_od, N, D, MASK_ROWS)
+    # A fully masked row (l_i = 0) gives zeros, and an LSE of +inf so that the backward's
+    # probabilities and gradients of that row are zeros too.
+    masked = l_i == 0.0
+    _store_rows(OUT, acc / tl.where(masked, 1.0, l_i)[:, None], rows, offs_d, s_on, s_od, N, D, MASK_ROWS)
     # LSE rows are padded like the bias: the tail's extra rows are written too, never read as valid.
-    tl.store(LSE + rows, m_i + tl.log2(l_i))
+    tl.store(LSE + rows, tl.where(masked, float("inf"), m_i + tl.log2(l_i)))
+
+
+@triton.jit
+def _fill_rows(ptr, START: tl.constexpr, END: tl.constexpr):
+    """Zeros in ``ptr[START:END]`` (both multiples of 16): padding that no tile covers gets defined
+    values, so every output is a function of the inputs."""
+    for start in range(START, END, 16):
+        tl.store(ptr + start + tl.arange(0, 16), tl.zeros([16], tl.float32))
 
 
 @triton.autotune(configs=_FWD_CONFIGS, key=["N", "D", "HAS_BIAS"], prune_configs_by={"early_config_prune": _prune})
@@ -200,54 +259,71 @@ def _fwd_kernel(
     s_vb, s_vh, s_vn, s_vd,
     s_ob, s_oh, s_on, s_od,
     s_bh, s_bi,
-    H,
     N: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
     HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
 ):
-    """One program per (image, head): every query block of the sequence."""
-    pid = tl.program_id(0)
-    b = (pid // H).to(tl.int64)
-    h = (pid % H).to(tl.int64)
+    """One program per (query block, image, head); the last query block may be the tail tile."""
+    start_m = tl.program_id(0) * BLOCK_M
+    b = tl.program_id(1).to(tl.int64)
+    h = tl.program_id(2).to(tl.int64)
     Q += b * s_qb + h * s_qh
     K += b * s_kb + h * s_kh
     V += b * s_vb + h * s_vh
     OUT += b * s_ob + h * s_oh
     if HAS_BIAS:
         BIAS += h * s_bh
-    LSE += pid.to(tl.int64) * P
-    for start_m in range(0, N // BLOCK_M * BLOCK_M, BLOCK_M):
+    LSE += (b * tl.num_programs(2) + h) * P
+    if TAIL_M == 0 or start_m + BLOCK_M <= N:
         _fwd_query_block(
             Q, K, V, BIAS, OUT, LSE, start_m, scale_log2,
             s_qn, s_qd, s_kn, s_kd, s_vn, s_vd, s_on, s_od, s_bi,
             N, D, HAS_BIAS, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, TAIL_N, False,
         )
-    if TAIL_M > 0:
+    else:
         _fwd_query_block(
-            Q, K, V, BIAS, OUT, LSE, N // BLOCK_M * BLOCK_M, scale_log2,
+            Q, K, V, BIAS, OUT, LSE, start_m, scale_log2,
             s_qn, s_qd, s_kn, s_kd, s_vn, s_vd, s_on, s_od, s_bi,
             N, D, HAS_BIAS, PRECISION, TAIL_M, BLOCK_N, BLOCK_D, TAIL_N, True,
         )
-    # The padding rows no tile covers: defined values, so the output is a function of the inputs.
-    for start in range(N // BLOCK_M * BLOCK_M + TAIL_M, P, 16):
-        tl.store(LSE + start + tl.arange(0, 16), tl.zeros([16], tl.float32))
+    if start_m + BLOCK_M >= N:  # the last query block
+        _fill_rows(LSE, N // BLOCK_M * BLOCK_M + TAIL_M, P)
+
+
+# ---------------------------------------------------------------------------------------------------
+# backward
+
+_DELTA_ROWS = 64
 
 
 @triton.jit
-def _bwd_tile(
-    dk, dv, k, v, Q, DOUT, LSE, DELTA, DQ_ACC, BIAS, DBIAS, rows, cols, offs_d, scale_log2,
-    s_qn, s_qd, s_gn, s_gd, s_bi, P,
-    N: tl.constexpr, D: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_D: tl.constexpr, MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr,
+def _delta_kernel(
+    OUT, DOUT, DELTA, s_ob, s_oh, s_on, s_od, s_gb, s_gh, s_gn, s_gd,
+    N: tl.constexpr, D: tl.constexpr, P: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """One (query block, key block) tile of one image: P rebuilt once, five matmuls; dQ and the score
-    gradient are added into this program's own scratch rows (no other program touches them)."""
+    """``delta = rowsum(dO * O)`` in fp32 for rows ``[0, P)`` of one (image, head): zero past N, so
+    the tail tiles of the other kernels read defined values."""
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    b = tl.program_id(1).to(tl.int64)
+    h = tl.program_id(2).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    o = _load_rows(OUT + b * s_ob + h * s_oh, rows, offs_d, s_on, s_od, N, D, True).to(tl.float32)
+    do = _load_rows(DOUT + b * s_gb + h * s_gh, rows, offs_d, s_gn, s_gd, N, D, True).to(tl.float32)
+    tl.store(DELTA + (b * tl.num_programs(2) + h) * P + rows, tl.sum(do * o, 1))
+
+
+@triton.jit
+def _kv_tile(
+    dk, dv, k, v, Q, DOUT, LSE, DELTA, BIAS, rows, cols, offs_d, scale_log2, s_qn, s_qd, s_gn, s_gd, s_bi,
+    N: tl.constexpr, D: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr,
+):
+    """One (query block, key block) tile for dK and dV, in transposed form (rows are keys)."""
     q = _load_rows(Q, rows, offs_d, s_qn, s_qd, N, D, MASK_ROWS)
     do = _load_rows(DOUT, rows, offs_d, s_gn, s_gd, N, D, MASK_ROWS)
     lse = tl.load(LSE + rows)
     delta = tl.load(DELTA + rows)
-    # Transposed tiles (rows are keys): only dS^T is transposed in registers, for dQ.
     s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * scale_log2
     if HAS_BIAS:
         s_t += tl.load(BIAS + rows[None, :] * s_bi + cols[:, None]).to(tl.float32) * LOG2E
@@ -258,18 +334,13 @@ def _bwd_tile(
     dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
     ds_t = p_t * (dp_t - delta[None, :])
     dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
-    dq_ptrs = DQ_ACC + rows[:, None] * BLOCK_D + offs_d[None, :]
-    tl.store(dq_ptrs, tl.load(dq_ptrs) + tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=PRECISION))
-    if HAS_BIAS:
-        ds_ptrs = DBIAS + rows[None, :] * P + cols[:, None]
-        tl.store(ds_ptrs, tl.load(ds_ptrs) + ds_t)
     return dk, dv
 
 
 @triton.jit
-def _bwd_key_block(
-    Q, K, V, DOUT, DK, DV, LSE, DELTA, DQ_ACC, BIAS, DBIAS, start_n, scale, scale_log2,
-    s_qn, s_qd, s_kn, s_kd, s_vn, s_vd, s_gn, s_gd, s_dkn, s_dkd, s_dvn, s_dvd, s_bi, P,
+def _kv_block(
+    Q, K, V, DOUT, DK, DV, LSE, DELTA, BIAS, start_n, scale, scale_log2,
+    s_qn, s_qd, s_kn, s_kd, s_vn, s_vd, s_gn, s_gd, s_dkn, s_dkd, s_dvn, s_dvd, s_bi,
     N: tl.constexpr, D: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, TAIL_M: tl.constexpr,
     MASK_COLS: tl.constexpr,
@@ -280,112 +351,262 @@ def _bwd_key_block(
     v = _load_rows(V, cols, offs_d, s_vn, s_vd, N, D, MASK_COLS)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    # The last iteration takes the tail tile (masked, narrower).
-    for start_m in range(0, N, BLOCK_M):
-        if TAIL_M == 0 or start_m + BLOCK_M <= N:
-            dk, dv = _bwd_tile(
-                dk, dv, k, v, Q, DOUT, LSE, DELTA, DQ_ACC, BIAS, DBIAS, start_m + tl.arange(0, BLOCK_M), cols,
-                offs_d, scale_log2, s_qn, s_qd, s_gn, s_gd, s_bi, P, N, D, HAS_BIAS, PRECISION, BLOCK_D, False,
-                MASK_COLS,
-            )
-        else:
-            dk, dv = _bwd_tile(
-                dk, dv, k, v, Q, DOUT, LSE, DELTA, DQ_ACC, BIAS, DBIAS, start_m + tl.arange(0, TAIL_M), cols,
-                offs_d, scale_log2, s_qn, s_qd, s_gn, s_gd, s_bi, P, N, D, HAS_BIAS, PRECISION, BLOCK_D, True,
-                MASK_COLS,
-            )
+    # Full query blocks in a loop without branches (so it pipelines), then the tail.
+    for start_m in range(0, N // BLOCK_M * BLOCK_M, BLOCK_M):
+        dk, dv = _kv_tile(
+            dk, dv, k, v, Q, DOUT, LSE, DELTA, BIAS, start_m + tl.arange(0, BLOCK_M), cols, offs_d, scale_log2,
+            s_qn, s_qd, s_gn, s_gd, s_bi, N, D, HAS_BIAS, PRECISION, False, MASK_COLS,
+        )
+    if TAIL_M > 0:
+        dk, dv = _kv_tile(
+            dk, dv, k, v, Q, DOUT, LSE, DELTA, BIAS, N // BLOCK_M * BLOCK_M + tl.arange(0, TAIL_M), cols, offs_d,
+            scale_log2, s_qn, s_qd, s_gn, s_gd, s_bi, N, D, HAS_BIAS, PRECISION, True, MASK_COLS,
+        )
     _store_rows(DK, dk * scale, cols, offs_d, s_dkn, s_dkd, N, D, MASK_COLS)
     _store_rows(DV, dv, cols, offs_d, s_dvn, s_dvd, N, D, MASK_COLS)
 
 
-@triton.jit
-def _bwd_rows(
-    OUT, DOUT, DQ, DELTA, DQ_ACC, rows, scale, s_on, s_od, s_gn, s_gd, s_dqn, s_dqd,
-    N: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, MASK_ROWS: tl.constexpr, FINISH: tl.constexpr,
-):
-    """Before the key blocks: ``delta = rowsum(dO * O)`` and a zeroed dQ sum; after: dQ out."""
-    offs_d = tl.arange(0, BLOCK_D)
-    acc_ptrs = DQ_ACC + rows[:, None] * BLOCK_D + offs_d[None, :]
-    if FINISH:
-        _store_rows(DQ, tl.load(acc_ptrs) * scale, rows, offs_d, s_dqn, s_dqd, N, D, MASK_ROWS)
-    else:
-        do = _load_rows(DOUT, rows, offs_d, s_gn, s_gd, N, D, MASK_ROWS).to(tl.float32)
-        o = _load_rows(OUT, rows, offs_d, s_on, s_od, N, D, MASK_ROWS).to(tl.float32)
-        tl.store(DELTA + rows, tl.sum(do * o, 1))
-        tl.store(acc_ptrs, tl.zeros([rows.shape[0], BLOCK_D], tl.float32))
-
-
-@triton.jit
-def _bwd_all_rows(
-    OUT, DOUT, DQ, DELTA, DQ_ACC, scale, s_on, s_od, s_gn, s_gd, s_dqn, s_dqd,
-    N: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, TAIL_M: tl.constexpr,
-    FINISH: tl.constexpr,
-):
-    for start_m in range(0, N // BLOCK_M * BLOCK_M, BLOCK_M):
-        _bwd_rows(OUT, DOUT, DQ, DELTA, DQ_ACC, start_m + tl.arange(0, BLOCK_M), scale, s_on, s_od, s_gn, s_gd,
-                  s_dqn, s_dqd, N, D, BLOCK_D, False, FINISH)
-    if TAIL_M > 0:
-        _bwd_rows(OUT, DOUT, DQ, DELTA, DQ_ACC, N // BLOCK_M * BLOCK_M + tl.arange(0, TAIL_M), scale, s_on, s_od,
-                  s_gn, s_gd, s_dqn, s_dqd, N, D, BLOCK_D, True, FINISH)
-    # The next pass reads what this one wrote, possibly from other threads of the program.
-    tl.debug_barrier()
-
-
-@triton.autotune(configs=_BWD_CONFIGS, key=["N", "D", "HAS_BIAS"], prune_configs_by={"early_config_prune": _prune},
-                 reset_to_zero=["DBIAS"])
+@triton.autotune(configs=_KV_CONFIGS, key=["N", "D", "HAS_BIAS"],
+                 prune_configs_by={"early_config_prune": _prune_by_arch(_KV_TILES)})
 @triton.heuristics(_HEURISTICS)
 @triton.jit
-def _bwd_kernel(
-    Q, K, V, BIAS, OUT, DOUT, LSE, DQ, DK, DV, DELTA, DQ_ACC, DBIAS,
+def _bwd_kv_kernel(
+    Q, K, V, BIAS, DOUT, LSE, DELTA, DK, DV,
     scale, scale_log2,
     s_qb, s_qh, s_qn, s_qd,
     s_kb, s_kh, s_kn, s_kd,
     s_vb, s_vh, s_vn, s_vd,
-    s_ob, s_oh, s_on, s_od,
     s_gb, s_gh, s_gn, s_gd,
-    s_dqb, s_dqh, s_dqn, s_dqd,
     s_dkb, s_dkh, s_dkn, s_dkd,
     s_dvb, s_dvh, s_dvn, s_dvd,
     s_bh, s_bi,
-    B, H, P, GROUP,
-    N: tl.constexpr, D: tl.constexpr,
+    N: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
     HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
 ):
-    """One program per (head, group of GROUP images). Scratch of its own: DELTA and DQ_ACC rows (one
-    image at a time) and the ``[P, P]`` slice of DBIAS where the group's score gradients add up."""
-    h = tl.program_id(0).to(tl.int64)
-    g = tl.program_id(1).to(tl.int64)
-    slot = g * H + h
-    DELTA += slot * P
-    DQ_ACC += slot * P * BLOCK_D
-    DBIAS += slot * P * P
+    """dK and dV of one (key block, image, head): the query blocks in turn, sums in registers."""
+    start_n = tl.program_id(0) * BLOCK_N
+    b = tl.program_id(1).to(tl.int64)
+    h = tl.program_id(2).to(tl.int64)
+    Q += b * s_qb + h * s_qh
+    K += b * s_kb + h * s_kh
+    V += b * s_vb + h * s_vh
+    DOUT += b * s_gb + h * s_gh
+    DK += b * s_dkb + h * s_dkh
+    DV += b * s_dvb + h * s_dvh
+    LSE += (b * tl.num_programs(2) + h) * P
+    DELTA += (b * tl.num_programs(2) + h) * P
     if HAS_BIAS:
         BIAS += h * s_bh
-    # g is int64, so the image index and its offsets are too (large batches).
-    for b in range(g * GROUP, tl.minimum(g * GROUP + GROUP, B)):
-        q, k, v = Q + b * s_qb + h * s_qh, K + b * s_kb + h * s_kh, V + b * s_vb + h * s_vh
-        out, dout, lse = OUT + b * s_ob + h * s_oh, DOUT + b * s_gb + h * s_gh, LSE + (b * H + h) * P
-        dq, dk, dv = DQ + b * s_dqb + h * s_dqh, DK + b * s_dkb + h * s_dkh, DV + b * s_dvb + h * s_dvh
-        _bwd_all_rows(out, dout, dq, DELTA, DQ_ACC, scale, s_on, s_od, s_gn, s_gd, s_dqn, s_dqd,
-                      N, D, BLOCK_M, BLOCK_D, TAIL_M, False)
-        for start_n in range(0, N, BLOCK_N):
-            if TAIL_N == 0 or start_n + BLOCK_N <= N:
-                _bwd_key_block(
-                    q, k, v, dout, dk, dv, lse, DELTA, DQ_ACC, BIAS, DBIAS, start_n, scale, scale_log2,
-                    s_qn, s_qd, s_kn, s_kd, s_vn, s_vd, s_gn, s_gd, s_dkn, s_dkd, s_dvn, s_dvd, s_bi, P,
-                    N, D, HAS_BIAS, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, TAIL_M, False,
-                )
-            else:
-                _bwd_key_block(
-                    q, k, v, dout, dk, dv, lse, DELTA, DQ_ACC, BIAS, DBIAS, start_n, scale, scale_log2,
-                    s_qn, s_qd, s_kn, s_kd, s_vn, s_vd, s_gn, s_gd, s_dkn, s_dkd, s_dvn, s_dvd, s_bi, P,
-                    N, D, HAS_BIAS, PRECISION, BLOCK_M, TAIL_N, BLOCK_D, TAIL_M, True,
-                )
-        tl.debug_barrier()
-        _bwd_all_rows(out, dout, dq, DELTA, DQ_ACC, scale, s_on, s_od, s_gn, s_gd, s_dqn, s_dqd,
-                      N, D, BLOCK_M, BLOCK_D, TAIL_M, True)
+    if TAIL_N == 0 or start_n + BLOCK_N <= N:
+        _kv_block(
+            Q, K, V, DOUT, DK, DV, LSE, DELTA, BIAS, start_n, scale, scale_log2,
+            s_qn, s_qd, s_kn, s_kd, s_vn, s_vd, s_gn, s_gd, s_dkn, s_dkd, s_dvn, s_dvd, s_bi,
+            N, D, HAS_BIAS, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, TAIL_M, False,
+        )
+    else:
+        _kv_block(
+            Q, K, V, DOUT, DK, DV, LSE, DELTA, BIAS, start_n, scale, scale_log2,
+            s_qn, s_qd, s_kn, s_kd, s_vn, s_vd, s_gn, s_gd, s_dkn, s_dkd, s_dvn, s_dvd, s_bi,
+            N, D, HAS_BIAS, PRECISION, BLOCK_M, TAIL_N, BLOCK_D, TAIL_M, True,
+        )
+
+
+@triton.jit
+def _q_tile(
+    dq, q, do, lse, delta, K, V, BIAS, rows, cols, offs_d, scale_log2, s_kn, s_kd, s_vn, s_vd, s_bi,
+    N: tl.constexpr, D: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    MASK_COLS: tl.constexpr,
+):
+    """One (query block, key block) tile for dQ."""
+    k = _load_rows(K, cols, offs_d, s_kn, s_kd, N, D, MASK_COLS)
+    v = _load_rows(V, cols, offs_d, s_vn, s_vd, N, D, MASK_COLS)
+    s = _scores_log2(q, k, BIAS, rows, cols, s_bi, scale_log2, HAS_BIAS, PRECISION)
+    p = tl.exp2(s - lse[:, None])
+    if MASK_COLS:
+        p = tl.where((cols < N)[None, :], p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    ds = p * (dp - delta[:, None])
+    return dq + tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+
+
+@triton.jit
+def _q_block(
+    Q, K, V, DOUT, DQ, LSE, DELTA, BIAS, start_m, scale, scale_log2,
+    s_qn, s_qd, s_kn, s_kd, s_vn, s_vd, s_gn, s_gd, s_dqn, s_dqd, s_bi,
+    N: tl.constexpr, D: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, TAIL_N: tl.constexpr,
+    MASK_ROWS: tl.constexpr,
+):
+    rows = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_rows(Q, rows, offs_d, s_qn, s_qd, N, D, MASK_ROWS)
+    do = _load_rows(DOUT, rows, offs_d, s_gn, s_gd, N, D, MASK_ROWS)
+    lse = tl.load(LSE + rows)
+    delta = tl.load(DELTA + rows)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(0, N // BLOCK_N * BLOCK_N, BLOCK_N):
+        dq = _q_tile(dq, q, do, lse, delta, K, V, BIAS, rows, start_n + tl.arange(0, BLOCK_N), offs_d, scale_log2,
+                     s_kn, s_kd, s_vn, s_vd, s_bi, N, D, HAS_BIAS, PRECISION, False)
+    if TAIL_N > 0:
+        dq = _q_tile(dq, q, do, lse, delta, K, V, BIAS, rows, N // BLOCK_N * BLOCK_N + tl.arange(0, TAIL_N),
+                     offs_d, scale_log2, s_kn, s_kd, s_vn, s_vd, s_bi, N, D, HAS_BIAS, PRECISION, True)
+    _store_rows(DQ, dq * scale, rows, offs_d, s_dqn, s_dqd, N, D, MASK_ROWS)
+
+
+@triton.autotune(configs=_Q_CONFIGS, key=["N", "D", "HAS_BIAS"],
+                 prune_configs_by={"early_config_prune": _prune_by_arch(_Q_TILES)})
+@triton.heuristics(_HEURISTICS)
+@triton.jit
+def _bwd_q_kernel(
+    Q, K, V, BIAS, DOUT, LSE, DELTA, DQ,
+    scale, scale_log2,
+    s_qb, s_qh, s_qn, s_qd,
+    s_kb, s_kh, s_kn, s_kd,
+    s_vb, s_vh, s_vn, s_vd,
+    s_gb, s_gh, s_gn, s_gd,
+    s_dqb, s_dqh, s_dqn, s_dqd,
+    s_bh, s_bi,
+    N: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
+):
+    """dQ of one (query block, image, head): the key blocks in turn, the sum in registers."""
+    start_m = tl.program_id(0) * BLOCK_M
+    b = tl.program_id(1).to(tl.int64)
+    h = tl.program_id(2).to(tl.int64)
+    Q += b * s_qb + h * s_qh
+    K += b * s_kb + h * s_kh
+    V += b * s_vb + h * s_vh
+    DOUT += b * s_gb + h * s_gh
+    DQ += b * s_dqb + h * s_dqh
+    LSE += (b * tl.num_programs(2) + h) * P
+    DELTA += (b * tl.num_programs(2) + h) * P
+    if HAS_BIAS:
+        BIAS += h * s_bh
+    if TAIL_M == 0 or start_m + BLOCK_M <= N:
+        _q_block(Q, K, V, DOUT, DQ, LSE, DELTA, BIAS, start_m, scale, scale_log2,
+                 s_qn, s_qd, s_kn, s_kd, s_vn, s_vd, s_gn, s_gd, s_dqn, s_dqd, s_bi,
+                 N, D, HAS_BIAS, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, TAIL_N, False)
+    else:
+        _q_block(Q, K, V, DOUT, DQ, LSE, DELTA, BIAS, start_m, scale, scale_log2,
+                 s_qn, s_qd, s_kn, s_kd, s_vn, s_vd, s_gn, s_gd, s_dqn, s_dqd, s_bi,
+                 N, D, HAS_BIAS, PRECISION, TAIL_M, BLOCK_N, BLOCK_D, TAIL_N, True)
+
+
+@triton.jit
+def _bias_tile(
+    Q, K, V, DOUT, LSE, DELTA, BIAS, DBIAS, start_m, start_n, first, last, H, scale_log2,
+    s_qb, s_qn, s_qd, s_kb, s_kn, s_kd, s_vb, s_vn, s_vd, s_gb, s_gn, s_gd, s_bi,
+    N: tl.constexpr, D: tl.constexpr, P: tl.constexpr, PRECISION: tl.constexpr,
+    ROWS: tl.constexpr, COLS: tl.constexpr, BLOCK_D: tl.constexpr,
+    MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr,
+):
+    """``dS`` of one ``[ROWS, COLS]`` score tile summed over images ``[first, last)``, written once."""
+    rows = start_m + tl.arange(0, ROWS)
+    cols = start_n + tl.arange(0, COLS)
+    offs_d = tl.arange(0, BLOCK_D)
+    bias = tl.load(BIAS + rows[:, None] * s_bi + cols[None, :]).to(tl.float32) * LOG2E
+    acc = tl.zeros([ROWS, COLS], tl.float32)
+    for b in range(first, last):
+        q = _load_rows(Q + b * s_qb, rows, offs_d, s_qn, s_qd, N, D, MASK_ROWS)
+        do = _load_rows(DOUT + b * s_gb, rows, offs_d, s_gn, s_gd, N, D, MASK_ROWS)
+        k = _load_rows(K + b * s_kb, cols, offs_d, s_kn, s_kd, N, D, MASK_COLS)
+        v = _load_rows(V + b * s_vb, cols, offs_d, s_vn, s_vd, N, D, MASK_COLS)
+        lse = tl.load(LSE + b * H * P + rows)
+        delta = tl.load(DELTA + b * H * P + rows)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2 + bias
+        p = tl.exp2(s - lse[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        acc += p * (dp - delta[:, None])
+    if MASK_ROWS or MASK_COLS:  # the padding's gradient is zero
+        acc = tl.where((rows < N)[:, None] & (cols < N)[None, :], acc, 0.0)
+    tl.store(DBIAS + rows[:, None] * P + cols[None, :], acc)
+
+
+@triton.jit
+def _bias_fill(DBIAS, start, ROWS: tl.constexpr, FROM: tl.constexpr, P: tl.constexpr, BY_ROW: tl.constexpr):
+    """Zeros in the padding next to a last tile: rows ``[FROM, P)`` under its ``ROWS`` columns
+    starting at ``start`` (``BY_ROW``), or columns ``[FROM, P)`` beside its rows."""
+    span = tl.arange(0, ROWS)
+    for pad in range(FROM, P, 16):
+        band = pad + tl.arange(0, 16)
+        if BY_ROW:
+            tl.store(DBIAS + band[:, None] * P + (start + span)[None, :], tl.zeros([16, ROWS], tl.float32))
+        else:
+            tl.store(DBIAS + (start + span)[:, None] * P + band[None, :], tl.zeros([ROWS, 16], tl.float32))
+
+
+@triton.jit
+def _bias_tile_rows(
+    Q, K, V, DOUT, LSE, DELTA, BIAS, DBIAS, start_m, start_n, first, last, H, scale_log2,
+    s_qb, s_qn, s_qd, s_kb, s_kn, s_kd, s_vb, s_vn, s_vd, s_gb, s_gn, s_gd, s_bi,
+    N: tl.constexpr, D: tl.constexpr, P: tl.constexpr, PRECISION: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK: tl.constexpr, TAIL: tl.constexpr, BLOCK_D: tl.constexpr, MASK_ROWS: tl.constexpr,
+):
+    """The tile for ``ROWS`` rows: a full column block or the tail one, and the padding past the last."""
+    if TAIL == 0 or start_n + BLOCK <= N:
+        _bias_tile(Q, K, V, DOUT, LSE, DELTA, BIAS, DBIAS, start_m, start_n, first, last, H, scale_log2,
+                   s_qb, s_qn, s_qd, s_kb, s_kn, s_kd, s_vb, s_vn, s_vd, s_gb, s_gn, s_gd, s_bi,
+                   N, D, P, PRECISION, ROWS, BLOCK, BLOCK_D, MASK_ROWS, False)
+    else:
+        _bias_tile(Q, K, V, DOUT, LSE, DELTA, BIAS, DBIAS, start_m, start_n, first, last, H, scale_log2,
+                   s_qb, s_qn, s_qd, s_kb, s_kn, s_kd, s_vb, s_vn, s_vd, s_gb, s_gn, s_gd, s_bi,
+                   N, D, P, PRECISION, ROWS, TAIL, BLOCK_D, MASK_ROWS, True)
+    if start_n + BLOCK >= N:
+        _bias_fill(DBIAS, start_m, ROWS, N // BLOCK * BLOCK + TAIL, P, False)
+
+
+@triton.jit
+def _bwd_bias_kernel(
+    Q, K, V, BIAS, DOUT, LSE, DELTA, DBIAS,
+    scale_log2,
+    s_qb, s_qh, s_qn, s_qd,
+    s_kb, s_kh, s_kn, s_kd,
+    s_vb, s_vh, s_vn, s_vd,
+    s_gb, s_gh, s_gn, s_gd,
+    s_bh, s_bi,
+    B, GROUP,
+    N: tl.constexpr, D: tl.constexpr, P: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, TAIL: tl.constexpr,
+):
+    """The bias gradient of one (score tile, group of GROUP images, head) into the group's ``[H, P,
+    P]`` slice; the padding past the last tiles is zeroed by the programs beside it."""
+    blocks = triton.cdiv(N, BLOCK)
+    start_m = tl.program_id(0) // blocks * BLOCK
+    start_n = tl.program_id(0) % blocks * BLOCK
+    g = tl.program_id(1).to(tl.int64)
+    h = tl.program_id(2).to(tl.int64)
+    H = tl.num_programs(2)
+    first = g * GROUP
+    last = tl.minimum(first + GROUP, B)
+    Q += h * s_qh
+    K += h * s_kh
+    V += h * s_vh
+    DOUT += h * s_gh
+    LSE += h * P
+    DELTA += h * P
+    BIAS += h * s_bh
+    DBIAS += (g * H + h) * P * P
+    if TAIL == 0 or start_m + BLOCK <= N:
+        _bias_tile_rows(Q, K, V, DOUT, LSE, DELTA, BIAS, DBIAS, start_m, start_n, first, last, H, scale_log2,
+                        s_qb, s_qn, s_qd, s_kb, s_kn, s_kd, s_vb, s_vn, s_vd, s_gb, s_gn, s_gd, s_bi,
+                        N, D, P, PRECISION, BLOCK, BLOCK, TAIL, BLOCK_D, False)
+    else:
+        _bias_tile_rows(Q, K, V, DOUT, LSE, DELTA, BIAS, DBIAS, start_m, start_n, first, last, H, scale_log2,
+                        s_qb, s_qn, s_qd, s_kb, s_kn, s_kd, s_vb, s_vn, s_vd, s_gb, s_gn, s_gd, s_bi,
+                        N, D, P, PRECISION, TAIL, BLOCK, TAIL, BLOCK_D, True)
+    if start_m + BLOCK >= N:  # the last row block: the rows under its columns, and the corner
+        covered = N // BLOCK * BLOCK + TAIL
+        if TAIL == 0 or start_n + BLOCK <= N:
+            _bias_fill(DBIAS, start_n, BLOCK, covered, P, True)
+        else:
+            _bias_fill(DBIAS, start_n, TAIL, covered, P, True)
+        if start_n + BLOCK >= N:
+            for corner in range(covered, P, 16):
+                _bias_fill(DBIAS, corner, 16, covered, P, True)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -406,11 +627,18 @@ def _block_d(D: int) -> int:
     return max(16, triton.next_power_of_2(D))
 
 
-def _bias_args(bias):
-    """The bias and its head and row strides, or a dummy without one."""
+def _bias_args(bias, dtype):
+    """The bias in the compute dtype and its head and row strides, or a dummy without one."""
     if bias is None:
         return None, (0, 0)
+    bias = bias.to(dtype)
     return bias, (bias.stride(0), bias.stride(1))
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _forward(q, k, v, bias, scale):
@@ -420,12 +648,12 @@ def _forward(q, k, v, bias, scale):
     P = padded_size(N)
     out = _new_buffer(q, (B, N, H, D)).transpose(1, 2)
     lse = _new_buffer(q, (B, H, P), torch.float32)
-    bias, bias_strides = _bias_args(bias)
-    _fwd_kernel[(B * H,)](
+    bias, bias_strides = _bias_args(bias, q.dtype)
+    _fwd_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B, H)](
         q, k, v, bias, out, lse,
         scale * LOG2E.value,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *bias_strides,
-        H, N=N, D=D, P=P,
+        N=N, D=D, P=P,
         HAS_BIAS=bias is not None, PRECISION=_precision(q.dtype), BLOCK_D=_block_d(D),
     )
     return out, lse
@@ -433,28 +661,42 @@ def _forward(q, k, v, bias, scale):
 
 def _backward(dout, q, k, v, out, lse, bias, scale):
     """``dqkv`` (``[B, N, 3, H, D]``: dq, dk, dv packed like the model's qkv) and the bias gradient
-    (fp32 ``[H, P, P]``, summed over the batch; empty without a bias)."""
+    (fp32 ``[H, P, P]``, summed over the batch, zero padding; empty without a bias)."""
     B, H, N, D = q.shape
     P = padded_size(N)
-    group = group_size(B, H, P)
-    groups = triton.cdiv(B, group)
     block_d = _block_d(D)
+    precision = _precision(q.dtype)
     dqkv = _new_buffer(q, (B, N, 3, H, D))
     dq, dk, dv = (dqkv[:, :, i].transpose(1, 2) for i in range(3))
-    delta = _new_buffer(q, (groups * H, P), torch.float32)
-    dq_sum = _new_buffer(q, (groups * H, P, block_d), torch.float32)
-    # Each group's score-gradient sum starts at zero; the groups are added in a fixed order below.
-    partial = torch.zeros((groups, H, P, P) if bias is not None else (0,), device=q.device, dtype=torch.float32)
-    bias, bias_strides = _bias_args(bias)
-    _bwd_kernel[(H, groups)](
-        q, k, v, bias, out, dout, lse, dq, dk, dv, delta, dq_sum, partial,
-        scale, scale * LOG2E.value,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(),
-        *dq.stride(), *dk.stride(), *dv.stride(), *bias_strides,
-        B, H, P, group, N=N, D=D,
-        HAS_BIAS=bias is not None, PRECISION=_precision(q.dtype), BLOCK_D=block_d,
+    delta = _new_buffer(q, (B, H, P), torch.float32)
+    _delta_kernel[(P // _DELTA_ROWS, B, H)](
+        out, dout, delta, *out.stride(), *dout.stride(), N=N, D=D, P=P, BLOCK=_DELTA_ROWS, BLOCK_D=block_d,
     )
-    return dqkv, partial.sum(0) if bias is not None else partial
+    bias, bias_strides = _bias_args(bias, q.dtype)
+    common = dict(N=N, D=D, P=P, HAS_BIAS=bias is not None, PRECISION=precision, BLOCK_D=block_d)
+    _bwd_kv_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B, H)](
+        q, k, v, bias, dout, lse, delta, dk, dv, scale, scale * LOG2E.value,
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(), *bias_strides,
+        **common,
+    )
+    _bwd_q_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B, H)](
+        q, k, v, bias, dout, lse, delta, dq, scale, scale * LOG2E.value,
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), *bias_strides,
+        **common,
+    )
+    if bias is None:
+        return dqkv, torch.empty(0, device=q.device, dtype=torch.float32)
+    groups = bias_groups(B, H, N, _sm_count(q.device))
+    group = triton.cdiv(B, groups)
+    partial = _new_buffer(q, (groups, H, P, P), torch.float32)
+    _bwd_bias_kernel[(triton.cdiv(N, _BIAS_TILE) ** 2, groups, H)](
+        q, k, v, bias, dout, lse, delta, partial, scale * LOG2E.value,
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *bias_strides, B, group,
+        N=N, D=D, P=P, PRECISION=precision, BLOCK=_BIAS_TILE, BLOCK_D=block_d, TAIL=_tail(N, _BIAS_TILE),
+        num_warps=4, num_stages=2,
+    )
+    # The groups' sums added in a fixed order (no atomics anywhere): deterministic.
+    return dqkv, partial[0] if groups == 1 else partial.sum(0)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -545,8 +787,9 @@ attention_packed_fwd.register_autograd(_packed_backward_rule, setup_context=_set
 
 
 def _autocast(*tensors):
-    """Under autocast q, k and v run in the autocast dtype (the bias stays as it is: the kernels
-    read it in fp32), as autocast does for PyTorch's own attention."""
+    """Under autocast q, k and v run in the autocast dtype, as autocast does for PyTorch's own
+    attention. The bias stays fp32 outside the op (the launchers cast it for the kernels), so its
+    gradient is an fp32 sum."""
     device_type = tensors[0].device.type
     if not torch.is_autocast_enabled(device_type):
         return tensors

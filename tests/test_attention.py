@@ -91,17 +91,26 @@ def test_triton_matches_reference(device, B, H, N, D, dtype, index):
 
 
 def test_triton_groups_of_images_sum_the_table_gradient(device, monkeypatch):
-    """More images than backward groups: each program sums the score gradient of several images
-    (the last group short), the groups are added afterwards."""
+    """A batch split into groups for the bias gradient (the last group short): each program sums its
+    group's images, the launcher adds the groups."""
     from beitfast.kernels import attention as kernels
 
-    monkeypatch.setattr(kernels, "_MAX_GROUPS", 2)
-    assert kernels.group_size(5, 2, 128) == 3
+    monkeypatch.setattr(kernels, "_sm_count", lambda device: 1)
+    assert kernels.bias_groups(5, 2, 17, 1) == 2  # groups of 3 and 2 images
     assert_close_to_reference("triton", *make_inputs(5, 2, 17, 32, torch.float32, device, "beit"))
 
 
-@pytest.mark.parametrize("kernel", ["_fwd_kernel", "_bwd_kernel"])
-def test_triton_every_gpu_tile_config(device, monkeypatch, kernel):
+def tile_cases():
+    from beitfast.kernels import attention as kernels
+
+    for kernel, tiles in (("_fwd_kernel", kernels._FWD_TILES), ("_bwd_kv_kernel", kernels._union(kernels._KV_TILES)),
+                          ("_bwd_q_kernel", kernels._union(kernels._Q_TILES))):
+        for tile in tiles:
+            yield pytest.param(kernel, tile, id=f"{kernel}-{'x'.join(map(str, tile))}")
+
+
+@pytest.mark.parametrize("kernel,tile", list(tile_cases()))
+def test_triton_every_gpu_tile_config(device, monkeypatch, kernel, tile):
     """The tile shapes autotuning may pick on a GPU (the interpreter otherwise runs one config), each
     at N = 37 (full tiles and a tail in both directions) and at N = 16 (no tail)."""
     import triton
@@ -109,12 +118,23 @@ def test_triton_every_gpu_tile_config(device, monkeypatch, kernel):
     from beitfast.kernels import attention as kernels
 
     tuner = getattr(kernels, kernel)
-    for m, n, warps, stages in kernels._FWD_TILES if kernel == "_fwd_kernel" else kernels._BWD_TILES:
-        config = triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages)
-        monkeypatch.setattr(tuner, "configs", [config])
-        monkeypatch.setattr(tuner, "cache", {})
-        for N in (37, 16):
-            assert_close_to_reference("triton", *make_inputs(2, 1, N, 32, torch.float32, device, "random"))
+    m, n, warps, stages = tile
+    config = triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages)
+    monkeypatch.setattr(tuner, "configs", [config])
+    monkeypatch.setattr(tuner, "cache", {})
+    for N in (37, 16):
+        assert_close_to_reference("triton", *make_inputs(2, 1, N, 32, torch.float32, device, "random"))
+
+
+def test_triton_bias_gradient_tile_and_tails(device, monkeypatch):
+    """The bias gradient's fixed tile at 16 (the GPU's is 64): full tiles, tails, zero padding beside
+    the last ones, at N = 197 (12 full tiles and a 16-row tail) and N = 48."""
+    from beitfast.kernels import attention as kernels
+
+    monkeypatch.setattr(kernels, "_BIAS_TILE", 16)
+    for N in (197, 48):
+        q, k, v, table, rel_index = make_inputs(1, 1, N, 16, torch.float32, device, "random")
+        assert_close_to_reference("triton", q, k, v, table, rel_index)
 
 
 def test_triton_custom_scale_and_sparse_table(device):
@@ -198,8 +218,11 @@ def test_triton_takes_a_dense_bias(device):
     torch.testing.assert_close(ops.rel_pos_attention(q, k, v, bias=padded, backend="triton"), got[0])
 
 
-def test_triton_repeats_bit_for_bit(device):
-    """No atomics: two backward passes give identical gradients."""
+def test_triton_repeats_bit_for_bit(device, monkeypatch):
+    """No atomics: two backward passes give identical gradients (the bias gradient summed in groups)."""
+    from beitfast.kernels import attention as kernels
+
+    monkeypatch.setattr(kernels, "_sm_count", lambda device: 1)
     inputs = make_inputs(3, 2, 37, 32, torch.float32, device, "beit")
     grad_out = torch.randn_like(inputs[0])
     first = run("triton", *inputs, None, grad_out)
@@ -208,20 +231,78 @@ def test_triton_repeats_bit_for_bit(device):
         assert torch.equal(a, b)
 
 
-def test_triton_writes_every_output(device, monkeypatch):
-    """Buffers are poisoned with NaN before the kernels run: any entry they skip shows up."""
+def poison(monkeypatch):
     from beitfast.kernels import attention as kernels
 
     def poisoned(like, shape, dtype=None):
         return torch.full(shape, float("nan"), device=like.device, dtype=dtype or like.dtype)
 
     monkeypatch.setattr(kernels, "_new_buffer", poisoned)
+
+
+def test_triton_writes_every_output(device, monkeypatch):
+    """Buffers are poisoned with NaN before the kernels run: any entry they skip shows up."""
+    poison(monkeypatch)
     # 33 rows and 30 table rows, 10 of them unused: tails in every block and empty segments.
     q, k, v, _, _ = make_inputs(2, 3, 33, 40, torch.float32, device)
     table = torch.randn(30, 3, device=device, requires_grad=True)
     rel_index = torch.randint(0, 20, (33, 33), device=device)
     assert_close_to_reference("triton", q, k, v, table, rel_index)
     assert_close_to_reference("triton", q, k, v, None, None)
+
+
+def test_triton_padded_bias_gradient_is_zero_outside(device, monkeypatch):
+    """Given the padded dense bias, its gradient (poisoned buffers, two groups of images) is the
+    score gradient in the [N, N] corner and exactly zero in the padding."""
+    from beitfast.kernels import attention as kernels
+
+    poison(monkeypatch)
+    monkeypatch.setattr(kernels, "_sm_count", lambda device: 1)
+    q, k, v, table, rel_index = make_inputs(4, 2, 33, 32, torch.float16, device, "random")
+    bias = ops.relative_position_bias(table, rel_index).detach().requires_grad_()
+    grad_out = torch.randn_like(q)
+    out = ops.rel_pos_attention(q, k, v, bias=bias, backend="triton")
+    (grad,) = torch.autograd.grad(out, bias, grad_out)
+    N = q.shape[2]
+    assert grad.shape == bias.shape and grad.dtype == torch.float32
+    assert torch.equal(grad[:, N:], torch.zeros_like(grad[:, N:]))
+    assert torch.equal(grad[:, :, N:], torch.zeros_like(grad[:, :, N:]))
+    ref = [t.detach().double().requires_grad_() for t in (q, k, v, bias)]
+    ref_out = ops.rel_pos_attention(*ref[:3], bias=ref[3], backend="eager")
+    (ref_grad,) = torch.autograd.grad(ref_out, ref[3], grad_out.double())
+    torch.testing.assert_close(grad.double(), ref_grad, atol=2e-2, rtol=1e-2)
+
+
+def test_triton_fully_masked_rows_give_zeros(device):
+    """A user bias of -inf: a fully masked query row gives a zero output and no gradient (not NaN);
+    a row whose first key block is masked, and single masked scores, are exact softmaxes."""
+    B, H, N, D = 2, 2, 45, 32
+    q, k, v, _, _ = make_inputs(B, H, N, D, torch.float32, device, None)
+    bias = torch.randn(H, N, N, device=device)
+    bias[0, 3] = float("-inf")  # a fully masked row in head 0
+    bias[1, 5, :40] = float("-inf")  # the first key blocks of a row masked, the last ones not
+    bias[:, 7, 11] = float("-inf")
+    bias.requires_grad_()
+    grad_out = torch.randn_like(q)
+    got = grads_of("triton", q, k, v, bias, grad_out)
+    assert all(torch.isfinite(x).all() for x in got)
+    assert not got[0][:, 0, 3].any() and not got[1][:, 0, 3].any()
+    # The reference: the masked row's bias finite and its output gradient zero (so it adds nothing).
+    ref_bias = bias.detach().double().clone()
+    ref_bias[0, 3] = 0.0
+    ref_grad_out = grad_out.double().clone()
+    ref_grad_out[:, 0, 3] = 0.0
+    ref = grads_of("eager", *(t.detach().double().requires_grad_() for t in (q, k, v, ref_bias)), ref_grad_out)
+    ref[0][:, 0, 3] = 0.0
+    ref[4] = torch.where(torch.isinf(bias.detach()), 0.0, ref[4])
+    for name, x, r in zip(["out", "dq", "dk", "dv", "dbias"], got, ref):
+        torch.testing.assert_close(x.double(), r, atol=1e-4, rtol=1e-4, msg=name)
+
+
+def grads_of(backend, q, k, v, bias, grad_out):
+    """Output and the gradients of q, k, v and a dense bias."""
+    out = ops.rel_pos_attention(q, k, v, bias=bias, backend=backend)
+    return [out, *torch.autograd.grad(out, (q, k, v, bias), grad_out.to(q.dtype))]
 
 
 def test_triton_under_autocast(device):
@@ -405,6 +486,19 @@ def test_bad_shapes_name_the_argument():
         ops.rel_pos_attention_packed(torch.randn(1, 7, 2, 2, 32))
     with pytest.raises(TypeError, match="scale must be a number or None, got str"):
         ops.rel_pos_attention(q, k, v, scale="0.3")
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), -0.1, 0.0])
+@pytest.mark.parametrize("packed", [False, True])
+def test_scale_must_be_finite_and_positive(scale, packed):
+    """A NaN, infinite, zero or negative scale is refused by name on every backend (it gave NaN on
+    some and finite garbage on blas)."""
+    q, k, v, table, rel_index = make_inputs(1, 2, 7, 32, torch.float32, "cpu")
+    with pytest.raises(ValueError, match=r"scale must be a finite number > 0, got"):
+        if packed:
+            ops.rel_pos_attention_packed(torch.stack([q, k, v], 2).transpose(1, 3), table, rel_index, scale=scale)
+        else:
+            ops.rel_pos_attention(q, k, v, table, rel_index, scale=scale)
 
 
 def test_triton_refusals_are_explained(monkeypatch):

@@ -8,8 +8,8 @@ shared table gathers once per step, so autograd sums all layers' score gradients
 
 The eager backend is the definition. The others: ``blas`` (the CPU default: batched matmuls with the
 scale and bias folded in and a hand-written backward), ``triton`` (our flash kernels,
-``beitfast/kernels/attention.py``: dense bias tiles, one-pass backward without atomics, the model's
-packed qkv layout), ``sdpa`` (the bias as ``attn_mask``, what timm and transformers do), ``flex``
+``beitfast/kernels/attention.py``: dense bias tiles in the compute dtype, a backward parallel over key
+and query blocks without atomics, the model's packed qkv layout), ``sdpa`` (the bias as ``attn_mask``, what timm and transformers do), ``flex``
 (FlexAttention with the bias as a ``score_mod``), ``xformers`` and ``flash`` (flash-attn, calls
 without bias only) when those packages are installed.
 """
@@ -52,7 +52,7 @@ def rel_pos_attention(
     ``bias_table`` is ``[R, H]``, ``rel_index`` an integer ``[N, N]`` tensor with values in
     ``[0, R)``. Instead of them, ``bias`` may give the dense bias: ``[H, N, N]``, or ``[H, M, M]``
     (``M >= N``) whose leading ``[N, N]`` block is used, as :func:`relative_position_bias` returns.
-    No bias at all means plain attention. ``scale`` defaults to ``D ** -0.5``. Returns
+    No bias at all means plain attention. ``scale`` (finite, > 0) defaults to ``D ** -0.5``. Returns
     ``[B, H, N, D]``; differentiable in ``q``, ``k``, ``v`` and the bias (table).
     """
     _validate(q, k, v)
@@ -96,9 +96,13 @@ def _select(backend, q, k, v, bias_table, rel_index, bias, scale):
 
 
 def _scale(q, scale):
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+    if scale is None:
+        return q.shape[-1] ** -0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"rel_pos_attention: scale must be a number or None, got {type(scale).__name__}")
-    return q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"rel_pos_attention: scale must be a finite number > 0, got {scale}")
+    return float(scale)
 
 
 def _validate(q, k, v) -> None:
