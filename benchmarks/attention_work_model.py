@@ -1,156 +1,331 @@
-"""A work model of attention with BEiT's relative position bias (a MODEL: counted work and the time
-it implies at peak rates, never a measurement).
+"""A work model of attention with BEiT's relative position bias, per launch (a MODEL: counted work and
+the time it implies at assumed rates, never a measurement).
 
-For each implementation and tile configuration, per layer at the given shape (default BEiT-B: B=128,
-H=12, N=197, D=64, bf16): the FLOPs the kernels execute (tile padding and the backward's
-recomputation of the scores included) against the useful ones, exponentials, global atomics,
-scratch read-modify-write bytes (L2 if it fits) and the minimum HBM bytes, then the lower bound on
-the time on H100 and H200 SXM (the slowest of compute, exponentials and HBM at peak rates).
+For each launch of one layer's forward and backward: the grid and its programs (CTAs), the CTAs one
+SM holds (from the compile gate's registers and shared memory, ``benchmarks/results/compile_*``),
+the waves on an H100's 132 SMs, the tensor-core FLOPs executed (tile padding included), the bytes the
+kernel's loads and stores move through L2 and the bytes that reach HBM, and a predicted time: per
+wave ``max(FLOPs / tensor rate, HBM bytes / HBM bandwidth, L2 bytes / L2 bandwidth)`` plus a fixed
+cost per launch. The same model is applied to the previous design (one backward program per (head,
+group of images), scratch read-modify-write, fp32 bias), to a FlashAttention-2-style kernel without
+bias and to SDPA fed a materialised ``[B, H, N, N]`` bias (tiles and occupancy of those two assumed,
+not read from their code).
 
-``python benchmarks/attention_work_model.py`` prints the table; the attention benchmark prints the
-same bounds beside its measured times.
+Shapes (BEiT-B heads, H = 12, D = 64, bf16): B=128/N=197 (pre-training at 224 px), B=16/N=1025 (512
+px), B=8/N=1601 (640 px) and B=1/N=197 (reported only).
+
+    python benchmarks/attention_work_model.py          # every table and the issue's targets
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
-# Data-sheet peaks (SXM parts): dense bf16 tensor-core FLOP/s, HBM bytes/s, SMs and boost clock
-# (the exponential unit does 16 exp2 per clock per SM).
-GPUS = {
-    "H100": dict(flops=989e12, hbm=3.35e12, sms=132, clock=1.98e9),
-    "H200": dict(flops=989e12, hbm=4.8e12, sms=132, clock=1.98e9),
-}
-BEIT_B = dict(B=128, H=12, N=197, D=64)
-BYTES = 2  # bf16 q, k, v, out and their gradients
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# H100 SXM: data-sheet dense bf16 tensor rate and HBM bandwidth, SMs, registers and shared memory per
+# SM. ASSUMED: L2 bandwidth about 5.5 TB/s (reported by microbenchmarks, not a data-sheet figure);
+# mma.sync (tiles under 64 rows a warpgroup) at 2/3 of wgmma's rate; 2 us per launch.
+GPU = dict(name="H100 SXM", flops=989e12, hbm=3.35e12, l2=5.5e12, l2_bytes=50e6, sms=132, regs=65536,
+           smem=233472, max_ctas=32, max_warps=64)
+MMA_SYNC_RATE = 2 / 3
+LAUNCH_S = 2e-6
+# A tensor re-read by concurrent CTAs stays in L2 if it takes at most this share of it (ASSUMED).
+L2_SHARE = 0.5
+H, D, E = 12, 64, 2  # heads, head dim, bytes per bf16 element
+SHAPES = [(128, 197), (16, 1025), (8, 1601), (1, 197)]
+TRAINING_SHAPES = SHAPES[:3]
 
 
-def covered(n: int, block: int, tail: int | None = None) -> int:
-    """Rows a tiling executes for ``n``: full ``block`` tiles, then one tail tile (``tail`` wide, or a
-    power of two >= 16 when None, as our kernels do; ``block`` when tails are full tiles)."""
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def padded(n: int) -> int:
+    """P of the dense bias (kernels.attention / ops.attention.padded_size)."""
+    return cdiv(n, 128) * 128
+
+
+def covered(n: int, block: int, tail: bool = True) -> int:
+    """Rows a tiling executes: full blocks, then a tail of a power of two >= 16 (ours) or a full block."""
     full, rest = divmod(n, block)
     if rest == 0:
         return n
-    if tail is None:
-        tail = max(16, 1 << (rest - 1).bit_length())
-    return full * block + tail
+    return full * block + (max(16, 1 << (rest - 1).bit_length()) if tail else block)
 
 
 @dataclass
-class Work:
-    name: str
-    flops: float          # executed
-    useful: float
-    exps: float
-    atomics: float
-    scratch_bytes: float  # read-modify-write of scratch rows (L2-resident when small)
-    hbm_bytes: float      # minimum HBM traffic
+class Launch:
+    kernel: str
+    config: str
+    grid: tuple
+    flops: float            # tensor-core FLOPs executed
+    l2_bytes: float         # bytes of the kernel's loads and stores
+    hbm_bytes: float        # bytes that reach HBM
+    ctas_per_sm: int
+    rate: float = 1.0       # share of the tensor rate its dots reach
 
-    def bound_ms(self, gpu: str) -> float:
-        g = GPUS[gpu]
-        return 1e3 * max(self.flops / g["flops"], self.exps / (g["sms"] * 16 * g["clock"]), self.hbm_bytes / g["hbm"])
+    @property
+    def programs(self) -> int:
+        return math.prod(self.grid)
 
+    @property
+    def waves(self) -> float:
+        return self.programs / (GPU["sms"] * self.ctas_per_sm)
 
-def useful_flops(B, H, N, D) -> float:
-    """The FLOPs attention benchmarks count for forward + backward (FlashAttention's convention: the
-    backward is 2.5 times the forward): forward ``QK^T`` and ``PV``; backward the recomputed ``QK^T``,
-    ``dV``, ``dP``, ``dQ``, ``dK``. 7 matmuls of 2 N^2 D at the exact N: executed / useful is then the
-    cost of tile padding and of any recomputation beyond a flash backward's (the previous design's
-    second pass)."""
-    return 7 * 2 * B * H * N * N * D
-
-
-def minimal_flops(B, H, N, D) -> float:
-    """No recomputation at all (the probabilities kept from the forward, as eager attention does): 6
-    matmuls of 2 N^2 D. A flash backward's recomputed scores alone make executed / minimal >= 7/6."""
-    return 6 * 2 * B * H * N * N * D
-
-
-def io_bytes(B, H, N, D) -> float:
-    """q, k, v read and out written (forward); q, k, v, out, dout read and dq, dk, dv written (backward)."""
-    tensor = B * H * N * D * BYTES
-    return (3 + 1) * tensor + (5 + 3) * tensor
+    def seconds(self) -> float:
+        """Per wave: the slowest of tensor cores (on the busiest SM), HBM and L2; plus the launch."""
+        per_program = [self.flops, self.hbm_bytes, self.l2_bytes]
+        flops, hbm, l2 = (x / self.programs for x in per_program)
+        total, left = LAUNCH_S, self.programs
+        while left > 0:
+            in_wave = min(left, GPU["sms"] * self.ctas_per_sm)
+            busiest = cdiv(in_wave, GPU["sms"])
+            total += max(busiest * flops / (GPU["flops"] * self.rate / GPU["sms"]), in_wave * hbm / GPU["hbm"],
+                         in_wave * l2 / GPU["l2"])
+            left -= in_wave
+        return total
 
 
-def ours(B, H, N, D, fwd_tile=(64, 64), bwd_tile=(16, 64), max_groups=16, scratch_cap=1 << 26) -> Work:
-    """beitfast's kernels: tail tiles, one-pass backward (5 matmuls, exp once), no atomics; the score
-    gradient summed per group of images in scratch, groups added once."""
-    P = math.ceil(N / 128) * 128
-    fm, fn = covered(N, fwd_tile[0]), covered(N, fwd_tile[1])
-    bm, bn = covered(N, bwd_tile[0]), covered(N, bwd_tile[1])
-    groups = max(1, min(B, max_groups, scratch_cap // (H * P * P * 4)))  # as kernels.attention.group_size
-    flops = B * H * 2 * D * (2 * fm * fn + 5 * bm * bn)
-    exps = B * H * (fm * fn + fm * math.ceil(fn / fwd_tile[1]) + bm * bn)
-    scratch = B * H * (2 * 4 * bm * bn + 2 * 4 * bm * D * math.ceil(bn / bwd_tile[1]))
+def occupancy(registers: int, shared: int, warps: int) -> int:
+    """CTAs one SM holds: registers (allocated per warp in units of 256), shared memory (1 KB reserved per
+    CTA), warps and the CTA limit."""
+    per_warp = cdiv(registers * 32, 256) * 256
+    return max(1, min(GPU["regs"] // (per_warp * warps), GPU["smem"] // (shared + 1024),
+                      GPU["max_warps"] // warps, GPU["max_ctas"]))
+
+
+def gate_usage(kernel: str, config: str, n: int, report: str = "compile_3.8.0_sm90.json"):
+    """``(registers, shared bytes, warps)`` of a compiled kernel and config from the compile gate's report
+    (the row at this N, else at N = 197), or None when the report lacks it."""
+    path = RESULTS / report
+    if not path.exists():
+        return None
+    rows = [r for r in json.loads(path.read_text())["triton_kernels"]
+            if r["kernel"] == f"attention.{kernel}" and r["config"] == config and "error" not in r
+            and "HAS_BIAS=False" not in r["variant"]]
+    for want in (f"N={n} ", "N=197 "):
+        for row in rows:
+            if want in row["variant"] + " ":
+                return row["registers"], row["shared_bytes"], row["warps"]
+    return None
+
+
+def _ctas(kernel: str, config: str, n: int, fallback: int) -> int:
+    usage = gate_usage(kernel, config, n)
+    return occupancy(*usage) if usage else fallback
+
+
+def _label(m: int, n: int, warps: int, stages: int) -> str:
+    return f"BLOCK_M={m} BLOCK_N={n} w{warps} s{stages}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# beitfast, this design: kernels/attention.py (its sm_90 tile candidates and its launch plan's grids)
+
+def _kernels():
+    from beitfast.kernels import attention
+
+    return attention
+
+
+def candidates() -> dict[str, list[tuple[int, int, int, int]]]:
+    """The sm_90 autotune candidates ``(BLOCK_M, BLOCK_N, warps, stages)`` of each of our kernels."""
+    k = _kernels()
+    return dict(fwd=k._FWD_TILES, kv=k._KV_TILES[9], q=k._Q_TILES[9])
+
+
+def _new_launch(kind: str, B: int, N: int, tile: tuple[int, int, int, int]) -> Launch:
+    """One of our tiled kernels with one tile config: its grid from ``launch_plan``, its traffic
+    from its loads and stores (bias tiles in bf16)."""
+    m, n, _, _ = tile
+    grid = dict(_kernels().launch_plan(B, H, N, {kind: (m, n), **{k: (64, 64) for k in ("fwd", "kv", "q")
+                                                                 if k != kind}}, GPU["sms"]))[kind]
+    P, bh, row = padded(N), B * H, N * D * E
+    cm, cn = covered(N, m), covered(N, n)
+    io = bh * (4 * row + 2 * P * 4)  # q, k, v, dO, lse, delta, each read once from HBM
+    bias_tiles, bias_once = bh * cm * cn * E, H * P * P * E
+    if kind == "fwd":  # q once, k and v once per query block, o and lse written
+        flops, l2 = 4 * cm * cn * D * bh, bh * (2 * row + grid[0] * 2 * row + P * 4) + bias_tiles
+        hbm = bh * (4 * row + P * 4) + bias_once
+        name = "_fwd_kernel"
+    elif kind == "kv":  # k, v once; q, dO, lse, delta once per key block; dk, dv written
+        flops, l2 = 8 * cm * cn * D * bh, bh * (grid[0] * (2 * row + 2 * cm * 4) + 4 * row) + bias_tiles
+        hbm = io + bh * 2 * row + bias_once
+        name = "_bwd_kv_kernel"
+    else:  # q, dO, lse, delta once; k, v once per query block; dq written
+        flops, l2 = 6 * cm * cn * D * bh, bh * (2 * row + 2 * cm * 4 + grid[0] * 2 * row + row) + bias_tiles
+        hbm = io + bh * row + bias_once
+        name = "_bwd_q_kernel"
+    label = _label(*tile)
+    return Launch(name, label, grid, flops, l2, hbm, _ctas(name, label, N, 2))
+
+
+def kept(kind: str, B: int, N: int) -> Launch:
+    """The candidate the model predicts fastest (what autotuning should keep)."""
+    return min((_new_launch(kind, B, N, tile) for tile in candidates()[kind]), key=Launch.seconds)
+
+
+def new_design(B: int, N: int) -> tuple[list[Launch], list[Launch]]:
+    """(forward launches, backward launches) of one layer with a bias, each tiled kernel at its kept
+    config."""
+    P, bh, row = padded(N), B * H, N * D * E
+    cast = H * P * P * (4 + E)  # the fp32 bias cast to bf16 by the launcher (one torch kernel)
+    plan = dict(_kernels().launch_plan(B, H, N, {k: (64, 64) for k in ("fwd", "kv", "q")}, GPU["sms"]))
+    fwd = [Launch("bias cast", "torch", (cdiv(H * P * P, 1024),), 0, cast, cast, 8), kept("fwd", B, N)]
+    io = bh * (4 * row + 2 * P * 4)
+    bwd = [Launch("bias cast", "torch", (cdiv(H * P * P, 1024),), 0, cast, cast, 8),
+           Launch("_delta_kernel", "BLOCK=64 w4", plan["delta"], 0, bh * (2 * row + P * 4),
+                  bh * (2 * row + P * 4), _ctas("_delta_kernel", "w4 s3", N, 8)),
+           kept("kv", B, N), kept("q", B, N)]
+    tile = _kernels()._BIAS_TILE
+    grid = plan["bias"]
+    tiles_1d, groups, c = cdiv(N, tile), grid[1], covered(N, tile)
+    partial = groups * H * P * P * 4
+    # per image and score tile: q, dO (its rows), k, v (its columns), lse, delta; the bias tile once
+    bwd.append(Launch("_bwd_bias_kernel", f"BLOCK={tile} w4 s2", grid, 4 * c * c * D * bh,
+                      bh * tiles_1d * (4 * row + 2 * c * 4) + groups * H * c * c * E + partial,
+                      io + partial + H * P * P * E, _ctas("_bwd_bias_kernel", "w4 s2", N, 2)))
+    if groups > 1:
+        bwd.append(Launch("group sum", "torch", (cdiv(H * P * P, 1024),), 0, partial + H * P * P * 4,
+                          partial + H * P * P * 4, 8))
+    return fwd, bwd
+
+
+# ---------------------------------------------------------------------------------------------------
+# beitfast, the previous design (commit 3ada4f8): registers and shared memory from its compile report
+
+def old_design(B: int, N: int) -> tuple[list[Launch], list[Launch]]:
+    """Forward one program per (image, head), 64 x 64, fp32 bias, batch-major (219 registers, 57 KB:
+    2 CTAs/SM); backward one program per (head, group of images), 16 x 64 tiles (238 registers, 32 KB:
+    2 CTAs/SM, mma.sync), dQ and dS scratch read-modify-written per tile, zero-filled and summed."""
+    P, bh, row = padded(N), B * H, N * D * E
+    cm, cn = covered(N, 64), covered(N, 64)
+    nq = cdiv(N, 64)
     bias = H * P * P * 4
-    hbm = io_bytes(B, H, N, D) + 2 * B * H * P * 4 + bias + 2 * groups * bias + bias
-    return Work(f"beitfast fwd {fwd_tile[0]}x{fwd_tile[1]}, bwd {bwd_tile[0]}x{bwd_tile[1]}",
-                flops, useful_flops(B, H, N, D), exps, 0, scratch, hbm)
+    # Batch-major: the CTAs that run together read every head's bias; past L2's share, each image re-reads.
+    bias_hbm = bias if bias <= L2_SHARE * GPU["l2_bytes"] else B * bias
+    fwd = [Launch("_fwd_kernel (old)", _label(64, 64, 4, 2), (bh,), 4 * cm * cn * D * bh,
+                  bh * (2 * row + nq * 2 * row + cm * cn * 4 + P * 4), bh * (4 * row + P * 4) + bias_hbm, 2)]
+    groups = max(1, min(B, 16, (1 << 26) // (H * P * P * 4)))
+    bm, bn = covered(N, 16), covered(N, 64)
+    nk = cdiv(N, 64)
+    per_image = (2 * row + bm * 4 + bm * D * 4            # delta, dQ scratch zeroed
+                 + nk * (2 * row + 2 * bm * 4 + bm * D * 8) + 2 * row + bm * bn * 4 + bm * bn * 8
+                 + bm * D * 4 + 3 * row)                # dQ scratch read, dq, dk, dv written
+    scratch = groups * H * P * P * 4
+    rmw = bh * bm * bn * 8
+    scratch_hbm = rmw if scratch > L2_SHARE * GPU["l2_bytes"] else scratch
+    bwd = [Launch("torch.zeros", "torch", (cdiv(scratch, 4096),), 0, scratch, scratch, 8),
+           Launch("_bwd_kernel (old)", _label(16, 64, 4, 1), (H, groups), 10 * bm * bn * D * bh, bh * per_image,
+                  bh * (8 * row + 2 * P * 4) + bias + scratch_hbm, 2, MMA_SYNC_RATE),
+           Launch("partial.sum(0)", "torch", (cdiv(bias, 4096),), 0, scratch + bias, scratch + bias, 8)]
+    return fwd, bwd
 
 
-def previous(B, H, N, D, tile=64) -> Work:
-    """The design this replaced: 64 x 64 tiles padded at every N, a dq pass and a dk/dv pass that
-    both rebuild P (7 matmuls, exp twice), one fp32 atomic per image and score."""
-    n = covered(N, tile, tile)
-    flops = B * H * 2 * D * (2 * n * n + 7 * n * n)
-    exps = B * H * (n * n + n * math.ceil(n / tile) + 2 * n * n)
-    return Work(f"previous design {tile}x{tile}", flops, useful_flops(B, H, N, D), exps, B * H * N * N, 0,
-                io_bytes(B, H, N, D) + 2 * B * H * N * 4 + H * N * N * 4)
+# ---------------------------------------------------------------------------------------------------
+# references (tiles and occupancy ASSUMED, not read from their code)
+
+def flash2_no_bias(B: int, N: int) -> tuple[list[Launch], list[Launch]]:
+    """FlashAttention-2 style, no bias: forward 128 x 128 tiles (4 warps, 2 CTAs/SM), backward over key
+    blocks of 128 with dQ accumulated by fp32 atomics (8 warps, 1 CTA/SM), a dot(dO, O) pre-pass and a
+    dQ conversion; blocks padded to full tiles."""
+    P, bh, row = padded(N), B * H, N * D * E
+    c = covered(N, 128, tail=False)
+    nb = cdiv(N, 128)
+    fwd = [Launch("fa2 fwd", "128x128 w4 (assumed)", (nb, B, H), 4 * c * c * D * bh,
+                  bh * (2 * row + nb * 2 * row + N * 4), bh * (4 * row + N * 4), 2)]
+    accum = bh * c * D * 4
+    bwd = [Launch("fa2 dot(dO, O)", "assumed", (nb, B, H), 0, bh * (2 * row + N * 4), bh * (2 * row + N * 4), 8),
+           Launch("fa2 bwd", "128x128 w8 (assumed)", (nb, B, H), 10 * c * c * D * bh,
+                  bh * (nb * (2 * row + 2 * N * 4 + 2 * c * D * 4) + 4 * row), bh * (6 * row + 2 * N * 4) + 2 * accum, 1),
+           Launch("fa2 dQ convert", "assumed", (nb, B, H), 0, accum + bh * row, accum + bh * row, 8)]
+    return fwd, bwd
 
 
-def flash_no_bias(B, H, N, D, tile=(128, 128)) -> Work:
-    """A bias-free flash kernel with square-ish tiles and no tail specialisation (the tiles are an
-    assumption about FA3/cuDNN, not read from their code): 5-matmul backward, exp once."""
-    m, n = covered(N, tile[0], tile[0]), covered(N, tile[1], tile[1])
-    flops = B * H * 2 * D * 7 * m * n
-    return Work(f"no-bias flash {tile[0]}x{tile[1]} (assumed tiles)", flops, useful_flops(B, H, N, D),
-                B * H * 2 * m * n, 0, 0, io_bytes(B, H, N, D) + 2 * B * H * N * 4)
+def sdpa_dense_bias(B: int, N: int) -> tuple[list[Launch], list[Launch]]:
+    """SDPA's memory-efficient kernel with the bias materialised ``[B, H, N, N]`` (bf16, rows padded to
+    8): 64 x 64 tiles (2 CTAs/SM), the bias read forward and backward, its ``[B, H, N, N]`` gradient
+    written, then summed over the batch; backward grid over key blocks."""
+    P, bh, row = padded(N), B * H, N * D * E
+    c = covered(N, 64, tail=False)
+    nb = cdiv(N, 64)
+    dense = bh * N * cdiv(N, 8) * 8 * E
+    fwd = [Launch("bias expand", "torch", (cdiv(dense, 4096),), 0, dense + H * N * N * 4, dense, 8),
+           Launch("sdpa fwd", "64x64 (assumed)", (nb, H, B), 4 * c * c * D * bh,
+                  bh * (2 * row + nb * 2 * row + N * 4) + dense, bh * (4 * row + N * 4) + dense, 2)]
+    bwd = [Launch("sdpa bwd", "64x64 (assumed)", (nb, H, B), 10 * c * c * D * bh,
+                  bh * (nb * (2 * row + 2 * N * 4 + 2 * c * D * 4) + 4 * row) + 2 * dense,
+                  bh * (8 * row + 2 * N * 4) + 2 * dense, 2),
+           Launch("grad bias sum", "torch", (cdiv(dense, 4096),), 0, dense + H * N * N * 4, dense + H * N * N * 4, 8)]
+    return fwd, bwd
 
 
-def sdpa_with_bias(B, H, N, D, tile=(64, 64)) -> Work:
-    """SDPA's memory-efficient kernel fed the gathered bias (what timm and transformers do): flash
-    work with its tiles (assumed), plus the bias read per image and the ``[B, H, N, ceil8(N)]`` bias
-    gradient written and reduced over the batch."""
-    m, n = covered(N, tile[0], tile[0]), covered(N, tile[1], tile[1])
-    flops = B * H * 2 * D * 7 * m * n
-    grad_bias = B * H * N * (math.ceil(N / 8) * 8) * BYTES
-    return Work(f"sdpa + gathered bias {tile[0]}x{tile[1]} (assumed tiles)", flops, useful_flops(B, H, N, D),
-                B * H * 2 * m * n, 0, 0, io_bytes(B, H, N, D) + 2 * B * H * N * 4 + 2 * grad_bias)
+DESIGNS = {"beitfast (this design)": new_design, "beitfast (previous)": old_design,
+           "FA2-style, no bias": flash2_no_bias, "SDPA + [B,H,N,N] bias": sdpa_dense_bias}
 
 
-def rows(B=BEIT_B["B"], H=BEIT_B["H"], N=BEIT_B["N"], D=BEIT_B["D"]) -> list[Work]:
-    return [
-        # The autotune candidates of kernels/attention.py (_FWD_TILES, _BWD_TILES).
-        *(ours(B, H, N, D, fwd, bwd) for fwd in ((64, 64), (128, 64), (64, 32))
-          for bwd in ((16, 64), (16, 32))),
-        previous(B, H, N, D),
-        sdpa_with_bias(B, H, N, D),
-        flash_no_bias(B, H, N, D),
-    ]
+def total(launches: list[Launch]) -> float:
+    return sum(launch.seconds() for launch in launches)
 
 
-def padded_work_ratios(ns=(50, 197, 577, 785), blocks=(16, 32, 64, 128)) -> dict[int, dict[int, float]]:
-    """Executed / useful score-tile area per sequence length and block size, with our tail tiles."""
-    return {n: {b: covered(n, b) ** 2 / n ** 2 for b in blocks} for n in ns}
+def launch_table(B: int, N: int) -> str:
+    lines = [f"per launch, B={B} N={N} H={H} D={D} bf16, H100 MODEL (not a measurement)",
+             f"{'design':24} {'dir':3} {'kernel':20} {'config':26} {'grid':>16} {'progs':>6} {'CTA/SM':>6} "
+             f"{'waves':>6} {'GFLOP':>7} {'L2 MB':>8} {'HBM MB':>8} {'us':>8}"]
+    for name, design in DESIGNS.items():
+        for direction, launches in zip(("fwd", "bwd"), design(B, N)):
+            for launch in launches:
+                lines.append(
+                    f"{name:24} {direction:3} {launch.kernel:20} {launch.config:26} {str(launch.grid):>16} "
+                    f"{launch.programs:>6} {launch.ctas_per_sm:>6} {launch.waves:6.2f} {launch.flops / 1e9:7.2f} "
+                    f"{launch.l2_bytes / 1e6:8.1f} {launch.hbm_bytes / 1e6:8.1f} {1e6 * launch.seconds():8.1f}")
+    return "\n".join(lines)
 
 
-def table(shape: dict | None = None) -> str:
-    shape = shape or BEIT_B
-    minimal = minimal_flops(**shape)
-    lines = [f"attention work MODEL (not a measurement), per layer fwd+bwd at {shape}, bf16",
-             "exec/useful: executed FLOPs over the 7 matmuls at exact N attention benchmarks count; "
-             "exec/minimal: over 6 (no recomputation)",
-             f"{'implementation':48s} {'exec/useful':>11s} {'exec/minimal':>12s} {'GFLOP':>7s} {'Mexp':>7s} "
-             f"{'Matomic':>8s} {'scratch MB':>10s} {'HBM MB':>7s} {'H100 ms>=':>9s} {'H200 ms>=':>9s}"]
-    for w in rows(**shape):
-        lines.append(f"{w.name:48s} {w.flops / w.useful:11.3f} {w.flops / minimal:12.3f} {w.flops / 1e9:7.1f} "
-                     f"{w.exps / 1e6:7.1f} "
-                     f"{w.atomics / 1e6:8.1f} {w.scratch_bytes / 1e6:10.0f} {w.hbm_bytes / 1e6:7.0f} "
-                     f"{w.bound_ms('H100'):9.3f} {w.bound_ms('H200'):9.3f}")
-    lines.append("padded-work ratio (executed / useful score area) with tail tiles, by N and block:")
-    for n, by_block in padded_work_ratios().items():
-        lines.append(f"  N={n:4d}: " + "  ".join(f"{b}: {r:.3f}" for b, r in by_block.items()))
+def summary_rows():
+    """``(B, N, design, fwd us, bwd us, fwd min programs, bwd min programs)`` for every shape and design;
+    min programs over the launches of our kernels (torch's elementwise launches excluded)."""
+    rows = []
+    for B, N in SHAPES:
+        for name, design in DESIGNS.items():
+            fwd, bwd = design(B, N)
+            kernels = [[l.programs for l in part if l.config != "torch"] for part in (fwd, bwd)]
+            rows.append((B, N, name, 1e6 * total(fwd), 1e6 * total(bwd), min(kernels[0]), min(kernels[1])))
+    return rows
+
+
+def targets() -> list[tuple[str, bool]]:
+    """The issue's targets at the training shapes: each of our launches >= 2 waves of 132 programs, the
+    backward <= 2.5x the forward, fwd+bwd within 1.5x of the FA2-style kernel without bias."""
+    out = []
+    for B, N in TRAINING_SHAPES:
+        fwd, bwd = new_design(B, N)
+        ref = sum(total(part) for part in flash2_no_bias(B, N))
+        ours = [l for l in fwd + bwd if l.config != "torch" and l.kernel != "_delta_kernel"]
+        t_fwd, t_bwd = total(fwd), total(bwd)
+        out += [(f"B={B} N={N}: every kernel launches >= 264 programs (min {min(l.programs for l in ours)})",
+                 all(l.programs >= 2 * GPU["sms"] for l in ours)),
+                (f"B={B} N={N}: bwd / fwd = {t_bwd / t_fwd:.2f} <= 2.5", t_bwd <= 2.5 * t_fwd),
+                (f"B={B} N={N}: (fwd+bwd) / FA2-style = {(t_fwd + t_bwd) / ref:.2f} <= 1.5",
+                 t_fwd + t_bwd <= 1.5 * ref)]
+    return out
+
+
+def table() -> str:
+    lines = ["attention work MODEL per layer (not a measurement): predicted H100 time in us, and the fewest "
+             "programs of any of the design's kernels per launch",
+             f"{'B':>4} {'N':>5} {'design':24} {'fwd us':>8} {'bwd us':>8} {'total':>8} {'fwd progs':>9} "
+             f"{'bwd progs':>9}"]
+    for B, N, name, f, b, pf, pb in summary_rows():
+        lines.append(f"{B:>4} {N:>5} {name:24} {f:8.1f} {b:8.1f} {f + b:8.1f} {pf:>9} {pb:>9}")
+    lines.append("targets at the training shapes (model):")
+    lines += [f"  {'ok  ' if ok else 'MISS'} {text}" for text, ok in targets()]
+    for B, N in SHAPES:
+        lines += ["", launch_table(B, N)]
     return "\n".join(lines)
 
 

@@ -7,9 +7,10 @@ Rows: ``triton`` (ours; the backward has no atomics, so it is also the determini
 references: ``flash`` (flash-attn 2, when installed), ``fa3-nobias`` (FlashAttention-3,
 ``flash_attn_interface``, when installed), ``sdpa-flash-nobias`` and ``sdpa-cudnn-nobias`` (PyTorch's
 flash and cuDNN backends). ``triton-packed`` runs ours on the model's packed qkv layout.
-Timings need a GPU (the suite's CUDA-event timer); each row also carries the work model's lower bound
-for ours at that shape (``attention_work_model``: a model, not a measurement), and
-``test_work_model_table`` prints the whole model, padded-work ratios included, on any machine.
+Timings need a GPU (the suite's CUDA-event timer); rows at BEiT-B head shapes also carry the work
+model's predicted fwd+bwd time for ours (``attention_work_model``: a model, not a measurement), ``sdpa``
+rows the backend SDPA picks with the bias, and ``test_work_model_table`` prints the whole model (per
+launch: grid, programs, waves, FLOPs, L2 and HBM bytes) on any machine.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ from beitfast.model import num_relative_positions, relative_position_index
 # the eager backend's [B, H, N, N] scores.
 SHAPES = {
     "beit-b-224": (128, 12, 14, 64),
+    "beit-b-224-b1": (1, 12, 14, 64),
+    "beit-b-512": (16, 12, 32, 64),
+    "beit-b-640": (8, 12, 40, 64),
     "beit-l-224": (128, 16, 14, 64),
     "beit-l-384": (32, 16, 24, 64),
     "beit-l-512": (16, 16, 32, 64),
@@ -103,14 +107,33 @@ def skip_unless_available(backend: str, inputs) -> None:
         pytest.skip(f"{backend}: {'; '.join(why)}")
 
 
+def sdpa_backend_with_bias(q, k, v, table, rel_index) -> str:
+    """The backend SDPA picks for these inputs with the gathered bias as ``attn_mask``."""
+    from torch.nn.attention import SDPBackend
+
+    bias = ops.relative_position_bias(table, rel_index)[:, : q.shape[2], : q.shape[2]].unsqueeze(0).to(q.dtype)
+    try:
+        choice = torch._fused_sdp_choice(q, k, v, bias, 0.0, False, scale=q.shape[-1] ** -0.5)
+    except (AttributeError, RuntimeError) as exc:  # a private function: say so rather than fail
+        return f"unknown ({type(exc).__name__})"
+    return SDPBackend(choice).name
+
+
+def predicted_us(B: int, H: int, N: int, D: int) -> float | None:
+    """The work model's fwd+bwd time for ours (a model), at the BEiT-B head shape it describes."""
+    model = work_model()
+    if (H, D) != (model.H, model.D):
+        return None
+    return 1e6 * sum(model.total(part) for part in model.new_design(B, N))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("backend", BIASED + BIAS_FREE)
 def test_attention(backend, shape, record_result, training_modes, measure):
-    ours = work_model().ours
-
     B, H, side, D = SHAPES[shape]
     N = 1 + side * side
+    extra = {}
     if backend == "triton-packed":
         qkv, table, rel_index = packed_inputs(shape)
         params = [qkv, table]
@@ -122,26 +145,30 @@ def test_attention(backend, shape, record_result, training_modes, measure):
         skip_unless_available(backend, inputs)
         attend = attention_fn(backend)
         params = [t for t in inputs[:4] if t is not None]
+        if backend == "sdpa":
+            extra["sdpa_backend"] = sdpa_backend_with_bias(*inputs)
 
         def forward():
             return attend(*inputs)
 
-    model = ours(B, H, N, D)
+    model_us = predicted_us(B, H, N, D)
     for mode, fn in training_modes(forward, params):
         ms, peak = measure(fn)
         record_result("attention", backend=backend, mode=mode, shape=shape, batch=B, heads=H, tokens=N,
                       head_dim=D, dtype="bfloat16", bias=backend in BIASED, ms=ms, peak_memory_bytes=peak,
-                      model_fwd_bwd_lower_bound_ms={gpu: model.bound_ms(gpu) for gpu in ("H100", "H200")})
-        print(f"{backend:20s} {shape:11s} {mode:8s} measured {ms:.3f} ms; work model lower bound for ours "
-              f"(fwd+bwd, a model): H100 {model.bound_ms('H100'):.3f} ms, H200 {model.bound_ms('H200'):.3f} ms")
+                      model_ours_fwd_bwd_us_h100=model_us, **extra)
+        model_note = f"; work model for ours (fwd+bwd, a model): H100 {model_us:.1f} us" if model_us else ""
+        print(f"{backend:20s} {shape:13s} {mode:8s} measured {ms:.3f} ms{model_note} {extra}")
         assert ms > 0
 
 
 def test_work_model_table():
-    """The work model (counted work, no GPU needed) and its padded-work ratios, printed."""
+    """The work model (no GPU needed), printed; the structural facts it rests on checked: every kernel
+    of this design launches two waves of programs on 132 SMs at the training shapes, the previous
+    backward launched 12 programs at N = 1025."""
     model = work_model()
     print(model.table())
-    work, before = model.ours(**model.BEIT_B), model.previous(**model.BEIT_B)
-    # The issue's goals at BEiT-B shapes: executed <= 1.3x useful, atomics reduced at least 8x.
-    assert work.flops / work.useful <= 1.3 < before.flops / before.useful
-    assert work.atomics == 0 < before.atomics
+    for B, N in model.TRAINING_SHAPES:
+        fwd, bwd = model.new_design(B, N)
+        assert all(launch.programs >= 2 * 132 for launch in fwd + bwd if launch.config != "torch")
+    assert [launch.programs for launch in model.old_design(16, 1025)[1] if "old" in launch.kernel] == [12]
