@@ -12,7 +12,7 @@ TRITON36 ?= $(HOME)/.cache/beitfast/triton-3.6.0
 GATE := $(BIN)/python benchmarks/compile_gate.py
 # The oldest supported torch (the GPU machines' software: Python 3.12, torch 2.11, triton 3.6), pinned in
 # requirements-torch211.txt: the CUDA sources compile against its headers and the compiler tests run on it.
-PYTHON312 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) python3.12)
+PYTHON312 ?= $(firstword $(wildcard $(or $(PYENV_ROOT),$(HOME)/.pyenv)/versions/3.12*/bin/python3.12) python3.12)
 OLDEST_HASH := $(shell sha256sum requirements-torch211.txt | cut -c1-12)
 OLDEST_VENV ?= $(HOME)/.cache/beitfast/venv-torch211-$(OLDEST_HASH)
 # triton 3.6's interpreter (CPU tests only) converts 1-element arrays to scalars, which numpy 2.5 refuses:
