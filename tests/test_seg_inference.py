@@ -15,8 +15,9 @@ SIZE = 32
 def tiny_model() -> BEiTForSegmentation:
     config = BEiTConfig(img_size=SIZE, patch_size=8, embed_dim=32, depth=4, num_heads=2, vocab_size=0,
                         use_shared_rel_pos_bias=False, use_rel_pos_bias=True, kernels="eager")
-    model = BEiTForSegmentation(config, SegmentationConfig(num_classes=3, out_indices=(0, 1, 2, 3), channels=16,
-                                                           auxiliary_channels=0))
+    segmentation = SegmentationConfig(num_classes=3, out_indices=(0, 1, 2, 3), channels=16,
+                                      auxiliary_channels=0)
+    model = BEiTForSegmentation(config, segmentation)
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():  # random weights everywhere (not the initialisation's zeros), positive variances
         for name, t in model.state_dict().items():
@@ -41,7 +42,8 @@ def reference_slide(model, image, crop, stride):
             window = image[:, y1:y2, x1:x2]
             padded = torch.zeros(3, SIZE, SIZE, dtype=torch.float64)
             padded[:, :y2 - y1, :x2 - x1] = window
-            logits = F.interpolate(model(padded[None]), size=(SIZE, SIZE), mode="bilinear", align_corners=False)
+            logits = F.interpolate(model(padded[None]), size=(SIZE, SIZE), mode="bilinear",
+                                   align_corners=False)
             logits = logits[0, :, :y2 - y1, :x2 - x1]
             if preds is None:
                 preds = torch.zeros(logits.shape[0], h_img, w_img, dtype=torch.float64)
@@ -74,7 +76,8 @@ def test_whole_image_pads_to_the_model_input():
     model = tiny_model()
     images = torch.randn(1, 3, 27, 31, dtype=torch.float64)
     padded = F.pad(images, (0, SIZE - 31, 0, SIZE - 27))
-    expected = F.interpolate(model(padded), size=(SIZE, SIZE), mode="bilinear", align_corners=False)[..., :27, :31]
+    expected = F.interpolate(model(padded), size=(SIZE, SIZE), mode="bilinear", align_corners=False)
+    expected = expected[..., :27, :31]
     torch.testing.assert_close(segment_logits(model, images, mode="whole"), expected, rtol=0, atol=0)
     with pytest.raises(ValueError, match="mode 'whole' takes images up to"):
         segment_logits(model, torch.randn(1, 3, 40, 20, dtype=torch.float64), mode="whole")

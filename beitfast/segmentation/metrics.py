@@ -40,8 +40,9 @@ class SegmentationMetrics:
         for name, t in (("labels", labels), ("predictions", predictions)):
             bad = (t < 0) | (t >= c)
             if bad.any():
+                values = sorted(t[bad].unique()[:8].tolist())
                 raise ValueError(f"SegmentationMetrics: {name} must be in [0, {c}) (labels may also be "
-                                 f"ignore_index {self.ignore_index}), got {sorted(t[bad].unique()[:8].tolist())}")
+                                 f"ignore_index {self.ignore_index}), got {values}")
         hit = predictions == labels
         self.counts[0] += torch.bincount(labels[hit], minlength=c)
         self.counts[1] += torch.bincount(predictions, minlength=c)
@@ -84,7 +85,8 @@ def format_table(result: dict, class_names=None) -> str:
         return "   nan" if math.isnan(value) else f"{100 * value:6.2f}"
 
     lines = [f"{'class':<{width}}    IoU    Acc"]
-    lines += [f"{n:<{width}} {percent(i)} {percent(a)}" for n, i, a in zip(names, result["IoU"], result["Acc"])]
+    lines += [f"{name:<{width}} {percent(iou)} {percent(acc)}"
+              for name, iou, acc in zip(names, result["IoU"], result["Acc"])]
     lines.append(f"mIoU {percent(result['mIoU']).strip()}  mAcc {percent(result['mAcc']).strip()}  "
                  f"aAcc {percent(result['aAcc']).strip()}  ({result['pixels']} labelled pixels)")
     return "\n".join(lines)
