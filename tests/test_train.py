@@ -348,7 +348,8 @@ class InfiniteGradientAtStep(MaskedImageModeling):
 
 
 @pytest.mark.parametrize("poisoned", ["loss", "gradient"])
-def test_non_finite_step_is_skipped_on_the_device_and_read_after_the_optimizer(tmp_path, monkeypatch, poisoned):
+def test_non_finite_step_is_skipped_on_the_device_and_read_after_the_optimizer(tmp_path, monkeypatch,
+                                                                                poisoned):
     # The step's one synchronisation (where invalid_label_count is read) comes after optimizer.step(),
     # which skips a non-finite step itself; the run stops there with the last good checkpoint intact and
     # the model and optimizer as that checkpoint has them.
@@ -358,14 +359,20 @@ def test_non_finite_step_is_skipped_on_the_device_and_read_after_the_optimizer(t
     config = tiny_config()
     tc = train_config(tmp_path, steps=8, checkpoint_every=2)
     stream = pretrain_stream(photos(), TwoViewTransform(16, 16), masking_for(config.grid), 4)
-    task = (NaNAtStep if poisoned == "loss" else InfiniteGradientAtStep)(MeanBrightnessTokenizer(), bad_call=5)
+    poisoning = NaNAtStep if poisoned == "loss" else InfiniteGradientAtStep
+    task = poisoning(MeanBrightnessTokenizer(), bad_call=5)
     trainer = Trainer(BEiT(config), task, stream, tc)
     events = []
     step, count = trainer.optimizer.step, train_module.invalid_label_count
     monkeypatch.setattr(trainer.optimizer, "step", lambda: (events.append("optimizer"), step())[1])
-    monkeypatch.setattr(train_module, "invalid_label_count", lambda device: (events.append("sync"), count(device))[1])
-    message = r"nan at step 5" if poisoned == "loss" else r"gradient norm became (inf|nan) \(loss [0-9.]+\) at step 5"
-    with pytest.raises(NonFiniteLossError, match=message + r".*update was skipped.*last good checkpoint.*step 4"):
+    monkeypatch.setattr(train_module, "invalid_label_count",
+                        lambda device: (events.append("sync"), count(device))[1])
+    if poisoned == "loss":
+        message = r"nan at step 5"
+    else:
+        message = r"gradient norm became (inf|nan) \(loss [0-9.]+\) at step 5"
+    message += r".*update was skipped.*last good checkpoint.*step 4"
+    with pytest.raises(NonFiniteLossError, match=message):
         trainer.fit()
     assert events == ["optimizer", "sync"] * 5
     saved = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
