@@ -273,6 +273,16 @@ def _unreadable(error: BaseException) -> str:
     return f"cannot be read as a torch.save file, truncated or damaged ({reason})"
 
 
+def _check_torch_header(path: str | os.PathLike) -> None:
+    """torch.save writes a zip archive, or in its legacy format a pickle (protocol byte 0x80): a file that
+    starts otherwise (a text file given by mistake) is not one, whatever else is wrong with it."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head != b"PK\x03\x04" and head[:1] != b"\x80":
+        raise FileIntegrityError(path, f"not a torch.save file (it starts with {head!r}, not a zip archive "
+                                       "or a pickle): not a checkpoint, or its first bytes are damaged")
+
+
 def _check_zip_records(path: str | os.PathLike) -> None:
     """Check the CRC-32 of every record of a ``torch.save`` zip archive before torch reads it: damage is
     then caught in foreign files too, and never reaches torch's reader (a damaged pickle can make it
@@ -328,6 +338,7 @@ def read_torch_file(path: str | os.PathLike, safe_globals: Iterable = (), passth
     allowed; an empty, truncated or unreadable file is a :class:`FileIntegrityError` naming it (errors of
     the types in ``passthrough`` are raised as they are). Digest and finiteness: :func:`check_contents`."""
     check_not_empty(path)
+    _check_torch_header(path)
     _check_zip_records(path)
     _check_memo_indices(path)
     kwargs = {"map_location": "cpu", "weights_only": True, **load_kwargs}

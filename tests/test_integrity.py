@@ -295,6 +295,18 @@ def test_damaged_training_checkpoint_is_refused(tmp_path, damage):
         train(tmp_path, steps=4, resume=str(path))
 
 
+@pytest.mark.parametrize("text", ["step,loss\n1,4.2\n", "{\"model\": 1}", "PK but not a zip"])
+def test_a_file_that_is_not_a_checkpoint_is_named_so(tmp_path, text):
+    path = tmp_path / "notes.txt"
+    path.write_text(text)
+    with pytest.raises(FileIntegrityError, match="not a torch.save file.*not a checkpoint"):
+        read_training_checkpoint(path)
+    with pytest.raises(FileIntegrityError, match="not a checkpoint"):
+        BEiT.from_file(path)
+    with pytest.raises(FileIntegrityError, match="not a checkpoint"):
+        train(tmp_path, steps=2, resume=str(path))
+
+
 def test_fine_tuning_from_a_damaged_checkpoint_is_refused(tmp_path):
     from beitfast.train import classifier_from_pretrained
 
