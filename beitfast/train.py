@@ -494,7 +494,9 @@ class Trainer:
         if config.fp8:
             float8_training(model, self.device)
         self.wrapped = self._wrap(model)
-        self.groups = param_groups(model, config.weight_decay, config.layer_decay)
+        # A task may group its parameters itself (segmentation: the official layer ids of its backbone).
+        groups_of = getattr(task, "param_groups", param_groups)
+        self.groups = groups_of(model, config.weight_decay, config.layer_decay)
         self.optimizer = torch.optim.AdamW(
             [{k: v for k, v in g.items() if k != "names"} for g in self.groups],
             lr=config.lr, betas=config.betas, eps=config.eps, fused=config.fused_optimizer,
@@ -691,7 +693,8 @@ class Trainer:
 
     def _set_schedules(self, step: int) -> tuple[float, float]:
         c = self.config
-        lr = cosine_schedule(step, c.lr, c.min_lr, c.steps, c.warmup_steps)
+        schedule = getattr(self.task, "lr_schedule", cosine_schedule)  # segmentation: poly
+        lr = schedule(step, c.lr, c.min_lr, c.steps, c.warmup_steps)
         wd_end = c.weight_decay if c.weight_decay_end is None else c.weight_decay_end
         wd = cosine_schedule(step, c.weight_decay, wd_end, c.steps)
         for group in self.optimizer.param_groups:
