@@ -1,0 +1,155 @@
+"""Segmentation fine-tuning on the shared Trainer: the official poly schedule and parameter groups, a run
+resumed from its checkpoint equal to one never stopped, and `beitfast segment train|eval` end to end on a
+tiny synthetic folder."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from beitfast import BEiT, BEiTConfig, BEiTForSegmentation
+from beitfast.cli import main
+from beitfast.segmentation import SegmentationConfig
+from beitfast.segmentation.data import SegmentationFolder, SegmentationTrainTransform, segmentation_stream
+from beitfast.segmentation.task import (
+    poly_schedule, segmentation_param_groups, segmentation_recipe, segmentation_trainer,
+)
+
+CLASSES = 3
+
+
+def backbone_config(**overrides):
+    values = dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, vocab_size=0,
+                  use_shared_rel_pos_bias=False, use_rel_pos_bias=True, kernels="eager", drop_path_rate=0.1)
+    return BEiTConfig(**{**values, **overrides})
+
+
+def tiny_model(**overrides):
+    segmentation = SegmentationConfig(num_classes=CLASSES, out_indices=(0, 1, 2, 3), channels=16,
+                                      auxiliary_channels=8)
+    return BEiTForSegmentation(backbone_config(**overrides), segmentation)
+
+
+def synthetic_folder(root, count=6, size=(40, 48)):
+    """Images of three flat colours in regions, masks the regions' labels (plus a little noise)."""
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    colours = np.array([[200, 40, 40], [40, 200, 40], [40, 40, 200]])
+    for i in range(count):
+        h, w = size
+        labels = np.zeros((h, w), np.uint8)
+        labels[:, int(rng.integers(8, w - 8)):] = 1
+        labels[int(rng.integers(8, h - 8)):, :int(rng.integers(8, w - 8))] = 2
+        pixels = np.clip(colours[labels] + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(root / "images" / f"{i:03d}.png")
+        Image.fromarray(labels).save(root / "masks" / f"{i:03d}.png")
+    return root
+
+
+def test_poly_schedule_as_mmcv():
+    total, warmup, base = 100, 10, 7e-4
+    assert poly_schedule(0, base, 0.0, total, warmup) == pytest.approx(base * (1 - 0) * 1e-6)
+    for step in (3, 10, 57, 99):
+        regular = base * (1 - step / total)
+        k = (1 - step / warmup) * (1 - 1e-6) if step < warmup else 0.0
+        assert poly_schedule(step, base, 0.0, total, warmup) == pytest.approx(regular * (1 - k), rel=1e-12)
+    assert poly_schedule(100, base, 0.0, total, warmup) == 0.0
+    assert poly_schedule(50, base, 1e-5, total) == pytest.approx((base - 1e-5) * 0.5 + 1e-5)
+
+
+def test_param_groups_follow_the_official_layer_ids():
+    model = tiny_model(use_abs_pos_emb=True)
+    groups = segmentation_param_groups(model, 0.05, 0.65)
+    names = [n for g in groups for n in g["names"]]
+    assert sorted(names) == sorted(n for n, _ in model.named_parameters())  # each exactly once
+    by_name = {n: g for g in groups for n in g["names"]}
+    depth = model.config.depth
+    assert by_name["backbone.patch_embed.proj.weight"]["lr_scale"] == pytest.approx(0.65 ** (depth + 1))
+    assert by_name["backbone.pos_embed"]["lr_scale"] == pytest.approx(0.65 ** (depth + 1))
+    assert by_name["backbone.blocks.0.attn.qkv.weight"]["lr_scale"] == pytest.approx(0.65 ** depth)
+    assert by_name[f"backbone.blocks.{depth - 1}.mlp.fc1.weight"]["lr_scale"] == pytest.approx(0.65)
+    for name in ("decode_head.conv_seg.weight", "neck.fpn1.0.weight", "auxiliary_head.conv_seg.weight"):
+        if name in by_name:
+            assert by_name[name]["lr_scale"] == 1.0
+    assert any(n.startswith("neck.") and by_name[n]["lr_scale"] == 1.0 for n in names)
+    for name in ("backbone.cls_token", "backbone.pos_embed", "decode_head.conv_seg.bias"):
+        assert by_name[name]["weight_decay"] == 0.0 and not by_name[name]["decay"]
+    assert by_name["backbone.blocks.0.attn.relative_position_bias_table"]["weight_decay"] == 0.05
+    assert by_name["backbone.blocks.0.attn.qkv.weight"]["weight_decay"] == 0.05
+    recipe = segmentation_recipe()
+    assert (recipe.lr, recipe.layer_decay, recipe.weight_decay, recipe.warmup_steps, recipe.steps,
+            recipe.batch_size, recipe.min_lr, recipe.clip_grad) == (7e-4, 0.65, 0.05, 1500, 160_000, 16, 0.0, None)
+    assert (segmentation_recipe(intermediate=True).lr, segmentation_recipe(intermediate=True).layer_decay) == (3e-5, 0.9)
+
+
+class Killed(Exception):
+    pass
+
+
+def _kill_after(step):
+    def on_step(done, record):
+        if done == step:
+            raise Killed
+
+    return on_step
+
+
+def _run(tmp_path, folder, steps, checkpoint_every, name, on_step=None):
+    source = SegmentationFolder(folder / "images", folder / "masks", CLASSES)
+    stream = segmentation_stream(source, SegmentationTrainTransform(crop=32, scale=(64, 32)), batch_size=2, seed=3)
+    config = segmentation_recipe(steps=steps, warmup_steps=2, batch_size=2, output_dir=str(tmp_path / name),
+                                 checkpoint_every=checkpoint_every, device="cpu", progress=False, seed=3)
+    torch.manual_seed(0)
+    model = tiny_model()
+    trainer = segmentation_trainer(model, stream, config, on_step=on_step)
+    return model, trainer, trainer.fit()
+
+
+def test_training_resumes_bit_for_bit(tmp_path, one_thread):
+    folder = synthetic_folder(tmp_path / "data")
+    model, trainer, records = _run(tmp_path, folder, 4, 2, "straight")
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert all(np.isfinite(r["loss"]) and 0 <= r["accuracy"] <= 1 for r in records)
+    assert records[0]["lr"] == pytest.approx(poly_schedule(0, 7e-4, 0.0, 4, 2))
+    assert trainer.optimizer.param_groups[0]["lr"] != trainer.optimizer.param_groups[-1]["lr"]  # layer decay
+    with pytest.raises(Killed):  # a run stopped after step 3 (the checkpoint of step 2 is its last), resumed
+        _run(tmp_path, folder, 4, 2, "stopped", on_step=_kill_after(3))
+    resumed, trainer, rest = _run(tmp_path, folder, 4, 2, "stopped")
+    assert trainer.resumed_from is not None and [r["step"] for r in rest] == [3, 4]
+    assert [r["loss"] for r in rest] == [r["loss"] for r in records[2:]]
+    for (name, a), b in zip(model.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_segment_train_and_eval_commands(tmp_path, capsys, one_thread):
+    folder = synthetic_folder(tmp_path / "data")
+    pretrained = tmp_path / "pretrained.safetensors"
+    torch.manual_seed(0)
+    BEiT(backbone_config(use_rel_pos_bias=False, use_shared_rel_pos_bias=True, vocab_size=16)).save(pretrained)
+    out = tmp_path / "run"
+    common = ["--num-classes", str(CLASSES), "--scale", "64", "32", "--device", "cpu"]
+    assert main(["segment", "train", "--pretrained", str(pretrained), "--data", str(folder), "--val-data",
+                 str(folder), "--steps", "3", "--batch-size", "2", "--crop", "32", "--output", str(out),
+                 "--no-progress", *common]) == 0
+    printed = capsys.readouterr().out
+    assert "done: loss" in printed and "validation on 6 images (slide): mIoU" in printed
+    for name in ("checkpoint.pt", "model.safetensors", "metrics.jsonl", "eval.json"):
+        assert (out / name).is_file() and str((out / name).resolve()) in printed
+    numbers = json.loads((out / "eval.json").read_text())
+    assert numbers["step"] == 3 and numbers["images"] == 6 and len(numbers["IoU"]) == CLASSES
+
+    report = tmp_path / "eval.json"
+    assert main(["segment", "eval", "--model", str(out / "model.safetensors"), "--data", str(folder),
+                 "--output", str(report), *common]) == 0
+    printed = capsys.readouterr().out
+    assert "evaluation on 6 images (slide): mIoU" in printed and "class    IoU    Acc" in printed
+    again = json.loads(report.read_text())
+    assert again["mIoU"] == pytest.approx(numbers["mIoU"]) and again["pixels"] == 6 * 40 * 48
+
+    # Bad input: one line, exit 2.
+    assert main(["segment", "eval", "--model", str(out / "model.safetensors"), "--data", str(tmp_path),
+                 "--output", str(report)]) == 2
+    assert "is neither an ADE20K root" in capsys.readouterr().err
