@@ -172,7 +172,8 @@ def _fit_kmeans(source, args, log):
     from .tokenizers import KMeansTokenizer
 
     started = time.perf_counter()
-    progress = not getattr(args, "no_progress", False) and _main_process()
+    # Bars on a terminal only: in a log or a pipe they would be noise among the one-line messages.
+    progress = not getattr(args, "no_progress", False) and _main_process() and sys.stderr.isatty()
     views = tokenizer_views(source, args.tokenizer_images, args.tokenizer_size, args.seed, progress=progress)
     tokenizer = KMeansTokenizer.fit(views, vocab_size=args.vocab_size, patch_size=args.tokenizer_patch_size,
                                     input_size=args.tokenizer_size, seed=args.seed, iters=args.tokenizer_iters,

@@ -549,19 +549,24 @@ def test_tokenizers_on_gpu_under_bf16_autocast_without_host_sync(fitted):
 # `beitfast tokenizer train`: progress, and defaults that fit in minutes on a CPU
 
 
-def test_tokenizer_train_shows_progress(tmp_path, capsys):
+def test_tokenizer_train_shows_progress_on_a_terminal(tmp_path, capsys, monkeypatch):
     from beitfast.cli import main
 
+    command = ["tokenizer", "train", "--output", str(tmp_path / "tok.safetensors"), "--vocab-size", "8",
+               "--tokenizer-size", "16", "--tokenizer-patch-size", "4", "--tokenizer-images", "20",
+               "--tokenizer-iters", "3"]
     threads = torch.get_num_threads()
     try:
-        assert main(["tokenizer", "train", "--output", str(tmp_path / "tok.safetensors"), "--vocab-size", "8",
-                     "--tokenizer-size", "16", "--tokenizer-patch-size", "4", "--tokenizer-images", "20",
-                     "--tokenizer-iters", "3"]) == 0
+        monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+        assert main(command) == 0
+        err = capsys.readouterr().err
+        assert "tokenizer views: 100%" in err and "20/20" in err  # tqdm's bars
+        assert "k-means: 100%" in err and "3/3" in err
+        monkeypatch.setattr(sys.stderr, "isatty", lambda: False)  # in a log or a pipe: no bars
+        assert main(command) == 0
+        assert "%|" not in capsys.readouterr().err
     finally:
         torch.set_num_threads(threads)
-    err = capsys.readouterr().err
-    assert "tokenizer views: 100%" in err and "20/20" in err  # tqdm's bars
-    assert "k-means: 100%" in err and "3/3" in err
 
 
 def test_tokenizer_train_defaults_fit_minutes_on_a_cpu():
