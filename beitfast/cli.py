@@ -548,11 +548,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 SEGMENT_GPU_DEFAULTS = {"batch_size": 16, "steps": 160_000, "warmup_steps": 1500, "lr": 7e-4, "crop": 512,
                         "scale": [2048, 512]}
-SEGMENT_CPU_DEFAULTS = {"batch_size": 4, "steps": 200, "warmup_steps": 20, "lr": 7e-4, "crop": 64, "scale": [256, 64]}
+SEGMENT_CPU_DEFAULTS = {"batch_size": 4, "steps": 200, "warmup_steps": 20, "lr": 7e-4, "crop": 64,
+                        "scale": [256, 64]}
 SEGMENT_MODEL_NAME = "model.safetensors"
 
 
-def _segmentation_source(data: str, option: str, split: str, num_classes: int | None, reduce_zero_label: bool):
+def _segmentation_source(data: str, option: str, split: str, num_classes: int | None,
+                         reduce_zero_label: bool):
     """``data``: an ADE20K root (images/<split>, annotations/<split>; reduce_zero_label, 150 classes by
     default) or a folder with ``images/`` and ``masks/`` of the same file stems."""
     from .segmentation.data import SegmentationFolder, ade20k
@@ -564,8 +566,8 @@ def _segmentation_source(data: str, option: str, split: str, num_classes: int | 
         if num_classes is None:
             raise CommandError(f"{option} {data!r}: --num-classes is needed for an images/ + masks/ folder")
         return SegmentationFolder(root / "images", root / "masks", num_classes, reduce_zero_label)
-    raise CommandError(f"{option} {data!r} is neither an ADE20K root (images/{split} and annotations/{split}) nor "
-                       f"a folder with images/ and masks/ sub-folders")
+    raise CommandError(f"{option} {data!r} is neither an ADE20K root (images/{split} and "
+                       f"annotations/{split}) nor a folder with images/ and masks/ sub-folders")
 
 
 def _segment_report(model, source, args, what: str) -> dict:
@@ -595,9 +597,10 @@ def cmd_segment_train(args: argparse.Namespace) -> int:
     args.resume = args.resume or "auto"
     train_config = _train_config(args, args.output, layer_decay=args.layer_decay)
     if not Path(args.pretrained).exists():
-        raise FileNotFoundError(f"--pretrained: {args.pretrained!r} does not exist (BEiT weights of any task, or "
-                                f"a checkpoint.pt of `beitfast pretrain`)")
-    train_set = _segmentation_source(args.data, "--data", "training", args.num_classes, args.reduce_zero_label)
+        raise FileNotFoundError(f"--pretrained: {args.pretrained!r} does not exist (BEiT weights of any "
+                                f"task, or a checkpoint.pt of `beitfast pretrain`)")
+    train_set = _segmentation_source(args.data, "--data", "training", args.num_classes,
+                                     args.reduce_zero_label)
     val_set = (_segmentation_source(args.val_data, "--val-data", "validation", train_set.num_classes,
                                     args.reduce_zero_label) if args.val_data else None)
     _check_batch_size(args.batch_size, train_set, args.data)
@@ -628,8 +631,8 @@ def cmd_segment_train(args: argparse.Namespace) -> int:
         args.crop_eval = None
         numbers = _segment_report(model, val_set, args, "validation")
         if _main_process():
-            write_bytes_atomically(output / EVAL_NAME, (json.dumps({"step": trainer.step, **numbers}, indent=1)
-                                                        + "\n").encode())
+            record = json.dumps({"step": trainer.step, **numbers}, indent=1) + "\n"
+            write_bytes_atomically(output / EVAL_NAME, record.encode())
     if _main_process():
         _print_outputs(output, ((CHECKPOINT_NAME, "checkpoint"), (SEGMENT_MODEL_NAME, "model"),
                                 (METRICS_NAME, "metrics"), (PLOT_NAME, "plot"), (EVAL_NAME, "validation")))
@@ -721,7 +724,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "Multi-GPU: torchrun --nproc-per-node N $(which beitfast) pretrain ...",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
-                                     help="pretrain | finetune | tokenizer | bench | data | segment (each has --help)")
+                                     help="pretrain | finetune | tokenizer | bench | data | segment "
+                                          "(each has --help)")
 
     pre = commands.add_parser(
         "pretrain", help="masked image modeling pre-training",
@@ -850,14 +854,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the first-level sub-folders are classes: write each image's class index")
     pack.set_defaults(func=cmd_data_pack)
 
-    seg = commands.add_parser("segment", help="semantic segmentation: fine-tune (UPerNet) and evaluate (mIoU)")
+    seg = commands.add_parser("segment", help="semantic segmentation: fine-tune (UPerNet), evaluate (mIoU)")
     seg_commands = seg.add_subparsers(dest="segment_command", required=True, metavar="ACTION",
                                       help="train: fine-tune a pre-trained BEiT; eval: mIoU of a model")
     seg_train = seg_commands.add_parser(
         "train", help="fine-tune a pre-trained BEiT for semantic segmentation",
-        description="The official ADE20K recipe: UPerNet + auxiliary FCN head, layer-wise lr decay 0.65, poly "
-                    "schedule with linear warmup, random resize/crop (cat_max_ratio 0.75)/flip/photometric "
-                    "distortion. Writes checkpoint.pt (resumable), metrics.jsonl, curves.png, "
+        description="The official ADE20K recipe: UPerNet + auxiliary FCN head, layer-wise lr decay 0.65, "
+                    "poly schedule with linear warmup, random resize/crop (cat_max_ratio 0.75)/flip/"
+                    "photometric distortion. Writes checkpoint.pt (resumable), metrics.jsonl, curves.png, "
                     f"{SEGMENT_MODEL_NAME} and, with --val-data, {EVAL_NAME}.")
     seg_train.add_argument("--pretrained", required=True,
                            help="BEiT weights of any task (a checkpoint.pt of `beitfast pretrain`, official, "
@@ -867,24 +871,29 @@ def build_parser() -> argparse.ArgumentParser:
                                 "images/ and masks/ (same file stems)")
     seg_train.add_argument("--val-data", help="validation data, same forms (ADE20K: its validation split); "
                                               "evaluated at the end")
-    seg_train.add_argument("--output", default="beitfast-segment", help="output folder (default: ./beitfast-segment)")
+    seg_train.add_argument("--output", default="beitfast-segment",
+                           help="output folder (default: ./beitfast-segment)")
     seg_train.add_argument("--layer-decay", type=float, default=0.65,
                            help="layer-wise lr decay (default: 0.65; 0.9 with lr 3e-5 for intermediate "
                                 "fine-tuned checkpoints)")
-    seg_train.add_argument("--crop", type=int, help=f"training crop and model input size in pixels "
-                                                    f"{_both('crop', SEGMENT_GPU_DEFAULTS, SEGMENT_CPU_DEFAULTS)}")
+    seg_train.add_argument("--crop", type=int, help="training crop and model input size in pixels "
+                           + _both("crop", SEGMENT_GPU_DEFAULTS, SEGMENT_CPU_DEFAULTS))
     seg_eval = seg_commands.add_parser(
         "eval", help="mIoU, per-class IoU and accuracy of a segmentation model",
         description="Each image resized to fit --scale, segmented by sliding windows (or whole), the logits "
                     "resized back to the mask; prints the per-class table and writes the numbers as JSON.")
-    seg_eval.add_argument("--model", required=True, help=f"a segmentation model file ({SEGMENT_MODEL_NAME} of "
-                                                          f"`segment train`, official/mmseg or Hugging Face)")
+    seg_eval.add_argument("--model", required=True,
+                          help=f"a segmentation model file ({SEGMENT_MODEL_NAME} of `segment train`, "
+                               f"official/mmseg or Hugging Face)")
     seg_eval.add_argument("--data", required=True, help="an ADE20K root (its validation split) or a folder "
                                                          "with images/ and masks/")
-    seg_eval.add_argument("--output", default="segment-eval.json", help="JSON to write (default: ./segment-eval.json)")
-    seg_eval.add_argument("--crop", type=int, help="sliding window size (default and largest: the model's input)")
+    seg_eval.add_argument("--output", default="segment-eval.json",
+                          help="JSON to write (default: ./segment-eval.json)")
+    seg_eval.add_argument("--crop", type=int,
+                          help="sliding window size (default and largest: the model's input)")
     seg_eval.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', 'cuda:1'...")
-    seg_eval.add_argument("--threads", type=int, help="CPU threads for tensor math (default: PyTorch's choice)")
+    seg_eval.add_argument("--threads", type=int,
+                          help="CPU threads for tensor math (default: PyTorch's choice)")
     for parser_ in (seg_train, seg_eval):
         parser_.add_argument("--num-classes", type=int,
                              help="classes of an images/ + masks/ folder (ADE20K: 150; eval: the model's)")
@@ -892,13 +901,15 @@ def build_parser() -> argparse.ArgumentParser:
                              help="images/ + masks/ folder: label 0 is 'other' (ignored), the others go down "
                                   "by one (always on for ADE20K)")
         parser_.add_argument("--mode", default="slide", choices=("slide", "whole"),
-                             help="evaluation: sliding windows (official) or the whole image (default: slide)")
-        parser_.add_argument("--stride", type=int, help="sliding window stride (default: 2/3 of the window: 341 "
-                                                         "for 512, 426 for 640)")
+                             help="evaluation: sliding windows (official) or the whole image (default: "
+                                  "slide)")
+        parser_.add_argument("--stride", type=int,
+                             help="sliding window stride (default: 2/3 of the window: 341 for 512, 426 for "
+                                  "640)")
         parser_.add_argument("--scale", type=int, nargs=2, metavar=("LONG", "SHORT"),
                              help="images are resized keeping their aspect ratio to fit LONG x SHORT "
-                                  f"{_both('scale', SEGMENT_GPU_DEFAULTS, SEGMENT_CPU_DEFAULTS)} (eval default: "
-                                  f"2048 512)")
+                                  + _both("scale", SEGMENT_GPU_DEFAULTS, SEGMENT_CPU_DEFAULTS)
+                                  + " (eval default: 2048 512)")
     _add_training_options(seg_train, SEGMENT_GPU_DEFAULTS, SEGMENT_CPU_DEFAULTS)
     seg_train.set_defaults(min_lr=0.0, clip_grad=0.0)  # the official poly schedule ends at 0; no clipping
     seg_train.set_defaults(func=cmd_segment_train)

@@ -80,9 +80,11 @@ def test_param_groups_follow_the_official_layer_ids():
     assert by_name["backbone.blocks.0.attn.relative_position_bias_table"]["weight_decay"] == 0.05
     assert by_name["backbone.blocks.0.attn.qkv.weight"]["weight_decay"] == 0.05
     recipe = segmentation_recipe()
-    assert (recipe.lr, recipe.layer_decay, recipe.weight_decay, recipe.warmup_steps, recipe.steps,
-            recipe.batch_size, recipe.min_lr, recipe.clip_grad) == (7e-4, 0.65, 0.05, 1500, 160_000, 16, 0.0, None)
-    assert (segmentation_recipe(intermediate=True).lr, segmentation_recipe(intermediate=True).layer_decay) == (3e-5, 0.9)
+    assert (recipe.lr, recipe.layer_decay, recipe.weight_decay, recipe.warmup_steps, recipe.steps) == (
+        7e-4, 0.65, 0.05, 1500, 160_000)
+    assert (recipe.batch_size, recipe.min_lr, recipe.clip_grad) == (16, 0, None)
+    intermediate = segmentation_recipe(intermediate=True)
+    assert (intermediate.lr, intermediate.layer_decay) == (3e-5, 0.9)
 
 
 class Killed(Exception):
@@ -99,7 +101,8 @@ def _kill_after(step):
 
 def _run(tmp_path, folder, steps, checkpoint_every, name, on_step=None):
     source = SegmentationFolder(folder / "images", folder / "masks", CLASSES)
-    stream = segmentation_stream(source, SegmentationTrainTransform(crop=32, scale=(64, 32)), batch_size=2, seed=3)
+    transform = SegmentationTrainTransform(crop=32, scale=(64, 32))
+    stream = segmentation_stream(source, transform, batch_size=2, seed=3)
     config = segmentation_recipe(steps=steps, warmup_steps=2, batch_size=2, output_dir=str(tmp_path / name),
                                  checkpoint_every=checkpoint_every, device="cpu", progress=False, seed=3)
     torch.manual_seed(0)
@@ -115,7 +118,7 @@ def test_training_resumes_bit_for_bit(tmp_path, one_thread):
     assert all(np.isfinite(r["loss"]) and 0 <= r["accuracy"] <= 1 for r in records)
     assert records[0]["lr"] == pytest.approx(poly_schedule(0, 7e-4, 0.0, 4, 2))
     assert trainer.optimizer.param_groups[0]["lr"] != trainer.optimizer.param_groups[-1]["lr"]  # layer decay
-    with pytest.raises(Killed):  # a run stopped after step 3 (the checkpoint of step 2 is its last), resumed
+    with pytest.raises(Killed):  # a run stopped after step 3 (its last checkpoint: step 2), then resumed
         _run(tmp_path, folder, 4, 2, "stopped", on_step=_kill_after(3))
     resumed, trainer, rest = _run(tmp_path, folder, 4, 2, "stopped")
     assert trainer.resumed_from is not None and [r["step"] for r in rest] == [3, 4]
@@ -128,7 +131,9 @@ def test_segment_train_and_eval_commands(tmp_path, capsys, one_thread):
     folder = synthetic_folder(tmp_path / "data")
     pretrained = tmp_path / "pretrained.safetensors"
     torch.manual_seed(0)
-    BEiT(backbone_config(use_rel_pos_bias=False, use_shared_rel_pos_bias=True, vocab_size=16)).save(pretrained)
+    # A pre-training model: a shared bias table (copied into every layer) and an LM head (dropped).
+    pre = BEiT(backbone_config(use_rel_pos_bias=False, use_shared_rel_pos_bias=True, vocab_size=16))
+    pre.save(pretrained)
     out = tmp_path / "run"
     common = ["--num-classes", str(CLASSES), "--scale", "64", "32", "--device", "cpu"]
     assert main(["segment", "train", "--pretrained", str(pretrained), "--data", str(folder), "--val-data",

@@ -23,8 +23,8 @@ from .metrics import SegmentationMetrics
 from .model import BEiTForSegmentation
 
 __all__ = [
-    "Segmentation", "poly_schedule", "segmentation_layer_id", "segmentation_param_groups", "segmentation_recipe",
-    "evaluate_segmentation", "WARMUP_RATIO",
+    "Segmentation", "poly_schedule", "segmentation_layer_id", "segmentation_param_groups",
+    "segmentation_recipe", "segmentation_trainer", "evaluate_segmentation", "WARMUP_RATIO",
 ]
 
 WARMUP_RATIO = 1e-6  # the official lr_config: warmup from 1e-6 of the scheduled value
@@ -140,9 +140,9 @@ def segmentation_trainer(model: BEiTForSegmentation, stream, config: TrainConfig
 
 
 @torch.no_grad()
-def evaluate_segmentation(model: BEiTForSegmentation, source, transform: SegmentationTestTransform | None = None,
-                          mode: str = "slide", crop=None, stride=None, device: str | torch.device = "auto",
-                          progress=None) -> dict:
+def evaluate_segmentation(model: BEiTForSegmentation, source,
+                          transform: SegmentationTestTransform | None = None, mode: str = "slide", crop=None,
+                          stride=None, device: str | torch.device = "auto", progress=None) -> dict:
     """mIoU and the other numbers of :class:`SegmentationMetrics` of ``model`` on every decodable image of
     ``source`` (all ranks together), as the official evaluation: each image resized by ``transform``
     (default: to fit (2048, 512)), segmented by ``mode`` (:func:`segment_logits`), its logits resized
