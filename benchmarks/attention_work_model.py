@@ -76,18 +76,26 @@ class Launch:
     def waves(self) -> float:
         return self.programs / (GPU["sms"] * self.ctas_per_sm)
 
-    def seconds(self) -> float:
-        """Per wave: the slowest of tensor cores (on the busiest SM), HBM and L2; plus the launch."""
-        per_program = [self.flops, self.hbm_bytes, self.l2_bytes]
-        flops, hbm, l2 = (x / self.programs for x in per_program)
-        total, left = LAUNCH_S, self.programs
+    def _waves(self) -> list[dict[str, float]]:
+        """Per wave, the seconds of tensor cores (on the busiest SM), HBM and L2."""
+        flops, hbm, l2 = (x / self.programs for x in (self.flops, self.hbm_bytes, self.l2_bytes))
+        waves, left = [], self.programs
         while left > 0:
             in_wave = min(left, GPU["sms"] * self.ctas_per_sm)
             busiest = cdiv(in_wave, GPU["sms"])
-            total += max(busiest * flops / (GPU["flops"] * self.rate / GPU["sms"]), in_wave * hbm / GPU["hbm"],
-                         in_wave * l2 / GPU["l2"])
+            waves.append(dict(tensor=busiest * flops / (GPU["flops"] * self.rate / GPU["sms"]),
+                              HBM=in_wave * hbm / GPU["hbm"], L2=in_wave * l2 / GPU["l2"]))
             left -= in_wave
-        return total
+        return waves
+
+    def seconds(self) -> float:
+        """Per wave the slowest of tensor cores, HBM and L2; plus the launch."""
+        return LAUNCH_S + sum(max(wave.values()) for wave in self._waves())
+
+    def bound(self) -> str:
+        """What limits its first wave."""
+        wave = self._waves()[0]
+        return max(wave, key=wave.get)
 
 
 def occupancy(registers: int, shared: int, warps: int) -> int:
@@ -275,14 +283,15 @@ def total(launches: list[Launch]) -> float:
 def launch_table(B: int, N: int) -> str:
     lines = [f"per launch, B={B} N={N} H={H} D={D} bf16, H100 MODEL (not a measurement)",
              f"{'design':24} {'dir':3} {'kernel':20} {'config':26} {'grid':>16} {'progs':>6} {'CTA/SM':>6} "
-             f"{'waves':>6} {'GFLOP':>7} {'L2 MB':>8} {'HBM MB':>8} {'us':>8}"]
+             f"{'waves':>6} {'GFLOP':>7} {'L2 MB':>8} {'HBM MB':>8} {'us':>8} bound"]
     for name, design in DESIGNS.items():
         for direction, launches in zip(("fwd", "bwd"), design(B, N)):
             for launch in launches:
                 lines.append(
                     f"{name:24} {direction:3} {launch.kernel:20} {launch.config:26} {str(launch.grid):>16} "
                     f"{launch.programs:>6} {launch.ctas_per_sm:>6} {launch.waves:6.2f} {launch.flops / 1e9:7.2f} "
-                    f"{launch.l2_bytes / 1e6:8.1f} {launch.hbm_bytes / 1e6:8.1f} {1e6 * launch.seconds():8.1f}")
+                    f"{launch.l2_bytes / 1e6:8.1f} {launch.hbm_bytes / 1e6:8.1f} {1e6 * launch.seconds():8.1f} "
+                    f"{launch.bound()}")
     return "\n".join(lines)
 
 

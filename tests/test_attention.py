@@ -137,6 +137,48 @@ def test_triton_bias_gradient_tile_and_tails(device, monkeypatch):
         assert_close_to_reference("triton", q, k, v, table, rel_index)
 
 
+def test_triton_launches_the_planned_grids(device, monkeypatch):
+    """The launchers start the kernels and grids ``launch_plan`` lists (the work model reads it)."""
+    from beitfast.kernels import attention as kernels
+
+    names = {"_fwd_kernel": "fwd", "_delta_kernel": "delta", "_bwd_kv_kernel": "kv", "_bwd_q_kernel": "q",
+             "_bwd_bias_kernel": "bias"}
+    launched = []
+
+    class Recorder:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            meta = {"BLOCK_M": 32, "BLOCK_N": 32}  # the interpreter's one config
+            launched.append((names[self.name], grid(meta) if callable(grid) else grid))
+            return self.kernel[grid]
+
+    for name in names:
+        monkeypatch.setattr(kernels, name, Recorder(name, getattr(kernels, name)))
+    monkeypatch.setattr(kernels, "_sm_count", lambda device: 1)
+    B, H, N = 5, 2, 45
+    inputs = make_inputs(B, H, N, 32, torch.float32, device, "random")
+    run("triton", *inputs, None, torch.randn_like(inputs[0]))
+    assert launched == kernels.launch_plan(B, H, N, {k: (32, 32) for k in ("fwd", "kv", "q")}, sms=1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("N", [577, 1025])
+def test_triton_long_sequences(device, monkeypatch, N):
+    """Fine-tuning lengths (384 and 512 px): BEiT's index, 64-wide tiles in every kernel (the GPU's)."""
+    import triton
+
+    from beitfast.kernels import attention as kernels
+
+    for name in ("_fwd_kernel", "_bwd_kv_kernel", "_bwd_q_kernel"):
+        tuner = getattr(kernels, name)
+        monkeypatch.setattr(tuner, "configs", [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4)])
+        monkeypatch.setattr(tuner, "cache", {})
+    monkeypatch.setattr(kernels, "_BIAS_TILE", 64)
+    assert_close_to_reference("triton", *make_inputs(1, 1, N, 16, torch.float32, device, "beit"))
+
+
 def test_triton_custom_scale_and_sparse_table(device):
     """A non-default scale; a table with rows no index uses (their gradient must be exactly 0)."""
     q, k, v, table, rel_index = make_inputs(2, 2, 17, 32, torch.float32, device)
