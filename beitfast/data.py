@@ -431,7 +431,7 @@ class ImageFolder(ImageFiles):
         counts = [(len(paths), reason) for reason, paths in self.ignored.items() if paths]
         if not counts:
             return "skipped none"
-        reasons = {"suffix": "not an image suffix", "loop": "link to a folder already walked"}
+        reasons = {"suffix": "without an image suffix", "loop": "link to a folder already walked"}
         return f"skipped {sum(n for n, _ in counts)}: " + ", ".join(f"{n} {reasons.get(r, r)}"
                                                                     for n, r in counts)
 

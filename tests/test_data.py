@@ -303,8 +303,8 @@ def test_folder_follows_linked_folders_and_counts_what_it_skips(tmp_path):
     assert folder.classes == ["cats", "dogs"] and folder.labels == [0, 0, 0, 1, 1, 1]
     assert {reason: [p.name for p in paths] for reason, paths in folder.ignored.items() if paths} == {
         "suffix": ["notes.txt"], "unreadable": ["gone.jpg"], "loop": ["up"]}
-    assert folder.found == (f"found 6 images under {str(folder.root)!r}; skipped 3: 1 not an image suffix, "
-                            "1 unreadable, 1 link to a folder already walked")
+    assert folder.found == (f"found 6 images under {str(folder.root)!r}; skipped 3: 1 without an image "
+                            "suffix, 1 unreadable, 1 link to a folder already walked")
     assert all(folder.load(i) is not None for i in range(len(folder)))
 
 
