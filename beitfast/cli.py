@@ -662,6 +662,49 @@ def cmd_segment_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_segment_predict(args: argparse.Namespace) -> int:
+    import io
+
+    from PIL import Image
+
+    from .data import IMAGE_EXTENSIONS, decode_rgb, find_images
+    from .segmentation import BEiTForSegmentation
+    from .segmentation.data import SegmentationTestTransform, image_tensor
+    from .segmentation.task import predict_labels
+    from .segmentation.visualize import mask_image, overlay, palette
+    from .train import ensure_writable, write_bytes_atomically
+
+    device = resolve_device(args.device)
+    if not Path(args.model).exists():
+        raise FileNotFoundError(f"--model: {args.model!r} does not exist (a segmentation model file, e.g. "
+                                f"{SEGMENT_MODEL_NAME} of `beitfast segment train`)")
+    source = Path(args.images)
+    paths = [source] if source.is_file() else find_images(source, IMAGE_EXTENSIONS)[0] if source.is_dir() \
+        else []
+    if not paths:
+        raise CommandError(f"--images {args.images!r}: no image file or folder of images there")
+    if not 0 <= args.opacity <= 1:
+        raise CommandError(f"--opacity must be in [0, 1], got {args.opacity}")
+    model = BEiTForSegmentation.from_file(args.model).eval().to(device)
+    colours = palette(model.segmentation_config.num_classes)
+    transform = SegmentationTestTransform(tuple(args.scale or (2048, 512)))
+    output = Path(args.output)
+    ensure_writable(output)
+    for path in paths:
+        with Image.open(path) as opened:
+            image = decode_rgb(opened)
+        labels = predict_labels(model, transform(image_tensor(image)), (image.height, image.width),
+                                args.mode, args.crop, args.stride).cpu()
+        for name, picture in ((f"{path.stem}.png", mask_image(labels, colours)),
+                              (f"{path.stem}-overlay.png", overlay(image, labels, colours, args.opacity))):
+            buffer = io.BytesIO()
+            picture.save(buffer, format="PNG")
+            write_bytes_atomically(output / name, buffer.getvalue())
+    print(f"{len(paths)} image(s): label masks (palette PNGs, values = classes) and overlays in "
+          f"{output.resolve()}")
+    return 0
+
+
 def _add_training_options(parser: argparse.ArgumentParser, gpu: dict, cpu: dict) -> None:
     group = parser.add_argument_group("optimisation (AdamW 0.9/0.999, per-step cosine schedule with linear warmup)")
     group.add_argument("--steps", type=int, help=f"optimizer steps {_both('steps', gpu, cpu)}")
@@ -856,7 +899,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     seg = commands.add_parser("segment", help="semantic segmentation: fine-tune (UPerNet), evaluate (mIoU)")
     seg_commands = seg.add_subparsers(dest="segment_command", required=True, metavar="ACTION",
-                                      help="train: fine-tune a pre-trained BEiT; eval: mIoU of a model")
+                                      help="train: fine-tune a pre-trained BEiT; eval: mIoU of a model; "
+                                           "predict: masks and overlays")
     seg_train = seg_commands.add_parser(
         "train", help="fine-tune a pre-trained BEiT for semantic segmentation",
         description="The official ADE20K recipe: UPerNet + auxiliary FCN head, layer-wise lr decay 0.65, "
@@ -894,12 +938,27 @@ def build_parser() -> argparse.ArgumentParser:
     seg_eval.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', 'cuda:1'...")
     seg_eval.add_argument("--threads", type=int,
                           help="CPU threads for tensor math (default: PyTorch's choice)")
+    seg_predict = seg_commands.add_parser(
+        "predict", help="label masks and overlays of images",
+        description="Writes OUTPUT/<stem>.png (the labels as a palette PNG: values are classes, colours by "
+                    "class) and OUTPUT/<stem>-overlay.png (the colours blended on the image) for each image.")
+    seg_predict.add_argument("--model", required=True, help="a segmentation model file (as segment eval)")
+    seg_predict.add_argument("--images", required=True,
+                             help="an image file or a folder (searched recursively)")
+    seg_predict.add_argument("--output", default="segment-predictions",
+                             help="folder to write to (default: ./segment-predictions)")
+    seg_predict.add_argument("--opacity", type=float, default=0.5,
+                             help="of the colours in overlays (default: 0.5)")
+    seg_predict.add_argument("--crop", type=int,
+                             help="sliding window size (default and largest: the model's input)")
+    seg_predict.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', 'cuda:1'...")
     for parser_ in (seg_train, seg_eval):
         parser_.add_argument("--num-classes", type=int,
                              help="classes of an images/ + masks/ folder (ADE20K: 150; eval: the model's)")
         parser_.add_argument("--reduce-zero-label", action="store_true",
                              help="images/ + masks/ folder: label 0 is 'other' (ignored), the others go down "
                                   "by one (always on for ADE20K)")
+    for parser_ in (seg_train, seg_eval, seg_predict):
         parser_.add_argument("--mode", default="slide", choices=("slide", "whole"),
                              help="evaluation: sliding windows (official) or the whole image (default: "
                                   "slide)")
@@ -909,11 +968,12 @@ def build_parser() -> argparse.ArgumentParser:
         parser_.add_argument("--scale", type=int, nargs=2, metavar=("LONG", "SHORT"),
                              help="images are resized keeping their aspect ratio to fit LONG x SHORT "
                                   + _both("scale", SEGMENT_GPU_DEFAULTS, SEGMENT_CPU_DEFAULTS)
-                                  + " (eval default: 2048 512)")
+                                  + " (eval and predict default: 2048 512)")
     _add_training_options(seg_train, SEGMENT_GPU_DEFAULTS, SEGMENT_CPU_DEFAULTS)
     seg_train.set_defaults(min_lr=0.0, clip_grad=0.0)  # the official poly schedule ends at 0; no clipping
     seg_train.set_defaults(func=cmd_segment_train)
     seg_eval.set_defaults(func=cmd_segment_eval)
+    seg_predict.set_defaults(func=cmd_segment_predict)
     return parser
 
 

@@ -154,7 +154,31 @@ def test_segment_train_and_eval_commands(tmp_path, capsys, one_thread):
     again = json.loads(report.read_text())
     assert again["mIoU"] == pytest.approx(numbers["mIoU"]) and again["pixels"] == 6 * 40 * 48
 
+    predictions = tmp_path / "predictions"
+    assert main(["segment", "predict", "--model", str(out / "model.safetensors"), "--images",
+                 str(folder / "images"), "--output", str(predictions), "--device", "cpu"]) == 0
+    assert "6 image(s)" in capsys.readouterr().out
+    with Image.open(predictions / "003.png") as mask:
+        assert mask.mode == "P" and mask.size == (48, 40) and np.asarray(mask).max() < CLASSES
+    with Image.open(predictions / "003-overlay.png") as picture:
+        assert picture.mode == "RGB" and picture.size == (48, 40)
+
     # Bad input: one line, exit 2.
     assert main(["segment", "eval", "--model", str(out / "model.safetensors"), "--data", str(tmp_path),
                  "--output", str(report)]) == 2
     assert "is neither an ADE20K root" in capsys.readouterr().err
+
+
+def test_mask_pictures_keep_the_labels():
+    from beitfast.segmentation.visualize import mask_image, overlay, palette
+
+    labels = torch.randint(0, 7, (9, 11))
+    colours = palette(7)
+    assert len({tuple(c) for c in colours}) == 7  # a colour per class
+    mask = mask_image(labels, colours)
+    assert mask.mode == "P" and torch.equal(torch.from_numpy(np.array(mask)).long(), labels)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (9, 11, 3), dtype=np.uint8))
+    assert np.array_equal(np.asarray(overlay(image, labels, colours, 0.0)), np.asarray(image))
+    assert np.array_equal(np.asarray(overlay(image, labels, colours, 1.0)), colours[labels.numpy()])
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 256\)"):
+        mask_image(torch.full((2, 2), 300), colours)

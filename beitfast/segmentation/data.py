@@ -26,7 +26,7 @@ from ..data import IMAGE_EXTENSIONS, BatchStream, ImageFiles, find_images
 __all__ = [
     "IGNORE_INDEX", "MEAN", "STD", "SegmentationFolder", "ade20k", "load_mask", "rescale_size",
     "photometric_distortion", "SegmentationTrainTransform", "SegmentationTestTransform", "SegmentationSample",
-    "segmentation_stream", "evaluation_pairs",
+    "segmentation_stream", "evaluation_pairs", "image_tensor",
 ]
 
 IGNORE_INDEX = 255
@@ -114,7 +114,7 @@ def load_mask(path: str | os.PathLike, num_classes: int, reduce_zero_label: bool
     return torch.from_numpy(labels)
 
 
-def _image_tensor(image: Image.Image) -> torch.Tensor:
+def image_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1)
 
 
@@ -270,7 +270,7 @@ class SegmentationSample:
 
     def __call__(self, image, mask_path, rng, key):
         labels = load_mask(mask_path, self.num_classes, self.reduce_zero_label)
-        pixels = _image_tensor(image)
+        pixels = image_tensor(image)
         check_pair(pixels, labels, mask_path)
         return self.transform(pixels, labels, rng)
 
@@ -290,6 +290,6 @@ def evaluation_pairs(source: SegmentationFolder, transform: SegmentationTestTran
         image = source.load(i)
         if image is None:
             continue
-        pixels, labels = _image_tensor(image), source.mask(i)
+        pixels, labels = image_tensor(image), source.mask(i)
         check_pair(pixels, labels, source.labels[i])
         yield i, transform(pixels), labels

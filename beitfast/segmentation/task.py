@@ -24,7 +24,7 @@ from .model import BEiTForSegmentation
 
 __all__ = [
     "Segmentation", "poly_schedule", "segmentation_layer_id", "segmentation_param_groups",
-    "segmentation_recipe", "segmentation_trainer", "evaluate_segmentation", "WARMUP_RATIO",
+    "segmentation_recipe", "segmentation_trainer", "predict_labels", "evaluate_segmentation", "WARMUP_RATIO",
 ]
 
 WARMUP_RATIO = 1e-6  # the official lr_config: warmup from 1e-6 of the scheduled value
@@ -135,19 +135,37 @@ class Segmentation:
 
 
 def segmentation_trainer(model: BEiTForSegmentation, stream, config: TrainConfig, on_step=None) -> Trainer:
-    """The :class:`Trainer` of a segmentation fine-tuning run (``stream``: made for this rank)."""
+    """The :class:`Trainer` of a segmentation fine-tuning run (``stream``: made for this rank). Under DDP on
+    GPUs the heads' BatchNorm layers become SyncBatchNorm (statistics of the global batch, as the official
+    recipe); torch's SyncBatchNorm has no CPU implementation, so gloo processes on CPU normalise each
+    process's share of the batch."""
+    ctx = setup_distributed()
+    if ctx.enabled and resolve_device(config.device, ctx.local_rank).type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return Trainer(model, Segmentation(), stream, config, on_step=on_step)
+
+
+@torch.no_grad()
+def predict_labels(model: BEiTForSegmentation, image: torch.Tensor, size, mode: str = "slide", crop=None,
+                   stride=None) -> torch.Tensor:
+    """Labels ``[H, W]`` (int64, on the model's device) of one test-transformed ``image`` ``[3, h, w]``:
+    logits by ``mode`` (:func:`segment_logits`; bf16 autocast on CUDA), resized bilinearly to ``size``
+    (the original image's ``(H, W)``), argmax. The model should be in eval mode."""
+    device = next(model.parameters()).device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        logits = segment_logits(model, image[None].to(device), mode, crop, stride)
+    logits = F.interpolate(logits.float(), size=tuple(size), mode="bilinear", align_corners=False)
+    return logits.argmax(1)[0]
 
 
 @torch.no_grad()
 def evaluate_segmentation(model: BEiTForSegmentation, source,
                           transform: SegmentationTestTransform | None = None, mode: str = "slide", crop=None,
-                          stride=None, device: str | torch.device = "auto", progress=None) -> dict:
+                          stride=None, device: str | torch.device = "auto") -> dict:
     """mIoU and the other numbers of :class:`SegmentationMetrics` of ``model`` on every decodable image of
     ``source`` (all ranks together), as the official evaluation: each image resized by ``transform``
-    (default: to fit (2048, 512)), segmented by ``mode`` (:func:`segment_logits`), its logits resized
-    bilinearly back to the mask's size, argmax. Adds ``images`` (the count) and ``classes`` (the
-    source's class names when it has them)."""
+    (default: to fit (2048, 512)), labelled by :func:`predict_labels` at the mask's size. Adds ``images``
+    (the count) and ``classes`` (the source's class names when it has them)."""
     ctx = setup_distributed()
     device = resolve_device(device, ctx.local_rank) if isinstance(device, str) else device
     was_training = model.training
@@ -157,13 +175,8 @@ def evaluate_segmentation(model: BEiTForSegmentation, source,
     images = torch.zeros((), dtype=torch.int64, device=device)
     transform = transform or SegmentationTestTransform()
     for _, image, labels in evaluation_pairs(source, transform, ctx.rank, ctx.world_size):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = segment_logits(model, image[None].to(device), mode, crop, stride)
-        logits = F.interpolate(logits.float(), size=labels.shape, mode="bilinear", align_corners=False)
-        metrics.update(logits.argmax(1)[0], labels.to(device))
+        metrics.update(predict_labels(model, image, labels.shape, mode, crop, stride), labels.to(device))
         images += 1
-        if progress is not None:
-            progress()
     metrics.all_reduce()
     if ctx.enabled:
         torch.distributed.all_reduce(images)
@@ -172,5 +185,3 @@ def evaluate_segmentation(model: BEiTForSegmentation, source,
     result["images"] = int(images)
     result["classes"] = list(getattr(source, "classes", None) or range(metrics.num_classes))
     return result
-
-
