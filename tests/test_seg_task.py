@@ -99,12 +99,13 @@ def _kill_after(step):
     return on_step
 
 
-def _run(tmp_path, folder, steps, checkpoint_every, name, on_step=None):
+def _run(tmp_path, folder, steps, checkpoint_every, name, on_step=None, workers=0):
     source = SegmentationFolder(folder / "images", folder / "masks", CLASSES)
     transform = SegmentationTrainTransform(crop=32, scale=(64, 32))
     stream = segmentation_stream(source, transform, batch_size=2, seed=3)
     config = segmentation_recipe(steps=steps, warmup_steps=2, batch_size=2, output_dir=str(tmp_path / name),
-                                 checkpoint_every=checkpoint_every, device="cpu", progress=False, seed=3)
+                                 checkpoint_every=checkpoint_every, device="cpu", progress=False, seed=3,
+                                 num_workers=workers)
     torch.manual_seed(0)
     model = tiny_model()
     trainer = segmentation_trainer(model, stream, config, on_step=on_step)
@@ -120,7 +121,7 @@ def test_training_resumes_bit_for_bit(tmp_path, one_thread):
     assert trainer.optimizer.param_groups[0]["lr"] != trainer.optimizer.param_groups[-1]["lr"]  # layer decay
     with pytest.raises(Killed):  # a run stopped after step 3 (its last checkpoint: step 2), then resumed
         _run(tmp_path, folder, 4, 2, "stopped", on_step=_kill_after(3))
-    resumed, trainer, rest = _run(tmp_path, folder, 4, 2, "stopped")
+    resumed, trainer, rest = _run(tmp_path, folder, 4, 2, "stopped", workers=2)  # batches from 2 workers
     assert trainer.resumed_from is not None and [r["step"] for r in rest] == [3, 4]
     assert [r["loss"] for r in rest] == [r["loss"] for r in records[2:]]
     for (name, a), b in zip(model.state_dict().items(), resumed.state_dict().values()):
