@@ -621,12 +621,15 @@ def cmd_segment_train(args: argparse.Namespace) -> int:
                                  world_size=ctx.world_size)
     _log(f"segmentation fine-tuning on {len(train_set)} images of {train_set.num_classes} classes, crops of "
          f"{args.crop} px, for {args.steps} steps")
-    trainer = segmentation_trainer(model, stream, train_config)
+    output = Path(args.output)
+
+    def save_model(step, record):  # beside each checkpoint: the weights and both configs, for eval/predict
+        if _main_process() and (step % train_config.checkpoint_every == 0 or step == train_config.steps):
+            model.save(output / SEGMENT_MODEL_NAME)
+
+    trainer = segmentation_trainer(model, stream, train_config, on_step=save_model)
     records = trainer.fit()
     _log(f"done: {_summary(trainer, records)}")
-    output = Path(args.output)
-    if _main_process():
-        model.save(output / SEGMENT_MODEL_NAME)
     if val_set is not None:
         args.crop_eval = None
         numbers = _segment_report(model, val_set, args, "validation")
@@ -906,7 +909,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="The official ADE20K recipe: UPerNet + auxiliary FCN head, layer-wise lr decay 0.65, "
                     "poly schedule with linear warmup, random resize/crop (cat_max_ratio 0.75)/flip/"
                     "photometric distortion. Writes checkpoint.pt (resumable), metrics.jsonl, curves.png, "
-                    f"{SEGMENT_MODEL_NAME} and, with --val-data, {EVAL_NAME}.")
+                    f"{SEGMENT_MODEL_NAME} (the model for segment eval and predict, with each checkpoint) "
+                    f"and, with --val-data, {EVAL_NAME}.")
     seg_train.add_argument("--pretrained", required=True,
                            help="BEiT weights of any task (a checkpoint.pt of `beitfast pretrain`, official, "
                                 "timm or Hugging Face); neck and heads are new")
