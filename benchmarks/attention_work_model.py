@@ -228,7 +228,8 @@ def old_design(B: int, N: int) -> tuple[list[Launch], list[Launch]]:
     rmw = bh * bm * bn * 8
     scratch_hbm = rmw if scratch > L2_SHARE * GPU["l2_bytes"] else scratch
     bwd = [Launch("torch.zeros", "torch", (cdiv(scratch, 4096),), 0, scratch, scratch, 8),
-           Launch("_bwd_kernel (old)", _label(16, 64, 4, 1), (H, groups), 10 * bm * bn * D * bh, bh * per_image,
+           Launch("_bwd_kernel (old)", _label(16, 64, 4, 1), (H, groups), 10 * bm * bn * D * bh,
+                  bh * per_image,
                   bh * (8 * row + 2 * P * 4) + bias + scratch_hbm, 2, MMA_SYNC_RATE),
            Launch("partial.sum(0)", "torch", (cdiv(bias, 4096),), 0, scratch + bias, scratch + bias, 8)]
     return fwd, bwd
@@ -247,9 +248,11 @@ def flash2_no_bias(B: int, N: int) -> tuple[list[Launch], list[Launch]]:
     fwd = [Launch("fa2 fwd", "128x128 w4 (assumed)", (nb, B, H), 4 * c * c * D * bh,
                   bh * (2 * row + nb * 2 * row + N * 4), bh * (4 * row + N * 4), 2)]
     accum = bh * c * D * 4
-    bwd = [Launch("fa2 dot(dO, O)", "assumed", (nb, B, H), 0, bh * (2 * row + N * 4), bh * (2 * row + N * 4), 8),
+    delta = bh * (2 * row + N * 4)
+    bwd = [Launch("fa2 dot(dO, O)", "assumed", (nb, B, H), 0, delta, delta, 8),
            Launch("fa2 bwd", "128x128 w8 (assumed)", (nb, B, H), 10 * c * c * D * bh,
-                  bh * (nb * (2 * row + 2 * N * 4 + 2 * c * D * 4) + 4 * row), bh * (6 * row + 2 * N * 4) + 2 * accum, 1),
+                  bh * (nb * (2 * row + 2 * N * 4 + 2 * c * D * 4) + 4 * row),
+                  bh * (6 * row + 2 * N * 4) + 2 * accum, 1),
            Launch("fa2 dQ convert", "assumed", (nb, B, H), 0, accum + bh * row, accum + bh * row, 8)]
     return fwd, bwd
 
@@ -268,7 +271,8 @@ def sdpa_dense_bias(B: int, N: int) -> tuple[list[Launch], list[Launch]]:
     bwd = [Launch("sdpa bwd", "64x64 (assumed)", (nb, H, B), 10 * c * c * D * bh,
                   bh * (nb * (2 * row + 2 * N * 4 + 2 * c * D * 4) + 4 * row) + 2 * dense,
                   bh * (8 * row + 2 * N * 4) + 2 * dense, 2),
-           Launch("grad bias sum", "torch", (cdiv(dense, 4096),), 0, dense + H * N * N * 4, dense + H * N * N * 4, 8)]
+           Launch("grad bias sum", "torch", (cdiv(dense, 4096),), 0, dense + H * N * N * 4,
+                  dense + H * N * N * 4, 8)]
     return fwd, bwd
 
 
@@ -289,8 +293,9 @@ def launch_table(B: int, N: int) -> str:
             for launch in launches:
                 lines.append(
                     f"{name:24} {direction:3} {launch.kernel:20} {launch.config:26} {str(launch.grid):>16} "
-                    f"{launch.programs:>6} {launch.ctas_per_sm:>6} {launch.waves:6.2f} {launch.flops / 1e9:7.2f} "
-                    f"{launch.l2_bytes / 1e6:8.1f} {launch.hbm_bytes / 1e6:8.1f} {1e6 * launch.seconds():8.1f} "
+                    f"{launch.programs:>6} {launch.ctas_per_sm:>6} {launch.waves:6.2f} "
+                    f"{launch.flops / 1e9:7.2f} {launch.l2_bytes / 1e6:8.1f} {launch.hbm_bytes / 1e6:8.1f} "
+                    f"{1e6 * launch.seconds():8.1f} "
                     f"{launch.bound()}")
     return "\n".join(lines)
 

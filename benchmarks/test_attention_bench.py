@@ -111,7 +111,8 @@ def sdpa_backend_with_bias(q, k, v, table, rel_index) -> str:
     """The backend SDPA picks for these inputs with the gathered bias as ``attn_mask``."""
     from torch.nn.attention import SDPBackend
 
-    bias = ops.relative_position_bias(table, rel_index)[:, : q.shape[2], : q.shape[2]].unsqueeze(0).to(q.dtype)
+    N = q.shape[2]
+    bias = ops.relative_position_bias(table, rel_index)[:, :N, :N].unsqueeze(0).to(q.dtype)
     try:
         choice = torch._fused_sdp_choice(q, k, v, bias, 0.0, False, scale=q.shape[-1] ** -0.5)
     except (AttributeError, RuntimeError) as exc:  # a private function: say so rather than fail

@@ -354,13 +354,13 @@ def _kv_block(
     # Full query blocks in a loop without branches (so it pipelines), then the tail.
     for start_m in range(0, N // BLOCK_M * BLOCK_M, BLOCK_M):
         dk, dv = _kv_tile(
-            dk, dv, k, v, Q, DOUT, LSE, DELTA, BIAS, start_m + tl.arange(0, BLOCK_M), cols, offs_d, scale_log2,
-            s_qn, s_qd, s_gn, s_gd, s_bi, N, D, HAS_BIAS, PRECISION, False, MASK_COLS,
+            dk, dv, k, v, Q, DOUT, LSE, DELTA, BIAS, start_m + tl.arange(0, BLOCK_M), cols, offs_d,
+            scale_log2, s_qn, s_qd, s_gn, s_gd, s_bi, N, D, HAS_BIAS, PRECISION, False, MASK_COLS,
         )
     if TAIL_M > 0:
         dk, dv = _kv_tile(
-            dk, dv, k, v, Q, DOUT, LSE, DELTA, BIAS, N // BLOCK_M * BLOCK_M + tl.arange(0, TAIL_M), cols, offs_d,
-            scale_log2, s_qn, s_qd, s_gn, s_gd, s_bi, N, D, HAS_BIAS, PRECISION, True, MASK_COLS,
+            dk, dv, k, v, Q, DOUT, LSE, DELTA, BIAS, N // BLOCK_M * BLOCK_M + tl.arange(0, TAIL_M), cols,
+            offs_d, scale_log2, s_qn, s_qd, s_gn, s_gd, s_bi, N, D, HAS_BIAS, PRECISION, True, MASK_COLS,
         )
     _store_rows(DK, dk * scale, cols, offs_d, s_dkn, s_dkd, N, D, MASK_COLS)
     _store_rows(DV, dv, cols, offs_d, s_dvn, s_dvd, N, D, MASK_COLS)
@@ -447,8 +447,8 @@ def _q_block(
     delta = tl.load(DELTA + rows)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, N // BLOCK_N * BLOCK_N, BLOCK_N):
-        dq = _q_tile(dq, q, do, lse, delta, K, V, BIAS, rows, start_n + tl.arange(0, BLOCK_N), offs_d, scale_log2,
-                     s_kn, s_kd, s_vn, s_vd, s_bi, N, D, HAS_BIAS, PRECISION, False)
+        dq = _q_tile(dq, q, do, lse, delta, K, V, BIAS, rows, start_n + tl.arange(0, BLOCK_N), offs_d,
+                     scale_log2, s_kn, s_kd, s_vn, s_vd, s_bi, N, D, HAS_BIAS, PRECISION, False)
     if TAIL_N > 0:
         dq = _q_tile(dq, q, do, lse, delta, K, V, BIAS, rows, N // BLOCK_N * BLOCK_N + tl.arange(0, TAIL_N),
                      offs_d, scale_log2, s_kn, s_kd, s_vn, s_vd, s_bi, N, D, HAS_BIAS, PRECISION, True)
@@ -544,7 +544,8 @@ def _bias_tile_rows(
     Q, K, V, DOUT, LSE, DELTA, BIAS, DBIAS, start_m, start_n, first, last, H, scale_log2,
     s_qb, s_qn, s_qd, s_kb, s_kn, s_kd, s_vb, s_vn, s_vd, s_gb, s_gn, s_gd, s_bi,
     N: tl.constexpr, D: tl.constexpr, P: tl.constexpr, PRECISION: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK: tl.constexpr, TAIL: tl.constexpr, BLOCK_D: tl.constexpr, MASK_ROWS: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK: tl.constexpr, TAIL: tl.constexpr, BLOCK_D: tl.constexpr,
+    MASK_ROWS: tl.constexpr,
 ):
     """The tile for ``ROWS`` rows: a full column block or the tail one, and the padding past the last."""
     if TAIL == 0 or start_n + BLOCK <= N:

@@ -103,7 +103,8 @@ def test_triton_groups_of_images_sum_the_table_gradient(device, monkeypatch):
 def tile_cases():
     from beitfast.kernels import attention as kernels
 
-    for kernel, tiles in (("_fwd_kernel", kernels._FWD_TILES), ("_bwd_kv_kernel", kernels._union(kernels._KV_TILES)),
+    for kernel, tiles in (("_fwd_kernel", kernels._FWD_TILES),
+                          ("_bwd_kv_kernel", kernels._union(kernels._KV_TILES)),
                           ("_bwd_q_kernel", kernels._union(kernels._Q_TILES))):
         for tile in tiles:
             yield pytest.param(kernel, tile, id=f"{kernel}-{'x'.join(map(str, tile))}")
@@ -334,7 +335,8 @@ def test_triton_fully_masked_rows_give_zeros(device):
     ref_bias[0, 3] = 0.0
     ref_grad_out = grad_out.double().clone()
     ref_grad_out[:, 0, 3] = 0.0
-    ref = grads_of("eager", *(t.detach().double().requires_grad_() for t in (q, k, v, ref_bias)), ref_grad_out)
+    ref_inputs = (t.detach().double().requires_grad_() for t in (q, k, v, ref_bias))
+    ref = grads_of("eager", *ref_inputs, ref_grad_out)
     ref[0][:, 0, 3] = 0.0
     ref[4] = torch.where(torch.isinf(bias.detach()), 0.0, ref[4])
     for name, x, r in zip(["out", "dq", "dk", "dv", "dbias"], got, ref):
@@ -538,7 +540,8 @@ def test_scale_must_be_finite_and_positive(scale, packed):
     q, k, v, table, rel_index = make_inputs(1, 2, 7, 32, torch.float32, "cpu")
     with pytest.raises(ValueError, match=r"scale must be a finite number > 0, got"):
         if packed:
-            ops.rel_pos_attention_packed(torch.stack([q, k, v], 2).transpose(1, 3), table, rel_index, scale=scale)
+            qkv = torch.stack([q, k, v], 2).transpose(1, 3)
+            ops.rel_pos_attention_packed(qkv, table, rel_index, scale=scale)
         else:
             ops.rel_pos_attention(q, k, v, table, rel_index, scale=scale)
 

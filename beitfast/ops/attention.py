@@ -9,7 +9,8 @@ shared table gathers once per step, so autograd sums all layers' score gradients
 The eager backend is the definition. The others: ``blas`` (the CPU default: batched matmuls with the
 scale and bias folded in and a hand-written backward), ``triton`` (our flash kernels,
 ``beitfast/kernels/attention.py``: dense bias tiles in the compute dtype, a backward parallel over key
-and query blocks without atomics, the model's packed qkv layout), ``sdpa`` (the bias as ``attn_mask``, what timm and transformers do), ``flex``
+and query blocks without atomics, the model's packed qkv layout),
+``sdpa`` (the bias as ``attn_mask``, what timm and transformers do), ``flex``
 (FlexAttention with the bias as a ``score_mod``), ``xformers`` and ``flash`` (flash-attn, calls
 without bias only) when those packages are installed.
 """
