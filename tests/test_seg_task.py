@@ -1,21 +1,27 @@
 """Segmentation fine-tuning on the shared Trainer: the official poly schedule and parameter groups, a run
-resumed from its checkpoint equal to one never stopped, and `beitfast segment train|eval` end to end on a
-tiny synthetic folder."""
+resumed from its checkpoint equal to one never stopped, two gloo processes equal to one (BatchNorm over
+the global batch), and `beitfast segment train|eval|predict` end to end on a tiny synthetic folder."""
 
 import json
+import os
+import socket
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from PIL import Image
 
 from beitfast import BEiT, BEiTConfig, BEiTForSegmentation
 from beitfast.cli import main
 from beitfast.segmentation import SegmentationConfig
 from beitfast.segmentation.data import SegmentationFolder, SegmentationTrainTransform, segmentation_stream
+from beitfast.segmentation.global_batchnorm import GlobalBatchNorm2d
 from beitfast.segmentation.task import (
     poly_schedule, segmentation_param_groups, segmentation_recipe, segmentation_trainer,
 )
+from beitfast.train import CHECKPOINT_NAME
 
 CLASSES = 3
 
@@ -183,3 +189,104 @@ def test_mask_pictures_keep_the_labels():
     assert np.array_equal(np.asarray(overlay(image, labels, colours, 1.0)), colours[labels.numpy()])
     with pytest.raises(ValueError, match=r"labels must be in \[0, 256\)"):
         mask_image(torch.full((2, 2), 300), colours)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _batchnorm_worker(rank, world_size, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        torch.manual_seed(0)
+        x = torch.randn(4, 3, 5, 7, dtype=torch.float64, requires_grad=True)
+        bn = GlobalBatchNorm2d(3).double()
+        with torch.no_grad():
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-1, 1)
+        part = x[2 * rank:2 * rank + 2]
+        y = bn(part)
+        (y * torch.arange(y.numel(), dtype=y.dtype).view_as(y).cos()).sum().backward()
+        dist.all_reduce(bn.weight.grad)
+        grads = torch.zeros_like(x)
+        grads[2 * rank:2 * rank + 2] = x.grad[2 * rank:2 * rank + 2]
+        dist.all_reduce(grads)
+        ys = [torch.empty_like(y) for _ in range(world_size)]
+        dist.all_gather(ys, y.detach())
+        if rank == 0:
+            torch.save({"y": torch.cat(ys), "dx": grads, "dw": bn.weight.grad, "mean": bn.running_mean,
+                        "var": bn.running_var}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_global_batchnorm_equals_batchnorm_on_the_whole_batch(tmp_path):
+    out = tmp_path / "bn.pt"
+    # fork: a spawned process could not import this test module (the repository root is off sys.path).
+    mp.start_processes(_batchnorm_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True,
+                       start_method="fork")
+    got = torch.load(out)
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 5, 7, dtype=torch.float64, requires_grad=True)
+    bn = torch.nn.BatchNorm2d(3).double()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-1, 1)
+    y = bn(x)
+    weights = torch.cat([torch.arange(y[:2].numel(), dtype=y.dtype).view_as(y[:2]).cos()] * 2)
+    (y * weights).sum().backward()
+    for key, expected in (("y", y), ("dx", x.grad), ("dw", bn.weight.grad), ("mean", bn.running_mean),
+                          ("var", bn.running_var)):
+        torch.testing.assert_close(got[key], expected, rtol=1e-10, atol=1e-12, msg=key)
+
+
+def _config():
+    return BEiTConfig(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, vocab_size=0,
+                      use_shared_rel_pos_bias=False, use_rel_pos_bias=True, kernels="eager",
+                      drop_path_rate=0.0)
+
+
+def _train(folder, output):
+    source = SegmentationFolder(folder / "images", folder / "masks", 3)
+    ctx_rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    stream = segmentation_stream(source, SegmentationTrainTransform(crop=32, scale=(64, 32)), batch_size=4,
+                                 seed=1, rank=ctx_rank, world_size=world)
+    config = segmentation_recipe(steps=3, warmup_steps=1, batch_size=4, output_dir=str(output), device="cpu",
+                                 progress=False, checkpoint_every=3)
+    torch.manual_seed(0)
+    # No dropout, no drop path: their random masks would differ between one process and two.
+    model = BEiTForSegmentation(_config(), SegmentationConfig(num_classes=3, out_indices=(0, 1, 2, 3),
+                                                              channels=16, auxiliary_channels=8, dropout=0.0))
+    return segmentation_trainer(model, stream, config).fit()
+
+
+def _ddp_worker(rank, world_size, port, folder, output):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    try:
+        _train(folder, output)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_match_one(tmp_path, one_thread):
+    folder = synthetic_folder(tmp_path / "data")
+    mp.start_processes(_ddp_worker, args=(2, _free_port(), folder, tmp_path / "two"), nprocs=2, join=True,
+                       start_method="fork")
+    single = _train(folder, tmp_path / "one")
+    one = torch.load(tmp_path / "one" / CHECKPOINT_NAME, weights_only=True)["model"]
+    two = torch.load(tmp_path / "two" / CHECKPOINT_NAME, weights_only=True)
+    assert two["world_size"] == 2 and len(single) == 3
+    # The biases just before a BatchNorm have a gradient of 0 up to rounding, which AdamW scales up to
+    # lr-sized steps either way; the running means after them follow. Those agree to 1e-4 only.
+    noise = ("neck.fpn1.0.bias", "neck.fpn1.3.bias", "neck.fpn2.0.bias", "running_mean")
+    for key, value in one.items():
+        atol = 1e-4 if key.endswith(noise) else 1e-6
+        torch.testing.assert_close(two["model"][key], value, rtol=1e-4, atol=atol, msg=key)

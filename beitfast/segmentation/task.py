@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from ..train import TrainConfig, Trainer, resolve_device, setup_distributed
 from .data import SegmentationTestTransform, evaluation_pairs
+from .global_batchnorm import convert_global_batchnorm
 from .inference import segment_logits
 from .metrics import SegmentationMetrics
 from .model import BEiTForSegmentation
@@ -135,13 +136,15 @@ class Segmentation:
 
 
 def segmentation_trainer(model: BEiTForSegmentation, stream, config: TrainConfig, on_step=None) -> Trainer:
-    """The :class:`Trainer` of a segmentation fine-tuning run (``stream``: made for this rank). Under DDP on
-    GPUs the heads' BatchNorm layers become SyncBatchNorm (statistics of the global batch, as the official
-    recipe); torch's SyncBatchNorm has no CPU implementation, so gloo processes on CPU normalise each
-    process's share of the batch."""
+    """The :class:`Trainer` of a segmentation fine-tuning run (``stream``: made for this rank). Under DDP the
+    heads' BatchNorm layers normalise with the statistics of the global batch, as the official recipe:
+    torch's SyncBatchNorm on GPUs, :class:`GlobalBatchNorm2d` elsewhere (gloo on CPU)."""
     ctx = setup_distributed()
-    if ctx.enabled and resolve_device(config.device, ctx.local_rank).type == "cuda":
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if ctx.enabled:
+        if resolve_device(config.device, ctx.local_rank).type == "cuda":
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        else:
+            model = convert_global_batchnorm(model)
     return Trainer(model, Segmentation(), stream, config, on_step=on_step)
 
 
