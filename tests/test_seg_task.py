@@ -174,6 +174,11 @@ def test_segment_train_and_eval_commands(tmp_path, capsys, one_thread):
     assert main(["segment", "eval", "--model", str(out / "model.safetensors"), "--data", str(tmp_path),
                  "--output", str(report)]) == 2
     assert "is neither an ADE20K root" in capsys.readouterr().err
+    (folder / "masks" / "002.png").unlink()
+    assert main(["segment", "train", "--pretrained", str(pretrained), "--data", str(folder), "--steps", "1",
+                 "--batch-size", "2", "--crop", "32", "--output", str(tmp_path / "bad"), *common]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "1 image(s) have no mask" in err and "002.png" in err
 
 
 def test_mask_pictures_keep_the_labels():
