@@ -604,7 +604,7 @@ def cmd_segment_train(args: argparse.Namespace) -> int:
     val_set = (_segmentation_source(args.val_data, "--val-data", "validation", train_set.num_classes,
                                     args.reduce_zero_label) if args.val_data else None)
     _check_batch_size(args.batch_size, train_set, args.data)
-    _check_run_paths(args, Path(args.output))
+    _check_run_paths(args, Path(args.output), replaced=(SEGMENT_MODEL_NAME, EVAL_NAME))
     backbone = BEiT.from_file(args.pretrained).config
     # The official fine-tuning backbone: a relative position bias table per layer, at the crop size.
     config = backbone.replace(img_size=args.crop, use_rel_pos_bias=True, use_shared_rel_pos_bias=False,
