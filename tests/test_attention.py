@@ -187,6 +187,14 @@ def test_triton_long_sequences(device, monkeypatch, N):
     assert_close_to_reference("triton", *make_inputs(1, 1, N, 16, torch.float32, device, "beit"))
 
 
+@pytest.mark.parametrize("backend", ["blas", "sdpa"])
+@pytest.mark.parametrize("N", [577, 1025, 1601])
+def test_cpu_backends_at_segmentation_lengths(backend, N):
+    """384, 512 and 640 px (tables of 47x47, 63x63, 79x79 offsets): forward and every gradient against
+    float64 (eager is the reference itself; Triton at these lengths is the test above)."""
+    assert_close_to_reference(backend, *make_inputs(1, 2, N, 16, torch.float32, torch.device("cpu"), "beit"))
+
+
 def test_triton_custom_scale_and_sparse_table(device):
     """A non-default scale; a table with rows no index uses (their gradient must be exactly 0)."""
     q, k, v, table, rel_index = make_inputs(2, 2, 17, 32, torch.float32, device)
