@@ -8,6 +8,7 @@ CPU, one CUDA thread per image on the GPU), drawing from the same distribution.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 
@@ -16,7 +17,7 @@ import torch
 from . import _ext
 from .config import check_int, check_real
 
-__all__ = ["MaskingGenerator", "BACKENDS"]
+__all__ = ["MaskingGenerator", "BACKENDS", "derive_seed", "batch_masks"]
 
 BACKENDS = ("python", "cpp", "cuda")
 _NATIVE_OP = "blockwise_masks.out"
@@ -164,3 +165,25 @@ class MaskingGenerator:
         if device.type == "cuda" and _ext.missing(_NATIVE_OP, "cuda") is None:
             return "cuda"
         return "cpp" if _ext.missing(_NATIVE_OP, "cpu") is None else "python"
+
+
+def derive_seed(*parts) -> int:
+    """A 63-bit seed from any sequence of ints/strings, identical in every process and Python run
+    (unlike ``hash``, which is salted for strings)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def batch_masks(masking: dict, seed: int, step: int, positions: range) -> torch.Tensor:
+    """Blockwise masks ``[len(positions), Wh * Ww]`` of the given positions of global batch ``step``.
+
+    With the native generator (``MaskingGenerator.batch``, C++), the mask at position ``j`` is draw
+    ``j`` of a generator seeded by ``(seed, step)``: each image has its own random stream, so a mask
+    depends on its position only, not on how the batch is split over ranks or workers. Without the
+    extension, one Python generator per sample, seeded by ``(seed, step, j)``.
+    """
+    if _ext.missing("blockwise_masks.out", "cpu") is None:
+        generator = MaskingGenerator(**masking, seed=derive_seed("mask", seed, step))
+        return generator.batch(positions.stop, backend="cpp")[positions.start:]
+    return torch.stack([MaskingGenerator(**masking, seed=derive_seed("mask", seed, step, j))().flatten()
+                        for j in positions])

@@ -60,8 +60,9 @@ import torch
 from PIL import Image
 
 from .config import check_choice
-from .data import (IMAGENET_MEAN, IMAGENET_STD, JITTER_OPERATIONS, DecodeError, TwoViewTransform, apply_color_jitter,
-                   batch_masks, decode_rgb)
+from .augment import (IMAGENET_MEAN, IMAGENET_STD, JITTER_OPERATIONS, DecodeError, TwoViewTransform,
+                      apply_color_jitter, decode_rgb)
+from .masking import batch_masks
 
 __all__ = ["GREY_WEIGHTS", "jitter_stages", "apply_jitter", "FastTwoView", "FastPretrainSample",
            "resampling_weights", "resampling_matrix", "resample_crops", "resample", "DeviceTwoView",
