@@ -11,9 +11,13 @@ scikit-learn's 1797 handwritten digits (8x8) are upscaled to 32x32 RGB. For each
 4. both are scored on a fixed held-out half of the digits (test images are among the unlabelled
    pre-training images, as in transductive semi-supervised learning; their labels are never used).
 
-Prints a table of test accuracy (mean +- std over seeds) and writes ``results.json``.
+Prints a table of test accuracy per seed and mean +- std over seeds, and writes ``results.json`` (settings,
+per-seed results, summary, commit, date, machine). Seeds are independent: the 5 seeds of
+``examples/results/digits_seeds.json`` ran as two processes of one thread each, merged by ``seed_stats.py``:
 
-    python examples/digits_reproduction.py --seeds 0 1 2 --output digits-output
+    python examples/digits_reproduction.py --seeds 0 2 4 --threads 1 --output digits-a &
+    python examples/digits_reproduction.py --seeds 1 3 --threads 1 --output digits-b
+    python examples/seed_stats.py digits-a/results.json digits-b/results.json --output digits_seeds.json
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from beitfast.data import (ClassifyTransform, EvalTransform, ImageList, TwoViewT
 from beitfast.tokenizers import KMeansTokenizer
 from beitfast.train import (Classification, MaskedImageModeling, TrainConfig, Trainer, classifier_from_pretrained,
                             evaluate)
+from seed_stats import provenance, summarize  # examples/, beside this script
 
 SIZE, PATCH = 32, 4
 
@@ -139,19 +144,18 @@ def main() -> None:
           f"fine-tuning on {args.labels_per_class} labels per class; testing on {len(test_idx)} held-out images",
           flush=True)
     results = [run_seed(seed, images, labels, train_idx, test_idx, args) for seed in args.seeds]
-
-    def mean_std(key):
-        values = [r[key] for r in results]
-        return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-    rows = [("BEiT pre-trained (MIM) + fine-tuned", "pretrained"), ("same model from scratch", "scratch")]
-    print(f"\n| model ({args.labels_per_class} labels/class, {len(results)} seeds) | test accuracy (mean ± std) |")
-    print("|---|---|")
-    for title, key in rows:
-        mean, std = mean_std(key)
-        print(f"| {title} | {100 * mean:.1f} ± {100 * std:.1f} % |")
+    keys = ("pretrained", "scratch")
+    summary = summarize(results, keys)
+    print(f"\n| seed | pre-trained (MIM) + fine-tuned | from scratch |\n|---|---|---|")
+    for r in results:
+        print(f"| {r['seed']} | {100 * r['pretrained']:.1f} % | {100 * r['scratch']:.1f} % |")
+    print(f"| mean ± std ({len(results)} seeds) | {100 * summary['pretrained']['mean']:.1f} ± "
+          f"{100 * summary['pretrained']['std']:.1f} % | {100 * summary['scratch']['mean']:.1f} ± "
+          f"{100 * summary['scratch']['std']:.1f} % |")
     Path(args.output).mkdir(parents=True, exist_ok=True)
-    (Path(args.output) / "results.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
+    record = {"settings": vars(args), "results": results, "summary": summary, "summary_keys": list(keys),
+              "provenance": provenance()}
+    (Path(args.output) / "results.json").write_text(json.dumps(record, indent=1) + "\n")
 
 
 if __name__ == "__main__":
