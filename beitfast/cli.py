@@ -555,10 +555,23 @@ SEGMENT_MODEL_NAME = "model.safetensors"
 
 def _segmentation_source(data: str, option: str, split: str, num_classes: int | None,
                          reduce_zero_label: bool):
-    """``data``: an ADE20K root (images/<split>, annotations/<split>; reduce_zero_label, 150 classes by
-    default) or a folder with ``images/`` and ``masks/`` of the same file stems."""
+    """``data``: 'embedded' (the scenes of :func:`beitfast.segmentation.embedded.embedded_scenes`), an
+    ADE20K root (images/<split>, annotations/<split>; reduce_zero_label, 150 classes by default) or a
+    folder with ``images/`` and ``masks/`` of the same file stems."""
     from .segmentation.data import SegmentationFolder, ade20k
 
+    if data == "embedded":
+        from .segmentation.embedded import EMBEDDED_CLASSES, embedded_scenes
+
+        if num_classes not in (None, len(EMBEDDED_CLASSES)):
+            raise CommandError(f"{option} embedded has {len(EMBEDDED_CLASSES)} classes, --num-classes says "
+                               f"{num_classes}")
+        try:
+            source = embedded_scenes(split)
+        except ImportError as error:  # scikit-image and scikit-learn are the optional data extra
+            raise CommandError(f"{option} embedded: {error}") from error
+        _log_found(source)
+        return source
     root = Path(data)
     if (root / "images" / split).is_dir() and (root / "annotations" / split).is_dir():
         return ade20k(root, split, num_classes or 150)
@@ -681,11 +694,23 @@ def cmd_segment_predict(args: argparse.Namespace) -> int:
     if not Path(args.model).exists():
         raise FileNotFoundError(f"--model: {args.model!r} does not exist (a segmentation model file, e.g. "
                                 f"{SEGMENT_MODEL_NAME} of `beitfast segment train`)")
-    source = Path(args.images)
-    paths = [source] if source.is_file() else find_images(source, IMAGE_EXTENSIONS)[0] if source.is_dir() \
-        else []
-    if not paths:
-        raise CommandError(f"--images {args.images!r}: no image file or folder of images there")
+    if args.images == "embedded":
+        from .segmentation.embedded import embedded_scenes
+
+        scenes = embedded_scenes("validation").images
+        named = [(f"scene-{i:03d}", lambda image=image: image) for i, image in enumerate(scenes)]
+    else:
+        source = Path(args.images)
+        paths = [source] if source.is_file() else find_images(source, IMAGE_EXTENSIONS)[0] \
+            if source.is_dir() else []
+        if not paths:
+            raise CommandError(f"--images {args.images!r}: no image file or folder of images there")
+
+        def read(path):
+            with Image.open(path) as opened:
+                return decode_rgb(opened)
+
+        named = [(path.stem, lambda path=path: read(path)) for path in paths]
     if not 0 <= args.opacity <= 1:
         raise CommandError(f"--opacity must be in [0, 1], got {args.opacity}")
     model = BEiTForSegmentation.from_file(args.model).eval().to(device)
@@ -693,17 +718,16 @@ def cmd_segment_predict(args: argparse.Namespace) -> int:
     transform = SegmentationTestTransform(tuple(args.scale or (2048, 512)))
     output = Path(args.output)
     ensure_writable(output)
-    for path in paths:
-        with Image.open(path) as opened:
-            image = decode_rgb(opened)
+    for stem, load in named:
+        image = load()
         labels = predict_labels(model, transform(image_tensor(image)), (image.height, image.width),
                                 args.mode, args.crop, args.stride).cpu()
-        for name, picture in ((f"{path.stem}.png", mask_image(labels, colours)),
-                              (f"{path.stem}-overlay.png", overlay(image, labels, colours, args.opacity))):
+        for name, picture in ((f"{stem}.png", mask_image(labels, colours)),
+                              (f"{stem}-overlay.png", overlay(image, labels, colours, args.opacity))):
             buffer = io.BytesIO()
             picture.save(buffer, format="PNG")
             write_bytes_atomically(output / name, buffer.getvalue())
-    print(f"{len(paths)} image(s): label masks (palette PNGs, values = classes) and overlays in "
+    print(f"{len(named)} image(s): label masks (palette PNGs, values = classes) and overlays in "
           f"{output.resolve()}")
     return 0
 
@@ -915,10 +939,11 @@ def build_parser() -> argparse.ArgumentParser:
                            help="BEiT weights of any task (a checkpoint.pt of `beitfast pretrain`, official, "
                                 "timm or Hugging Face); neck and heads are new")
     seg_train.add_argument("--data", required=True,
-                           help="an ADE20K root (images/training, annotations/training) or a folder with "
+                           help="'embedded' (scenes composed from the embedded photographs, 6 classes), an "
+                                "ADE20K root (images/training, annotations/training) or a folder with "
                                 "images/ and masks/ (same file stems)")
-    seg_train.add_argument("--val-data", help="validation data, same forms (ADE20K: its validation split); "
-                                              "evaluated at the end")
+    seg_train.add_argument("--val-data", help="validation data, same forms (embedded, ADE20K: the "
+                                              "validation split); evaluated at the end")
     seg_train.add_argument("--output", default="beitfast-segment",
                            help="output folder (default: ./beitfast-segment)")
     seg_train.add_argument("--layer-decay", type=float, default=0.65,
@@ -933,8 +958,9 @@ def build_parser() -> argparse.ArgumentParser:
     seg_eval.add_argument("--model", required=True,
                           help=f"a segmentation model file ({SEGMENT_MODEL_NAME} of `segment train`, "
                                f"official/mmseg or Hugging Face)")
-    seg_eval.add_argument("--data", required=True, help="an ADE20K root (its validation split) or a folder "
-                                                         "with images/ and masks/")
+    seg_eval.add_argument("--data", required=True,
+                          help="'embedded' (its validation scenes), an ADE20K root (its validation split) or "
+                               "a folder with images/ and masks/")
     seg_eval.add_argument("--output", default="segment-eval.json",
                           help="JSON to write (default: ./segment-eval.json)")
     seg_eval.add_argument("--crop", type=int,
@@ -948,7 +974,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "class) and OUTPUT/<stem>-overlay.png (the colours blended on the image) for each image.")
     seg_predict.add_argument("--model", required=True, help="a segmentation model file (as segment eval)")
     seg_predict.add_argument("--images", required=True,
-                             help="an image file or a folder (searched recursively)")
+                             help="an image file, a folder (searched recursively) or 'embedded' (the "
+                                  "validation scenes of the embedded task)")
     seg_predict.add_argument("--output", default="segment-predictions",
                              help="folder to write to (default: ./segment-predictions)")
     seg_predict.add_argument("--opacity", type=float, default=0.5,

@@ -262,16 +262,19 @@ def check_pair(image: torch.Tensor, labels: torch.Tensor, mask_name) -> None:
 
 
 class SegmentationSample:
-    """A :class:`beitfast.data.BatchStream` sample maker: ``(image, mask path, rng, key)`` -> the
-    transformed ``(image, labels)``."""
+    """A :class:`beitfast.data.BatchStream` sample maker: ``(image, mask, rng, key)`` -> the transformed
+    ``(image, labels)``; ``mask`` is a mask file's path, or the labels themselves (in-memory scenes)."""
 
     def __init__(self, transform: SegmentationTrainTransform, num_classes: int, reduce_zero_label: bool):
         self.transform, self.num_classes, self.reduce_zero_label = transform, num_classes, reduce_zero_label
 
-    def __call__(self, image, mask_path, rng, key):
-        labels = load_mask(mask_path, self.num_classes, self.reduce_zero_label)
+    def __call__(self, image, mask, rng, key):
+        if isinstance(mask, torch.Tensor):
+            labels, mask = mask, f"the mask of sample {key}"
+        else:
+            labels = load_mask(mask, self.num_classes, self.reduce_zero_label)
         pixels = image_tensor(image)
-        check_pair(pixels, labels, mask_path)
+        check_pair(pixels, labels, mask)
         return self.transform(pixels, labels, rng)
 
 
