@@ -14,7 +14,7 @@ model is wrapped in DDP (gloo on CPU, nccl on GPU) or, when asked, FSDP; ``W`` p
 ``batch_size / W`` samples each make the updates of one process with the whole batch.
 
 This module is the loop, which does not know its task; the rest lives in :mod:`beitfast.training`
-(settings, schedules, devices, checkpoints, progress, one file per task) and is re-exported here.
+(settings, optimisation, devices, checkpoints, progress, one file per task) and is re-exported here.
 """
 
 from __future__ import annotations
@@ -49,7 +49,15 @@ from .training.progress import (
     plot_metrics,
     write_bytes_atomically,
 )
-from .training.schedules import cosine_schedule, layer_id, param_groups
+from .training.optimization import (
+    adamw,
+    clip_gradients,
+    cosine_schedule,
+    layer_id,
+    param_groups,
+    set_schedules,
+    step_if_finite,
+)
 from .training.tasks.classification import Classification, classifier_from_pretrained, evaluate, evaluation
 from .training.tasks.mim import MaskedImageModeling, pretraining_run
 
@@ -113,10 +121,7 @@ class Trainer(Checkpointing):
         # A task may group its model's parameters itself (segmentation: the official layer ids of its backbone).
         groups_of = getattr(task, "param_groups", param_groups)
         self.groups = groups_of(model, config.weight_decay, config.layer_decay)
-        self.optimizer = torch.optim.AdamW(
-            [{k: v for k, v in g.items() if k != "names"} for g in self.groups],
-            lr=config.lr, betas=config.betas, eps=config.eps, fused=config.fused_optimizer,
-        )
+        self.optimizer = adamw(self.groups, config)
         self.params = [p for g in self.groups for p in g["params"]]
         self.checkpoint_path = self.output / CHECKPOINT_NAME
         self.progress = Progress(self.output, task.name, config, self.ctx.is_main)
@@ -124,19 +129,6 @@ class Trainer(Checkpointing):
         self.step = 0
         self.resumed_from: tuple[Path, int] | None = None  # (checkpoint, step) when fit() resumed
         self.schedule_changes = ""  # on resume: the schedule settings that differ from the checkpoint's
-
-    def _set_schedules(self, step: int) -> tuple[float, float]:
-        c = self.config
-        schedule = getattr(self.task, "lr_schedule", cosine_schedule)  # segmentation: poly
-        lr = schedule(step, c.lr, c.min_lr, c.steps, c.warmup_steps)
-        wd_end = c.weight_decay if c.weight_decay_end is None else c.weight_decay_end
-        wd = cosine_schedule(step, c.weight_decay, wd_end, c.steps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr * group["lr_scale"]
-            group["weight_decay"] = wd if group["decay"] else 0.0
-        return lr, wd
-
-    # -- the loop ----------------------------------------------------------------------------------
 
     def _batches(self):
         return self.stream.iterate(self.step, self.config.num_workers, self.device)
@@ -160,22 +152,6 @@ class Trainer(Checkpointing):
         self.optimizer.zero_grad(set_to_none=True)
         objective.backward()
         return stats[0] / stats[2], stats[1] / stats[2], objective
-
-    def _optimizer_step(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
-        """``optimizer.step()``, skipped when the loss or the gradient norm is not finite. The fused AdamW
-        kernel decides on the device (it reads ``found_inf`` as under a GradScaler and leaves parameters
-        and state untouched), so the host queues the next step without waiting; the plain optimizer
-        cannot skip on the device, so its step waits for the host to read the two values."""
-        finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
-        if not self.config.fused_optimizer:
-            if bool(finite):  # a host synchronisation, only without the fused optimizer
-                self.optimizer.step()
-            return
-        self.optimizer.found_inf = (~finite).float()
-        try:
-            self.optimizer.step()
-        finally:
-            del self.optimizer.found_inf
 
     def _read_step(self, step: int, loss, accuracy, grad_norm) -> tuple[float, float, float, int]:
         """The step's one host synchronisation, after the optimizer step is queued: every number the record
@@ -213,6 +189,7 @@ class Trainer(Checkpointing):
             return []
         self.progress.open_bar(self.step, resumed=resume is not None)
         records: list[dict] = []
+        lr_schedule = getattr(self.task, "lr_schedule", cosine_schedule)  # a task's own (segmentation: poly)
         batches = self._batches()
         self.wrapped.train()
         started = time.perf_counter()
@@ -220,21 +197,16 @@ class Trainer(Checkpointing):
             batch = self.stream.prepare(next(batches), self.device)
             for step in range(self.step, c.steps):
                 tick = time.perf_counter()
-                lr, wd = self._set_schedules(step)
+                lr, wd = set_schedules(self.optimizer, c, step, lr_schedule)
                 loss, accuracy, _ = self._train_step(batch)
                 if step + 1 < c.steps:
                     # The next batch's input work (the device input path decodes and augments here) is
                     # issued before this step's synchronisation, so the host does it while the device
                     # runs the step. Batches are functions of their step: nothing else changes.
                     batch = self.stream.prepare(next(batches), self.device)
-                max_norm = c.clip_grad if c.clip_grad is not None else float("inf")
-                # Clipping is decided on the device (a scale of min(1, max_norm / norm)), no host read.
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
-                if hasattr(grad_norm, "full_tensor"):  # FSDP: a sharded norm
-                    grad_norm = grad_norm.full_tensor()
-                grad_norm = grad_norm.to(loss.device, torch.float32)
+                grad_norm = clip_gradients(self.params, c.clip_grad, loss.device)
                 # loss is the global mean (all-reduced): every rank skips or steps alike.
-                self._optimizer_step(loss, grad_norm)
+                step_if_finite(self.optimizer, loss, grad_norm, c.fused_optimizer)
                 loss_value, accuracy_value, grad_norm_value, invalid = self._read_step(step, loss, accuracy,
                                                                                        grad_norm)
                 self.step = step + 1
