@@ -89,10 +89,13 @@ def main() -> int:
     if len(set(seeds)) != len(seeds):
         print(f"seed_stats: a seed appears twice in {args.files}: {seeds}", file=sys.stderr)
         return 2
+    merged_keys = ("settings", "results", "summary", "summary_keys")
     merged = {"settings": {**first, "seeds": seeds}, "results": results,
               "summary": summarize(results, tuple(runs[0]["summary_keys"])),
               "summary_keys": runs[0]["summary_keys"],
-              "provenance": {"runs": [{"file": f, **run["provenance"]} for f, run in zip(args.files, runs)]}}
+              # each run's provenance and anything else it recorded (e.g. its pre-training)
+              "runs": [{"file": f, **{k: v for k, v in run.items() if k not in merged_keys}}
+                       for f, run in zip(args.files, runs)]}
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(merged, indent=1) + "\n")
     print(f"{len(results)} seeds from {len(runs)} runs -> {args.output}")
