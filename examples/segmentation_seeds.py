@@ -11,8 +11,9 @@ never show.
 2. Per seed: ``--labelled`` of the training scenes are drawn (the seed's draw); the same UPerNet model
    (backbone with a bias table per layer, neck, UPerNet and auxiliary FCN heads 64 channels wide) is
    fine-tuned on them for ``--steps`` steps (the official recipe: AdamW, poly schedule, drop path 0.1,
-   the official augmentation at 64 px), once from the pre-trained backbone (layer decay 0.65) and once from random initialisation
-   (no layer decay: nothing pre-trained to protect); both see the same batches (the same stream seed).
+   the official augmentation at 64 px), once from the pre-trained backbone (layer decay 0.65) and once
+   from random initialisation (no layer decay: nothing pre-trained to protect); both see the same
+   batches (the same stream seed).
 3. Both are scored by mIoU on the ``--val-scenes`` validation scenes (whole-image inference).
 
 The fine-tuning seed sets the labelled draw, the new weights (heads; the whole model from scratch), the
