@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from ..model import BEiT
+from .config import TrainConfig
 
 __all__ = ["Distributed", "setup_distributed", "resolve_device", "wrap_model", "float8_training"]
 
@@ -61,7 +62,7 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return device
 
 
-def wrap_model(model: BEiT, config, ctx: Distributed, device: torch.device):
+def wrap_model(model: BEiT, config: TrainConfig, ctx: Distributed, device: torch.device):
     """DDP or FSDP under torchrun (``config.parallel``), then torch.compile when asked (compile goes
     outside DDP)."""
     wrapped = model

@@ -9,6 +9,7 @@ import math
 import torch
 
 from ..model import BEiT
+from .config import TrainConfig
 
 __all__ = ["cosine_schedule", "layer_id", "param_groups", "adamw", "set_schedules", "clip_gradients",
            "step_if_finite"]
@@ -62,17 +63,16 @@ def param_groups(model: BEiT, weight_decay: float, layer_decay: float | None = N
     return [groups[key] for key in sorted(groups)]
 
 
-def adamw(groups: list[dict], config) -> torch.optim.AdamW:
-    """AdamW over ``groups`` (:func:`param_groups`'s form) with the settings of ``config`` (a
-    :class:`~beitfast.training.config.TrainConfig`)."""
+def adamw(groups: list[dict], config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over ``groups`` (:func:`param_groups`'s form) with the settings of ``config``."""
     return torch.optim.AdamW(
         [{k: v for k, v in g.items() if k != "names"} for g in groups],
         lr=config.lr, betas=config.betas, eps=config.eps, fused=config.fused_optimizer,
     )
 
 
-def set_schedules(optimizer: torch.optim.Optimizer, config, step: int, lr_schedule=cosine_schedule
-                  ) -> tuple[float, float]:
+def set_schedules(optimizer: torch.optim.Optimizer, config: TrainConfig, step: int,
+                  lr_schedule=cosine_schedule) -> tuple[float, float]:
     """Set each group's learning rate and weight decay for ``step``: ``lr_schedule`` (same arguments as
     :func:`cosine_schedule`) times the group's ``lr_scale``; the cosine weight-decay schedule where the
     group decays. Returns ``(lr, weight_decay)`` before scaling."""

@@ -13,6 +13,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .._files import write_atomically
+from .config import TrainConfig
 
 __all__ = ["METRICS_NAME", "PLOT_NAME", "ensure_writable", "write_bytes_atomically", "plot_metrics",
            "Progress"]
@@ -73,9 +74,9 @@ def plot_metrics(metrics_path: str | os.PathLike, png_path: str | os.PathLike,
 
 class Progress:
     """The records, messages and curves of a run on ``output``; only the main rank (``is_main``) shows or
-    writes anything. ``config``: the run's :class:`~beitfast.training.config.TrainConfig`."""
+    writes anything."""
 
-    def __init__(self, output: Path, name: str, config, is_main: bool):
+    def __init__(self, output: Path, name: str, config: TrainConfig, is_main: bool):
         self.metrics_path = output / METRICS_NAME
         self.plot_path = output / PLOT_NAME
         self.name, self.config, self.is_main = name, config, is_main

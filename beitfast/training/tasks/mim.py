@@ -11,6 +11,7 @@ from ...config import BEiTConfig
 from ...data import ImageSource, TwoViewTransform, masking_for, pretrain_stream
 from ...model import BEiT
 from ...pipeline import resolve_input_path
+from ..config import TrainConfig
 from ..devices import resolve_device, setup_distributed
 
 __all__ = ["MaskedImageModeling", "pretraining_run"]
@@ -72,11 +73,10 @@ class MaskedImageModeling:
         return loss, accuracy, masks.sum()
 
 
-def pretraining_run(model_config: BEiTConfig, tokenizer, source: ImageSource, config,
+def pretraining_run(model_config: BEiTConfig, tokenizer, source: ImageSource, config: TrainConfig,
                     mask_ratio: float = 0.4, crop_scale=(0.08, 1.0)):
     """``(model, task, stream)`` of a pre-training run on this rank: a new model (the same initial weights
-    on every rank), the views of ``config.input_path`` and masks of ``mask_ratio``. ``config``: the run's
-    :class:`~beitfast.training.config.TrainConfig`."""
+    on every rank), the views of ``config.input_path`` and masks of ``mask_ratio``."""
     ctx = setup_distributed()
     if model_config.image_hw[0] != model_config.image_hw[1]:
         raise ValueError(f"pretrain: square images only, got img_size {model_config.img_size}")
