@@ -25,8 +25,8 @@ import torch
 
 def summarize(results: list[dict], keys: tuple[str, ...]) -> dict:
     """Per key: mean, sample standard deviation (n - 1; 0 for one seed), min, max and n over seeds; and,
-    for a pair of keys, the per-seed difference (first - second) with its mean and std and how many
-    seeds the first wins."""
+    for a pair of keys, the per-seed difference (first - second) with its mean and std, how many seeds
+    the first wins and the paired t-test."""
     summary = {}
     for key in keys:
         values = [r[key] for r in results]
@@ -39,8 +39,22 @@ def summarize(results: list[dict], keys: tuple[str, ...]) -> dict:
         summary[f"{first}_minus_{second}"] = {
             "per_seed": diffs, "mean": statistics.mean(diffs),
             "std": statistics.stdev(diffs) if len(diffs) > 1 else 0.0,
-            f"{first}_better": sum(d > 0 for d in diffs), "n": len(diffs)}
+            f"{first}_better": sum(d > 0 for d in diffs), "n": len(diffs), **paired_t(diffs)}
     return summary
+
+
+def paired_t(diffs: list[float]) -> dict:
+    """The paired t-test of the per-seed differences (mean 0 under the null): t, degrees of freedom and
+    the two-sided p-value (scipy's t distribution; None without scipy or with fewer than 2 seeds)."""
+    n = len(diffs)
+    if n < 2 or statistics.stdev(diffs) == 0:
+        return {"t": None, "df": n - 1, "p_two_sided": None}
+    t = statistics.mean(diffs) / (statistics.stdev(diffs) / n ** 0.5)
+    try:
+        from scipy.stats import t as student_t
+    except ImportError:
+        return {"t": t, "df": n - 1, "p_two_sided": None}
+    return {"t": t, "df": n - 1, "p_two_sided": float(2 * student_t.sf(abs(t), n - 1))}
 
 
 def provenance() -> dict:
