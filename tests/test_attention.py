@@ -172,9 +172,9 @@ def test_triton_launches_the_planned_grids(device, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("N", [577, 1025])
+@pytest.mark.parametrize("N", [577, 1025, 1601])
 def test_triton_long_sequences(device, monkeypatch, N):
-    """Fine-tuning lengths (384 and 512 px): BEiT's index, 64-wide tiles in every kernel (the GPU's)."""
+    """Fine-tuning lengths (384, 512 and 640 px): BEiT's index, 64-wide tiles in every kernel (the GPU's)."""
     import triton
 
     from beitfast.kernels import attention as kernels
