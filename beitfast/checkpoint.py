@@ -1,6 +1,11 @@
-"""Checkpoints: load any BEiT state dict, export to Hugging Face transformers and timm, files.
+"""Checkpoint conversions: read any BEiT state dict, export to Hugging Face transformers and timm, files.
 
-Formats read by :func:`from_state_dict` (detected from the key names by :func:`detect_format`):
+This module converts state dicts and reads and writes files; the models are built by
+:meth:`beitfast.BEiT.from_state_dict` and :meth:`beitfast.BEiT.from_file` (and the segmentation model's),
+which call it. It never imports the model classes (``model`` arguments are any :class:`beitfast.BEiT`).
+
+Formats read by :meth:`BEiT.from_state_dict <beitfast.BEiT.from_state_dict>` (detected from the key
+names by :func:`detect_format`, renamed by :func:`to_official_names`):
 
 * ``"official"``: the names of the official BEiT code (pre-training with ``mask_token`` and
   ``lm_head``, or fine-tuning with ``fc_norm`` and ``head``). beitfast and timm (``timm.models.beit``)
@@ -10,16 +15,17 @@ Formats read by :func:`from_state_dict` (detected from the key names by :func:`d
 * ``"hf-v4"``: Hugging Face transformers 4.x (``beit.encoder.layer.N.attention.attention.query``...).
 * ``"hf-v5"``: Hugging Face transformers 5.x (``beit.layers.N.attention.q_proj``...).
 
-Without a config, the config is inferred from the shapes (:func:`infer_config`); what they do not tell
-keeps our default, except where the format's own differs (Hugging Face: LayerNorm eps 1e-12). With one,
-the state dict is adapted to it: a shared bias table is copied into every layer when the config asks for
-per-layer tables (as the official fine-tuning does), and bias tables and the absolute position
-embedding are resized when the config has another image size (:mod:`beitfast.resize`: the official
-geometric-progression cubic resize of the tables, bicubic for the embedding).
+Without a config, the config is inferred from the shapes (:func:`infer_config`, :func:`resolve_config`);
+what they do not tell keeps our default, except where the format's own differs (Hugging Face: LayerNorm
+eps 1e-12). With one, the state dict is adapted to it (:func:`adapt_state_dict`): a shared bias table is
+copied into every layer when the config asks for per-layer tables (as the official fine-tuning does), and
+bias tables and the absolute position embedding are resized when the config has another image size
+(:mod:`beitfast.resize`: the official geometric-progression cubic resize of the tables, bicubic for the
+embedding).
 
-Files (:func:`save`, :func:`load`): ``.safetensors`` with the config as JSON in the metadata, and
-``.pth``/``.pt`` holding ``{"model": state_dict, "config": dict}``; both written atomically, with a
-SHA-256 of the tensors (:mod:`beitfast._files`) that :func:`load` verifies. :func:`load` also reads
+Files (:func:`save`, :func:`read_state_dict`): ``.safetensors`` with the config as JSON in the metadata,
+and ``.pth``/``.pt`` holding ``{"model": state_dict, "config": dict}``; both written atomically, with a
+SHA-256 of the tensors (:mod:`beitfast._files`) that :func:`read_state_dict` verifies. It also reads
 the trainer's ``checkpoint.pt`` (with its model config), official ``.pth`` files, Hugging Face
 ``model.safetensors`` / ``pytorch_model.bin`` (or their folder, whose ``config.json`` is then used)
 and timm files. Every file read must hold finite weights; those without a checksum (foreign files,
@@ -35,7 +41,6 @@ import functools
 import json
 import os
 import re
-import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -46,15 +51,15 @@ from ._files import (
     check_safetensors, read_torch_file, split_digest, verify_digest, write_atomically,
 )
 from .config import BEiTConfig
-from .model import BEiT, num_relative_positions, relative_position_index
+from .relative_position import num_relative_positions
 from .resize import RESIZE_METHODS, resize_pos_embed, resize_rel_pos_bias_table
 from .resize import grid_from_table_rows as _grid_from_table_rows, square_grid as _square_grid
 
 __all__ = [
     "FORMATS", "HF_TASKS", "unwrap_state_dict", "detect_format", "to_official_names", "infer_config",
-    "adapt_state_dict", "from_state_dict", "resize_rel_pos_bias_table", "resize_pos_embed",
+    "adapt_state_dict", "resolve_config", "resize_rel_pos_bias_table", "resize_pos_embed",
     "to_hf_state_dict", "hf_config_kwargs", "config_from_hf", "to_timm_state_dict", "timm_kwargs",
-    "save", "load", "read_training_checkpoint", "TRAIN_CHECKPOINT_FORMAT", "FileIntegrityError",
+    "save", "read_state_dict", "read_training_checkpoint", "TRAIN_CHECKPOINT_FORMAT", "FileIntegrityError",
 ]
 
 FORMATS = ("official", "hf-v4", "hf-v5")
@@ -346,68 +351,15 @@ def adapt_state_dict(
     return sd
 
 
-def _uninitialised_model(config: BEiTConfig) -> BEiT:
-    """``BEiT(config)`` without its random initialisation (slow for large models, and every weight
-    is about to be overwritten): built on the meta device, then given CPU storage; the one derived
-    buffer, the relative position index, is recomputed."""
-    with torch.device("meta"):
-        model = BEiT(config)
-    model.to_empty(device="cpu")
-    with torch.no_grad():
-        model.rel_pos_index.copy_(relative_position_index(config.grid))
-    return model
-
-
-def _load_checked(config: BEiTConfig, state_dict: Mapping[str, torch.Tensor], strict: bool) -> BEiT:
-    model = _uninitialised_model(config)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    mismatched = [
-        f"{k}: expected {tuple(expected[k].shape)}, got {tuple(v.shape)}"
-        for k, v in state_dict.items()
-        if k in expected and v.shape != expected[k].shape
-    ]
-    if mismatched:
-        raise ValueError("BEiT.from_state_dict: shape mismatch for " + "; ".join(mismatched))
-    if missing or unexpected:
-        message = f"BEiT.from_state_dict: missing keys {missing}, unexpected keys {unexpected}"
-        if strict:
-            raise ValueError(message + " (strict=False loads the rest)")
-        warnings.warn(message + "; missing ones get the initialisation of a new model", stacklevel=3)
-        if missing:
-            # A whole new model: reset_parameters alone would leave the parameters it does not draw
-            # (zero biases and tables, layer scale, the patch projection) as uninitialised memory.
-            model = BEiT(config)
-    model.load_state_dict({k: v for k, v in state_dict.items() if k in expected}, strict=False)
-    return model
-
-
-def from_state_dict(
-    state_dict: Any, config: BEiTConfig | None = None, strict: bool = True, **overrides
-) -> BEiT:
-    """A :class:`BEiT` holding the weights of any supported state dict (see the module docstring).
-
-    ``config=None`` infers it from the shapes; ``overrides`` change fields of the given or inferred
-    config (e.g. ``kernels="eager"``, ``drop_path_rate=0.0``). ``strict=True`` refuses missing or
-    unexpected keys (listing them); ``strict=False`` warns and initialises the missing ones as a new
-    model would (e.g. a new classifier on a pre-trained backbone). A shape mismatch is always an
-    error. The model is on the CPU, in float32 (the checkpoint's dtype is cast).
-    """
-    state, fmt = to_official_names(state_dict)
-    return _from_official_names(state, fmt, config, strict, overrides)
-
-
-def _from_official_names(state: dict[str, torch.Tensor], fmt: str, config: BEiTConfig | None, strict: bool,
-                         overrides: dict[str, Any]) -> BEiT:
-    """``from_state_dict`` of a state dict already renamed from ``fmt``."""
+def resolve_config(state: Mapping[str, torch.Tensor], fmt: str, config: BEiTConfig | None,
+                   overrides: Mapping[str, Any]) -> BEiTConfig:
+    """The config of a model for an official-names state dict renamed from ``fmt``: ``config`` with
+    ``overrides``, or without one inferred from the shapes (:func:`infer_config`)."""
     if config is None:
         # Overrides go into the inference: they may give what the shapes do not tell (num_heads, img_size);
         # what they do not give either is the default of the format the weights come from.
-        config = infer_config(state, **{**_FORMAT_DEFAULTS.get(fmt, {}), **overrides})
-    else:
-        config = config.replace(**overrides)
-    return _load_checked(config, adapt_state_dict(state, config), strict)
+        return infer_config(state, **{**_FORMAT_DEFAULTS.get(fmt, {}), **overrides})
+    return config.replace(**overrides)
 
 
 # -- export ---------------------------------------------------------------------------------------
@@ -439,7 +391,8 @@ def _hf_head_names(config: BEiTConfig, task: str) -> dict[str, str]:
     return {"norm": "beit.layernorm", "head": "classifier"}
 
 
-def to_hf_state_dict(model: BEiT, version: int = 5, task: str | None = None) -> dict[str, torch.Tensor]:
+def to_hf_state_dict(model: torch.nn.Module, version: int = 5,
+                     task: str | None = None) -> dict[str, torch.Tensor]:
     """The state dict of the equivalent transformers model, in the key names of transformers 5.x
     (``version=5``) or 4.x (``version=4``).
 
@@ -558,7 +511,7 @@ def config_from_hf(hf_config: Any, **overrides) -> BEiTConfig:
     return BEiTConfig(**{**values, **overrides})
 
 
-def to_timm_state_dict(model: BEiT) -> dict[str, torch.Tensor]:
+def to_timm_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The state dict of the equivalent ``timm.models.beit.Beit`` (built with
     :func:`timm_kwargs`). timm uses the official names; it has no mask token and no LM head, so those
     are left out."""
@@ -601,7 +554,7 @@ def _config_json(config: BEiTConfig) -> str:
     return json.dumps(config.to_dict())
 
 
-def save(model: BEiT, path: str | os.PathLike) -> None:
+def save(model: torch.nn.Module, path: str | os.PathLike) -> None:
     """Writes the weights and config: ``.safetensors`` (config JSON and the SHA-256 of tensors and config
     in the metadata) or ``.pth``/``.pt`` (``{"model": state_dict, "config": dict, "beitfast_sha256": str}``),
     atomically."""
@@ -703,14 +656,12 @@ def _read_file(path: Path) -> tuple[Any, BEiTConfig | None]:
     return payload, config or _hf_config_in(path.parent)
 
 
-def load(path: str | os.PathLike, config: BEiTConfig | None = None, strict: bool = True, **overrides) -> BEiT:
-    """A :class:`BEiT` from a file or a Hugging Face model folder of any supported format.
-
-    The config is, in order: ``config``; the one stored by :func:`save`; a transformers
-    ``config.json`` beside the weights; inferred from the shapes. ``overrides`` change its fields.
-    ``.pth``/``.pt``/``.bin`` files are read with ``torch.load(weights_only=True)``; a folder's
-    ``model.safetensors`` or ``pytorch_model.bin`` (or their sharded ``.index.json``) is read.
-    """
+def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str, BEiTConfig | None]:
+    """The BEiT state dict of a file or a Hugging Face model folder of any supported format, in official
+    names: ``(state_dict, format, config)``. ``config`` is the one stored by :func:`save` or in a
+    transformers ``config.json`` beside the weights, else None. ``.pth``/``.pt``/``.bin`` files are read
+    with ``torch.load(weights_only=True)``; a folder's ``model.safetensors`` or ``pytorch_model.bin`` (or
+    their sharded ``.index.json``) is read."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"load: no such file or folder {str(path)!r}")
@@ -719,4 +670,4 @@ def load(path: str | os.PathLike, config: BEiTConfig | None = None, strict: bool
         state, fmt = to_official_names(payload)
     except (TypeError, ValueError) as error:  # what the file holds is not a BEiT state dict
         raise ValueError(f"{path}: {error}") from None
-    return _from_official_names(state, fmt, config or stored, strict, overrides)
+    return state, fmt, stored

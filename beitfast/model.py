@@ -5,41 +5,19 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
+from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from . import ops
+from . import checkpoint, ops
 from .config import BEiTConfig
+from .relative_position import num_relative_positions, relative_position_index
 
-__all__ = ["BEiT", "relative_position_index"]
-
-
-def relative_position_index(grid: tuple[int, int]) -> torch.Tensor:
-    """The official ``[1 + N, 1 + N]`` index into a ``[(2Wh-1)(2Ww-1) + 3, H]`` bias table.
-
-    Token pairs index their relative offset; the last three rows are cls->token, token->cls and
-    cls->cls.
-    """
-    wh, ww = grid
-    num_rows = num_relative_positions(grid)
-    ys, xs = torch.meshgrid(torch.arange(wh), torch.arange(ww), indexing="ij")
-    ys, xs = ys.flatten(), xs.flatten()
-    dy = ys[:, None] - ys[None, :] + (wh - 1)
-    dx = xs[:, None] - xs[None, :] + (ww - 1)
-    n = wh * ww
-    index = torch.empty(n + 1, n + 1, dtype=torch.long)
-    index[1:, 1:] = dy * (2 * ww - 1) + dx
-    index[0, :] = num_rows - 3
-    index[:, 0] = num_rows - 2
-    index[0, 0] = num_rows - 1
-    return index
-
-
-def num_relative_positions(grid: tuple[int, int]) -> int:
-    return (2 * grid[0] - 1) * (2 * grid[1] - 1) + 3
+__all__ = ["BEiT", "relative_position_index", "num_relative_positions"]
 
 
 def backend_for(op: str, kernels: str) -> str | None:
@@ -362,58 +340,104 @@ class BEiT(nn.Module):
             max_masked_per_image=max_masked_per_image,
         )
 
-    # -- checkpoints (implemented in beitfast.checkpoint) --------------------------------------------
+    # -- checkpoints (the conversions are in beitfast.checkpoint) -------------------------------------
 
     @staticmethod
-    def from_state_dict(state_dict, config: BEiTConfig | None = None, strict: bool = True, **overrides) -> "BEiT":
-        """A model from any supported state dict (official, beitfast, timm, transformers 4.x/5.x);
-        the config is inferred from the shapes when not given. See :mod:`beitfast.checkpoint`."""
-        from . import checkpoint
+    def from_state_dict(state_dict, config: BEiTConfig | None = None, strict: bool = True,
+                        **overrides) -> "BEiT":
+        """A model holding the weights of any supported state dict (official, beitfast, timm, transformers
+        4.x/5.x; see :mod:`beitfast.checkpoint`).
 
-        return checkpoint.from_state_dict(state_dict, config, strict, **overrides)
+        ``config=None`` infers it from the shapes; ``overrides`` change fields of the given or inferred
+        config (e.g. ``kernels="eager"``, ``drop_path_rate=0.0``). ``strict=True`` refuses missing or
+        unexpected keys (listing them); ``strict=False`` warns and initialises the missing ones as a new
+        model would (e.g. a new classifier on a pre-trained backbone). A shape mismatch is always an
+        error. The model is on the CPU, in float32 (the checkpoint's dtype is cast).
+        """
+        state, fmt = checkpoint.to_official_names(state_dict)
+        return _from_official_names(state, fmt, config, strict, overrides)
 
     @staticmethod
     def from_file(path, config: BEiTConfig | None = None, strict: bool = True, **overrides) -> "BEiT":
-        """A model from a ``.safetensors``/``.pth``/``.pt``/``.bin`` file or a Hugging Face folder."""
-        from . import checkpoint
+        """A model from a ``.safetensors``/``.pth``/``.pt``/``.bin`` file or a Hugging Face model folder of
+        any supported format.
 
-        return checkpoint.load(path, config, strict, **overrides)
+        The config is, in order: ``config``; the one stored by :meth:`save`; a transformers
+        ``config.json`` beside the weights; inferred from the shapes. ``overrides`` change its fields.
+        ``.pth``/``.pt``/``.bin`` files are read with ``torch.load(weights_only=True)``; a folder's
+        ``model.safetensors`` or ``pytorch_model.bin`` (or their sharded ``.index.json``) is read.
+        """
+        state, fmt, stored = checkpoint.read_state_dict(path)
+        return _from_official_names(state, fmt, config or stored, strict, overrides)
 
     load = from_file
 
     def save(self, path) -> None:
         """Writes ``.safetensors`` or ``.pth``/``.pt`` (weights and config), atomically."""
-        from . import checkpoint
-
         checkpoint.save(self, path)
 
     def resized(self, img_size) -> "BEiT":
         """A copy for another image size (bias tables and position embedding interpolated)."""
-        from . import checkpoint
-
-        return checkpoint.from_state_dict(self.state_dict(), self.config.replace(img_size=img_size))
+        return BEiT.from_state_dict(self.state_dict(), self.config.replace(img_size=img_size))
 
     def to_hf_state_dict(self, version: int = 5, task: str | None = None) -> dict[str, torch.Tensor]:
         """Weights in transformers 5.x (or 4.x) names; ``task`` picks the masked-image-modeling or
         image-classification model."""
-        from . import checkpoint
-
         return checkpoint.to_hf_state_dict(self, version, task)
 
     def to_hf_config(self, task: str | None = None) -> dict:
         """Keyword arguments of ``transformers.BeitConfig`` for the same model."""
-        from . import checkpoint
-
         return checkpoint.hf_config_kwargs(self.config, task)
 
     def to_timm_state_dict(self) -> dict[str, torch.Tensor]:
         """Weights of the equivalent ``timm.models.beit.Beit`` (no mask token, no LM head)."""
-        from . import checkpoint
-
         return checkpoint.to_timm_state_dict(self)
 
     def timm_kwargs(self) -> dict:
         """Keyword arguments of ``timm.models.beit.Beit`` for the same model."""
-        from . import checkpoint
-
         return checkpoint.timm_kwargs(self.config)
+
+
+def _from_official_names(state: dict[str, torch.Tensor], fmt: str, config: BEiTConfig | None, strict: bool,
+                         overrides: dict[str, Any]) -> BEiT:
+    """``BEiT.from_state_dict`` of a state dict already renamed from ``fmt``."""
+    config = checkpoint.resolve_config(state, fmt, config, overrides)
+    return _load_checked(config, checkpoint.adapt_state_dict(state, config), strict)
+
+
+def _uninitialised_model(config: BEiTConfig) -> BEiT:
+    """``BEiT(config)`` without its random initialisation (slow for large models, and every weight
+    is about to be overwritten): built on the meta device, then given CPU storage; the one derived
+    buffer, the relative position index, is recomputed."""
+    with torch.device("meta"):
+        model = BEiT(config)
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        model.rel_pos_index.copy_(relative_position_index(config.grid))
+    return model
+
+
+def _load_checked(config: BEiTConfig, state_dict: Mapping[str, torch.Tensor], strict: bool) -> BEiT:
+    model = _uninitialised_model(config)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    mismatched = [
+        f"{k}: expected {tuple(expected[k].shape)}, got {tuple(v.shape)}"
+        for k, v in state_dict.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
+    if mismatched:
+        raise ValueError("BEiT.from_state_dict: shape mismatch for " + "; ".join(mismatched))
+    if missing or unexpected:
+        message = f"BEiT.from_state_dict: missing keys {missing}, unexpected keys {unexpected}"
+        if strict:
+            raise ValueError(message + " (strict=False loads the rest)")
+        # stacklevel: the caller of BEiT.from_state_dict / from_file.
+        warnings.warn(message + "; missing ones get the initialisation of a new model", stacklevel=4)
+        if missing:
+            # A whole new model: reset_parameters alone would leave the parameters it does not draw
+            # (zero biases and tables, layer scale, the patch projection) as uninitialised memory.
+            model = BEiT(config)
+    model.load_state_dict({k: v for k, v in state_dict.items() if k in expected}, strict=False)
+    return model

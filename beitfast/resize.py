@@ -16,7 +16,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .model import num_relative_positions
+from .relative_position import num_relative_positions
 
 __all__ = ["RESIZE_METHODS", "resize_rel_pos_bias_table", "resize_pos_embed", "geometric_offsets"]
 

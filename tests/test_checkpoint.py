@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+import beitfast.model
 from beitfast import BEiT, BEiTConfig
 from beitfast import checkpoint, resize
 
@@ -177,7 +178,7 @@ def test_missing_and_unexpected_keys_listed():
 def test_not_strict_gives_missing_parameters_a_new_models_values(monkeypatch):
     """Every kind of parameter a checkpoint may lack (zero biases and tables, layer scale, the conv
     projection, linear layers) gets what a new model has, never the memory of the meta-device load."""
-    uninitialised = checkpoint._uninitialised_model
+    uninitialised = beitfast.model._uninitialised_model
 
     def poisoned(config):
         model = uninitialised(config)
@@ -186,7 +187,7 @@ def test_not_strict_gives_missing_parameters_a_new_models_values(monkeypatch):
                 p.fill_(math.nan)
         return model
 
-    monkeypatch.setattr(checkpoint, "_uninitialised_model", poisoned)
+    monkeypatch.setattr(beitfast.model, "_uninitialised_model", poisoned)
     model = random_model()
     sd = model.state_dict()
     absent = ["blocks.1.attn.q_bias", "blocks.1.gamma_1", "rel_pos_bias.relative_position_bias_table",
@@ -548,3 +549,27 @@ def test_sharded_hf_folder_and_config_beside_a_file(tmp_path):
     assert_state_equal(loaded.state_dict(), model.state_dict())
     torch.save(model.to_hf_state_dict(4), tmp_path / "pytorch_model.bin")
     assert BEiT.from_file(tmp_path / "pytorch_model.bin", kernels="eager").config == model.config
+
+
+@pytest.mark.parametrize("version", [4, 5])
+def test_segmentation_file_in_transformers_names_reads_as_its_state_dict(tmp_path, version):
+    """A transformers segmentation weights file with no config.json: from_file infers the config as
+    from_state_dict does, with transformers' LayerNorm eps (the file's names, not ours after renaming)."""
+    import safetensors.torch
+
+    from beitfast import BEiTForSegmentation
+    from beitfast.segmentation import SegmentationConfig
+
+    config = BEiTConfig(img_size=32, patch_size=16, embed_dim=32, depth=4, num_heads=2, vocab_size=0,
+                        use_shared_rel_pos_bias=False, use_rel_pos_bias=True, layer_norm_eps=1e-12,
+                        drop_path_rate=0.0, kernels="eager")
+    model = BEiTForSegmentation(config, SegmentationConfig(num_classes=3, out_indices=(0, 1, 2, 3),
+                                                           auxiliary_channels=8))
+    hf = {k: v.contiguous() for k, v in model.to_hf_state_dict(version).items()}
+    safetensors.torch.save_file(hf, tmp_path / "model.safetensors")
+    settings = dict(num_heads=2, out_indices=(0, 1, 2, 3), kernels="eager", drop_path_rate=0.0)
+    from_file = BEiTForSegmentation.from_file(tmp_path / "model.safetensors", **settings)
+    from_state_dict = BEiTForSegmentation.from_state_dict(hf, **settings)
+    assert from_file.config == from_state_dict.config == model.config
+    assert from_file.segmentation_config == from_state_dict.segmentation_config == model.segmentation_config
+    assert_state_equal(from_file.state_dict(), model.state_dict())

@@ -1,6 +1,8 @@
 """Segmentation checkpoints: ours, the official (mmseg) code's, transformers' BeitForSemanticSegmentation.
 
-Names of the three formats read by :func:`from_state_dict` (and written by the exports):
+The conversions only: :class:`BEiTForSegmentation <beitfast.segmentation.BEiTForSegmentation>` builds
+the models (``from_state_dict``, ``from_file``, ``from_backbone``) with them; this module never imports
+the model classes. Names of the formats read (by :func:`to_our_names`) and written by the exports:
 
 * ``"beitfast"``: ``backbone.*`` (official BEiT names), ``neck.fpn1.0.weight``..., ``decode_head.*`` and
   ``auxiliary_head.*`` in mmseg's names (``conv_seg`` the classifier).
@@ -15,9 +17,10 @@ BatchNorm running statistics travel with the weights. The backbone part goes thr
 :mod:`beitfast.checkpoint` (format, inference of its config, shared to per-layer tables, the official
 resize of the tables when the image size changes).
 
-Files (:func:`save`, :func:`load`): ours as :mod:`beitfast.checkpoint` writes them (atomic, with a
-SHA-256), both configs stored; :func:`load` also reads official/mmseg ``.pth`` files and transformers
-folders (or their weights file beside a ``config.json``), with the same integrity checks.
+Files (:func:`save`, :func:`read_state_dict`): ours as :mod:`beitfast.checkpoint` writes them (atomic,
+with a SHA-256), both configs stored; :func:`read_state_dict` also reads official/mmseg ``.pth`` files
+and transformers folders (or their weights file beside a ``config.json``), with the same integrity
+checks.
 """
 
 from __future__ import annotations
@@ -26,7 +29,6 @@ import dataclasses
 import json
 import os
 import re
-import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -36,11 +38,10 @@ from .. import checkpoint as beit_checkpoint
 from .._files import add_digest, add_safetensors_digest, write_atomically
 from ..config import BEiTConfig
 from .config import SegmentationConfig, default_out_indices
-from .model import BEiTForSegmentation
 
 __all__ = ["SEGMENTATION_FORMATS", "detect_format", "to_our_names", "infer_segmentation_config",
-           "from_state_dict", "from_backbone", "to_mmseg_state_dict", "to_hf_state_dict", "hf_config_kwargs",
-           "segmentation_config_from_hf", "save", "load"]
+           "resolve_configs", "backbone_state_dict", "to_mmseg_state_dict", "to_hf_state_dict",
+           "hf_config_kwargs", "segmentation_config_from_hf", "save", "read_state_dict"]
 
 SEGMENTATION_FORMATS = ("beitfast", "mmseg", "hf-v4", "hf-v5")
 _HEADS = ("decode_head.", "auxiliary_head.")
@@ -165,19 +166,17 @@ def _split_overrides(overrides: dict) -> tuple[dict, dict]:
             {k: v for k, v in overrides.items() if k in segmentation_fields})
 
 
-def from_state_dict(state_dict: Any, config: BEiTConfig | None = None,
-                    segmentation: SegmentationConfig | None = None, strict: bool = True,
-                    **overrides) -> BEiTForSegmentation:
-    """A :class:`BEiTForSegmentation` holding the weights of any supported segmentation state dict.
+def resolve_configs(state: Mapping[str, torch.Tensor], fmt: str, config: BEiTConfig | None,
+                    segmentation: SegmentationConfig | None, overrides: Mapping[str, Any]
+                    ) -> tuple[BEiTConfig, SegmentationConfig, dict[str, torch.Tensor]]:
+    """The configs of a model for a state dict in our names renamed from ``fmt``, and the state dict
+    adapted to them.
 
     Configs not given are inferred from the shapes (:func:`beitfast.checkpoint.infer_config`, with
     transformers' LayerNorm eps 1e-12 for its names; :func:`infer_segmentation_config`); ``overrides``
-    change fields of either (by name). A ``config``
-    of another image size gets the backbone's tables resized the official way. ``strict=True``
-    refuses missing or unexpected keys; ``strict=False`` warns and keeps the new model's
-    initialisation for the missing ones. A shape mismatch is always an error."""
-    state, fmt = to_our_names(state_dict)
-    beit_overrides, seg_overrides = _split_overrides(overrides)
+    change fields of either (by name). A ``config`` of another image size gets the backbone's tables
+    resized the official way."""
+    beit_overrides, seg_overrides = _split_overrides(dict(overrides))
     backbone = _part(state, "backbone.")
     if config is None:  # what the shapes do not tell is the default of the code that wrote them
         defaults = beit_checkpoint._FORMAT_DEFAULTS.get(fmt, {})
@@ -191,56 +190,22 @@ def from_state_dict(state_dict: Any, config: BEiTConfig | None = None,
         segmentation = infer_segmentation_config(state, config.depth, **seg_overrides)
     else:
         segmentation = segmentation.replace(**seg_overrides)
-    model = BEiTForSegmentation(config, segmentation)
-    _load_checked(model, state, strict)
-    return model
+    return config, segmentation, state
 
 
-def _load_checked(model: torch.nn.Module, state: Mapping[str, torch.Tensor], strict: bool) -> None:
-    expected = model.state_dict()
-    mismatched = [f"{k}: expected {tuple(expected[k].shape)}, got {tuple(v.shape)}"
-                  for k, v in state.items() if k in expected and v.shape != expected[k].shape]
-    if mismatched:
-        raise ValueError("BEiTForSegmentation.from_state_dict: shape mismatch for " + "; ".join(mismatched))
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or unexpected:
-        message = f"BEiTForSegmentation.from_state_dict: missing keys {missing}, unexpected keys {unexpected}"
-        if strict:
-            raise ValueError(message + " (strict=False loads the rest)")
-        warnings.warn(message + "; missing ones keep the initialisation of a new model", stacklevel=3)
-    model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
+def backbone_state_dict(state_dict: Any) -> dict[str, torch.Tensor]:
+    """The backbone entries of a BEiT state dict of another task, in any format (the official names;
+    final norms, heads and mask token dropped), for :meth:`BEiTForSegmentation.from_backbone`."""
+    state, _ = beit_checkpoint.to_official_names(state_dict)
+    return {k: v for k, v in state.items() if not _OTHER_TASKS.fullmatch(k)}
 
 
-def from_backbone(source: Any, config: BEiTConfig, segmentation: SegmentationConfig | None = None,
-                  **overrides) -> BEiTForSegmentation:
-    """A new :class:`BEiTForSegmentation` whose backbone holds a BEiT of another task (see
-    :meth:`BEiTForSegmentation.from_backbone`): ``source`` is a :class:`beitfast.BEiT`, its state dict
-    in any format, or a file or folder :meth:`beitfast.BEiT.from_file` reads."""
-    if isinstance(source, (str, os.PathLike)):
-        source = beit_checkpoint.load(source)
-    if isinstance(source, torch.nn.Module):
-        source = source.state_dict()
-    state, _ = beit_checkpoint.to_official_names(source)
-    model = BEiTForSegmentation(config, segmentation, **overrides)
-    state = {k: v for k, v in state.items() if not _OTHER_TASKS.fullmatch(k)}
-    state = beit_checkpoint.adapt_state_dict(state, model.config)
-    expected = model.backbone.state_dict()
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ValueError(
-            f"BEiTForSegmentation.from_backbone: the state dict does not fit the backbone config: missing "
-            f"keys {missing}, unexpected keys {unexpected}"
-        )
-    model.backbone.load_state_dict(state)
-    return model
-
-
-def to_mmseg_state_dict(model: BEiTForSegmentation) -> dict[str, torch.Tensor]:
+def to_mmseg_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The names of the official/mmseg code: the neck back inside the backbone."""
     return {re.sub(r"^neck\.", "backbone.", k): v for k, v in model.state_dict().items()}
 
 
-def to_hf_state_dict(model: BEiTForSegmentation, version: int = 5) -> dict[str, torch.Tensor]:
+def to_hf_state_dict(model: torch.nn.Module, version: int = 5) -> dict[str, torch.Tensor]:
     """The state dict of transformers' ``BeitForSemanticSegmentation`` in 5.x (or 4.x) names; build the
     peer with ``transformers.BeitConfig(**hf_config_kwargs(model))``."""
     if version not in (4, 5):
@@ -253,7 +218,7 @@ def to_hf_state_dict(model: BEiTForSegmentation, version: int = 5) -> dict[str, 
     return out
 
 
-def hf_config_kwargs(model: BEiTForSegmentation, out_indices=None) -> dict[str, Any]:
+def hf_config_kwargs(model: torch.nn.Module, out_indices=None) -> dict[str, Any]:
     """Keyword arguments of ``transformers.BeitConfig`` for the same model.
 
     transformers reads ``out_indices`` as ``hidden_states[i - 1]`` (the output of block i - 2) and
@@ -318,7 +283,7 @@ def segmentation_config_from_hf(hf_config: Any, **overrides) -> SegmentationConf
 _SEGMENTATION_METADATA_KEY = "beitfast_segmentation_config"
 
 
-def save(model: BEiTForSegmentation, path: str | os.PathLike) -> None:
+def save(model: torch.nn.Module, path: str | os.PathLike) -> None:
     """Writes the weights and both configs, atomically: ``.safetensors`` (configs as JSON in the
     metadata) or ``.pth``/``.pt`` (``{"model", "config", "segmentation"}``), with a SHA-256."""
     import safetensors.torch
@@ -357,19 +322,17 @@ def _stored_segmentation(path: Path, payload: Any) -> SegmentationConfig | None:
     return None
 
 
-def load(path: str | os.PathLike, config: BEiTConfig | None = None,
-         segmentation: SegmentationConfig | None = None, strict: bool = True,
-         **overrides) -> BEiTForSegmentation:
-    """A :class:`BEiTForSegmentation` from a file (ours, an official/mmseg ``.pth``, a transformers
-    weights file) or a transformers folder. Configs, in order: the arguments, those stored with ours or
-    in a transformers ``config.json``, inferred from the shapes; ``overrides`` change fields of either."""
+def read_state_dict(path: str | os.PathLike
+                    ) -> tuple[dict[str, torch.Tensor], str, BEiTConfig | None, SegmentationConfig | None]:
+    """The segmentation state dict of a file (ours, an official/mmseg ``.pth``, a transformers weights
+    file) or a transformers folder, in our names: ``(state_dict, format, config, segmentation)``, the
+    configs those stored with ours or in a transformers ``config.json`` (None when there are none)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"load: no such file or folder {str(path)!r}")
     payload, stored = beit_checkpoint._read_file(path)
     try:
-        state, _ = to_our_names(payload)
+        state, fmt = to_our_names(payload)
     except (TypeError, ValueError) as error:  # what the file holds is not a segmentation state dict
         raise ValueError(f"{path}: {error}") from None
-    segmentation = segmentation or _stored_segmentation(path, payload)
-    return from_state_dict(state, config or stored, segmentation, strict, **overrides)
+    return state, fmt, stored, _stored_segmentation(path, payload)

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import warnings
+from typing import Mapping
+
 import torch
 import torch.nn as nn
 
+from .. import checkpoint as beit_checkpoint
 from ..config import BEiTConfig
+from ..model import BEiT
+from . import checkpoint
 from .backbone import BEiTBackbone
 from .config import SegmentationConfig, default_out_indices
 from .heads import FCNHead, UPerHead
@@ -95,68 +102,103 @@ class BEiTForSegmentation(nn.Module):
                 f"{seg.ignore_index}, got {sorted(set(bad.unique()[:8].tolist()))}"
             )
 
-    # -- checkpoints (implemented in beitfast.segmentation.checkpoint) --------------------------------
+    # -- checkpoints (the conversions are in beitfast.segmentation.checkpoint) --------------------------
 
     @staticmethod
     def from_state_dict(state_dict, config: BEiTConfig | None = None,
                         segmentation: SegmentationConfig | None = None, strict: bool = True,
                         **overrides) -> "BEiTForSegmentation":
         """A model from a segmentation state dict: ours, the official/mmseg code's, or transformers'
-        ``BeitForSemanticSegmentation`` (4.x or 5.x names); configs inferred from the shapes when not
-        given. See :mod:`beitfast.segmentation.checkpoint`."""
-        from . import checkpoint
+        ``BeitForSemanticSegmentation`` (4.x or 5.x names). See :mod:`beitfast.segmentation.checkpoint`.
 
-        return checkpoint.from_state_dict(state_dict, config, segmentation, strict, **overrides)
+        Configs not given are inferred from the shapes (transformers' LayerNorm eps 1e-12 for its names);
+        ``overrides`` change fields of either (by name). A ``config`` of another image size gets the
+        backbone's tables resized the official way. ``strict=True`` refuses missing or unexpected keys;
+        ``strict=False`` warns and keeps the new model's initialisation for the missing ones. A shape
+        mismatch is always an error."""
+        state, fmt = checkpoint.to_our_names(state_dict)
+        return _from_our_names(state, fmt, config, segmentation, strict, overrides)
 
     @staticmethod
     def from_backbone(source, config: BEiTConfig, segmentation: SegmentationConfig | None = None,
                       **overrides) -> "BEiTForSegmentation":
         """A new model whose backbone holds the weights of a BEiT of any task and format (pre-training,
         classification; official, beitfast, timm, transformers): a :class:`beitfast.BEiT`, a state dict,
-        or a file or folder. They are adapted to ``config`` as the official fine-tuning does (a shared
-        bias table copied into every layer, tables resized to its grid); neck and heads are new."""
-        from . import checkpoint
-
-        return checkpoint.from_backbone(source, config, segmentation, **overrides)
+        or a file or folder :meth:`beitfast.BEiT.from_file` reads. They are adapted to ``config`` as the
+        official fine-tuning does (a shared bias table copied into every layer, tables resized to its
+        grid); neck and heads are new."""
+        if isinstance(source, (str, os.PathLike)):
+            source = BEiT.from_file(source)
+        if isinstance(source, nn.Module):
+            source = source.state_dict()
+        state = checkpoint.backbone_state_dict(source)
+        model = BEiTForSegmentation(config, segmentation, **overrides)
+        state = beit_checkpoint.adapt_state_dict(state, model.config)
+        expected = model.backbone.state_dict()
+        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise ValueError(
+                "BEiTForSegmentation.from_backbone: the state dict does not fit the backbone config: "
+                f"missing keys {missing}, unexpected keys {unexpected}"
+            )
+        model.backbone.load_state_dict(state)
+        return model
 
     @staticmethod
     def from_file(path, config: BEiTConfig | None = None, segmentation: SegmentationConfig | None = None,
                   strict: bool = True, **overrides) -> "BEiTForSegmentation":
         """A model from ``.safetensors``/``.pth``/``.pt``/``.bin`` (ours, official/mmseg, transformers) or a
-        transformers folder."""
-        from . import checkpoint
-
-        return checkpoint.load(path, config, segmentation, strict, **overrides)
+        transformers folder. Configs, in order: the arguments, those stored with ours or in a transformers
+        ``config.json``, inferred from the shapes; ``overrides`` change fields of either."""
+        state, fmt, stored, stored_segmentation = checkpoint.read_state_dict(path)
+        return _from_our_names(state, fmt, config or stored, segmentation or stored_segmentation, strict,
+                               overrides)
 
     def save(self, path) -> None:
         """Writes ``.safetensors`` or ``.pth``/``.pt`` (weights and both configs), atomically."""
-        from . import checkpoint
-
         checkpoint.save(self, path)
 
     def resized(self, img_size) -> "BEiTForSegmentation":
         """A copy for another image size (any multiple of the patch size): the bias tables resized the
         official way, the absolute position embedding (if any) bicubic."""
-        from . import checkpoint
-
-        return checkpoint.from_state_dict(self.state_dict(), self.config.replace(img_size=img_size),
-                                          self.segmentation_config)
+        return BEiTForSegmentation.from_state_dict(self.state_dict(), self.config.replace(img_size=img_size),
+                                                   self.segmentation_config)
 
     def to_mmseg_state_dict(self) -> dict[str, torch.Tensor]:
         """Weights in the names of the official/mmseg code (``backbone.fpn1.0.weight``, ``conv_seg``...)."""
-        from . import checkpoint
-
         return checkpoint.to_mmseg_state_dict(self)
 
     def to_hf_state_dict(self, version: int = 5) -> dict[str, torch.Tensor]:
         """Weights in the names of transformers' ``BeitForSemanticSegmentation`` (5.x or 4.x)."""
-        from . import checkpoint
-
         return checkpoint.to_hf_state_dict(self, version)
 
     def to_hf_config(self, out_indices=None) -> dict:
         """Keyword arguments of ``transformers.BeitConfig`` for the same model (see
         :func:`beitfast.segmentation.checkpoint.hf_config_kwargs` for which taps it can express)."""
-        from . import checkpoint
-
         return checkpoint.hf_config_kwargs(self, out_indices)
+
+
+def _from_our_names(state: dict[str, torch.Tensor], fmt: str, config: BEiTConfig | None,
+                    segmentation: SegmentationConfig | None, strict: bool,
+                    overrides: dict) -> BEiTForSegmentation:
+    """``BEiTForSegmentation.from_state_dict`` of a state dict already renamed from ``fmt``."""
+    config, segmentation, state = checkpoint.resolve_configs(state, fmt, config, segmentation, overrides)
+    model = BEiTForSegmentation(config, segmentation)
+    _load_checked(model, state, strict)
+    return model
+
+
+def _load_checked(model: nn.Module, state: Mapping[str, torch.Tensor], strict: bool) -> None:
+    expected = model.state_dict()
+    mismatched = [f"{k}: expected {tuple(expected[k].shape)}, got {tuple(v.shape)}"
+                  for k, v in state.items() if k in expected and v.shape != expected[k].shape]
+    if mismatched:
+        raise ValueError("BEiTForSegmentation.from_state_dict: shape mismatch for " + "; ".join(mismatched))
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        message = f"BEiTForSegmentation.from_state_dict: missing keys {missing}, unexpected keys {unexpected}"
+        if strict:
+            raise ValueError(message + " (strict=False loads the rest)")
+        # stacklevel: the caller of BEiTForSegmentation.from_state_dict / from_file.
+        warnings.warn(message + "; missing ones keep the initialisation of a new model", stacklevel=4)
+    model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
