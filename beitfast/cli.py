@@ -197,7 +197,7 @@ def _log(message: str) -> None:
 LEAST = {"depth": 1, "img_size": 1, "patch_size": 1, "vocab_size": 2, "tokenizer_size": 1,
          "tokenizer_patch_size": 1, "tokenizer_images": 1, "tokenizer_iters": 1, "steps": 1, "batch_size": 1,
          "warmup_steps": 0, "checkpoint_every": 1, "workers": 0, "threads": 1, "log_every": 1,
-         "images_per_shard": 1, "data_workers": 0, "warmup": 0}
+         "images_per_shard": 1, "data_workers": 0, "warmup": 0, "head_channels": 1, "num_classes": 1}
 
 
 def _check_counts(args: argparse.Namespace) -> None:
@@ -452,8 +452,14 @@ def cmd_data_pack(args: argparse.Namespace) -> int:
     from .data import ImageFolder
     from .shards import pack_shards
 
+    if args.masks is not None and args.num_classes is None:
+        raise CommandError("--masks needs --num-classes (the masks' class count)")
+    if args.masks is None and (args.num_classes is not None or args.reduce_zero_label):
+        raise CommandError("--num-classes and --reduce-zero-label describe --masks, which is not given")
     _log_found(ImageFolder(args.folder, labelled=args.labelled), print)
-    shards = pack_shards(args.folder, args.output, images_per_shard=args.images_per_shard, labelled=args.labelled)
+    shards = pack_shards(args.folder, args.output, images_per_shard=args.images_per_shard,
+                         labelled=args.labelled, masks=args.masks, num_classes=args.num_classes,
+                         reduce_zero_label=args.reduce_zero_label)
     print(f"wrote {len(shards)} shard(s) to {args.output}")
     return 0
 
@@ -551,6 +557,14 @@ SEGMENT_GPU_DEFAULTS = {"batch_size": 16, "steps": 160_000, "warmup_steps": 1500
 SEGMENT_CPU_DEFAULTS = {"batch_size": 4, "steps": 200, "warmup_steps": 20, "lr": 7e-4, "crop": 64,
                         "scale": [256, 64]}
 SEGMENT_MODEL_NAME = "model.safetensors"
+# segment train --demo: a short pre-training of the embedded photographs (kept in OUTPUT/pretrain and
+# reused by the next demo), then a fine-tuning on the embedded scenes with narrow heads (the official
+# width, the backbone's, would cost most of a CPU step at 64 px).
+SEGMENT_DEMO_OUTPUT = "segment-demo-output"
+SEGMENT_DEMO_DEFAULTS = {**SEGMENT_CPU_DEFAULTS, "steps": 150, "batch_size": 8}
+SEGMENT_DEMO_PRETRAIN = ["--steps", "100", "--batch-size", "16", "--seed", "0"]
+SEGMENT_DEMO_HEAD_CHANNELS = 64
+SEGMENT_DEMO_OVERLAYS = 4
 
 
 def _segmentation_source(data: str, option: str, split: str, num_classes: int | None,
@@ -570,6 +584,15 @@ def _segmentation_source(data: str, option: str, split: str, num_classes: int | 
             source = embedded_scenes(split)
         except ImportError as error:  # scikit-image and scikit-learn are the optional data extra
             raise CommandError(f"{option} embedded: {error}") from error
+        _log_found(source)
+        return source
+    if _is_shards(data):
+        from .shards import ShardedSegmentation
+
+        source = ShardedSegmentation(data)
+        if num_classes not in (None, source.num_classes):
+            raise CommandError(f"{option} {data!r} has {source.num_classes} classes, --num-classes says "
+                               f"{num_classes}")
         _log_found(source)
         return source
     root = Path(data)
@@ -597,6 +620,52 @@ def _segment_report(model, source, args, what: str) -> dict:
     return json.loads(json.dumps(numbers).replace("NaN", "null"))
 
 
+def _segment_demo_pretrained(args, output: Path) -> str:
+    """The demo's pre-trained BEiT: OUTPUT/pretrain/checkpoint.pt, pre-trained now on the embedded
+    photographs, or continued or reused as an earlier demo left it (``--resume auto``)."""
+    from .train import CHECKPOINT_NAME
+
+    folder = output / "pretrain"
+    _log(f"demo: pre-training a small BEiT on the embedded photographs in {folder}/ (reused when done)")
+    pretrain_args = build_parser().parse_args([
+        "pretrain", "--output", str(folder), "--device", args.device, "--resume", "auto",
+        *SEGMENT_DEMO_PRETRAIN, *(["--no-progress"] if args.no_progress else []),
+    ])
+    cmd_pretrain(pretrain_args)
+    return str(folder / CHECKPOINT_NAME)
+
+
+def _segment_demo_overlays(model, source, args, output: Path) -> list[Path]:
+    """Pictures of the first validation scenes: the scene, its true labels and the predicted ones
+    (colours blended on the scene), side by side, enlarged four times."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from .segmentation.data import SegmentationTestTransform, image_tensor
+    from .segmentation.task import predict_labels
+    from .segmentation.visualize import overlay, palette
+    from .train import write_bytes_atomically
+
+    colours = palette(source.num_classes)
+    transform = SegmentationTestTransform(tuple(args.scale))
+    model.eval()
+    written = []
+    for i in range(min(SEGMENT_DEMO_OVERLAYS, len(source))):
+        image, truth = source.load(i), source.mask(i)
+        predicted = predict_labels(model, transform(image_tensor(image)), truth.shape, args.mode).cpu()
+        parts = [np.asarray(image), np.asarray(overlay(image, truth, colours, 0.6)),
+                 np.asarray(overlay(image, predicted, colours, 0.6))]
+        strip = Image.fromarray(np.concatenate(parts, axis=1))
+        strip = strip.resize((strip.width * 4, strip.height * 4), Image.Resampling.NEAREST)
+        buffer = io.BytesIO()
+        strip.save(buffer, format="PNG")
+        written.append(output / f"overlay-{i:03d}.png")
+        write_bytes_atomically(written[-1], buffer.getvalue())
+    return written
+
+
 def cmd_segment_train(args: argparse.Namespace) -> int:
     from .model import BEiT
     from .segmentation import BEiTForSegmentation
@@ -605,10 +674,32 @@ def cmd_segment_train(args: argparse.Namespace) -> int:
     from .segmentation.task import segmentation_trainer
     from .train import CHECKPOINT_NAME, METRICS_NAME, PLOT_NAME, setup_distributed, write_bytes_atomically
 
+    started = time.perf_counter()
+    if args.demo:
+        earlier = Path(SEGMENT_DEMO_OUTPUT) / CHECKPOINT_NAME
+        if args.output is None and args.resume is None and earlier.exists():
+            # The demo's own folder holds an earlier demo run, made again in minutes: it is replaced
+            # (its pre-trained model is reused).
+            _log(f"replacing the earlier demo run in {SEGMENT_DEMO_OUTPUT}/")
+            args.overwrite = True
+        args.output = args.output or SEGMENT_DEMO_OUTPUT
+        args.resume = args.resume or "none"
+        args.device = "cpu" if args.device == "auto" else args.device
+        args.data = args.data or "embedded"
+        args.val_data = args.val_data or ("embedded" if args.data == "embedded" else None)
+        args.head_channels = args.head_channels or SEGMENT_DEMO_HEAD_CHANNELS
+    for option, value in (("--pretrained", args.pretrained), ("--data", args.data)):
+        if value is None and not (args.demo and option == "--pretrained"):
+            raise CommandError(f"{option} is required (or --demo)")
+    args.output = args.output or "beitfast-segment"
     _check_device(args)
-    _fill(args, _defaults(SEGMENT_GPU_DEFAULTS, SEGMENT_CPU_DEFAULTS, args.device))
+    _fill(args, SEGMENT_DEMO_DEFAULTS if args.demo else
+          _defaults(SEGMENT_GPU_DEFAULTS, SEGMENT_CPU_DEFAULTS, args.device))
     args.resume = args.resume or "auto"
     train_config = _train_config(args, args.output, layer_decay=args.layer_decay)
+    if args.pretrained is None:
+        _check_run_paths(args, Path(args.output), replaced=(SEGMENT_MODEL_NAME, EVAL_NAME))  # before minutes
+        args.pretrained = _segment_demo_pretrained(args, Path(args.output))
     if not Path(args.pretrained).exists():
         raise FileNotFoundError(f"--pretrained: {args.pretrained!r} does not exist (BEiT weights of any "
                                 f"task, or a checkpoint.pt of `beitfast pretrain`)")
@@ -626,8 +717,10 @@ def cmd_segment_train(args: argparse.Namespace) -> int:
     out_indices = (default_out_indices(depth) if depth in (12, 24)
                    else tuple(max(depth * k // 4 - 1, 0) for k in (1, 2, 3, 4)))
     torch.manual_seed(args.seed)  # the same new neck and heads on every rank
+    heads = {"channels": args.head_channels, "auxiliary_channels": args.head_channels} if args.head_channels \
+        else {}
     model = BEiTForSegmentation.from_backbone(args.pretrained, config, num_classes=train_set.num_classes,
-                                              out_indices=out_indices)
+                                              out_indices=out_indices, **heads)
     ctx = setup_distributed()
     transform = SegmentationTrainTransform(args.crop, tuple(args.scale))
     stream = segmentation_stream(train_set, transform, args.batch_size, seed=args.seed, rank=ctx.rank,
@@ -652,6 +745,11 @@ def cmd_segment_train(args: argparse.Namespace) -> int:
     if _main_process():
         _print_outputs(output, ((CHECKPOINT_NAME, "checkpoint"), (SEGMENT_MODEL_NAME, "model"),
                                 (METRICS_NAME, "metrics"), (PLOT_NAME, "plot"), (EVAL_NAME, "validation")))
+        if args.demo and val_set is not None:
+            pictures = _segment_demo_overlays(model, val_set, args, output)
+            print(f"{'overlays':>10}: {pictures[0].resolve()} ... (scene, truth, prediction)")
+            print(f"demo done in {time.perf_counter() - started:.0f} s: validation mIoU "
+                  f"{100 * numbers['mIoU']:.2f} on {numbers['images']} held-out scenes")
     return 0
 
 
@@ -922,6 +1020,13 @@ def build_parser() -> argparse.ArgumentParser:
     pack.add_argument("--images-per-shard", type=int, default=1000, help="images per shard (default: 1000)")
     pack.add_argument("--labelled", action="store_true",
                       help="the first-level sub-folders are classes: write each image's class index")
+    pack.add_argument("--masks",
+                      help="segmentation pairs: the folder of masks with the images' file stems (and "
+                           "sub-folders); each mask is checked and written beside its image as "
+                           "<key>.seg.png, for `segment train --data OUTPUT`")
+    pack.add_argument("--num-classes", type=int, help="with --masks: the class count of the masks")
+    pack.add_argument("--reduce-zero-label", action="store_true",
+                      help="with --masks: label 0 is 'other' (ignored), the others go down by one (ADE20K)")
     pack.set_defaults(func=cmd_data_pack)
 
     seg = commands.add_parser("segment", help="semantic segmentation: fine-tune (UPerNet), evaluate (mIoU)")
@@ -935,17 +1040,27 @@ def build_parser() -> argparse.ArgumentParser:
                     "photometric distortion. Writes checkpoint.pt (resumable), metrics.jsonl, curves.png, "
                     f"{SEGMENT_MODEL_NAME} (the model for segment eval and predict, with each checkpoint) "
                     f"and, with --val-data, {EVAL_NAME}.")
-    seg_train.add_argument("--pretrained", required=True,
+    seg_train.add_argument("--demo", action="store_true",
+                           help="on CPU: pre-train a small BEiT on the embedded photographs (or reuse "
+                                "--pretrained, or the one an earlier demo left in OUTPUT/pretrain), "
+                                "fine-tune it on the embedded scenes, evaluate on the held-out ones and "
+                                f"write overlays, in minutes, to ./{SEGMENT_DEMO_OUTPUT} (other options still "
+                                f"apply)")
+    seg_train.add_argument("--pretrained",
                            help="BEiT weights of any task (a checkpoint.pt of `beitfast pretrain`, official, "
-                                "timm or Hugging Face); neck and heads are new")
-    seg_train.add_argument("--data", required=True,
+                                "timm or Hugging Face); neck and heads are new (required without --demo)")
+    seg_train.add_argument("--data",
                            help="'embedded' (scenes composed from the embedded photographs, 6 classes), an "
-                                "ADE20K root (images/training, annotations/training) or a folder with "
-                                "images/ and masks/ (same file stems)")
+                                "ADE20K root (images/training, annotations/training), a folder with images/ "
+                                "and masks/ (same file stems) or shards of `data pack --masks` (required "
+                                "without --demo)")
     seg_train.add_argument("--val-data", help="validation data, same forms (embedded, ADE20K: the "
                                               "validation split); evaluated at the end")
-    seg_train.add_argument("--output", default="beitfast-segment",
-                           help="output folder (default: ./beitfast-segment)")
+    seg_train.add_argument("--output", help=f"output folder (default: ./beitfast-segment; "
+                                            f"./{SEGMENT_DEMO_OUTPUT} with --demo)")
+    seg_train.add_argument("--head-channels", type=int,
+                           help=f"width of the UPerNet and auxiliary FCN heads (default: the official, the "
+                                f"backbone's width and 256; {SEGMENT_DEMO_HEAD_CHANNELS} with --demo)")
     seg_train.add_argument("--layer-decay", type=float, default=0.65,
                            help="layer-wise lr decay (default: 0.65; 0.9 with lr 3e-5 for intermediate "
                                 "fine-tuned checkpoints)")

@@ -5,6 +5,10 @@ bytes and extension) and, for labelled data, ``<key>.cls`` (the class index as t
 sample's index in the data set, zero-padded, so the files of one sample are adjacent. ``pack_shards``
 (``beitfast data pack``) writes them from an image folder.
 
+Segmentation pairs (``pack_shards(masks=...)``, ``beitfast data pack --masks``) add ``<key>.seg.<ext>``,
+the mask file's bytes, and ``segmentation.json`` beside the shards (the class count and whether
+``reduce_zero_label`` applies); :class:`ShardedSegmentation` reads them.
+
 ``ShardedImages`` reads them as an image source for ``BatchStream``: it indexes every member once
 (tar headers only) and reads a sample with one seek. Under ``torchrun`` every rank opens the same
 shards and reads only the samples of its part of each global batch (``BatchStream(rank=...,
@@ -29,10 +33,12 @@ from PIL import Image
 from ._files import _umask
 from .data import IMAGE_EXTENSIONS, ImageFiles, ImageFolder
 
-__all__ = ["pack_shards", "ShardedImages", "shard_paths"]
+__all__ = ["pack_shards", "ShardedImages", "ShardedSegmentation", "shard_paths"]
 
 LABEL_EXTENSION = "cls"
+MASK_EXTENSION = "seg"  # a sample's mask: <key>.seg.<the mask file's extension>
 CLASSES_NAME = "classes.json"  # beside labelled shards: the class names, in index order
+SEGMENTATION_NAME = "segmentation.json"  # beside segmentation shards: num_classes, reduce_zero_label
 
 
 def shard_paths(location: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
@@ -54,19 +60,47 @@ def shard_paths(location: str | os.PathLike | Sequence[str | os.PathLike]) -> li
     return paths
 
 
+def _segmentation_pairs(folder, masks, num_classes, reduce_zero_label):
+    """The pairs of ``SegmentationFolder(folder, masks, ...)``, each mask decoded once and checked (labels
+    in range, the image's size): a bad pair is refused naming its files before anything is written."""
+    from .segmentation.data import SegmentationFolder, load_mask
+
+    if num_classes is None:
+        raise ValueError("pack_shards: segmentation pairs (masks) need num_classes")
+    source = SegmentationFolder(folder, masks, num_classes, reduce_zero_label)
+    for path, mask in zip(source.paths, source.labels):
+        labels = load_mask(mask, num_classes, reduce_zero_label)
+        with Image.open(path) as image:
+            size = image.size
+        if size != (labels.shape[1], labels.shape[0]):
+            raise ValueError(f"mask {str(mask)!r} is {labels.shape[1]}x{labels.shape[0]} (width x height), "
+                             f"its image {str(path)!r} {size[0]}x{size[1]}: they must match")
+    return source
+
+
 def pack_shards(folder: str | os.PathLike, output: str | os.PathLike, images_per_shard: int = 1000,
-                labelled: bool = False, prefix: str = "shard") -> list[Path]:
+                labelled: bool = False, prefix: str = "shard", masks: str | os.PathLike | None = None,
+                num_classes: int | None = None, reduce_zero_label: bool = False) -> list[Path]:
     """Write every image of ``ImageFolder(folder, labelled)`` into tar shards of ``images_per_shard``
     samples in ``output`` (a new or empty folder); returns the shard paths. The files are copied, not
     decoded (an undecodable one is skipped when read). Labelled shards come with ``classes.json``, the
-    class names in index order. The set is written into a hidden folder beside ``output`` and renamed to
-    ``output`` at the end: a failure or a kill leaves no partial set that a reader would accept."""
+    class names in index order. With ``masks`` (a folder of masks with the images' stems, as
+    :class:`beitfast.segmentation.data.SegmentationFolder` pairs them) each image's mask goes beside it,
+    checked first, and ``segmentation.json`` records ``num_classes`` and ``reduce_zero_label``. The set is
+    written into a hidden folder beside ``output`` and renamed to ``output`` at the end: a failure or a
+    kill leaves no partial set that a reader would accept."""
     if isinstance(images_per_shard, bool) or not isinstance(images_per_shard, int) or images_per_shard < 1:
         raise ValueError(f"pack_shards: images_per_shard must be a positive int, got {images_per_shard!r}")
+    if masks is not None and labelled:
+        raise ValueError("pack_shards: labelled (class folders) and masks (segmentation) exclude each other")
     output = Path(output)
     if output.exists() and not (output.is_dir() and not any(output.iterdir())):
         raise FileExistsError(f"pack_shards: output {str(output)!r} must be a new or empty folder")
-    source = ImageFolder(folder, labelled=labelled)
+    if masks is not None:
+        source = _segmentation_pairs(folder, masks, num_classes, reduce_zero_label)
+        mask_paths, source.labels = source.labels, None
+    else:
+        source, mask_paths = ImageFolder(folder, labelled=labelled), None
     output.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.", suffix=".partial"))
     digits = max(6, len(str(len(source) - 1)))
@@ -80,8 +114,14 @@ def pack_shards(folder: str | os.PathLike, output: str | os.PathLike, images_per
                     tar.add(source.paths[i], arcname=f"{key}{source.paths[i].suffix.lower()}")
                     if source.labels is not None:
                         _add_bytes(tar, f"{key}.{LABEL_EXTENSION}", str(source.labels[i]).encode())
+                    if mask_paths is not None:
+                        mask = mask_paths[i]
+                        tar.add(mask, arcname=f"{key}.{MASK_EXTENSION}{mask.suffix.lower()}")
         if labelled:
             (partial / CLASSES_NAME).write_text(json.dumps(source.classes) + "\n")
+        if mask_paths is not None:
+            meta = {"num_classes": num_classes, "reduce_zero_label": reduce_zero_label}
+            (partial / SEGMENTATION_NAME).write_text(json.dumps(meta) + "\n")
         for entry in partial.iterdir():
             with open(entry, "rb") as f:
                 os.fsync(f.fileno())
@@ -112,6 +152,7 @@ class ShardedImages(ImageFiles):
         self.entries: list[tuple[int, int, int, str]] = []  # (shard, offset, size, member name)
         keys: list[tuple[int, str]] = []
         class_of: dict[tuple[int, str], int] = {}
+        mask_of: dict[tuple[int, str], tuple[int, int, int, str]] = {}
         for shard_index, path in enumerate(self.shards):
             size = path.stat().st_size
             try:
@@ -127,6 +168,8 @@ class ShardedImages(ImageFiles):
                         key, extension = (shard_index, os.path.join(folder, stem)), extension.lower()
                         if extension == LABEL_EXTENSION:
                             class_of[key] = int(tar.extractfile(member).read().decode().strip())
+                        elif extension.startswith(f"{MASK_EXTENSION}."):
+                            mask_of[key] = (shard_index, member.offset_data, member.size, member.name)
                         elif f".{extension}" in IMAGE_EXTENSIONS:  # other files of a sample are ignored
                             keys.append(key)
                             self.entries.append((shard_index, member.offset_data, member.size, member.name))
@@ -136,6 +179,8 @@ class ShardedImages(ImageFiles):
         if not self.entries:
             raise ValueError(f"ShardedImages: no images in the {len(self.shards)} shard(s) given")
         self.labels = [class_of[key] for key in keys] if all(key in class_of for key in keys) else None
+        # Segmentation pairs: each image's mask entry, when every image has one.
+        self.mask_entries = [mask_of[key] for key in keys] if all(key in mask_of for key in keys) else None
         # Class names: classes.json beside the shards (`beitfast data pack --labelled` writes it), else the
         # indices themselves.
         self.classes: list[str] = []
@@ -153,8 +198,8 @@ class ShardedImages(ImageFiles):
         shard, _, _, name = self.entries[index]
         return f"{self.shards[shard]}:{name}"
 
-    def _read(self, index: int) -> bytes:
-        shard, offset, size, _ = self.entries[index]
+    def _read(self, index: int, entries=None) -> bytes:
+        shard, offset, size, _ = (entries or self.entries)[index]
         if self._pid != os.getpid():  # a forked worker must not share the parent's file positions
             self._files, self._pid = {}, os.getpid()
         if shard not in self._files:
@@ -168,3 +213,47 @@ class ShardedImages(ImageFiles):
 
     def __getstate__(self):
         return {**self.__dict__, "_files": {}}
+
+
+class ShardMasks:
+    """The masks of segmentation shards as a sequence: item ``i`` is image ``i``'s labels, ``[H, W]``
+    int64, read and decoded when asked for (:func:`beitfast.segmentation.data.load_mask`)."""
+
+    def __init__(self, shards: "ShardedSegmentation"):
+        self.shards = shards
+
+    def __len__(self) -> int:
+        return len(self.shards)
+
+    def __getitem__(self, index: int):
+        from .segmentation.data import load_mask
+
+        source = self.shards
+        shard, _, _, name = source.mask_entries[index]
+        return load_mask(io.BytesIO(source._read(index, source.mask_entries)), source.num_classes,
+                         source.reduce_zero_label, name=f"{source.shards[shard]}:{name}")
+
+
+class ShardedSegmentation(ShardedImages):
+    """Segmentation pairs from shards of ``pack_shards(masks=...)``, read as a
+    :class:`beitfast.segmentation.data.SegmentationFolder` is: ``labels[i]`` and ``mask(i)`` give image
+    ``i``'s labels; ``num_classes`` and ``reduce_zero_label`` come from ``segmentation.json``."""
+
+    def __init__(self, shards: str | os.PathLike | Sequence[str | os.PathLike]):
+        super().__init__(shards)
+        meta = self.shards[0].parent / SEGMENTATION_NAME
+        if self.mask_entries is None or not meta.is_file():
+            raise ValueError(f"ShardedSegmentation: the shards in {str(self.shards[0].parent)!r} hold no "
+                             f"masks (or no {SEGMENTATION_NAME}): pack them with `beitfast data pack "
+                             f"--masks`")
+        values = json.loads(meta.read_text())
+        self.num_classes = int(values["num_classes"])
+        self.reduce_zero_label = bool(values["reduce_zero_label"])
+        self.labels = ShardMasks(self)
+
+    def mask(self, index: int):
+        return self.labels[index]
+
+    @property
+    def found(self) -> str:
+        return f"{len(self)} image/mask pairs of {self.num_classes} classes in {len(self.shards)} shard(s)"

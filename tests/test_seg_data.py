@@ -174,3 +174,56 @@ def test_test_transform_resizes_the_image_only(tmp_path):
     mean, std = torch.tensor([123.675, 116.28, 103.53]), torch.tensor([58.395, 57.12, 57.375])
     expected = (torch.from_numpy(pixels).permute(2, 0, 1).float() - mean[:, None, None]) / std[:, None, None]
     torch.testing.assert_close(same, expected)
+
+
+def test_packed_pairs_read_as_the_folder(tmp_path, capsys):
+    from beitfast.cli import main
+    from beitfast.shards import ShardedSegmentation
+
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    for i, (h, w) in enumerate([(20, 24), (17, 31), (25, 18)]):
+        write_pair(images, masks, f"{i:02d}", random_labels(h, w, 4, seed=i), suffix=".png",
+                   mode="P" if i == 1 else "L", seed=i)
+    ignored = np.where(random_labels(20, 24, 5), random_labels(20, 24, 4), 255).astype(np.uint8)
+    Image.fromarray(ignored).save(masks / "00.png")  # with ignored pixels
+    folder = SegmentationFolder(images, masks, 4)
+    out = tmp_path / "shards"
+    assert main(["data", "pack", str(images), str(out), "--masks", str(masks), "--num-classes", "4",
+                 "--images-per-shard", "2"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["segmentation.json", "shard-000000.tar",
+                                                     "shard-000001.tar"]
+    shards = ShardedSegmentation(out)
+    assert len(shards) == 3 and shards.num_classes == 4 and not shards.reduce_zero_label
+    for i in range(3):
+        assert torch.equal(shards.mask(i), folder.mask(i)) and torch.equal(shards.labels[i], folder.mask(i))
+        assert np.array_equal(np.asarray(shards.load(i)), np.asarray(folder.load(i)))
+    transform = SegmentationTrainTransform(crop=16, scale=(40, 16))
+    a = segmentation_stream(folder, transform, 2, seed=4).batch(1)
+    b = segmentation_stream(shards, transform, 2, seed=4).batch(1)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    test = SegmentationTestTransform((32, 16))
+    for (i, x, y), (j, u, v) in zip(evaluation_pairs(folder, test), evaluation_pairs(shards, test)):
+        assert i == j and torch.equal(x, u) and torch.equal(y, v)
+    from beitfast.cli import CommandError, _segmentation_source  # segment train|eval --data SHARDS
+
+    assert isinstance(_segmentation_source(str(out), "--data", "training", None, False), ShardedSegmentation)
+    with pytest.raises(CommandError, match="has 4 classes, --num-classes says 5"):
+        _segmentation_source(str(out), "--data", "training", 5, False)
+    capsys.readouterr()
+
+    # Bad pairs are refused naming the file, before anything is written.
+    bad = tmp_path / "bad"
+    assert main(["data", "pack", str(images), str(bad), "--masks", str(masks), "--num-classes", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "labels must be in [0, 3)" in err and "masks/0" in err
+    Image.fromarray(random_labels(5, 6, 4).astype(np.uint8)).save(masks / "02.png")  # 6x5, its image 18x25
+    assert main(["data", "pack", str(images), str(bad), "--masks", str(masks), "--num-classes", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "02.png" in err and "they must match" in err and not bad.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".bad")]
+    assert main(["data", "pack", str(images), str(bad), "--masks", str(masks)]) == 2
+    assert "--masks needs --num-classes" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="hold no masks"):
+        pack_plain = tmp_path / "plain"
+        assert main(["data", "pack", str(images), str(pack_plain)]) == 0
+        ShardedSegmentation(pack_plain)

@@ -95,12 +95,15 @@ def ade20k(root: str | os.PathLike, split: str = "training", num_classes: int = 
                               reduce_zero_label=True)
 
 
-def load_mask(path: str | os.PathLike, num_classes: int, reduce_zero_label: bool = False) -> torch.Tensor:
-    """A mask file as ``[H, W]`` int64 labels in ``[0, num_classes)`` or 255; ``reduce_zero_label`` as
-    mmseg's ``LoadAnnotations`` (0 -> 255, others - 1, 255 stays 255). Values outside are refused."""
+def load_mask(path, num_classes: int, reduce_zero_label: bool = False,
+              name: str | None = None) -> torch.Tensor:
+    """A mask file (a path, or a file object with its ``name`` for the errors) as ``[H, W]`` int64 labels
+    in ``[0, num_classes)`` or 255; ``reduce_zero_label`` as mmseg's ``LoadAnnotations`` (0 -> 255, others
+    - 1, 255 stays 255). Values outside are refused."""
+    path_name = str(path) if name is None else name
     with Image.open(path) as image:
         if image.mode not in ("L", "P", "1", "I", "I;16", "I;16B", "I;16L", "I;16N"):
-            raise ValueError(f"mask {str(path)!r}: mode {image.mode} is not a label mask (expected grey "
+            raise ValueError(f"mask {path_name!r}: mode {image.mode} is not a label mask (expected grey "
                              f"8/16-bit or palette indices; convert colour masks to class indices first)")
         labels = np.asarray(image).astype(np.int64)
     if reduce_zero_label:
@@ -109,7 +112,7 @@ def load_mask(path: str | os.PathLike, num_classes: int, reduce_zero_label: bool
     bad = (labels < 0) | ((labels >= num_classes) & (labels != IGNORE_INDEX))
     if bad.any():
         values = sorted(set(np.unique(labels[bad])[:8].tolist()))
-        raise ValueError(f"mask {str(path)!r}: labels must be in [0, {num_classes}) or {IGNORE_INDEX}"
+        raise ValueError(f"mask {path_name!r}: labels must be in [0, {num_classes}) or {IGNORE_INDEX}"
                          f"{' after reduce_zero_label' if reduce_zero_label else ''}, found {values}")
     return torch.from_numpy(labels)
 
@@ -294,5 +297,6 @@ def evaluation_pairs(source: SegmentationFolder, transform: SegmentationTestTran
         if image is None:
             continue
         pixels, labels = image_tensor(image), source.mask(i)
-        check_pair(pixels, labels, source.labels[i])
+        check_pair(pixels, labels, source.labels[i] if isinstance(source, SegmentationFolder)
+                   else f"the mask of image {i}")
         yield i, transform(pixels), labels
