@@ -103,3 +103,26 @@ def test_segment_commands_on_embedded_scenes(tmp_path, capsys, one_thread):
                  "4", "--output", str(tmp_path / "bad"), *common]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--data embedded has 6 classes, --num-classes says 4" in err
+
+
+@pytest.mark.slow
+def test_segment_train_demo_writes_its_pictures_and_replaces_itself(tmp_path, monkeypatch, capsys, one_thread):
+    # The pre-training is skipped (--pretrained): its command has tests of its own.
+    torch.manual_seed(0)
+    BEiT(BEiTConfig(img_size=32, patch_size=8, embed_dim=16, depth=2, num_heads=2, vocab_size=0,
+                    kernels="eager")).save(tmp_path / "pretrained.safetensors")
+    monkeypatch.chdir(tmp_path)
+    args = ["segment", "train", "--demo", "--pretrained", "pretrained.safetensors", "--steps", "2",
+            "--batch-size", "2", "--crop", "32", "--scale", "32", "32", "--head-channels", "8", "--no-progress"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    out = tmp_path / "segment-demo-output"
+    for name in ("checkpoint.pt", "model.safetensors", "eval.json", "curves.png", "overlay-003.png"):
+        assert (out / name).is_file(), name
+    numbers = json.loads((out / "eval.json").read_text())
+    assert f"validation mIoU {100 * numbers['mIoU']:.2f} on 100 held-out scenes" in printed
+    with Image.open(out / "overlay-000.png") as picture:  # scene, truth, prediction, enlarged 4 times
+        assert picture.size == (3 * 64 * 4, 64 * 4)
+    assert main(args) == 0
+    assert "replacing the earlier demo run in segment-demo-output/" in capsys.readouterr().out
+    assert not (out / "pretrain").exists()
