@@ -106,14 +106,16 @@ def test_segment_commands_on_embedded_scenes(tmp_path, capsys, one_thread):
 
 
 @pytest.mark.slow
-def test_segment_train_demo_writes_its_pictures_and_replaces_itself(tmp_path, monkeypatch, capsys, one_thread):
+def test_segment_train_demo_writes_its_pictures_and_replaces_itself(tmp_path, monkeypatch, capsys,
+                                                                    one_thread):
     # The pre-training is skipped (--pretrained): its command has tests of its own.
     torch.manual_seed(0)
     BEiT(BEiTConfig(img_size=32, patch_size=8, embed_dim=16, depth=2, num_heads=2, vocab_size=0,
                     kernels="eager")).save(tmp_path / "pretrained.safetensors")
     monkeypatch.chdir(tmp_path)
     args = ["segment", "train", "--demo", "--pretrained", "pretrained.safetensors", "--steps", "2",
-            "--batch-size", "2", "--crop", "32", "--scale", "32", "32", "--head-channels", "8", "--no-progress"]
+            "--batch-size", "2", "--crop", "32", "--scale", "32", "32", "--head-channels", "8",
+            "--no-progress"]
     assert main(args) == 0
     printed = capsys.readouterr().out
     out = tmp_path / "segment-demo-output"
