@@ -211,7 +211,7 @@ def _train_config(args, output: str, **extra):
     from .train import TrainConfig
 
     if args.min_lr > args.lr:
-        raise CommandError(f"--min-lr ({args.min_lr:g}) must not exceed --lr ({args.lr:g}): the cosine "
+        raise CommandError(f"--min-lr ({args.min_lr:g}) must not exceed --lr ({args.lr:g}): the "
                            f"schedule would rise from the peak towards it")
     resume = None if args.resume == "none" else args.resume
     # Without the bar, a line at least once per checkpoint interval, about twenty in a run.
@@ -666,6 +666,22 @@ def _segment_demo_overlays(model, source, args, output: Path) -> list[Path]:
     return written
 
 
+def _check_resume_classes(args, num_classes: int) -> None:
+    """A run resumed with another class count would fail deep in the state-dict load: refused here, in a
+    line naming the checkpoint."""
+    from .train import CHECKPOINT_NAME
+
+    path = Path(args.output) / CHECKPOINT_NAME if args.resume == "auto" else Path(args.resume)
+    if args.resume == "none" or not path.is_file():
+        return
+    weight = torch.load(path, map_location="cpu", weights_only=True).get("model", {}).get(
+        "decode_head.conv_seg.weight")
+    if weight is not None and weight.shape[0] != num_classes:
+        raise CommandError(f"the checkpoint {str(path)!r} to resume was trained for {weight.shape[0]} "
+                           f"classes, --data has {num_classes}: give another --output, or --resume none "
+                           f"--overwrite to start afresh")
+
+
 def cmd_segment_train(args: argparse.Namespace) -> int:
     from .model import BEiT
     from .segmentation import BEiTForSegmentation
@@ -709,6 +725,7 @@ def cmd_segment_train(args: argparse.Namespace) -> int:
                                     args.reduce_zero_label) if args.val_data else None)
     _check_batch_size(args.batch_size, train_set, args.data)
     _check_run_paths(args, Path(args.output), replaced=(SEGMENT_MODEL_NAME, EVAL_NAME))
+    _check_resume_classes(args, train_set.num_classes)
     backbone = BEiT.from_file(args.pretrained).config
     # The official fine-tuning backbone: a relative position bias table per layer, at the crop size.
     config = backbone.replace(img_size=args.crop, use_rel_pos_bias=True, use_shared_rel_pos_bias=False,
@@ -830,17 +847,21 @@ def cmd_segment_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_training_options(parser: argparse.ArgumentParser, gpu: dict, cpu: dict) -> None:
-    group = parser.add_argument_group("optimisation (AdamW 0.9/0.999, per-step cosine schedule with linear warmup)")
+def _add_training_options(parser: argparse.ArgumentParser, gpu: dict, cpu: dict,
+                          schedule: str = "per-step cosine schedule with linear warmup", min_lr: float = 1e-5,
+                          clip_grad: float = 3.0) -> None:
+    group = parser.add_argument_group(f"optimisation (AdamW 0.9/0.999, {schedule})")
     group.add_argument("--steps", type=int, help=f"optimizer steps {_both('steps', gpu, cpu)}")
     group.add_argument("--batch-size", type=int,
                        help=f"global batch size, split over torchrun processes {_both('batch_size', gpu, cpu)}")
     group.add_argument("--lr", type=float, help=f"peak learning rate {_both('lr', gpu, cpu)}")
-    group.add_argument("--min-lr", type=float, default=1e-5, help="final learning rate of the cosine (default: 1e-5)")
+    group.add_argument("--min-lr", type=float, default=min_lr,
+                       help=f"final learning rate of the schedule (default: {min_lr:g})")
     group.add_argument("--warmup-steps", type=int, help=f"linear warmup steps {_both('warmup_steps', gpu, cpu)}")
     group.add_argument("--weight-decay", type=float, default=0.05,
                        help="AdamW weight decay, not applied to biases, norms, layer scales and tokens (default: 0.05)")
-    group.add_argument("--clip-grad", type=float, default=3.0, help="gradient norm clip, 0 disables (default: 3.0)")
+    group.add_argument("--clip-grad", type=float, default=clip_grad,
+                       help=f"gradient norm clip, 0 disables (default: {clip_grad:g})")
     group.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth rate (default: 0.1)")
     run = parser.add_argument_group("run")
     run.add_argument("--overwrite", action="store_true",
@@ -1115,8 +1136,10 @@ def build_parser() -> argparse.ArgumentParser:
                              help="images are resized keeping their aspect ratio to fit LONG x SHORT "
                                   + _both("scale", SEGMENT_GPU_DEFAULTS, SEGMENT_CPU_DEFAULTS)
                                   + " (eval and predict default: 2048 512)")
-    _add_training_options(seg_train, SEGMENT_GPU_DEFAULTS, SEGMENT_CPU_DEFAULTS)
-    seg_train.set_defaults(min_lr=0.0, clip_grad=0.0)  # the official poly schedule ends at 0; no clipping
+    # The official schedule: poly (power 1) down to 0 after a linear warmup; no gradient clipping.
+    _add_training_options(seg_train, SEGMENT_GPU_DEFAULTS, SEGMENT_CPU_DEFAULTS,
+                          schedule="per-step poly schedule, power 1, with linear warmup", min_lr=0.0,
+                          clip_grad=0.0)
     seg_train.set_defaults(func=cmd_segment_train)
     seg_eval.set_defaults(func=cmd_segment_eval)
     seg_predict.set_defaults(func=cmd_segment_predict)

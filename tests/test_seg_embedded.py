@@ -128,3 +128,25 @@ def test_segment_train_demo_writes_its_pictures_and_replaces_itself(tmp_path, mo
     assert main(args) == 0
     assert "replacing the earlier demo run in segment-demo-output/" in capsys.readouterr().out
     assert not (out / "pretrain").exists()
+
+
+def test_resuming_with_another_class_count_is_refused(tmp_path, capsys, one_thread):
+    torch.manual_seed(0)
+    pretrained = tmp_path / "pretrained.safetensors"
+    BEiT(BEiTConfig(img_size=32, patch_size=8, embed_dim=16, depth=2, num_heads=2, vocab_size=0,
+                    kernels="eager")).save(pretrained)
+    out = tmp_path / "run"
+    common = ["--pretrained", str(pretrained), "--crop", "32", "--scale", "32", "32", "--batch-size", "2",
+              "--head-channels", "8", "--device", "cpu", "--output", str(out), "--no-progress"]
+    assert main(["segment", "train", "--data", "embedded", "--steps", "1", *common]) == 0
+    folder = tmp_path / "three"
+    for sub in ("images", "masks"):
+        (folder / sub).mkdir(parents=True)
+    for i in range(2):
+        Image.fromarray(np.full((32, 32, 3), 60 * i, np.uint8)).save(folder / "images" / f"{i}.png")
+        Image.fromarray(np.full((32, 32), i, np.uint8)).save(folder / "masks" / f"{i}.png")
+    capsys.readouterr()
+    assert main(["segment", "train", "--data", str(folder), "--num-classes", "3", "--steps", "2", *common]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(out / "checkpoint.pt") in err
+    assert "trained for 6 classes, --data has 3" in err
