@@ -134,6 +134,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: PyTorch's choice)")
     parser.add_argument("--output", default="digits-output", help="output folder (default: ./digits-output)")
     args = parser.parse_args()
+    origin = provenance()  # the code that runs is the code at the start
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -154,7 +155,8 @@ def main() -> None:
           f"{100 * summary['scratch']['std']:.1f} % |")
     Path(args.output).mkdir(parents=True, exist_ok=True)
     record = {"settings": vars(args), "results": results, "summary": summary, "summary_keys": list(keys),
-              "provenance": provenance()}
+              "provenance": origin,
+              "finished": provenance()["date"]}
     (Path(args.output) / "results.json").write_text(json.dumps(record, indent=1) + "\n")
 
 

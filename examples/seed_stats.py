@@ -58,7 +58,8 @@ def paired_t(diffs: list[float]) -> dict:
 
 
 def provenance() -> dict:
-    """Where and when: commit (and whether the tree had changes), date, machine, torch, threads."""
+    """Where and when: commit (and the tracked files that differed from it), date, machine, torch,
+    threads. Call it at the start of a run: that is the code that runs."""
     root = Path(__file__).resolve().parent.parent
 
     def git(*args):

@@ -152,6 +152,7 @@ def main() -> None:
     parser.add_argument("--output", default="segmentation-output", help="output folder "
                         "(default: ./segmentation-output)")
     args = parser.parse_args()
+    origin = provenance()  # the code that runs is the code at the start
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.labelled > args.scenes:
@@ -196,7 +197,8 @@ def main() -> None:
     output.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if k != "pretrained"}
     record = {"settings": settings, "pretraining": pre_info, "results": results, "summary": summary,
-              "summary_keys": list(keys), "provenance": provenance()}
+              "summary_keys": list(keys), "provenance": origin,
+              "finished": provenance()["date"]}
     (output / "results.json").write_text(json.dumps(record, indent=1) + "\n")
 
 
