@@ -685,7 +685,6 @@ def _check_resume_classes(args, num_classes: int) -> None:
 def cmd_segment_train(args: argparse.Namespace) -> int:
     from .model import BEiT
     from .segmentation import BEiTForSegmentation
-    from .segmentation.config import default_out_indices
     from .segmentation.data import SegmentationTrainTransform, segmentation_stream
     from .segmentation.task import segmentation_trainer
     from .train import CHECKPOINT_NAME, METRICS_NAME, PLOT_NAME, setup_distributed, write_bytes_atomically
@@ -730,9 +729,7 @@ def cmd_segment_train(args: argparse.Namespace) -> int:
     # The official fine-tuning backbone: a relative position bias table per layer, at the crop size.
     config = backbone.replace(img_size=args.crop, use_rel_pos_bias=True, use_shared_rel_pos_bias=False,
                               drop_path_rate=args.drop_path, use_mean_pooling=False, **_fast_step(args))
-    depth = config.depth
-    out_indices = (default_out_indices(depth) if depth in (12, 24)
-                   else tuple(max(depth * k // 4 - 1, 0) for k in (1, 2, 3, 4)))
+    out_indices = _segment_out_indices(config.depth)
     torch.manual_seed(args.seed)  # the same new neck and heads on every rank
     heads = {"channels": args.head_channels, "auxiliary_channels": args.head_channels} if args.head_channels \
         else {}
@@ -770,15 +767,44 @@ def cmd_segment_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_segment_eval(args: argparse.Namespace) -> int:
+def _segment_out_indices(depth: int) -> tuple[int, ...]:
+    """The blocks feeding the neck: the official ones for 12 and 24 blocks, else the ends of each quarter."""
+    from .segmentation.config import default_out_indices
+
+    return (default_out_indices(depth) if depth in (12, 24)
+            else tuple(max(depth * k // 4 - 1, 0) for k in (1, 2, 3, 4)))
+
+
+def _segment_model(path: str):
+    """``--model``: a segmentation model file, or the checkpoint.pt of `segment train` (verified; its
+    backbone config is stored, the neck's blocks are those segment train picks for the depth and the
+    heads' widths and classes follow from the shapes)."""
+    from .checkpoint import read_training_checkpoint
+    from .config import BEiTConfig
     from .segmentation import BEiTForSegmentation
+
+    if not Path(path).exists():
+        raise FileNotFoundError(f"--model: {path!r} does not exist (a segmentation model file, e.g. "
+                                f"{SEGMENT_MODEL_NAME} of `beitfast segment train`, or its checkpoint.pt)")
+    if Path(path).suffix == ".pt":
+        try:
+            payload = read_training_checkpoint(path)
+        except ValueError:  # not a trainer's checkpoint: a model file of another code
+            payload = None
+        if payload is not None:
+            if payload.get("task") != "segment":
+                raise CommandError(f"--model: {path!r} is a checkpoint of {payload.get('task')!r} training, "
+                                   f"not of `segment train`")
+            config = BEiTConfig.from_dict(payload["model_config"])
+            return BEiTForSegmentation.from_file(path, config, out_indices=_segment_out_indices(config.depth))
+    return BEiTForSegmentation.from_file(path)
+
+
+def cmd_segment_eval(args: argparse.Namespace) -> int:
     from .train import write_bytes_atomically
 
     resolve_device(args.device)
-    if not Path(args.model).exists():
-        raise FileNotFoundError(f"--model: {args.model!r} does not exist (a segmentation model file, e.g. "
-                                f"{SEGMENT_MODEL_NAME} of `beitfast segment train`)")
-    model = BEiTForSegmentation.from_file(args.model)
+    model = _segment_model(args.model)
     source = _segmentation_source(args.data, "--data", "validation", model.segmentation_config.num_classes,
                                   args.reduce_zero_label)
     if source.num_classes != model.segmentation_config.num_classes:
@@ -799,16 +825,12 @@ def cmd_segment_predict(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from .data import IMAGE_EXTENSIONS, decode_rgb, find_images
-    from .segmentation import BEiTForSegmentation
     from .segmentation.data import SegmentationTestTransform, image_tensor
     from .segmentation.task import predict_labels
     from .segmentation.visualize import mask_image, overlay, palette
     from .train import ensure_writable, write_bytes_atomically
 
     device = resolve_device(args.device)
-    if not Path(args.model).exists():
-        raise FileNotFoundError(f"--model: {args.model!r} does not exist (a segmentation model file, e.g. "
-                                f"{SEGMENT_MODEL_NAME} of `beitfast segment train`)")
     if args.images == "embedded":
         from .segmentation.embedded import embedded_scenes
 
@@ -828,7 +850,7 @@ def cmd_segment_predict(args: argparse.Namespace) -> int:
         named = [(path.stem, lambda path=path: read(path)) for path in paths]
     if not 0 <= args.opacity <= 1:
         raise CommandError(f"--opacity must be in [0, 1], got {args.opacity}")
-    model = BEiTForSegmentation.from_file(args.model).eval().to(device)
+    model = _segment_model(args.model).eval().to(device)
     colours = palette(model.segmentation_config.num_classes)
     transform = SegmentationTestTransform(tuple(args.scale or (2048, 512)))
     output = Path(args.output)
@@ -1092,8 +1114,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Each image resized to fit --scale, segmented by sliding windows (or whole), the logits "
                     "resized back to the mask; prints the per-class table and writes the numbers as JSON.")
     seg_eval.add_argument("--model", required=True,
-                          help=f"a segmentation model file ({SEGMENT_MODEL_NAME} of `segment train`, "
-                               f"official/mmseg or Hugging Face)")
+                          help=f"a segmentation model file ({SEGMENT_MODEL_NAME} or checkpoint.pt of "
+                               f"`segment train`, official/mmseg or Hugging Face)")
     seg_eval.add_argument("--data", required=True,
                           help="'embedded' (its validation scenes), an ADE20K root (its validation split) or "
                                "a folder with images/ and masks/")

@@ -92,9 +92,10 @@ def test_segment_commands_on_embedded_scenes(tmp_path, capsys, one_thread):
     assert "400 embedded training scenes" in printed and "validation on 100 images (slide)" in printed
     numbers = json.loads((out / "eval.json").read_text())
     assert numbers["images"] == 100 and numbers["classes"] == list(EMBEDDED_CLASSES)
-    assert main(["segment", "eval", "--model", str(out / "model.safetensors"), "--data", "embedded",
-                 "--output", str(tmp_path / "eval.json"), *common]) == 0
-    assert json.loads((tmp_path / "eval.json").read_text())["mIoU"] == pytest.approx(numbers["mIoU"])
+    for model in ("model.safetensors", "checkpoint.pt"):  # the training checkpoint is a model file too
+        assert main(["segment", "eval", "--model", str(out / model), "--data", "embedded",
+                     "--output", str(tmp_path / "eval.json"), *common]) == 0
+        assert json.loads((tmp_path / "eval.json").read_text())["mIoU"] == pytest.approx(numbers["mIoU"])
     assert main(["segment", "predict", "--model", str(out / "model.safetensors"), "--images", "embedded",
                  "--output", str(tmp_path / "predictions"), *common]) == 0
     assert (tmp_path / "predictions" / "scene-099-overlay.png").is_file()
@@ -150,3 +151,13 @@ def test_resuming_with_another_class_count_is_refused(tmp_path, capsys, one_thre
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and str(out / "checkpoint.pt") in err
     assert "trained for 6 classes, --data has 3" in err
+    # segment eval and predict read the training checkpoint as its model file.
+    from beitfast.cli import _segment_model
+    from beitfast.segmentation import BEiTForSegmentation
+
+    from_checkpoint, saved = _segment_model(str(out / "checkpoint.pt")), BEiTForSegmentation.from_file(
+        out / "model.safetensors")
+    assert from_checkpoint.config == saved.config
+    assert from_checkpoint.segmentation_config == saved.segmentation_config
+    for (name, a), b in zip(from_checkpoint.state_dict().items(), saved.state_dict().values()):
+        assert torch.equal(a, b), name
