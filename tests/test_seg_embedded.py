@@ -161,3 +161,11 @@ def test_resuming_with_another_class_count_is_refused(tmp_path, capsys, one_thre
     assert from_checkpoint.segmentation_config == saved.segmentation_config
     for (name, a), b in zip(from_checkpoint.state_dict().items(), saved.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_segment_train_needs_pretrained_and_data_without_demo(tmp_path, capsys):
+    for args, missing in ((["--data", "embedded"], "--pretrained"), (["--pretrained", "x.pt"], "--data")):
+        assert main(["segment", "train", *args, "--output", str(tmp_path / "run")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{missing} is required (or --demo)" in err
+    assert not (tmp_path / "run").exists()
