@@ -28,6 +28,9 @@ pre-training (``--pretrained``), merged by ``seed_stats.py``:
     python examples/segmentation_seeds.py --seeds 1 3 --threads 1 --output seg-b \\
         --pretrained seg-a/pretrain/beit.safetensors   # once seg-a wrote it; the same settings
     python examples/seed_stats.py seg-a/results.json seg-b/results.json --output segmentation_seeds.json
+
+``--layer-decay 1 --skip-scratch --pretrained ...`` fine-tunes the pre-trained model alone with the
+scratch model's recipe (no layer decay): it separates the recipe from the initialisation.
 """
 
 from __future__ import annotations
@@ -148,6 +151,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100, help="fine-tuning steps (default: 100)")
     parser.add_argument("--batch-size", type=int, default=8, help="fine-tuning batch size (default: 8)")
     parser.add_argument("--lr", type=float, default=7e-4, help="fine-tuning peak lr (default: 7e-4)")
+    parser.add_argument("--layer-decay", type=float, default=0.65,
+                        help="layer-wise lr decay of the pre-trained model (default: 0.65, the official; "
+                             "1: none, as from scratch)")
+    parser.add_argument("--skip-scratch", action="store_true",
+                        help="fine-tune the pre-trained model only (e.g. to compare --layer-decay values)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: PyTorch's choice)")
     parser.add_argument("--output", default="segmentation-output", help="output folder "
                         "(default: ./segmentation-output)")
@@ -175,25 +183,27 @@ def main() -> None:
         folder = output / f"seed{seed}"
         torch.manual_seed(seed)
         model = segmentation_model(args, pre_model)
-        pretrained = fine_tune(model, labelled, val, folder / "pretrained", seed, 0.65, args)
-        torch.manual_seed(seed)
-        scratch = fine_tune(segmentation_model(args, None), labelled, val, folder / "scratch", seed, None,
-                            args)
-        result = {"seed": seed, "pretrained": pretrained["mIoU"], "scratch": scratch["mIoU"],
-                  "pretrained_numbers": pretrained, "scratch_numbers": scratch,
+        numbers = {"pretrained": fine_tune(model, labelled, val, folder / "pretrained", seed,
+                                           args.layer_decay, args)}
+        if not args.skip_scratch:
+            torch.manual_seed(seed)
+            numbers["scratch"] = fine_tune(segmentation_model(args, None), labelled, val, folder / "scratch",
+                                           seed, None, args)
+        result = {"seed": seed, **{key: n["mIoU"] for key, n in numbers.items()},
+                  **{f"{key}_numbers": n for key, n in numbers.items()},
                   "seconds": time.perf_counter() - started}
         results.append(result)
-        print(f"seed {seed}: mIoU pre-trained {100 * result['pretrained']:.1f}, from scratch "
-              f"{100 * result['scratch']:.1f} ({result['seconds']:.0f} s)", flush=True)
+        print(f"seed {seed}: mIoU " + ", ".join(f"{key} {100 * n['mIoU']:.1f}" for key, n in numbers.items())
+              + f" ({result['seconds']:.0f} s)", flush=True)
 
-    keys = ("pretrained", "scratch")
+    keys = ("pretrained",) if args.skip_scratch else ("pretrained", "scratch")
     summary = summarize(results, keys)
-    print(f"\n| seed | pre-trained (MIM) + fine-tuned | from scratch |\n|---|---|---|")
+    print("\n| seed | " + " | ".join(keys) + " |\n" + "|---" * (len(keys) + 1) + "|")
     for r in results:
-        print(f"| {r['seed']} | {100 * r['pretrained']:.1f} | {100 * r['scratch']:.1f} |")
-    print(f"| mean ± std ({len(results)} seeds) | {100 * summary['pretrained']['mean']:.1f} ± "
-          f"{100 * summary['pretrained']['std']:.1f} | {100 * summary['scratch']['mean']:.1f} ± "
-          f"{100 * summary['scratch']['std']:.1f} |")
+        print(f"| {r['seed']} | " + " | ".join(f"{100 * r[key]:.1f}" for key in keys) + " |")
+    print(f"| mean ± std ({len(results)} seeds) | "
+          + " | ".join(f"{100 * summary[key]['mean']:.1f} ± {100 * summary[key]['std']:.1f}" for key in keys)
+          + " |")
     output.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if k != "pretrained"}
     record = {"settings": settings, "pretraining": pre_info, "results": results, "summary": summary,
