@@ -19,6 +19,21 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _interpreter_stays_on():
+    """A test that drops TRITON_INTERPRET from the process (importing benchmarks/compile_gate.py does)
+    would make every later Triton test of its worker refuse CPU tensors: it fails itself instead."""
+    before = os.environ.get("TRITON_INTERPRET")
+    yield
+    after = os.environ.get("TRITON_INTERPRET")
+    if after != before:
+        if before is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = before
+        pytest.fail(f"the test changed TRITON_INTERPRET from {before!r} to {after!r} for the whole process")
+
+
 @pytest.fixture
 def one_thread():
     """One intra-op thread for the test: the machine is shared by the test processes, and more
