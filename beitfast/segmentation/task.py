@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..train import TrainConfig, Trainer, resolve_device, setup_distributed
+from ..training.optimization import layer_id, param_groups
 from .data import SegmentationTestTransform, evaluation_pairs
 from .global_batchnorm import convert_global_batchnorm
 from .inference import segment_logits
@@ -48,12 +49,7 @@ def segmentation_layer_id(name: str, num_layers: int) -> int:
     """The official ``get_num_layer_for_vit``: ``backbone.`` tokens, position embedding and patch
     embedding 0, ``backbone.blocks.i`` i + 1, everything else (neck, heads, a shared bias table)
     ``num_layers - 1``, i.e. lr scale 1."""
-    if name in ("backbone.cls_token", "backbone.mask_token", "backbone.pos_embed") or \
-            name.startswith("backbone.patch_embed"):
-        return 0
-    if name.startswith("backbone.blocks."):
-        return int(name.split(".")[2]) + 1
-    return num_layers - 1
+    return layer_id(name, num_layers, "backbone.")
 
 
 def segmentation_param_groups(model: BEiTForSegmentation, weight_decay: float,
@@ -65,22 +61,7 @@ def segmentation_param_groups(model: BEiTForSegmentation, weight_decay: float,
     if not isinstance(model, BEiTForSegmentation):
         raise TypeError(f"segmentation_param_groups: model must be a BEiTForSegmentation, got "
                         f"{type(model).__name__}")
-    skip = {f"backbone.{name}" for name in model.backbone.no_weight_decay()}
-    num_layers = model.config.depth + 2
-    groups: dict[tuple[int, bool], dict] = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        decay = not (param.dim() == 1 or name.endswith(".bias") or name in skip)
-        depth = segmentation_layer_id(name, num_layers) if layer_decay is not None else num_layers - 1
-        scale = layer_decay ** (num_layers - 1 - depth) if layer_decay is not None else 1.0
-        group = groups.setdefault((depth, decay), {
-            "params": [], "names": [], "lr_scale": scale, "decay": decay,
-            "weight_decay": weight_decay if decay else 0.0,
-        })
-        group["params"].append(param)
-        group["names"].append(name)
-    return [groups[key] for key in sorted(groups)]
+    return param_groups(model, weight_decay, layer_decay, backbone="backbone")
 
 
 def segmentation_recipe(intermediate: bool = False, **overrides) -> TrainConfig:

@@ -8,7 +8,6 @@ import math
 
 import torch
 
-from ..model import BEiT
 from .config import TrainConfig
 
 __all__ = ["cosine_schedule", "layer_id", "param_groups", "adamw", "set_schedules", "clip_gradients",
@@ -31,9 +30,14 @@ def cosine_schedule(step: int, base: float, final: float, total_steps: int, warm
     return final + 0.5 * (base - final) * (1 + math.cos(math.pi * progress))
 
 
-def layer_id(name: str, num_layers: int) -> int:
-    """Depth of a parameter for layer-wise lr decay (official rule): embeddings and tokens 0, block
-    ``i`` ``i + 1``, everything else (shared bias, norms, heads) ``num_layers - 1``."""
+def layer_id(name: str, num_layers: int, prefix: str = "") -> int:
+    """Depth of a parameter for layer-wise lr decay (official rule, ``get_num_layer_for_vit``):
+    embeddings and tokens 0, block ``i`` ``i + 1``, everything else (shared bias, norms, heads, a
+    segmentation model's neck) ``num_layers - 1``. ``prefix``: where the BEiT sits in a larger model
+    (``"backbone."`` in segmentation)."""
+    if not name.startswith(prefix):
+        return num_layers - 1
+    name = name[len(prefix):]
     if name in ("cls_token", "mask_token", "pos_embed") or name.startswith("patch_embed"):
         return 0
     if name.startswith("blocks."):
@@ -41,18 +45,22 @@ def layer_id(name: str, num_layers: int) -> int:
     return num_layers - 1
 
 
-def param_groups(model: BEiT, weight_decay: float, layer_decay: float | None = None) -> list[dict]:
-    """AdamW groups: no decay on 1-D parameters, biases and ``model.no_weight_decay()``; with
+def param_groups(model: torch.nn.Module, weight_decay: float, layer_decay: float | None = None,
+                 backbone: str = "") -> list[dict]:
+    """AdamW groups: no decay on 1-D parameters, biases and the BEiT's ``no_weight_decay()``; with
     ``layer_decay``, lr scale ``layer_decay ** (depth + 1 - layer_id)``. Frozen parameters are left
-    out. Each group carries ``lr_scale`` and ``decay`` (whether the wd schedule applies)."""
-    skip = model.no_weight_decay()
-    num_layers = model.config.depth + 2
+    out. Each group carries ``lr_scale`` and ``decay`` (whether the wd schedule applies). ``backbone``:
+    the name of the BEiT inside ``model`` (``"backbone"`` in segmentation; ``""``: the model is one)."""
+    beit = model.get_submodule(backbone)
+    prefix = f"{backbone}." if backbone else ""
+    skip = {prefix + name for name in beit.no_weight_decay()}
+    num_layers = beit.config.depth + 2
     groups: dict[tuple[int, bool], dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         decay = not (param.dim() == 1 or name.endswith(".bias") or name in skip)
-        depth = layer_id(name, num_layers) if layer_decay is not None else num_layers - 1
+        depth = layer_id(name, num_layers, prefix) if layer_decay is not None else num_layers - 1
         scale = layer_decay ** (num_layers - 1 - depth) if layer_decay is not None else 1.0
         group = groups.setdefault((depth, decay), {
             "params": [], "names": [], "lr_scale": scale, "decay": decay,
