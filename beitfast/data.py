@@ -136,6 +136,24 @@ class ImageFiles:
             return None
 
 
+class ImagePaths(ImageFiles):
+    """Encoded images read from the files ``self.paths`` (set by the subclass)."""
+
+    paths: list[Path]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def _name(self, index: int) -> str:
+        return str(self.paths[index])
+
+    def _open(self, index: int) -> Image.Image:
+        return Image.open(self.paths[index])
+
+    def _read(self, index: int) -> bytes:
+        return self.paths[index].read_bytes()
+
+
 class ImageList:
     """Images already in memory (PIL images or ``[H, W, 3]``/``[H, W]`` uint8 arrays)."""
 
@@ -191,7 +209,7 @@ def find_images(root: str | os.PathLike, extensions=IMAGE_EXTENSIONS
     return sorted(paths), ignored
 
 
-class ImageFolder(ImageFiles):
+class ImageFolder(ImagePaths):
     """Every image under ``root`` (``find_images``: recursive, following links to folders, extensions in
     ``IMAGE_EXTENSIONS``, sorted paths); ``ignored`` lists what was passed over, by reason, and
     ``found`` says both in a line.
@@ -235,18 +253,6 @@ class ImageFolder(ImageFiles):
     def found(self) -> str:
         """``"found N images under ROOT; skipped M: ..."``, for a command's header."""
         return f"found {len(self.paths)} images under {str(self.root)!r}; {self._ignored_line()}"
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def _name(self, index: int) -> str:
-        return str(self.paths[index])
-
-    def _open(self, index: int) -> Image.Image:
-        return Image.open(self.paths[index])
-
-    def _read(self, index: int) -> bytes:
-        return self.paths[index].read_bytes()
 
 
 # Real colour photographs shipped with scikit-image, and two grey ones (converted to RGB).

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..data import IMAGE_EXTENSIONS, BatchStream, ImageFiles, find_images
+from ..data import IMAGE_EXTENSIONS, BatchStream, ImagePaths, find_images
 
 __all__ = [
     "IGNORE_INDEX", "MEAN", "STD", "SegmentationFolder", "ade20k", "load_mask", "rescale_size",
@@ -36,7 +36,7 @@ STD = (58.395, 57.12, 57.375)
 MASK_EXTENSIONS = (".png", ".tif", ".tiff", ".bmp", ".pgm")
 
 
-class SegmentationFolder(ImageFiles):
+class SegmentationFolder(ImagePaths):
     """Images under ``images`` (recursive) paired with the mask of the same stem (and relative folder)
     under ``masks``. ``source.labels`` holds each image's mask path (what the stream hands the sample
     maker); ``reduce_zero_label`` and ``num_classes`` tell how masks are read (:func:`load_mask`).
@@ -68,18 +68,6 @@ class SegmentationFolder(ImageFiles):
                 f"{str(self.mask_root)!r}, first {missing[0]!r}"
             )
         self.labels = [masks_by_stem[stem] for stem in stems]
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def _name(self, index: int) -> str:
-        return str(self.paths[index])
-
-    def _open(self, index: int) -> Image.Image:
-        return Image.open(self.paths[index])
-
-    def _read(self, index: int) -> bytes:
-        return self.paths[index].read_bytes()
 
     def mask(self, index: int) -> torch.Tensor:
         """The labels of image ``index``, ``[H, W]`` int64 (:func:`load_mask`)."""
