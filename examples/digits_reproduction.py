@@ -134,9 +134,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: PyTorch's choice)")
     parser.add_argument("--output", default="digits-output", help="output folder (default: ./digits-output)")
     args = parser.parse_args()
-    origin = provenance()  # the code that runs is the code at the start
     if args.threads:
         torch.set_num_threads(args.threads)
+    origin = provenance()  # the code that runs is the code at the start
 
     images, labels = digit_images()
     # A fixed held-out half for testing, the same for every seed; labels are drawn from the other half.

@@ -160,9 +160,9 @@ def main() -> None:
     parser.add_argument("--output", default="segmentation-output", help="output folder "
                         "(default: ./segmentation-output)")
     args = parser.parse_args()
-    origin = provenance()  # the code that runs is the code at the start
     if args.threads:
         torch.set_num_threads(args.threads)
+    origin = provenance()  # the code that runs is the code at the start
     if args.labelled > args.scenes:
         parser.error(f"--labelled {args.labelled} is more than --scenes {args.scenes}")
     output = Path(args.output)
