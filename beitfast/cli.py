@@ -160,11 +160,18 @@ def _load_tokenizer(path, what: str):
         raise CommandError(f"{what} {str(path)!r}: {error}") from None
 
 
-def _check_batch_size(batch_size: int, source, data: str) -> None:
-    if batch_size > len(source):
+def _check_batch_size(batch_size: int, source, data: str, given: bool = True) -> None:
+    """A batch larger than the data set repeats images in every batch: refused when asked for with
+    --batch-size (--batch-size 100000 of 60 images would only fill memory), said when it is the default
+    (the demo's 32 of the 16 embedded photographs: each copy is augmented anew)."""
+    if batch_size <= len(source):
+        return
+    if given:
         raise CommandError(f"--batch-size {batch_size} is larger than the data set ({len(source)} images "
                            f"in {data}): every batch would repeat images; use --batch-size {len(source)} or "
                            f"less")
+    _log(f"note: the default batch of {batch_size} repeats the {len(source)} images of {data} "
+         f"(each copy augmented anew); --batch-size sets another")
 
 
 def _fit_kmeans(source, args, log):
@@ -311,7 +318,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
                                  allow_tokenizer_change=args.allow_tokenizer_change)
     source = _image_source(args.data)
     _log_found(source)
-    _check_batch_size(args.batch_size, source, args.data)
+    _check_batch_size(args.batch_size, source, args.data, "batch_size" in given)
     _check_run_paths(args, output, (TOKENIZER_NAME,) if args.tokenizer == "kmeans" else ())
     if tokenizer is None:
         tokenizer = _fit_kmeans(source, args, _log)
@@ -370,7 +377,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     )
 
     _check_device(args)
-    _fill(args, _defaults(FINETUNE_GPU_DEFAULTS, FINETUNE_CPU_DEFAULTS, args.device))
+    given = _fill(args, _defaults(FINETUNE_GPU_DEFAULTS, FINETUNE_CPU_DEFAULTS, args.device))
     args.resume = args.resume or "auto"
     layer_decay = None if args.linear_probe else args.layer_decay
     train_config = _train_config(args, args.output, layer_decay=layer_decay, label_smoothing=args.label_smoothing,
@@ -383,7 +390,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if len(train_set.classes) < 2:
         raise CommandError(f"--data {args.data!r} has {len(train_set.classes)} class {train_set.classes}: "
                            f"classification needs at least two (one sub-folder per class)")
-    _check_batch_size(args.batch_size, train_set, args.data)
+    _check_batch_size(args.batch_size, train_set, args.data, "batch_size" in given)
     _check_run_paths(args, Path(args.output))
     if val_set is not None and val_set.classes != train_set.classes:
         raise CommandError(f"--val-data classes {val_set.classes} differ from --data classes {train_set.classes}")
@@ -708,8 +715,8 @@ def cmd_segment_train(args: argparse.Namespace) -> int:
             raise CommandError(f"{option} is required (or --demo)")
     args.output = args.output or "beitfast-segment"
     _check_device(args)
-    _fill(args, SEGMENT_DEMO_DEFAULTS if args.demo else
-          _defaults(SEGMENT_GPU_DEFAULTS, SEGMENT_CPU_DEFAULTS, args.device))
+    given = _fill(args, SEGMENT_DEMO_DEFAULTS if args.demo else
+                  _defaults(SEGMENT_GPU_DEFAULTS, SEGMENT_CPU_DEFAULTS, args.device))
     args.resume = args.resume or "auto"
     train_config = _train_config(args, args.output, layer_decay=args.layer_decay)
     if args.pretrained is None:
@@ -722,7 +729,7 @@ def cmd_segment_train(args: argparse.Namespace) -> int:
                                      args.reduce_zero_label)
     val_set = (_segmentation_source(args.val_data, "--val-data", "validation", train_set.num_classes,
                                     args.reduce_zero_label) if args.val_data else None)
-    _check_batch_size(args.batch_size, train_set, args.data)
+    _check_batch_size(args.batch_size, train_set, args.data, "batch_size" in given)
     _check_run_paths(args, Path(args.output), replaced=(SEGMENT_MODEL_NAME, EVAL_NAME))
     _check_resume_classes(args, train_set.num_classes)
     backbone = BEiT.from_file(args.pretrained).config

@@ -543,6 +543,17 @@ def test_resume_from_a_file_that_is_not_a_checkpoint(tmp_path, capsys):
     one_line_error(capsys, "--resume", "notes.txt", "is not a checkpoint")
 
 
+def test_a_default_batch_larger_than_the_data_set_is_said_not_refused(tmp_path, capsys):
+    # The demo's default batch (32 on CPU) of the 16 embedded photographs: the copies are augmented anew.
+    data = labelled_folder(tmp_path / "labelled")  # 6 images
+    out = tmp_path / "run"
+    no_batch = [a for i, a in enumerate(TINY) if "--batch-size" not in TINY[max(i - 1, 0):i + 1]]
+    assert main(["pretrain", "--data", str(data), "--output", str(out), *no_batch, *TINY_TOKENIZER,
+                 "--steps", "1"]) == 0
+    assert "note: the default batch of 32 repeats the 6 images" in capsys.readouterr().out
+    assert (out / "checkpoint.pt").exists()
+
+
 @settings(derandomize=True, database=None, deadline=None, max_examples=6)
 @given(extra=st.integers(1, 100_000))
 def test_a_batch_larger_than_the_data_set_is_refused_before_any_work(tmp_path_factory, extra):
