@@ -5,6 +5,7 @@ the global batch), and `beitfast segment train|eval|predict` end to end on a tin
 import json
 import os
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -229,11 +230,12 @@ def _batchnorm_worker(rank, world_size, port, out):
         dist.destroy_process_group()
 
 
-def test_global_batchnorm_equals_batchnorm_on_the_whole_batch(tmp_path):
+def test_global_batchnorm_equals_batchnorm_on_the_whole_batch(tmp_path, monkeypatch):
     out = tmp_path / "bn.pt"
-    # fork: a spawned process could not import this test module (the repository root is off sys.path).
-    mp.start_processes(_batchnorm_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True,
-                       start_method="fork")
+    # Spawned, not forked (a process that has run autograd cannot fork): the workers unpickle this
+    # module by its import name (tests.test_seg_task), so the root is on sys.path for this test only.
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+    mp.spawn(_batchnorm_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
     got = torch.load(out)
     torch.manual_seed(0)
     x = torch.randn(4, 3, 5, 7, dtype=torch.float64, requires_grad=True)
@@ -281,10 +283,10 @@ def _ddp_worker(rank, world_size, port, folder, output):
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_match_one(tmp_path, one_thread):
+def test_two_gloo_processes_match_one(tmp_path, one_thread, monkeypatch):
     folder = synthetic_folder(tmp_path / "data")
-    mp.start_processes(_ddp_worker, args=(2, _free_port(), folder, tmp_path / "two"), nprocs=2, join=True,
-                       start_method="fork")
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))  # spawned workers import this module
+    mp.spawn(_ddp_worker, args=(2, _free_port(), folder, tmp_path / "two"), nprocs=2, join=True)
     single = _train(folder, tmp_path / "one")
     one = torch.load(tmp_path / "one" / CHECKPOINT_NAME, weights_only=True)["model"]
     two = torch.load(tmp_path / "two" / CHECKPOINT_NAME, weights_only=True)
