@@ -260,6 +260,19 @@ def _summary(trainer, records: list[dict], window: int = 10) -> str:
 # -- commands --------------------------------------------------------------------------------------
 
 
+def _demo_settings(args: argparse.Namespace, folder: str) -> None:
+    """A demo writes to its own folder, afresh, on the CPU unless a device is named. An earlier demo run
+    there, made again in minutes, is replaced (said), unless --output or --resume was given."""
+    from .train import CHECKPOINT_NAME
+
+    if args.output is None and args.resume is None and (Path(folder) / CHECKPOINT_NAME).exists():
+        _log(f"replacing the earlier demo run in {folder}/")
+        args.overwrite = True
+    args.output = args.output or folder
+    args.resume = args.resume or "none"
+    args.device = "cpu" if args.device == "auto" else args.device
+
+
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from .config import BEiTConfig
     from .data import masking_for
@@ -267,13 +280,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from .train import CHECKPOINT_NAME, METRICS_NAME, PLOT_NAME, pretraining_trainer
 
     if args.demo:
-        if args.output is None and args.resume is None and (Path(DEMO_OUTPUT) / CHECKPOINT_NAME).exists():
-            # The demo's own folder holds an earlier demo run, made again in minutes: it is replaced.
-            _log(f"replacing the earlier demo run in {DEMO_OUTPUT}/")
-            args.overwrite = True
-        args.output = args.output or DEMO_OUTPUT
-        args.resume = args.resume or "none"
-        args.device = "cpu" if args.device == "auto" else args.device
+        _demo_settings(args, DEMO_OUTPUT)
     _check_device(args)  # a GPU that is not there fails now, not after the tokenizer fit
     given = _fill(args, _defaults(GPU_DEFAULTS, CPU_DEFAULTS, args.device))
     args.data = args.data or "embedded"
@@ -698,15 +705,7 @@ def cmd_segment_train(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     if args.demo:
-        earlier = Path(SEGMENT_DEMO_OUTPUT) / CHECKPOINT_NAME
-        if args.output is None and args.resume is None and earlier.exists():
-            # The demo's own folder holds an earlier demo run, made again in minutes: it is replaced
-            # (its pre-trained model is reused).
-            _log(f"replacing the earlier demo run in {SEGMENT_DEMO_OUTPUT}/")
-            args.overwrite = True
-        args.output = args.output or SEGMENT_DEMO_OUTPUT
-        args.resume = args.resume or "none"
-        args.device = "cpu" if args.device == "auto" else args.device
+        _demo_settings(args, SEGMENT_DEMO_OUTPUT)  # its pre-trained model is reused
         args.data = args.data or "embedded"
         args.val_data = args.val_data or ("embedded" if args.data == "embedded" else None)
         args.head_channels = args.head_channels or SEGMENT_DEMO_HEAD_CHANNELS
