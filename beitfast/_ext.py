@@ -73,5 +73,5 @@ def available(op: str | None = None, device_type: str = "cpu") -> Callable[[], s
     def why_missing() -> str | None:
         return missing(op, device_type)
 
-    why_missing.loads_extension = True  # asked when first needed: importing beitfast does not load it
+    why_missing.asked_when_needed = True  # importing beitfast does not load the extension
     return why_missing

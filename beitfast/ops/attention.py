@@ -456,6 +456,9 @@ def _flex_available() -> str | None:
     return None
 
 
+_flex_available.asked_when_needed = True  # importing flex_attention costs 0.3 s: not at `import beitfast`
+
+
 def _flex_check(q, **_) -> list[str]:
     if q.device.type != "cuda":
         return ["compiled FlexAttention needs a CUDA device"]

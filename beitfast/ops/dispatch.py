@@ -128,15 +128,16 @@ def register(
 
     ``check(**inputs)`` returns the reasons the backend cannot take the inputs; ``available()`` returns
     why the backend is missing in this install (package not importable, extension not built), or None.
-    The install does not change while the process runs, so ``available`` is asked once, not per call.
+    The install does not change while the process runs, so ``available`` is asked once, not per call:
+    at registration, or when first needed if it carries ``asked_when_needed = True`` (asking imports).
     """
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         _REGISTRY.setdefault(op, {})[name] = Backend(op, name, fn, check, available)
         _MISSING.pop((op, name), None)
-        # Asked now unless that would load the extension: a compiled graph that fills in the answer
-        # while tracing would be traced again (its guard sees the table change).
-        if not getattr(available, "loads_extension", False):
+        # Asked now unless asking costs an import (the extension, a torch module): a compiled graph
+        # that fills in the answer while tracing would be traced again (its guard sees the table change).
+        if not getattr(available, "asked_when_needed", False):
             _MISSING[op, name] = available()
         return fn
 
