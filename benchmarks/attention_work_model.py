@@ -242,7 +242,7 @@ def flash2_no_bias(B: int, N: int) -> tuple[list[Launch], list[Launch]]:
     """FlashAttention-2 style, no bias: forward 128 x 128 tiles (4 warps, 2 CTAs/SM), backward over key
     blocks of 128 with dQ accumulated by fp32 atomics (8 warps, 1 CTA/SM), a dot(dO, O) pre-pass and a
     dQ conversion; blocks padded to full tiles."""
-    P, bh, row = padded(N), B * H, N * D * E
+    bh, row = B * H, N * D * E
     c = covered(N, 128, tail=False)
     nb = cdiv(N, 128)
     fwd = [Launch("fa2 fwd", "128x128 w4 (assumed)", (nb, B, H), 4 * c * c * D * bh,
@@ -261,7 +261,7 @@ def sdpa_dense_bias(B: int, N: int) -> tuple[list[Launch], list[Launch]]:
     """SDPA's memory-efficient kernel with the bias materialised ``[B, H, N, N]`` (bf16, rows padded to
     8): 64 x 64 tiles (2 CTAs/SM), the bias read forward and backward, its ``[B, H, N, N]`` gradient
     written, then summed over the batch; backward grid over key blocks."""
-    P, bh, row = padded(N), B * H, N * D * E
+    bh, row = B * H, N * D * E
     c = covered(N, 64, tail=False)
     nb = cdiv(N, 64)
     dense = bh * N * cdiv(N, 8) * 8 * E

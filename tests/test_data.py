@@ -1,7 +1,6 @@
 """Data: the two-view augmentation, image folders (bad files skipped), the embedded photographs and the
 step-addressed batch streams."""
 
-import io
 import random
 import struct
 import zlib
