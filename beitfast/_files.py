@@ -273,24 +273,25 @@ def _unreadable(error: BaseException) -> str:
     return f"cannot be read as a torch.save file, truncated or damaged ({reason})"
 
 
-def _check_torch_header(path: str | os.PathLike) -> None:
+def _check_torch_header(path: str | os.PathLike) -> bool:
     """torch.save writes a zip archive, or in its legacy format a pickle (protocol byte 0x80): a file that
-    starts otherwise (a text file given by mistake) is not one, whatever else is wrong with it."""
+    starts otherwise (a text file given by mistake) is not one, whatever else is wrong with it. Returns
+    whether it is a zip archive."""
     with open(path, "rb") as f:
         head = f.read(4)
     if head != b"PK\x03\x04" and head[:1] != b"\x80":
         raise FileIntegrityError(path, f"not a torch.save file (it starts with {head!r}, not a zip archive "
                                        "or a pickle): not a checkpoint, or its first bytes are damaged")
+    return head == b"PK\x03\x04"
 
 
-def _check_zip_records(path: str | os.PathLike) -> None:
+def _check_zip_records(path: str | os.PathLike, zipped: bool) -> None:
     """Check the CRC-32 of every record of a ``torch.save`` zip archive before torch reads it: damage is
     then caught in foreign files too, and never reaches torch's reader (a damaged pickle can make it
     allocate gigabytes). Records whose CRC is 0 are not checked: ``torch.serialization.set_crc32_options
     (False)`` writes no checksums."""
-    with open(path, "rb") as f:
-        if f.read(4) != b"PK\x03\x04":
-            return  # torch's legacy format: no checksums to check
+    if not zipped:
+        return  # torch's legacy format: no checksums to check
     try:
         with zipfile.ZipFile(path) as archive:
             for record in archive.infolist():
@@ -308,11 +309,9 @@ _MEMO_PUTS = ("PUT", "BINPUT", "LONG_BINPUT")
 _LEGACY_PICKLES = 5  # magic number, protocol version, system info, the object, the storage keys
 
 
-def _check_memo_indices(path: str | os.PathLike) -> None:
+def _check_memo_indices(path: str | os.PathLike, zipped: bool) -> None:
     """Refuse a pickle that stores to a memo slot beyond its number of opcodes, before unpickling: the C
     unpickler zero-fills its memo up to the slot, so a damaged 4-byte index makes it write gigabytes."""
-    with open(path, "rb") as f:
-        zipped = f.read(4) == b"PK\x03\x04"
     try:
         if zipped:  # checked by _check_zip_records; the object is its record data.pkl
             with zipfile.ZipFile(path) as archive:
@@ -338,9 +337,9 @@ def read_torch_file(path: str | os.PathLike, safe_globals: Iterable = (), passth
     allowed; an empty, truncated or unreadable file is a :class:`FileIntegrityError` naming it (errors of
     the types in ``passthrough`` are raised as they are). Digest and finiteness: :func:`check_contents`."""
     check_not_empty(path)
-    _check_torch_header(path)
-    _check_zip_records(path)
-    _check_memo_indices(path)
+    zipped = _check_torch_header(path)
+    _check_zip_records(path, zipped)
+    _check_memo_indices(path, zipped)
     kwargs = {"map_location": "cpu", "weights_only": True, **load_kwargs}
     try:
         with torch.serialization.safe_globals(list(safe_globals)):
