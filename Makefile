@@ -28,7 +28,10 @@ LATEST_VENV ?= $(HOME)/.cache/beitfast/venv-latest
 
 env: $(VENV)/.ready
 
-$(VENV)/.ready: requirements-lock.txt
+# The environments are named by the hash of their pins, so a fresh clone (whose files are all newer than
+# any .ready) reuses a finished one; an unfinished one, or a stale link, is replaced whole.
+$(VENV)/.ready:
+	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q $$(grep '^pip==' requirements-lock.txt)
 	$(BIN)/pip install --no-deps -r requirements-lock.txt
@@ -40,7 +43,8 @@ install: env
 
 triton36: $(TRITON36)/.ready
 
-$(TRITON36)/.ready: $(VENV)/.ready
+$(TRITON36)/.ready: | $(VENV)/.ready
+	rm -rf $(TRITON36)
 	$(BIN)/pip install -q --no-deps --target $(TRITON36) triton==3.6.0
 	touch $@
 
@@ -49,7 +53,8 @@ test: install triton36 test-oldest
 
 oldest: $(OLDEST_VENV)/.ready
 
-$(OLDEST_VENV)/.ready: requirements-torch211.txt
+$(OLDEST_VENV)/.ready:
+	rm -rf $(OLDEST_VENV) $(OLDEST_NUMPY)
 	$(PYTHON312) -m venv $(OLDEST_VENV)
 	$(OLDEST_VENV)/bin/pip install -q $$(grep '^pip==' requirements-torch211.txt)
 	$(OLDEST_VENV)/bin/pip install -q --no-deps -r requirements-torch211.txt

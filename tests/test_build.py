@@ -207,3 +207,28 @@ def test_setup_cuda_architectures_from_the_environment():
     default = read_setup()
     assert [f for f in default["nvcc"] if f.startswith("-gencode")] == [
         "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a"]
+
+
+def _make_plan(home, *targets):
+    """What `make` would run for `targets` with HOME=home (dry run, from the repository root)."""
+    out = subprocess.run(["make", "-n", f"HOME={home}", *targets], cwd=ROOT, capture_output=True,
+                         text=True, check=True)
+    return out.stdout
+
+
+def test_environments_are_keyed_by_their_name_not_by_file_times(tmp_path):
+    # CI clones afresh: every tracked file is newer than an environment's .ready. A finished environment
+    # (even one reached through a link) is reused; a half-built one or a stale link is replaced whole.
+    cache = tmp_path / ".cache" / "beitfast"
+    venv = _make_plan(tmp_path, "--eval=print-venv:;@echo $(VENV)", "print-venv").split()[-1]
+    assert venv.startswith(str(cache))
+    real = cache / "elsewhere"
+    (real / "bin").mkdir(parents=True)
+    (real / ".ready").touch()
+    os.utime(real / ".ready", (0, 0))
+    Path(venv).symlink_to(real)
+    assert "venv" not in _make_plan(tmp_path, "env")
+    (real / ".ready").unlink()
+    plan = _make_plan(tmp_path, "env")
+    assert plan.splitlines()[0] == f"rm -rf {venv}"
+    assert "-m venv" in plan
