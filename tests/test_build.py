@@ -211,8 +211,10 @@ def test_setup_cuda_architectures_from_the_environment():
 
 def _make_plan(home, *targets):
     """What `make` would run for `targets` with HOME=home (dry run, from the repository root)."""
-    out = subprocess.run(["make", "-n", f"HOME={home}", *targets], cwd=ROOT, capture_output=True,
-                         text=True, check=True)
+    # Not what an enclosing `make test` passes down (its flags, its level: "Entering directory" lines).
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MAKE", "MFLAGS")) and k != "VENV"}
+    out = subprocess.run(["make", "--no-print-directory", "-n", f"HOME={home}", *targets], cwd=ROOT,
+                         capture_output=True, text=True, check=True, env=env)
     return out.stdout
 
 
