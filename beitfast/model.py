@@ -200,13 +200,17 @@ class BEiT(nn.Module):
     """The BEiT vision Transformer (pre-training LM head and/or classifier).
 
     * ``model(images, bool_masked_pos=mask)`` -> logits of the masked positions ``[num_masked, V]``,
-      in ``x[bool_masked_pos]`` order;
+      in ``x[bool_masked_pos]`` order (a shape only the mask decides: this reads its count, one host
+      synchronisation on a GPU);
+    * ``model(images, bool_masked_pos=mask, max_masked_per_image=K)`` -> the same logits padded per
+      image, ``[B, min(K, N), V]``, with no host synchronisation: row ``k`` of image ``b`` is its
+      ``k``-th masked position in position order, rows past the image's count ``mask[b].sum()`` are
+      NaN (padding), and an image with more than ``K`` masked positions is a ValueError where the mask
+      can be read (CPU, or ``BEITFAST_CHECKS=1``), else all NaN;
     * ``model(images, bool_masked_pos=mask, labels=tokens)`` -> mean cross-entropy over the masked
       positions, through the fused loss (``return_accuracy=True`` adds the MIM accuracy;
       ``max_masked_per_image``, the most patches the masking covers in an image, bounds the rows the
       loss plans: the trainer passes its masking's ``num_masking_patches``). No host synchronisation;
-      the logits of the masked positions (no ``labels``) have a shape that depends on the mask, so
-      that path reads the mask's count once;
     * ``model(images)`` -> class logits ``[B, num_classes]``, or pooled features if no classifier;
     * ``model.forward_features(images, bool_masked_pos=None)`` -> final hidden states ``[B, 1+N, D]``.
     """
@@ -333,12 +337,31 @@ class BEiT(nn.Module):
             raise ValueError("BEiT: masked image modeling needs an LM head; this model has vocab_size=0")
         patches = self.forward_features(images, bool_masked_pos)[:, 1:]
         if labels is None:
-            return self.lm_head(patches[bool_masked_pos])
+            if max_masked_per_image is None:
+                return self.lm_head(patches[bool_masked_pos])
+            return self._padded_masked_logits(patches, bool_masked_pos, max_masked_per_image)
         return ops.masked_lm_cross_entropy(
             patches, self.lm_head.weight, self.lm_head.bias, labels, mask=bool_masked_pos,
             backend=backend_for("cross_entropy", self.config.kernels), return_accuracy=return_accuracy,
             max_masked_per_image=max_masked_per_image,
         )
+
+    def _padded_masked_logits(self, patches: torch.Tensor, mask: torch.Tensor, bound) -> torch.Tensor:
+        """``[B, min(bound, N), V]`` logits of each image's masked positions, NaN past its count (see the
+        class docstring), computed without reading anything on the host."""
+        if isinstance(bound, bool) or not isinstance(bound, int) or bound < 0:
+            raise ValueError(f"BEiT: max_masked_per_image must be an int >= 0 or None, got {bound!r}")
+        count = mask.sum(1, keepdim=True)
+        if ops.dispatch.may_inspect_values(mask) and int(count.max()) > bound:
+            raise ValueError(f"BEiT: max_masked_per_image={bound}, but bool_masked_pos masks "
+                             f"{int(count.max())} patches in one image")
+        rows = min(bound, mask.shape[1])
+        # A stable sort of "not masked" puts each image's masked positions first, in position order.
+        order = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices[:, :rows]
+        picked = patches.gather(1, order.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
+        logits = self.lm_head(picked)
+        keep = (torch.arange(rows, device=mask.device) < count) & (count <= bound)
+        return logits.masked_fill(~keep.unsqueeze(-1), float("nan"))
 
     # -- checkpoints (the conversions are in beitfast.checkpoint) -------------------------------------
 

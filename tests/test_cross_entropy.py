@@ -108,10 +108,8 @@ def poisoned(monkeypatch):
 
 
 def chunks_of(rows, V, dtype, monkeypatch):
-    """Sets the triton backend's logits budget to ``rows`` rows of ``[rows, V]`` logits in ``dtype``."""
-    from beitfast.kernels import cross_entropy as kernels
-
-    monkeypatch.setattr(kernels, "LOGITS_BUDGET_BYTES", rows * V * dtype.itemsize)
+    """Sets the fused backends' logits budget to ``rows`` rows of ``[rows, V]`` logits in ``dtype``."""
+    monkeypatch.setattr(cross_entropy_ops, "LOGITS_BUDGET_BYTES", rows * V * dtype.itemsize)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -184,7 +182,7 @@ def test_rows_past_the_bound_are_an_error(device, monkeypatch):
 def test_chunk_plan_at_beit_b():
     # 128 images x 75 masked rows at V = 8192: one chunk of logits in 16-bit, two in fp32; without the
     # bound (B * N = 25,088 rows) three 16-bit chunks, most of them past the count.
-    from beitfast.kernels.cross_entropy import LOGITS_BUDGET_BYTES, rows_per_chunk
+    from beitfast.ops.cross_entropy import LOGITS_BUDGET_BYTES, rows_per_chunk
 
     assert rows_per_chunk(128 * 75, 8192, 2) == 9600
     assert rows_per_chunk(128 * 75, 8192, 4) == 4800
@@ -378,7 +376,7 @@ def test_triton_extra_memory(dtype, autocast, gathered, budget, monkeypatch):
     # The eager logits: the linear's output in the compute dtype and, for 16-bit, its float32 copy.
     logits_bytes = B * masked * V * (4 + (compute.itemsize if compute != torch.float32 else 0))
     if budget is not None:
-        monkeypatch.setattr(kernels, "LOGITS_BUDGET_BYTES", int(B * masked * V * 4 * budget))
+        monkeypatch.setattr(cross_entropy_ops, "LOGITS_BUDGET_BYTES", int(B * masked * V * 4 * budget))
     mask = torch.zeros(B, N, dtype=torch.bool)
     mask[:, torch.randperm(N)[:masked]] = True
     labels = torch.randint(0, V, (B, N))
@@ -397,7 +395,7 @@ def test_triton_extra_memory(dtype, autocast, gathered, budget, monkeypatch):
     extra = mode.total - grad_bytes
     # One chunk of logits within the budget, everything else under a tenth of the eager logits.
     logits_buffer = B * masked * V * compute.itemsize if budget is None else 0
-    assert logits_buffer <= kernels.LOGITS_BUDGET_BYTES
+    assert logits_buffer <= cross_entropy_ops.LOGITS_BUDGET_BYTES
     assert 0 < extra - logits_buffer < logits_bytes / 10, (extra / logits_bytes, extra, logits_bytes)
 
 
@@ -437,13 +435,17 @@ def test_invalid_labels_are_ignored_and_counted(backend, device, monkeypatch, re
 
 CHUNKED_SCHEMA = (
     "lm_cross_entropy_chunked(Tensor hidden, Tensor weight, Tensor? bias, Tensor row_labels, "
-    "Tensor? source_rows, Tensor? row_count, Tensor? row_scale, int ignore_index, ScalarType compute_dtype) "
-    "-> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+    "Tensor? source_rows, Tensor? row_count, Tensor? row_scale, int ignore_index, ScalarType compute_dtype, "
+    "int chunk_rows) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 
 
+STAND_IN_CHUNKS: list[int] = []
+
+
 def _chunked_stand_in(hidden, weight, bias, row_labels, source_rows, row_count, row_scale, ignore_index,
-                      compute_dtype):
+                      compute_dtype, chunk_rows):
+    STAND_IN_CHUNKS.append(chunk_rows)
     B, N, D = hidden.shape
     R = row_labels.shape[0]
     source = source_rows if source_rows is not None else torch.arange(R)
@@ -854,3 +856,70 @@ def test_model_pretraining_step_reads_nothing_on_the_host(monkeypatch):
                                max_masked_per_image=5)
         loss.backward()
     assert mode.reads == [], mode.reads
+
+
+def _tiny_mim_model(**overrides):
+    from beitfast.config import BEiTConfig
+    from beitfast.model import BEiT
+
+    return BEiT(BEiTConfig.tiny(img_size=16, patch_size=4, depth=1, embed_dim=32, num_heads=2, vocab_size=16,
+                                **overrides))
+
+
+def test_model_padded_masked_logits_equal_the_masked_rows():
+    # labels=None with a bound: each image's masked positions in order, then NaN padding; the same values
+    # as the [num_masked, V] logits of the syncing path (float64: the GEMM's shapes differ, so 1e-12).
+    torch.manual_seed(0)
+    model = _tiny_mim_model().double().eval()
+    images, mask = torch.randn(4, 3, 16, 16, dtype=torch.float64), bounded_mask(4, 16, 6, "cpu")
+    mask[1] = False  # an image with nothing masked
+    with torch.no_grad():
+        rows = model(images, bool_masked_pos=mask)
+        for bound in (6, 9, 40):
+            padded = model(images, bool_masked_pos=mask, max_masked_per_image=bound)
+            K = min(bound, 16)
+            assert padded.shape == (4, K, 16)
+            valid = torch.arange(K) < mask.sum(1, keepdim=True)
+            torch.testing.assert_close(padded[valid], rows, rtol=1e-12, atol=1e-12)
+            assert padded[~valid].isnan().all()
+    with pytest.raises(ValueError, match="max_masked_per_image=5, but bool_masked_pos masks 6"):
+        model(images, bool_masked_pos=mask, max_masked_per_image=5)
+    with pytest.raises(ValueError, match="max_masked_per_image must be an int"):
+        model(images, bool_masked_pos=mask, max_masked_per_image=2.5)
+
+
+def test_model_padded_masked_logits_poison_an_image_over_the_bound(monkeypatch):
+    # Where the mask cannot be read (a GPU without BEITFAST_CHECKS), an image over the bound is all NaN.
+    monkeypatch.setattr(dispatch, "may_inspect_values", lambda t: False)
+    model = _tiny_mim_model().eval()
+    images, mask = torch.randn(3, 3, 16, 16), bounded_mask(3, 16, 4, "cpu")
+    mask[0, :7] = True
+    with torch.no_grad():
+        padded = model(images, bool_masked_pos=mask, max_masked_per_image=4)
+    assert padded[0].isnan().all() and not padded[1].isnan().any()
+
+
+def test_model_masked_logits_with_a_bound_read_nothing_on_the_host(monkeypatch):
+    monkeypatch.setattr(dispatch, "may_inspect_values", lambda t: False)
+    model = _tiny_mim_model(kernels="triton")
+    images, mask = torch.randn(3, 3, 16, 16), bounded_mask(3, 16, 5, "cpu")
+    with Launches().active(), HostReads() as mode:
+        logits = model(images, bool_masked_pos=mask, max_masked_per_image=5)
+        logits.nan_to_num().sum().backward()
+    assert mode.reads == [], mode.reads
+    with HostReads() as mode:
+        model(images, bool_masked_pos=mask)
+    assert mode.reads, "the unpadded form reads the mask's count"
+
+
+def test_cuda_backend_gets_the_shared_chunk_rule(cuda_backend_on_cpu, monkeypatch):
+    # Both fused backends chunk by one rule, rows_per_chunk (a logits budget): the C++ op is handed it.
+    B, N, D, V, most = 4, 60, 16, 200, 40
+    hidden, weight, bias, labels, _ = make_inputs(B, N, D, V, torch.float32, "cpu")
+    mask = bounded_mask(B, N, most, "cpu")
+    for budget_rows in (10**6, 64):
+        chunks_of(budget_rows, V, torch.float32, monkeypatch)
+        STAND_IN_CHUNKS.clear()
+        masked_lm_cross_entropy(hidden, weight, bias, labels, mask, backend="cuda", max_masked_per_image=most)
+        assert STAND_IN_CHUNKS == [cross_entropy_ops.rows_per_chunk(B * most, V, 4)]
+    assert STAND_IN_CHUNKS == [64]
