@@ -4,13 +4,15 @@
 // from their implementations, never traced, so it needs no fake kernel of its own). The Triton backend
 // (kernels/cross_entropy.py) is the same design with the same contract.
 //
-// Rows go in chunks of a 12th of R, or a 32nd when R is an upper bound (rows_per_chunk). Per chunk:
+// Rows go in chunks of chunk_rows, which the Python side chooses by the rule of both backends
+// (beitfast/ops/cross_entropy.py: rows_per_chunk, a logits-memory budget). Per chunk:
 //   gather the rows of hidden (any strides) into a [C, D] buffer in the compute dtype
 //   -> cuBLAS GEMM (+ bias) into a [C, V] logits buffer in the compute dtype (as the eager linear)
 //   -> one block per row: max, log-sum-exp, loss, argmax hit, and (when gradients are asked) the
 //      logits overwritten by their gradient (softmax - onehot) * row_scale (zeros on uncounted rows)
-//   -> dW += dlogits^T @ rows into the fp32 [V, D] gradient (cuBLAS with fp32 output, no 16-bit
-//      temporary), db += column sums (fp32), dhidden rows = dlogits @ W stored into their [B, N, D] rows.
+//   -> dW = dlogits^T @ rows into the fp32 [V, D] gradient (cuBLAS with fp32 output, no 16-bit
+//      temporary; the first chunk writes it without reading, later chunks add to it), db the same with
+//      column sums, dhidden rows = dlogits @ W stored into their [B, N, D] rows.
 // No atomics: deterministic. No host sync: the row count (row_count, with an upper bound R) stays on
 // the device and the custom kernels read it; the cuBLAS GEMMs take host sizes, so they cover all R rows
 // (rows past the count are zeros with ignore_index labels: the result is the same, the work is not).
@@ -40,11 +42,6 @@ namespace {
 constexpr int kCopyThreads = 128;
 constexpr int kRowThreads = 256;
 constexpr int kWarps = kRowThreads / 32;
-// Chunks per call (exact row count or upper bound) and the smallest chunk, as in
-// kernels/cross_entropy.py (rows_per_chunk).
-constexpr int64_t kChunksExact = 12;
-constexpr int64_t kChunksUpperBound = 32;
-constexpr int64_t kMinChunkRows = 64;
 
 // Where row r of the plan lies in hidden [B, N, D].
 struct RowSource {
@@ -186,19 +183,16 @@ __global__ void __launch_bounds__(kRowThreads)
   }
 }
 
-// grad_weight [V, D] (fp32) += dlogits[C, V]^T @ rows[C, D] by one cuBLAS GEMM with fp32 output: no
-// temporary in the compute dtype, the sum over chunks exact to fp32.
-void accumulate_weight_grad(at::Tensor& grad_weight, const at::Tensor& dlogits, const at::Tensor& rows) {
+// grad_weight [V, D] (fp32) = dlogits[C, V]^T @ rows[C, D] (first chunk: beta 0, the uninitialised
+// gradient is not read) or += it (later chunks), by one cuBLAS GEMM with fp32 output: no temporary in
+// the compute dtype, the sum over chunks exact to fp32.
+void weight_grad(at::Tensor& grad_weight, const at::Tensor& dlogits, const at::Tensor& rows, bool first) {
+  const double beta = first ? 0.0 : 1.0;
   if (rows.scalar_type() == at::kFloat) {
-    at::addmm_out(grad_weight, grad_weight, dlogits.t(), rows);
+    at::addmm_out(grad_weight, grad_weight, dlogits.t(), rows, beta, 1.0);
   } else {
-    at::addmm_out(grad_weight, grad_weight, dlogits.t(), rows, at::kFloat);
+    at::addmm_out(grad_weight, grad_weight, dlogits.t(), rows, at::kFloat, beta, 1.0);
   }
-}
-
-int64_t rows_per_chunk(int64_t rows, bool upper_bound) {
-  const int64_t chunks = upper_bound ? kChunksUpperBound : kChunksExact;
-  return std::min(rows, std::max(kMinChunkRows, rows / chunks / kMinChunkRows * kMinChunkRows));
 }
 
 unsigned int row_threads(int64_t dim) {
@@ -236,8 +230,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lm_cross_
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& row_labels, const std::optional<at::Tensor>& source_rows,
     const std::optional<at::Tensor>& row_count, const std::optional<at::Tensor>& row_scale, int64_t ignore_index,
-    at::ScalarType compute_dtype) {
+    at::ScalarType compute_dtype, int64_t chunk_rows) {
   check_inputs(hidden, weight, bias, row_labels, source_rows, row_count, row_scale);
+  TORCH_CHECK(chunk_rows > 0, "lm_cross_entropy_chunked: chunk_rows must be > 0, got ", chunk_rows);
   const c10::cuda::CUDAGuard guard(hidden.device());
   // The compute dtype is already chosen; the GEMMs below must not be recast by an enclosing autocast.
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
@@ -249,10 +244,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lm_cross_
   at::Tensor loss = at::empty({rows}, f32);
   at::Tensor hits = at::empty({rows}, hidden.options().dtype(at::kBool));
   at::Tensor grad_hidden = with_grad ? at::zeros(hidden.sizes(), hidden.options()) : at::empty({0}, hidden.options());
-  // fp32 accumulators; for fp32 parameters they are the gradients themselves.
-  at::Tensor grad_weight = with_grad ? at::zeros({vocab, dim}, f32) : at::empty({0}, weight.options());
+  // fp32, written whole by the first chunk (zeros only when there are no rows); for fp32 parameters
+  // they are the gradients themselves.
+  const auto make = [&](at::IntArrayRef size) { return rows == 0 ? at::zeros(size, f32) : at::empty(size, f32); };
+  at::Tensor grad_weight = with_grad ? make({vocab, dim}) : at::empty({0}, weight.options());
   const bool bias_grad = with_grad && bias.has_value();
-  at::Tensor grad_bias = bias_grad ? at::zeros({vocab}, f32) : at::empty({0}, f32);
+  at::Tensor grad_bias = bias_grad ? make({vocab}) : at::empty({0}, f32);
   auto finish = [&] {
     return std::make_tuple(loss, hits, grad_hidden, with_grad ? grad_weight.to(weight.scalar_type()) : grad_weight,
                            bias_grad ? grad_bias.to(bias->scalar_type()) : grad_bias);
@@ -273,7 +270,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lm_cross_
 
   const RowSource source{sources.has_value() ? sources->const_data_ptr<int64_t>() : nullptr, hidden.size(1),
                          hidden.stride(0), hidden.stride(1), hidden.stride(2)};
-  const int64_t chunk = rows_per_chunk(rows, row_count.has_value());
+  const int64_t chunk = std::min(chunk_rows, rows);
   const auto compute = hidden.options().dtype(compute_dtype);
   at::Tensor row_buffer = at::empty({chunk, dim}, compute);
   at::Tensor logits_buffer = at::empty({chunk, vocab}, compute);
@@ -281,22 +278,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lm_cross_
   for (int64_t first = 0; first < rows; first += chunk) {
     const int64_t size = std::min(chunk, rows - first);
     const auto blocks = static_cast<unsigned int>(size);
-    at::Tensor chunk_rows = row_buffer.narrow(0, 0, size);
+    at::Tensor gathered = row_buffer.narrow(0, 0, size);
     at::Tensor logits = logits_buffer.narrow(0, 0, size);
 
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(), "gather_rows", [&] {
       using in_t = scalar_t;
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, compute_dtype, "gather_rows_out", [&] {
         gather_rows_kernel<in_t, scalar_t><<<blocks, row_threads(dim), 0, stream>>>(
-            hidden.const_data_ptr<in_t>(), source, count, rows, first, dim, chunk_rows.mutable_data_ptr<scalar_t>());
+            hidden.const_data_ptr<in_t>(), source, count, rows, first, dim, gathered.mutable_data_ptr<scalar_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
 
     if (bias_c.has_value()) {
-      at::addmm_out(logits, *bias_c, chunk_rows, weight_c.t());
+      at::addmm_out(logits, *bias_c, gathered, weight_c.t());
     } else {
-      at::mm_out(logits, chunk_rows, weight_c.t());
+      at::mm_out(logits, gathered, weight_c.t());
     }
 
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, compute_dtype, "row_loss", [&] {
@@ -310,14 +307,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lm_cross_
 
     // `logits` now holds dlogits. The weight gradient reads the gathered rows before the hidden
     // gradient overwrites them.
-    accumulate_weight_grad(grad_weight, logits, chunk_rows);
-    if (bias_grad) grad_bias.add_(at::sum(logits, at::IntArrayRef{0}, false, at::kFloat));
-    at::mm_out(chunk_rows, logits, weight_c);
+    const bool first_chunk = first == 0;
+    weight_grad(grad_weight, logits, gathered, first_chunk);
+    if (bias_grad) {
+      if (first_chunk) {
+        at::sum_out(grad_bias, logits, at::IntArrayRef{0}, false, at::kFloat);
+      } else {
+        grad_bias.add_(at::sum(logits, at::IntArrayRef{0}, false, at::kFloat));
+      }
+    }
+    at::mm_out(gathered, logits, weight_c);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, compute_dtype, "scatter_rows", [&] {
       using in_t = scalar_t;
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(), "scatter_rows_out", [&] {
         scatter_rows_kernel<in_t, scalar_t><<<blocks, row_threads(dim), 0, stream>>>(
-            chunk_rows.const_data_ptr<in_t>(), source, count, rows, first, dim,
+            gathered.const_data_ptr<in_t>(), source, count, rows, first, dim,
             grad_hidden.mutable_data_ptr<scalar_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
@@ -331,8 +335,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lm_cross_
 TORCH_LIBRARY_FRAGMENT(beitfast, m) {
   m.def(
       "lm_cross_entropy_chunked(Tensor hidden, Tensor weight, Tensor? bias, Tensor row_labels, "
-      "Tensor? source_rows, Tensor? row_count, Tensor? row_scale, int ignore_index, ScalarType compute_dtype) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "Tensor? source_rows, Tensor? row_count, Tensor? row_scale, int ignore_index, ScalarType compute_dtype, "
+      "int chunk_rows) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(beitfast, CUDA, m) {

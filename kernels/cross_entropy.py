@@ -13,7 +13,8 @@ masked patches per image when the caller knows it, else ``B * N``), and every ke
 and leaves at once past it: no host sync.
 
 Chunks. The rows go in as few chunks as the logits buffer allows: a chunk's ``[C, V]`` logits in the
-compute dtype take at most ``LOGITS_BUDGET_BYTES`` (:func:`rows_per_chunk`). At BEiT-B (128 x 75 rows,
+compute dtype take at most ``LOGITS_BUDGET_BYTES``: the caller passes ``chunk_rows``
+(``beitfast.ops.cross_entropy.rows_per_chunk``, the rule of both backends). At BEiT-B (128 x 75 rows,
 V = 8192) that is one chunk under 16-bit autocast and two in fp32; five launches per chunk. Per chunk:
 
 1. gather: the chunk's rows of ``hidden`` (any strides and dtype) into a ``[C, D]`` buffer in the
@@ -49,22 +50,7 @@ import triton
 import triton.language as tl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# The most bytes a chunk's logits buffer ([C, V] in the compute dtype) may take. BEiT-B pre-training's
-# 128 x 75 masked rows at V = 8192 take 150 MiB in 16-bit: one chunk (two in fp32), so the weight
-# gradient is one GEMM over every row and the loss five launches. Bigger problems get more chunks of at
-# most this size, so the buffer falls under a tenth of the fp32 logits once those pass 10x the budget.
-LOGITS_BUDGET_BYTES = 160 * 2**20
-# Smallest chunk, in rows: one GEMM tile row at least; chunks are whole multiples of it.
-MIN_CHUNK_ROWS = 64
 _SMEM_BYTES = 160 * 1024  # what a config may use: under sm_80's 163 KB (and sm_90's 227 KB)
-
-
-def rows_per_chunk(rows: int, vocab: int, itemsize: int, budget: int = LOGITS_BUDGET_BYTES) -> int:
-    """Rows per chunk: as few chunks as ``budget`` bytes of ``[C, vocab]`` logits allow, of equal size
-    (whole ``MIN_CHUNK_ROWS`` tiles), so the last one is no sliver."""
-    largest = max(MIN_CHUNK_ROWS, budget // (vocab * itemsize) // MIN_CHUNK_ROWS * MIN_CHUNK_ROWS)
-    chunks = triton.cdiv(rows, largest)
-    return max(1, min(rows, triton.cdiv(triton.cdiv(rows, chunks), MIN_CHUNK_ROWS) * MIN_CHUNK_ROWS))
 
 
 def _gemm_configs():
@@ -305,6 +291,7 @@ def lm_cross_entropy_chunked(
     row_scale: torch.Tensor | None,
     ignore_index: int,
     compute_dtype: torch.dtype,
+    chunk_rows: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row loss ``[R]`` (fp32, 0 on uncounted rows) and argmax hit ``[R]`` (bool); with ``row_scale``
     (fp32, one value or ``[R]``) also the gradients of ``sum(row_scale * loss)`` for hidden (``[B, N, D]``,
@@ -312,7 +299,8 @@ def lm_cross_entropy_chunked(
 
     ``hidden`` is ``[B, N, D]`` (any strides); ``weight`` ``[V, D]``; ``row_labels`` int64 ``[R]``;
     ``source_rows`` int64 ``[R]`` or None (row ``r`` of hidden flattened); ``row_count`` a one-element
-    integer tensor or None (all ``R`` rows). Launches kernels only: never reads device values.
+    integer tensor or None (all ``R`` rows); ``chunk_rows`` the rows of one chunk (its ``[C, V]``
+    logits buffer). Launches kernels only: never reads device values.
     """
     device = hidden.device
     R = row_labels.shape[0]
@@ -340,7 +328,7 @@ def lm_cross_entropy_chunked(
     source = source_rows.contiguous() if source_rows is not None else labels
     scale = row_scale.contiguous() if with_grad else loss
     scale_stride = 1 if with_grad and row_scale.numel() > 1 else 0
-    chunk = rows_per_chunk(R, V, compute_dtype.itemsize, LOGITS_BUDGET_BYTES)
+    chunk = max(1, min(chunk_rows, R))
     rows = torch.empty(chunk, D, device=device, dtype=compute_dtype)
     logits = torch.empty(chunk, V, device=device, dtype=compute_dtype)
     precision = _input_precision(compute_dtype)

@@ -5,8 +5,9 @@ The eager backend is the definition: gather the counted rows, a linear layer in 
 (the autocast dtype under autocast), cross-entropy in float32 (float64 stays float64).
 
 Fused backends (``triton``: ``beitfast.kernels.cross_entropy``; ``cuda``: ``csrc/cross_entropy_cuda.cu``)
-share one design and one autograd wrapper here; only ``lm_cross_entropy_chunked`` differs. Rows go in
-chunks: per chunk one GEMM into a bounded logits buffer, one fused row pass (max, log-sum-exp, loss,
+share one design, one chunk rule (:func:`rows_per_chunk`) and one autograd wrapper here; only
+``lm_cross_entropy_chunked`` differs. Rows go in chunks of at most ``LOGITS_BUDGET_BYTES`` of logits: per
+chunk one GEMM into a bounded logits buffer, one fused row pass (max, log-sum-exp, loss,
 argmax hit, the logits turned in place into their gradient), then an fp32 ``dW`` GEMM and ``dh`` written
 straight into the selected rows of a ``[B, N, D]`` gradient. No atomics: deterministic by construction.
 For mean and sum the gradient is computed in the forward (three GEMMs, no recompute) for
@@ -42,6 +43,25 @@ from . import dispatch
 
 OP = "cross_entropy"
 _REDUCTIONS = ("mean", "sum", "none")
+# The most bytes a fused backend's chunk of logits ([C, V] in the compute dtype) may take. BEiT-B
+# pre-training's 128 x 75 masked rows at V = 8192 take 150 MiB in 16-bit: one chunk (two in fp32), so the
+# weight gradient is one GEMM over every row and the Triton loss five launches. Bigger problems get more
+# chunks of at most this size, so the buffer falls under a tenth of the fp32 logits once those pass 10x
+# the budget.
+LOGITS_BUDGET_BYTES = 160 * 2**20
+# Smallest chunk, in rows: one GEMM tile row at least; chunks are whole multiples of it.
+MIN_CHUNK_ROWS = 64
+
+
+def rows_per_chunk(rows: int, vocab: int, itemsize: int, budget: int | None = None) -> int:
+    """Rows per chunk of both fused backends: as few chunks as ``budget`` bytes (default
+    ``LOGITS_BUDGET_BYTES``) of ``[C, vocab]`` logits allow, of equal size (whole ``MIN_CHUNK_ROWS``
+    tiles), so the last one is no sliver."""
+    budget = LOGITS_BUDGET_BYTES if budget is None else budget
+    largest = max(MIN_CHUNK_ROWS, budget // (vocab * itemsize) // MIN_CHUNK_ROWS * MIN_CHUNK_ROWS)
+    chunks = -(-rows // largest)
+    per_chunk = -(-rows // max(1, chunks))
+    return max(1, min(rows, -(-per_chunk // MIN_CHUNK_ROWS) * MIN_CHUNK_ROWS))
 
 
 def masked_lm_cross_entropy(
@@ -337,8 +357,9 @@ def _chunked(backend, hidden, weight, bias, row_labels, source_rows, row_count, 
         from ..kernels.cross_entropy import lm_cross_entropy_chunked
     else:
         lm_cross_entropy_chunked = torch.ops.beitfast.lm_cross_entropy_chunked
+    chunk = rows_per_chunk(row_labels.shape[0], weight.shape[0], dtype.itemsize)
     loss_rows, hits, grad_hidden, grad_weight, grad_bias = lm_cross_entropy_chunked(
-        h3, weight, bias, row_labels, source_rows, row_count, row_scale, ignore_index, dtype
+        h3, weight, bias, row_labels, source_rows, row_count, row_scale, ignore_index, dtype, chunk
     )
     if row_scale is not None:
         grad_hidden = grad_hidden.view(hidden.shape)
