@@ -1201,9 +1201,10 @@ def main(argv: list[str] | None = None) -> int:
               f"memory)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        resumable = args.command in ("pretrain", "finetune") or (
+            args.command == "segment" and getattr(args, "segment_command", None) == "train")
         print(f"beitfast {command}: interrupted; the same command resumes from the last checkpoint"
-              if args.command in ("pretrain", "finetune") else f"beitfast {command}: interrupted",
-              file=sys.stderr)
+              if resumable else f"beitfast {command}: interrupted", file=sys.stderr)
         return 130
 
 

@@ -659,3 +659,18 @@ def test_the_demo_replaces_its_own_earlier_run_and_says_so(tmp_path, monkeypatch
     # A folder the user names is another matter: the demo starts afresh there only with --overwrite.
     assert main([*demo, "--output", "demo-output"]) == 2
     one_line_error(capsys, "--overwrite", "checkpoint.pt")
+
+
+@pytest.mark.parametrize("argv,target,resumable", [
+    (["finetune", "--pretrained", "p.pt", "--data", "d"], "cmd_finetune", True),
+    (["segment", "train"], "cmd_segment_train", True),
+    (["segment", "eval", "--model", "m.safetensors", "--data", "d"], "cmd_segment_eval", False),
+])
+def test_interrupt_says_whether_the_command_resumes(monkeypatch, capsys, argv, target, resumable):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(f"beitfast.cli.{target}", interrupted)
+    assert main(argv) == 130
+    err = one_line_error(capsys, "interrupted")
+    assert ("resumes from the last checkpoint" in err) == resumable, err

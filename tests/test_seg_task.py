@@ -257,14 +257,14 @@ def _config():
                       drop_path_rate=0.0)
 
 
-def _train(folder, output):
+def _train(folder, output, parallel="ddp"):
     source = SegmentationFolder(folder / "images", folder / "masks", 3)
     ctx_rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     stream = segmentation_stream(source, SegmentationTrainTransform(crop=32, scale=(64, 32)), batch_size=4,
                                  seed=1, rank=ctx_rank, world_size=world)
     config = segmentation_recipe(steps=3, warmup_steps=1, batch_size=4, output_dir=str(output), device="cpu",
-                                 progress=False, checkpoint_every=3)
+                                 progress=False, checkpoint_every=3, parallel=parallel)
     torch.manual_seed(0)
     # No dropout, no drop path: their random masks would differ between one process and two.
     model = BEiTForSegmentation(_config(), SegmentationConfig(num_classes=3, out_indices=(0, 1, 2, 3),
@@ -272,21 +272,24 @@ def _train(folder, output):
     return segmentation_trainer(model, stream, config).fit()
 
 
-def _ddp_worker(rank, world_size, port, folder, output):
+def _parallel_worker(rank, world_size, port, folder, output, parallel):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     try:
-        _train(folder, output)
+        _train(folder, output, parallel)
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_match_one(tmp_path, one_thread, monkeypatch):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_gloo_processes_match_one(tmp_path, one_thread, monkeypatch, parallel):
+    # DDP, and FSDP (the backbone's blocks sharded as units, the rest as one): the updates of one process
+    # with the whole batch.
     folder = synthetic_folder(tmp_path / "data")
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))  # spawned workers import this module
-    mp.spawn(_ddp_worker, args=(2, _free_port(), folder, tmp_path / "two"), nprocs=2, join=True)
+    mp.spawn(_parallel_worker, args=(2, _free_port(), folder, tmp_path / "two", parallel), nprocs=2, join=True)
     single = _train(folder, tmp_path / "one")
     one = torch.load(tmp_path / "one" / CHECKPOINT_NAME, weights_only=True)["model"]
     two = torch.load(tmp_path / "two" / CHECKPOINT_NAME, weights_only=True)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..model import BEiT
+from ..model import BEiT, Block
 from .config import TrainConfig
 
 __all__ = ["Distributed", "setup_distributed", "resolve_device", "wrap_model", "float8_training"]
@@ -69,7 +69,9 @@ def wrap_model(model: BEiT, config: TrainConfig, ctx: Distributed, device: torch
     if ctx.enabled and config.parallel == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        for block in model.blocks:  # each block's parameters gathered just before it runs
+        # Each Transformer block's parameters gathered just before it runs, wherever the task's model
+        # holds them (BEiT.blocks, BEiTForSegmentation.backbone.blocks); the rest sharded as one unit.
+        for block in [m for m in model.modules() if isinstance(m, Block)]:
             fully_shard(block)
         wrapped = fully_shard(model)
     elif ctx.enabled:
