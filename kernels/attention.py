@@ -3,8 +3,9 @@
 ``out = softmax(q k^T * scale + bias[h, :N, :N]) v``. The bias is BEiT's relative position bias already
 gathered from its table (``beitfast.ops.relative_position_bias``): a dense ``[H, P, P]`` tensor padded
 to ``P = padded_size(N)`` (a multiple of the largest tile), identical for every image. The kernels read
-it in the compute dtype (the launcher casts an fp32 bias for 16-bit q, k, v: half the bytes), as affine
-tiles without bounds masks, and never see the relative-position index; its gradient is fp32.
+it in the compute dtype (the forward casts an fp32 bias for 16-bit q, k, v: half the bytes; the
+backward reads the forward's copy, so one cast per layer), as affine tiles without bounds masks, and
+never see the relative-position index; its gradient is fp32.
 
 * N and the head dim are compile-time constants (one compile per sequence length). A sequence is cut
   into full tiles, read without masks, and one tail tile of the smallest power of two >= 16 that
@@ -13,9 +14,9 @@ tiles without bounds masks, and never see the relative-position index; its gradi
   bias tiles in L2 (head-major), and every sequence length gives ``blocks * B * H`` programs.
 * forward: one program per (query block, image, head); online softmax in fp32, base 2; saves the row
   log-sum-exp (base 2) for the backward.
-* backward, four launches, no atomics and no read-modify-write of global memory: ``delta =
-  rowsum(dO * O)`` per row; dK and dV per (key block, image, head) over the query blocks (four
-  matmuls); dQ per (query block, image, head) over the key blocks (three); the bias gradient per
+* backward, three launches, no atomics and no read-modify-write of global memory: dQ per (query block,
+  image, head) over the key blocks (three matmuls), which also writes ``delta = rowsum(dO * O)`` for
+  its rows; dK and dV per (key block, image, head) over the query blocks (four); the bias gradient per
   (score tile, group of images, head), ``dS`` summed over the group's images in registers and written
   once (two matmuls: the scores and ``dP`` recomputed). With more than one group the launcher adds the
   groups' ``[H, P, P]`` sums in a fixed order. Results repeat bit for bit for a given tile
@@ -114,31 +115,50 @@ _KV_CONFIGS = _tile_configs(_union(_KV_TILES))
 _Q_TILES = {9: [(64, 64, 4, 2), (64, 32, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2)],
             8: [(64, 32, 4, 2), (32, 64, 4, 2)]}
 _Q_CONFIGS = _tile_configs(_union(_Q_TILES))
-# The bias gradient's tile is fixed (not autotuned): its number of image groups, and so its scratch,
-# depends on the number of tiles.
-_BIAS_TILE = 32 if _INTERPRET else 64
+# The bias gradient's tile ``(rows, columns, warps)`` per GPU generation, fixed (not autotuned: its
+# number of image groups, and so its scratch, depends on the number of tiles). Each image's q and dO
+# rows and k and v columns are read once per tile, so the bytes per bias-gradient element fall as the
+# tile grows: 8 bytes at 64 x 64, 6 at 128 x 64 (sm_90, a warpgroup per 64 rows; 128 x 128 spills
+# there), 64 x 64 on sm_80 (mma.sync operands in registers: 255 registers already). The interpreter
+# runs ``_BIAS_TILE`` (tests change it).
+_BIAS_TILES = {9: (128, 64, 8), 8: (64, 64, 4)}
+_BIAS_TILE = (32, 32, 4) if _INTERPRET else None
 _HEURISTICS = {
     "TAIL_M": lambda args: _tail(args["N"], args["BLOCK_M"]),
     "TAIL_N": lambda args: _tail(args["N"], args["BLOCK_N"]),
 }
 
 
-def bias_groups(batch: int, heads: int, n: int, sms: int) -> int:
+def bias_tile(device: torch.device) -> tuple[int, int, int]:
+    """``(rows, columns, warps)`` of the bias-gradient kernel's tile on ``device``'s GPU generation."""
+    if _BIAS_TILE is not None:
+        return _BIAS_TILE
+    return _BIAS_TILES[9 if torch.cuda.get_device_capability(device)[0] >= 9 else 8]
+
+
+def bias_tiles(n: int, tile: tuple[int, ...]) -> int:
+    """Score tiles of the bias gradient per head."""
+    return triton.cdiv(n, tile[0]) * triton.cdiv(n, tile[1])
+
+
+def bias_groups(batch: int, heads: int, n: int, sms: int, tile: tuple[int, ...]) -> int:
     """Groups of images the bias gradient splits the batch into: one, unless the score tiles of all
     heads give fewer than ``_BIAS_PROGRAMS_PER_SM`` programs per SM."""
-    tiles = triton.cdiv(n, _BIAS_TILE) ** 2 * heads
+    tiles = bias_tiles(n, tile) * heads
     groups = max(1, min(batch, triton.cdiv(_BIAS_PROGRAMS_PER_SM * sms, tiles)))
     return triton.cdiv(batch, triton.cdiv(batch, groups))  # none empty
 
 
 def launch_plan(B: int, H: int, N: int, tiles: dict[str, tuple[int, int]], sms: int, bias: bool = True):
     """``[(kernel, grid)]`` of one forward and one backward, for the given ``{kernel: (BLOCK_M,
-    BLOCK_N)}`` tiles (``fwd``, ``kv``, ``q``); the grids the launchers below compute."""
+    BLOCK_N)}`` tiles (``fwd``, ``kv``, ``q``, and ``bias``: sm_90's when not given); the grids the
+    launchers below compute."""
     P = padded_size(N)
-    plan = [("fwd", (triton.cdiv(N, tiles["fwd"][0]), B, H)), ("delta", (P // _DELTA_ROWS, B, H)),
-            ("kv", (triton.cdiv(N, tiles["kv"][1]), B, H)), ("q", (triton.cdiv(N, tiles["q"][0]), B, H))]
+    plan = [("fwd", (triton.cdiv(N, tiles["fwd"][0]), B, H)), ("q", (triton.cdiv(N, tiles["q"][0]), B, H)),
+            ("kv", (triton.cdiv(N, tiles["kv"][1]), B, H))]
     if bias:
-        plan.append(("bias", (triton.cdiv(N, _BIAS_TILE) ** 2, bias_groups(B, H, N, sms), H)))
+        tile = tiles.get("bias", _BIAS_TILES[9])
+        plan.append(("bias", (bias_tiles(N, tile), bias_groups(B, H, N, sms, tile), H)))
     return plan
 
 
@@ -294,25 +314,6 @@ def _fwd_kernel(
 # ---------------------------------------------------------------------------------------------------
 # backward
 
-_DELTA_ROWS = 64
-
-
-@triton.jit
-def _delta_kernel(
-    OUT, DOUT, DELTA, s_ob, s_oh, s_on, s_od, s_gb, s_gh, s_gn, s_gd,
-    N: tl.constexpr, D: tl.constexpr, P: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """``delta = rowsum(dO * O)`` in fp32 for rows ``[0, P)`` of one (image, head): zero past N, so
-    the tail tiles of the other kernels read defined values."""
-    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    b = tl.program_id(1).to(tl.int64)
-    h = tl.program_id(2).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
-    o = _load_rows(OUT + b * s_ob + h * s_oh, rows, offs_d, s_on, s_od, N, D, True).to(tl.float32)
-    do = _load_rows(DOUT + b * s_gb + h * s_gh, rows, offs_d, s_gn, s_gd, N, D, True).to(tl.float32)
-    tl.store(DELTA + (b * tl.num_programs(2) + h) * P + rows, tl.sum(do * o, 1))
-
-
 @triton.jit
 def _kv_tile(
     dk, dv, k, v, Q, DOUT, LSE, DELTA, BIAS, rows, cols, offs_d, scale_log2, s_qn, s_qd, s_gn, s_gd, s_bi,
@@ -433,8 +434,8 @@ def _q_tile(
 
 @triton.jit
 def _q_block(
-    Q, K, V, DOUT, DQ, LSE, DELTA, BIAS, start_m, scale, scale_log2,
-    s_qn, s_qd, s_kn, s_kd, s_vn, s_vd, s_gn, s_gd, s_dqn, s_dqd, s_bi,
+    Q, K, V, OUT, DOUT, DQ, LSE, DELTA, BIAS, start_m, scale, scale_log2,
+    s_qn, s_qd, s_kn, s_kd, s_vn, s_vd, s_on, s_od, s_gn, s_gd, s_dqn, s_dqd, s_bi,
     N: tl.constexpr, D: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, TAIL_N: tl.constexpr,
     MASK_ROWS: tl.constexpr,
@@ -444,7 +445,11 @@ def _q_block(
     q = _load_rows(Q, rows, offs_d, s_qn, s_qd, N, D, MASK_ROWS)
     do = _load_rows(DOUT, rows, offs_d, s_gn, s_gd, N, D, MASK_ROWS)
     lse = tl.load(LSE + rows)
-    delta = tl.load(DELTA + rows)
+    # delta = rowsum(dO * O) in fp32, here where dO is read anyway; stored for the dK/dV and bias-gradient
+    # launches that follow (zero on rows past N).
+    o = _load_rows(OUT, rows, offs_d, s_on, s_od, N, D, MASK_ROWS)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    tl.store(DELTA + rows, delta)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, N // BLOCK_N * BLOCK_N, BLOCK_N):
         dq = _q_tile(dq, q, do, lse, delta, K, V, BIAS, rows, start_n + tl.arange(0, BLOCK_N), offs_d,
@@ -460,11 +465,12 @@ def _q_block(
 @triton.heuristics(_HEURISTICS)
 @triton.jit
 def _bwd_q_kernel(
-    Q, K, V, BIAS, DOUT, LSE, DELTA, DQ,
+    Q, K, V, BIAS, OUT, DOUT, LSE, DELTA, DQ,
     scale, scale_log2,
     s_qb, s_qh, s_qn, s_qd,
     s_kb, s_kh, s_kn, s_kd,
     s_vb, s_vh, s_vn, s_vd,
+    s_ob, s_oh, s_on, s_od,
     s_gb, s_gh, s_gn, s_gd,
     s_dqb, s_dqh, s_dqn, s_dqd,
     s_bh, s_bi,
@@ -473,13 +479,15 @@ def _bwd_q_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
 ):
-    """dQ of one (query block, image, head): the key blocks in turn, the sum in registers."""
+    """dQ of one (query block, image, head): the key blocks in turn, the sum in registers; also the
+    block's ``delta`` rows (and the zero padding of the last block), which the launches after it read."""
     start_m = tl.program_id(0) * BLOCK_M
     b = tl.program_id(1).to(tl.int64)
     h = tl.program_id(2).to(tl.int64)
     Q += b * s_qb + h * s_qh
     K += b * s_kb + h * s_kh
     V += b * s_vb + h * s_vh
+    OUT += b * s_ob + h * s_oh
     DOUT += b * s_gb + h * s_gh
     DQ += b * s_dqb + h * s_dqh
     LSE += (b * tl.num_programs(2) + h) * P
@@ -487,13 +495,15 @@ def _bwd_q_kernel(
     if HAS_BIAS:
         BIAS += h * s_bh
     if TAIL_M == 0 or start_m + BLOCK_M <= N:
-        _q_block(Q, K, V, DOUT, DQ, LSE, DELTA, BIAS, start_m, scale, scale_log2,
-                 s_qn, s_qd, s_kn, s_kd, s_vn, s_vd, s_gn, s_gd, s_dqn, s_dqd, s_bi,
+        _q_block(Q, K, V, OUT, DOUT, DQ, LSE, DELTA, BIAS, start_m, scale, scale_log2,
+                 s_qn, s_qd, s_kn, s_kd, s_vn, s_vd, s_on, s_od, s_gn, s_gd, s_dqn, s_dqd, s_bi,
                  N, D, HAS_BIAS, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, TAIL_N, False)
     else:
-        _q_block(Q, K, V, DOUT, DQ, LSE, DELTA, BIAS, start_m, scale, scale_log2,
-                 s_qn, s_qd, s_kn, s_kd, s_vn, s_vd, s_gn, s_gd, s_dqn, s_dqd, s_bi,
+        _q_block(Q, K, V, OUT, DOUT, DQ, LSE, DELTA, BIAS, start_m, scale, scale_log2,
+                 s_qn, s_qd, s_kn, s_kd, s_vn, s_vd, s_on, s_od, s_gn, s_gd, s_dqn, s_dqd, s_bi,
                  N, D, HAS_BIAS, PRECISION, TAIL_M, BLOCK_N, BLOCK_D, TAIL_N, True)
+    if start_m + BLOCK_M >= N:  # the last query block: delta's padding rows
+        _fill_rows(DELTA, N // BLOCK_M * BLOCK_M + TAIL_M, P)
 
 
 @triton.jit
@@ -544,20 +554,20 @@ def _bias_tile_rows(
     Q, K, V, DOUT, LSE, DELTA, BIAS, DBIAS, start_m, start_n, first, last, H, scale_log2,
     s_qb, s_qn, s_qd, s_kb, s_kn, s_kd, s_vb, s_vn, s_vd, s_gb, s_gn, s_gd, s_bi,
     N: tl.constexpr, D: tl.constexpr, P: tl.constexpr, PRECISION: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK: tl.constexpr, TAIL: tl.constexpr, BLOCK_D: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr, BLOCK_D: tl.constexpr,
     MASK_ROWS: tl.constexpr,
 ):
     """The tile for ``ROWS`` rows: a full column block or the tail one, and the padding past the last."""
-    if TAIL == 0 or start_n + BLOCK <= N:
+    if TAIL_N == 0 or start_n + BLOCK_N <= N:
         _bias_tile(Q, K, V, DOUT, LSE, DELTA, BIAS, DBIAS, start_m, start_n, first, last, H, scale_log2,
                    s_qb, s_qn, s_qd, s_kb, s_kn, s_kd, s_vb, s_vn, s_vd, s_gb, s_gn, s_gd, s_bi,
-                   N, D, P, PRECISION, ROWS, BLOCK, BLOCK_D, MASK_ROWS, False)
+                   N, D, P, PRECISION, ROWS, BLOCK_N, BLOCK_D, MASK_ROWS, False)
     else:
         _bias_tile(Q, K, V, DOUT, LSE, DELTA, BIAS, DBIAS, start_m, start_n, first, last, H, scale_log2,
                    s_qb, s_qn, s_qd, s_kb, s_kn, s_kd, s_vb, s_vn, s_vd, s_gb, s_gn, s_gd, s_bi,
-                   N, D, P, PRECISION, ROWS, TAIL, BLOCK_D, MASK_ROWS, True)
-    if start_n + BLOCK >= N:
-        _bias_fill(DBIAS, start_m, ROWS, N // BLOCK * BLOCK + TAIL, P, False)
+                   N, D, P, PRECISION, ROWS, TAIL_N, BLOCK_D, MASK_ROWS, True)
+    if start_n + BLOCK_N >= N:
+        _bias_fill(DBIAS, start_m, ROWS, N // BLOCK_N * BLOCK_N + TAIL_N, P, False)
 
 
 @triton.jit
@@ -571,13 +581,15 @@ def _bwd_bias_kernel(
     s_bh, s_bi,
     B, GROUP,
     N: tl.constexpr, D: tl.constexpr, P: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, TAIL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
 ):
-    """The bias gradient of one (score tile, group of GROUP images, head) into the group's ``[H, P,
-    P]`` slice; the padding past the last tiles is zeroed by the programs beside it."""
-    blocks = triton.cdiv(N, BLOCK)
-    start_m = tl.program_id(0) // blocks * BLOCK
-    start_n = tl.program_id(0) % blocks * BLOCK
+    """The bias gradient of one (``[BLOCK_M, BLOCK_N]`` score tile, group of GROUP images, head) into
+    the group's ``[H, P, P]`` slice; the padding past the last tiles is zeroed by the programs beside
+    it."""
+    col_blocks = triton.cdiv(N, BLOCK_N)
+    start_m = tl.program_id(0) // col_blocks * BLOCK_M
+    start_n = tl.program_id(0) % col_blocks * BLOCK_N
     g = tl.program_id(1).to(tl.int64)
     h = tl.program_id(2).to(tl.int64)
     H = tl.num_programs(2)
@@ -591,23 +603,23 @@ def _bwd_bias_kernel(
     DELTA += h * P
     BIAS += h * s_bh
     DBIAS += (g * H + h) * P * P
-    if TAIL == 0 or start_m + BLOCK <= N:
+    if TAIL_M == 0 or start_m + BLOCK_M <= N:
         _bias_tile_rows(Q, K, V, DOUT, LSE, DELTA, BIAS, DBIAS, start_m, start_n, first, last, H, scale_log2,
                         s_qb, s_qn, s_qd, s_kb, s_kn, s_kd, s_vb, s_vn, s_vd, s_gb, s_gn, s_gd, s_bi,
-                        N, D, P, PRECISION, BLOCK, BLOCK, TAIL, BLOCK_D, False)
+                        N, D, P, PRECISION, BLOCK_M, BLOCK_N, TAIL_N, BLOCK_D, False)
     else:
         _bias_tile_rows(Q, K, V, DOUT, LSE, DELTA, BIAS, DBIAS, start_m, start_n, first, last, H, scale_log2,
                         s_qb, s_qn, s_qd, s_kb, s_kn, s_kd, s_vb, s_vn, s_vd, s_gb, s_gn, s_gd, s_bi,
-                        N, D, P, PRECISION, TAIL, BLOCK, TAIL, BLOCK_D, True)
-    if start_m + BLOCK >= N:  # the last row block: the rows under its columns, and the corner
-        covered = N // BLOCK * BLOCK + TAIL
-        if TAIL == 0 or start_n + BLOCK <= N:
-            _bias_fill(DBIAS, start_n, BLOCK, covered, P, True)
+                        N, D, P, PRECISION, TAIL_M, BLOCK_N, TAIL_N, BLOCK_D, True)
+    if start_m + BLOCK_M >= N:  # the last row block: the rows under its columns, and the corner
+        covered_m = N // BLOCK_M * BLOCK_M + TAIL_M
+        if TAIL_N == 0 or start_n + BLOCK_N <= N:
+            _bias_fill(DBIAS, start_n, BLOCK_N, covered_m, P, True)
         else:
-            _bias_fill(DBIAS, start_n, TAIL, covered, P, True)
-        if start_n + BLOCK >= N:
-            for corner in range(covered, P, 16):
-                _bias_fill(DBIAS, corner, 16, covered, P, True)
+            _bias_fill(DBIAS, start_n, TAIL_N, covered_m, P, True)
+        if start_n + BLOCK_N >= N:
+            for corner in range(N // BLOCK_N * BLOCK_N + TAIL_N, P, 16):
+                _bias_fill(DBIAS, corner, 16, covered_m, P, True)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -643,8 +655,9 @@ def _sm_count(device: torch.device) -> int:
 
 
 def _forward(q, k, v, bias, scale):
-    """``out`` (a ``[B, H, N, D]`` view of ``[B, N, H, D]`` storage) and the base-2 log-sum-exp
-    ``[B, H, P]`` (fp32, rows padded like the bias)."""
+    """``out`` (a ``[B, H, N, D]`` view of ``[B, N, H, D]`` storage), the base-2 log-sum-exp
+    ``[B, H, P]`` (fp32, rows padded like the bias) and the bias as the kernel read it (in the compute
+    dtype)."""
     B, H, N, D = q.shape
     P = padded_size(N)
     out = _new_buffer(q, (B, N, H, D)).transpose(1, 2)
@@ -657,7 +670,7 @@ def _forward(q, k, v, bias, scale):
         N=N, D=D, P=P,
         HAS_BIAS=bias is not None, PRECISION=_precision(q.dtype), BLOCK_D=_block_d(D),
     )
-    return out, lse
+    return out, lse, bias
 
 
 def _backward(dout, q, k, v, out, lse, bias, scale):
@@ -670,31 +683,30 @@ def _backward(dout, q, k, v, out, lse, bias, scale):
     dqkv = _new_buffer(q, (B, N, 3, H, D))
     dq, dk, dv = (dqkv[:, :, i].transpose(1, 2) for i in range(3))
     delta = _new_buffer(q, (B, H, P), torch.float32)
-    _delta_kernel[(P // _DELTA_ROWS, B, H)](
-        out, dout, delta, *out.stride(), *dout.stride(), N=N, D=D, P=P, BLOCK=_DELTA_ROWS, BLOCK_D=block_d,
-    )
     bias, bias_strides = _bias_args(bias, q.dtype)
     common = dict(N=N, D=D, P=P, HAS_BIAS=bias is not None, PRECISION=precision, BLOCK_D=block_d)
+    # dQ first: it writes delta, which dK/dV and the bias gradient read.
+    _bwd_q_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B, H)](
+        q, k, v, bias, out, dout, lse, delta, dq, scale, scale * LOG2E.value,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(), *dq.stride(), *bias_strides,
+        **common,
+    )
     _bwd_kv_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B, H)](
         q, k, v, bias, dout, lse, delta, dk, dv, scale, scale * LOG2E.value,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(), *bias_strides,
         **common,
     )
-    _bwd_q_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B, H)](
-        q, k, v, bias, dout, lse, delta, dq, scale, scale * LOG2E.value,
-        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), *bias_strides,
-        **common,
-    )
     if bias is None:
         return dqkv, torch.empty(0, device=q.device, dtype=torch.float32)
-    groups = bias_groups(B, H, N, _sm_count(q.device))
+    tile = bias_tile(q.device)
+    groups = bias_groups(B, H, N, _sm_count(q.device), tile)
     group = triton.cdiv(B, groups)
     partial = _new_buffer(q, (groups, H, P, P), torch.float32)
-    _bwd_bias_kernel[(triton.cdiv(N, _BIAS_TILE) ** 2, groups, H)](
+    _bwd_bias_kernel[(bias_tiles(N, tile), groups, H)](
         q, k, v, bias, dout, lse, delta, partial, scale * LOG2E.value,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *bias_strides, B, group,
-        N=N, D=D, P=P, PRECISION=precision, BLOCK=_BIAS_TILE, BLOCK_D=block_d, TAIL=_tail(N, _BIAS_TILE),
-        num_warps=4, num_stages=2,
+        N=N, D=D, P=P, PRECISION=precision, BLOCK_M=tile[0], BLOCK_N=tile[1], BLOCK_D=block_d,
+        TAIL_M=_tail(N, tile[0]), TAIL_N=_tail(N, tile[1]), num_warps=tile[2], num_stages=2,
     )
     # The groups' sums added in a fixed order (no atomics anywhere): deterministic.
     return dqkv, partial[0] if groups == 1 else partial.sum(0)
@@ -704,22 +716,35 @@ def _backward(dout, q, k, v, out, lse, bias, scale):
 # torch.library registration and autograd
 
 
-def _fake_out(q):
+def _fake_out(q, bias):
     B, H, N, D = q.shape
-    return q.new_empty(B, N, H, D).transpose(1, 2), q.new_empty(B, H, padded_size(N), dtype=torch.float32)
+    return (q.new_empty(B, N, H, D).transpose(1, 2), q.new_empty(B, H, padded_size(N), dtype=torch.float32),
+            torch.empty_like(bias, dtype=q.dtype) if _casts(q, bias) else q.new_empty(0))
+
+
+def _casts(q, bias) -> bool:
+    """Whether the forward reads a copy of ``bias`` in q's dtype (16-bit q, k, v with the fp32 bias)."""
+    return bias is not None and bias.dtype != q.dtype
+
+
+def _fwd_outputs(q, bias, out, lse, read):
+    """The op's outputs: the cast copy of the bias is returned (the backward reads it: one cast per
+    layer, and the fp32 bias need not be kept), else an empty tensor (an output may not alias an input)."""
+    return out, lse, read if _casts(q, bias) else q.new_empty(0)
 
 
 @torch.library.custom_op("beitfast::attention_fwd", mutates_args=())
 def attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Output (``[B, H, N, D]``, stored ``[B, N, H, D]``) and the base-2 row log-sum-exp."""
-    return _forward(q, k, v, bias, scale)
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Output (``[B, H, N, D]``, stored ``[B, N, H, D]``), the base-2 row log-sum-exp, and the bias in
+    q's dtype when the op cast it (else empty), for the backward."""
+    return _fwd_outputs(q, bias, *_forward(q, k, v, bias, scale))
 
 
 @attention_fwd.register_fake
 def _(q, k, v, bias, scale):
-    return _fake_out(q)
+    return _fake_out(q, bias)
 
 
 def _unpack(qkv):
@@ -727,14 +752,16 @@ def _unpack(qkv):
 
 
 @torch.library.custom_op("beitfast::attention_packed_fwd", mutates_args=())
-def attention_packed_fwd(qkv: torch.Tensor, bias: torch.Tensor | None, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def attention_packed_fwd(
+    qkv: torch.Tensor, bias: torch.Tensor | None, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`attention_fwd` of the q, k, v packed in ``qkv`` ``[B, N, 3, H, D]`` (any strides)."""
-    return _forward(*_unpack(qkv), bias, scale)
+    return _fwd_outputs(qkv, bias, *_forward(*_unpack(qkv), bias, scale))
 
 
 @attention_packed_fwd.register_fake
 def _(qkv, bias, scale):
-    return _fake_out(_unpack(qkv)[0])
+    return _fake_out(_unpack(qkv)[0], bias)
 
 
 @torch.library.custom_op("beitfast::attention_bwd", mutates_args=())
@@ -754,33 +781,40 @@ def _(dout, q, k, v, out, lse, bias, scale):
     return q.new_empty(B, N, 3, H, D), dbias
 
 
-def _bias_grad(bias, dbias):
-    return None if bias is None else dbias.to(bias.dtype)
+def _save(ctx, tensors, bias, output, scale):
+    """Saves the inputs, the output and the log-sum-exp, and the bias the forward read (its cast copy
+    when there is one), so the backward reads the same values without casting again."""
+    read = output[2] if _casts(output[0], bias) else bias
+    ctx.save_for_backward(*tensors, output[0], output[1], read)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.scale = scale
+
+
+def _bias_grad(ctx, dbias):
+    return None if ctx.bias_dtype is None else dbias.to(ctx.bias_dtype)
 
 
 def _setup_context(ctx, inputs, output):
     *qkv, bias, scale = inputs
-    ctx.save_for_backward(*qkv, output[0], output[1], bias)
-    ctx.scale = scale
+    _save(ctx, qkv, bias, output, scale)
 
 
-def _backward_rule(ctx, dout, _dlse):
+def _backward_rule(ctx, dout, _dlse, _dbias_read):
     q, k, v, out, lse, bias = ctx.saved_tensors
     dqkv, dbias = attention_bwd(dout, q, k, v, out, lse, bias, ctx.scale)
     dq, dk, dv = (dqkv[:, :, i].transpose(1, 2) for i in range(3))
-    return dq, dk, dv, _bias_grad(bias, dbias), None
+    return dq, dk, dv, _bias_grad(ctx, dbias), None
 
 
 def _setup_packed_context(ctx, inputs, output):
     qkv, bias, scale = inputs
-    ctx.save_for_backward(qkv, output[0], output[1], bias)
-    ctx.scale = scale
+    _save(ctx, (qkv,), bias, output, scale)
 
 
-def _packed_backward_rule(ctx, dout, _dlse):
+def _packed_backward_rule(ctx, dout, _dlse, _dbias_read):
     qkv, out, lse, bias = ctx.saved_tensors
     dqkv, dbias = attention_bwd(dout, *_unpack(qkv), out, lse, bias, ctx.scale)
-    return dqkv, _bias_grad(bias, dbias), None
+    return dqkv, _bias_grad(ctx, dbias), None
 
 
 attention_fwd.register_autograd(_backward_rule, setup_context=_setup_context)

@@ -96,7 +96,7 @@ def test_triton_groups_of_images_sum_the_table_gradient(device, monkeypatch):
     from beitfast.kernels import attention as kernels
 
     monkeypatch.setattr(kernels, "_sm_count", lambda device: 1)
-    assert kernels.bias_groups(5, 2, 17, 1) == 2  # groups of 3 and 2 images
+    assert kernels.bias_groups(5, 2, 17, 1, kernels.bias_tile(torch.device(device))) == 2  # 3 + 2 images
     assert_close_to_reference("triton", *make_inputs(5, 2, 17, 32, torch.float32, device, "beit"))
 
 
@@ -127,12 +127,14 @@ def test_triton_every_gpu_tile_config(device, monkeypatch, kernel, tile):
         assert_close_to_reference("triton", *make_inputs(2, 1, N, 32, torch.float32, device, "random"))
 
 
-def test_triton_bias_gradient_tile_and_tails(device, monkeypatch):
-    """The bias gradient's fixed tile at 16 (the GPU's is 64): full tiles, tails, zero padding beside
-    the last ones, at N = 197 (12 full tiles and a 16-row tail) and N = 48."""
+@pytest.mark.parametrize("tile", [(16, 16), (16, 32), (32, 16)], ids=lambda t: "x".join(map(str, t)))
+def test_triton_bias_gradient_tile_and_tails(device, monkeypatch, tile):
+    """The bias gradient's fixed tile, square and rectangular either way (the GPUs' are 128 x 64 and 64 x
+    64), at 16 and 32: full tiles, tails, zero padding beside the last ones, at N = 197 (12 full tiles
+    and a 16-row tail of 16, 6 and a tail of 16 of 32) and N = 48."""
     from beitfast.kernels import attention as kernels
 
-    monkeypatch.setattr(kernels, "_BIAS_TILE", 16)
+    monkeypatch.setattr(kernels, "_BIAS_TILE", (*tile, 4))
     for N in (197, 48):
         q, k, v, table, rel_index = make_inputs(1, 1, N, 16, torch.float32, device, "random")
         assert_close_to_reference("triton", q, k, v, table, rel_index)
@@ -149,7 +151,7 @@ def test_triton_launches_the_planned_grids(device, monkeypatch):
         monkeypatch.setattr(tuner, "configs", [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4)])
         monkeypatch.setattr(tuner, "cache", {})
 
-    names = {"_fwd_kernel": "fwd", "_delta_kernel": "delta", "_bwd_kv_kernel": "kv", "_bwd_q_kernel": "q",
+    names = {"_fwd_kernel": "fwd", "_bwd_kv_kernel": "kv", "_bwd_q_kernel": "q",
              "_bwd_bias_kernel": "bias"}
     launched = []
 
@@ -168,7 +170,8 @@ def test_triton_launches_the_planned_grids(device, monkeypatch):
     B, H, N = 5, 2, 45
     inputs = make_inputs(B, H, N, 32, torch.float32, device, "random")
     run("triton", *inputs, None, torch.randn_like(inputs[0]))
-    assert launched == kernels.launch_plan(B, H, N, {k: (32, 32) for k in ("fwd", "kv", "q")}, sms=1)
+    tiles = {**{k: (32, 32) for k in ("fwd", "kv", "q")}, "bias": kernels.bias_tile(torch.device(device))}
+    assert launched == kernels.launch_plan(B, H, N, tiles, sms=1)
 
 
 @pytest.mark.slow
@@ -183,7 +186,7 @@ def test_triton_long_sequences(device, monkeypatch, N):
         tuner = getattr(kernels, name)
         monkeypatch.setattr(tuner, "configs", [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4)])
         monkeypatch.setattr(tuner, "cache", {})
-    monkeypatch.setattr(kernels, "_BIAS_TILE", 64)
+    monkeypatch.setattr(kernels, "_BIAS_TILE", (64, 64, 4))
     assert_close_to_reference("triton", *make_inputs(1, 1, N, 16, torch.float32, device, "beit"))
 
 
@@ -390,8 +393,40 @@ def test_custom_ops_pass_opcheck(device):
     for b in (bias, None):
         torch.library.opcheck(kernels.attention_fwd, (q, k, v, b, 0.2))
         torch.library.opcheck(kernels.attention_packed_fwd, (qkv, b, 0.2))
-        out, lse = kernels.attention_fwd(q, k, v, b, 0.2)
+        out, lse, read = kernels.attention_fwd(q, k, v, b, 0.2)
+        assert read.numel() == 0  # fp32 q with an fp32 bias: nothing cast
         torch.library.opcheck(kernels.attention_bwd, (torch.randn_like(out), q, k, v, out, lse, b, 0.2))
+    # 16-bit q, k, v with the fp32 bias: the op returns the copy it read, for the backward.
+    half = tuple(t.half() for t in (q, k, v))
+    torch.library.opcheck(kernels.attention_fwd, (*half, bias, 0.2))
+    torch.library.opcheck(kernels.attention_packed_fwd, (qkv.half(), bias, 0.2))
+    out, lse, read = kernels.attention_fwd(*half, bias, 0.2)
+    assert read.dtype == torch.float16 and torch.equal(read, bias.half())
+
+
+def test_backward_reads_the_forwards_cast_bias(device, monkeypatch):
+    # One cast of the fp32 bias per layer: the forward's fp16 copy is what the backward reads (and what
+    # autograd keeps), and the gradient is still the fp32 sum.
+    from beitfast.kernels import attention as kernels
+
+    given = []
+    bias_args = kernels._bias_args
+    monkeypatch.setattr(kernels, "_bias_args", lambda b, dtype: (given.append(b.dtype), bias_args(b, dtype))[1])
+    q, k, v, table, rel_index = make_inputs(2, 2, 7, 32, torch.float16, device)
+    bias = ops.relative_position_bias(table.float(), rel_index).detach().requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = kernels.attention(q, k, v, bias, 0.2)
+    assert given == [torch.float32]  # cast in the forward
+    assert not any(t is bias for t in saved) and any(t.dtype == torch.float16 and t.dim() == 3 for t in saved)
+    out.float().square().sum().backward()
+    assert given == [torch.float32, torch.float16]  # the backward got the forward's copy: no cast
+    assert bias.grad.dtype == torch.float32
+    ref_bias = bias.detach().double().requires_grad_()
+    ref = ops.rel_pos_attention(*(t.detach().double() for t in (q, k, v)), bias=ref_bias, scale=0.2,
+                                backend="eager")
+    ref.square().sum().backward()
+    torch.testing.assert_close(bias.grad.double(), ref_bias.grad, atol=5e-3, rtol=5e-3)
 
 
 def test_triton_compiles_without_graph_breaks_with_real_strides(device):
