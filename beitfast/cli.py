@@ -701,7 +701,8 @@ def cmd_segment_train(args: argparse.Namespace) -> int:
     from .segmentation import BEiTForSegmentation
     from .segmentation.data import SegmentationTrainTransform, segmentation_stream
     from .segmentation.task import segmentation_trainer
-    from .train import CHECKPOINT_NAME, METRICS_NAME, PLOT_NAME, setup_distributed, write_bytes_atomically
+    from .train import (CHECKPOINT_NAME, METRICS_NAME, PLOT_NAME, plot_metrics, setup_distributed,
+                        write_bytes_atomically)
 
     started = time.perf_counter()
     if args.demo:
@@ -762,6 +763,10 @@ def cmd_segment_train(args: argparse.Namespace) -> int:
         if _main_process():
             record = json.dumps({"step": trainer.step, **numbers}, indent=1) + "\n"
             write_bytes_atomically(output / EVAL_NAME, record.encode())
+            try:  # drawn again with the validation point
+                plot_metrics(output / METRICS_NAME, output / PLOT_NAME, validation={"step": trainer.step, **numbers})
+            except ImportError:  # matplotlib is optional: the trainer said so once, eval.json has the numbers
+                pass
     if _main_process():
         _print_outputs(output, ((CHECKPOINT_NAME, "checkpoint"), (SEGMENT_MODEL_NAME, "model"),
                                 (METRICS_NAME, "metrics"), (PLOT_NAME, "plot"), (EVAL_NAME, "validation")))

@@ -135,7 +135,13 @@ def test_training_resumes_bit_for_bit(tmp_path, one_thread):
         assert torch.equal(a, b), name
 
 
-def test_segment_train_and_eval_commands(tmp_path, capsys, one_thread):
+def test_segment_train_and_eval_commands(tmp_path, capsys, one_thread, monkeypatch):
+    import beitfast.train
+
+    plotted = []
+    plot = beitfast.train.plot_metrics
+    monkeypatch.setattr(beitfast.train, "plot_metrics",
+                        lambda *a, **k: (plotted.append(k.get("validation")), plot(*a, **k)))
     folder = synthetic_folder(tmp_path / "data")
     pretrained = tmp_path / "pretrained.safetensors"
     torch.manual_seed(0)
@@ -153,6 +159,8 @@ def test_segment_train_and_eval_commands(tmp_path, capsys, one_thread):
         assert (out / name).is_file() and str((out / name).resolve()) in printed
     numbers = json.loads((out / "eval.json").read_text())
     assert numbers["step"] == 3 and numbers["images"] == 6 and len(numbers["IoU"]) == CLASSES
+    # curves.png drawn again with the validation point (pixel accuracy, mIoU in its label)
+    assert plotted and plotted[-1]["mIoU"] == numbers["mIoU"] and plotted[-1]["step"] == 3
 
     report = tmp_path / "eval.json"
     assert main(["segment", "eval", "--model", str(out / "model.safetensors"), "--data", str(folder),
@@ -300,3 +308,21 @@ def test_two_gloo_processes_match_one(tmp_path, one_thread, monkeypatch, paralle
     for key, value in one.items():
         atol = 1e-4 if key.endswith(noise) else 1e-6
         torch.testing.assert_close(two["model"][key], value, rtol=1e-4, atol=atol, msg=key)
+
+
+def test_curves_show_the_segmentation_validation_point(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    from beitfast.training.progress import plot_metrics
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps({"step": s, "loss": 2.0 / s, "accuracy": 0.1 * s, "lr": 1e-3}) + "\n"
+                               for s in (1, 2, 3)))
+    drawn = []
+    plot = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot",
+                        lambda self, *a, **k: (drawn.append((self.get_title(), a, k.get("label"))), plot(self, *a, **k))[1])
+    plot_metrics(metrics, tmp_path / "curves.png", validation={"step": 3, "aAcc": 0.61, "mIoU": 0.42})
+    points = [(a[0], a[1], label) for _, a, label in drawn if label and label.startswith("validation")]
+    assert points == [([3], [0.61], "validation (mIoU 0.420)")]
+    assert (tmp_path / "curves.png").stat().st_size > 0

@@ -38,8 +38,10 @@ def write_bytes_atomically(path: Path, data: bytes) -> None:
 def plot_metrics(metrics_path: str | os.PathLike, png_path: str | os.PathLike,
                  validation: dict | None = None) -> None:
     """Loss, accuracy and learning rate against the step, from a metrics JSONL file; a dashed line at
-    every step a run resumed from (records with ``"resumed"``); ``validation`` (``evaluation``'s
-    numbers, with the ``step`` they were measured at) as points on the loss and accuracy panels."""
+    every step a run resumed from (records with ``"resumed"``); ``validation`` (the validation numbers,
+    with the ``step`` they were measured at) as points: classification's ``loss`` and ``top1`` on the
+    loss and accuracy panels, segmentation's pixel accuracy ``aAcc`` on the accuracy panel (the training
+    accuracy is pixel accuracy too) with its ``mIoU`` in the label."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -50,17 +52,25 @@ def plot_metrics(metrics_path: str | os.PathLike, png_path: str | os.PathLike,
         return
     steps = [r["step"] for r in records]
     resumes = [r["step"] for r in records if r.get("resumed")]
+    points = {}
+    if validation is not None:
+        accuracy = validation.get("top1", validation.get("aAcc"))
+        points = {key: value for key, value in (("loss", validation.get("loss")), ("accuracy", accuracy))
+                  if value is not None}
+    label = "validation"
+    if validation is not None and validation.get("mIoU") is not None:
+        label = f"validation (mIoU {validation['mIoU']:.3f})"
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for ax, key, title in zip(axes, ("loss", "accuracy", "lr"), ("loss", "accuracy", "learning rate")):
         ax.plot(steps, [r[key] for r in records], linewidth=1, label="training")
         for i, step in enumerate(resumes):
             ax.axvline(step, color="grey", linestyle="--", linewidth=0.8, label="resumed" if i == 0 else None)
-        if validation is not None and key in ("loss", "accuracy"):
-            value = validation["loss" if key == "loss" else "top1"]
-            ax.plot([validation["step"]], [value], "o", color="tab:red", label="validation")
+        if key in points:
+            value = points[key]
+            ax.plot([validation["step"]], [value], "o", color="tab:red", label=label)
             ax.annotate(f"{value:.3f}", (validation["step"], value), textcoords="offset points",
                         xytext=(-4, 6), ha="right", color="tab:red")
-        if resumes or (validation is not None and key != "lr"):
+        if resumes or key in points:
             ax.legend(fontsize=8)
         ax.set_title(title)
         ax.set_xlabel("step")
