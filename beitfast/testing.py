@@ -7,6 +7,7 @@ import inspect
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # What a test's source calls when it depends on torch's compiler or on how our ops are registered.
 COMPILER_CALLS = ("torch.compile", "opcheck", "torch.ops.beitfast", "_dynamo", "register_fake", "counters[",
@@ -35,3 +36,32 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+class HostReads(TorchDispatchMode):
+    """Records every op that, on a CUDA tensor, makes the host wait for the device to read a value
+    (``.item()``/``int()``/``bool()``, boolean indexing, nonzero, ...): the device-to-host transfers of
+    a step, seen on CPU. Our custom ops run their implementation under the mode."""
+
+    SYNCING = {"_local_scalar_dense", "nonzero", "nonzero_numpy", "argwhere", "masked_select", "unique",
+               "_unique", "_unique2", "unique_consecutive", "unique_dim", "is_nonzero", "equal", "allclose",
+               "bincount", "histc", "repeat_interleave"}
+
+    def __init__(self):
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func._schema.name.split("::")[-1]
+        indices = args[1] if name in ("index", "index_put", "index_put_", "_index_put_impl_") else ()
+        boolean_index = any(isinstance(t, torch.Tensor) and t.dtype in (torch.bool, torch.uint8)
+                            for t in indices or ())
+        # repeat_interleave syncs only without output_size (its third argument).
+        sized = name == "repeat_interleave" and kwargs.get("output_size", (*args, None, None)[2]) is not None
+        if (name in self.SYNCING and not sized) or boolean_index:
+            self.reads.append(str(func))
+        if func.namespace == "beitfast":
+            with self:
+                return func.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), *args, **kwargs)
+        return func(*args, **kwargs)

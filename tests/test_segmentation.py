@@ -368,6 +368,30 @@ def test_training_step_reaches_every_parameter():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
+def test_training_step_reads_nothing_on_the_host(monkeypatch):
+    # What a GPU step does (values not inspected without BEITFAST_CHECKS): the label check is skipped, so
+    # the forward and backward read nothing on the host, and Dynamo traces the loss as one graph.
+    from beitfast.ops import dispatch
+    from beitfast.testing import HostReads
+
+    torch.manual_seed(0)
+    model = BEiTForSegmentation(backbone_config(drop_path_rate=0.0), seg_config(out_indices=(0, 1, 2, 4)))
+    images, labels = images_and_labels(model.config, batch=2)
+    images = images.float()
+    with HostReads() as mode:
+        model(images, labels)
+    assert mode.reads, "on CPU the labels are checked (a boolean index)"
+    monkeypatch.setattr(dispatch, "may_inspect_values", lambda t: False)
+    with HostReads() as mode:
+        model(images, labels).backward()
+    assert mode.reads == [], mode.reads
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    torch.compile(model, backend="eager", fullgraph=True)(images, labels).backward()
+    assert not counters["graph_break"], dict(counters["graph_break"])
+
+
 def test_default_model_is_the_official_recipe():
     with torch.device("meta"):
         model = BEiTForSegmentation()

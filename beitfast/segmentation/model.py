@@ -12,6 +12,7 @@ import torch.nn as nn
 from .. import checkpoint as beit_checkpoint
 from ..config import BEiTConfig
 from ..model import BEiT
+from ..ops import dispatch
 from . import checkpoint
 from .backbone import BEiTBackbone
 from .config import SegmentationConfig, default_out_indices
@@ -95,6 +96,11 @@ class BEiTForSegmentation(nn.Module):
             raise TypeError(f"BEiTForSegmentation: labels must be {form}, got {labels.dtype}")
         if labels.dim() != 3 or labels.shape[0] != images.shape[0] or labels.numel() == 0:
             raise ValueError(f"BEiTForSegmentation: labels must be {form}, got {tuple(labels.shape)}")
+        # Reading values is a host synchronisation on a GPU (and a graph break under torch.compile):
+        # checked on CPU, or with BEITFAST_CHECKS=1; otherwise a label out of range fails in the loss
+        # (a device-side assert on CUDA).
+        if not dispatch.may_inspect_values(labels):
+            return
         bad = labels[((labels < 0) | (labels >= seg.num_classes)) & (labels != seg.ignore_index)]
         if bad.numel():
             raise ValueError(
