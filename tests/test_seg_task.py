@@ -265,14 +265,14 @@ def _config():
                       drop_path_rate=0.0)
 
 
-def _train(folder, output, parallel="ddp"):
+def _train(folder, output, parallel="ddp", compile=False):
     source = SegmentationFolder(folder / "images", folder / "masks", 3)
     ctx_rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     stream = segmentation_stream(source, SegmentationTrainTransform(crop=32, scale=(64, 32)), batch_size=4,
                                  seed=1, rank=ctx_rank, world_size=world)
     config = segmentation_recipe(steps=3, warmup_steps=1, batch_size=4, output_dir=str(output), device="cpu",
-                                 progress=False, checkpoint_every=3, parallel=parallel)
+                                 progress=False, checkpoint_every=3, parallel=parallel, compile=compile)
     torch.manual_seed(0)
     # No dropout, no drop path: their random masks would differ between one process and two.
     model = BEiTForSegmentation(_config(), SegmentationConfig(num_classes=3, out_indices=(0, 1, 2, 3),
@@ -326,3 +326,13 @@ def test_curves_show_the_segmentation_validation_point(tmp_path, monkeypatch):
     points = [(a[0], a[1], label) for _, a, label in drawn if label and label.startswith("validation")]
     assert points == [([3], [0.61], "validation (mIoU 0.420)")]
     assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_compiled_training_equals_eager(tmp_path, one_thread):
+    # TrainConfig(compile=True) with the segmentation model (Inductor on CPU, about a minute): the same
+    # losses as eager.
+    folder = synthetic_folder(tmp_path / "data")
+    eager = [r["loss"] for r in _train(folder, tmp_path / "eager")]
+    compiled = [r["loss"] for r in _train(folder, tmp_path / "compiled", compile=True)]
+    np.testing.assert_allclose(compiled, eager, rtol=1e-5)
