@@ -153,7 +153,6 @@ def launch_plan(B: int, H: int, N: int, tiles: dict[str, tuple[int, int]], sms: 
     """``[(kernel, grid)]`` of one forward and one backward, for the given ``{kernel: (BLOCK_M,
     BLOCK_N)}`` tiles (``fwd``, ``kv``, ``q``, and ``bias``: sm_90's when not given); the grids the
     launchers below compute."""
-    P = padded_size(N)
     plan = [("fwd", (triton.cdiv(N, tiles["fwd"][0]), B, H)), ("q", (triton.cdiv(N, tiles["q"][0]), B, H)),
             ("kv", (triton.cdiv(N, tiles["kv"][1]), B, H))]
     if bias:
