@@ -143,7 +143,7 @@ def _kernels():
 def candidates() -> dict[str, list[tuple[int, int, int, int]]]:
     """The sm_90 autotune candidates ``(BLOCK_M, BLOCK_N, warps, stages)`` of each of our kernels."""
     k = _kernels()
-    return dict(fwd=k._FWD_TILES, kv=k._KV_TILES[9], q=k._Q_TILES[9])
+    return dict(fwd=k._FWD_TILES[9], kv=k._KV_TILES[9], q=k._Q_TILES[9])
 
 
 def _new_launch(kind: str, B: int, N: int, tile: tuple[int, int, int, int]) -> Launch:

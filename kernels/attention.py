@@ -75,12 +75,6 @@ def _fits(config, named_args, kwargs) -> bool:
     return not wide or config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"] <= 64 * 64
 
 
-def _prune(configs, named_args, **kwargs):
-    if len(configs) == 1:
-        return configs
-    return [c for c in configs if _fits(c, named_args, kwargs)] or configs
-
-
 def _prune_by_arch(tiles: dict[int, list[tuple[int, int, int, int]]]):
     """A pruning function keeping the candidates of the GPU's generation (``9``: sm_90 and later,
     ``8``: earlier) that fit."""
@@ -101,9 +95,13 @@ def _union(tiles: dict[int, list]) -> list:
     return list(dict.fromkeys(t for arch in tiles.values() for t in arch))
 
 
-# 32 x 64 with 4 warps left an 8-byte stack frame without a bias on sm_90 with triton 3.6 (compile gate).
-_FWD_TILES = [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2)]
-_FWD_CONFIGS = _tile_configs(_FWD_TILES)
+# Forward: BLOCK_M query rows per program (K and V are read once per query block: 256 rows read them
+# half as often as 128), BLOCK_N key rows a step. 32 x 64 with 4 warps left an 8-byte stack frame without
+# a bias on sm_90 with triton 3.6; 256 x 64 with 16 warps (128 registers a thread) fits sm_90 without
+# spills but spills on sm_80 (compile gate).
+_FWD_TILES = {9: [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (256, 64, 16, 2)],
+              8: [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2)]}
+_FWD_CONFIGS = _tile_configs(_union(_FWD_TILES))
 # dK/dV: BLOCK_N key rows (the M side of its four matmuls: 64 rows per warpgroup reach wgmma on
 # sm_90), BLOCK_M query rows a step. On sm_80 (mma.sync, operands in registers) 64 key rows spill
 # with 4 and 8 warps (compile gate): 32 there.
@@ -267,7 +265,8 @@ def _fill_rows(ptr, START: tl.constexpr, END: tl.constexpr):
         tl.store(ptr + start + tl.arange(0, 16), tl.zeros([16], tl.float32))
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=["N", "D", "HAS_BIAS"], prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_FWD_CONFIGS, key=["N", "D", "HAS_BIAS"],
+                 prune_configs_by={"early_config_prune": _prune_by_arch(_FWD_TILES)})
 @triton.heuristics(_HEURISTICS)
 @triton.jit
 def _fwd_kernel(
