@@ -11,7 +11,9 @@ never see the relative-position index; its gradient is fp32.
   into full tiles, read without masks, and one tail tile of the smallest power of two >= 16 that
   covers the rest, the only tile that masks: at N = 197, 64-wide tiles execute 208 rows, not 256.
 * Every grid is ``(blocks, B, H)``: the programs that run together belong to one head and share its
-  bias tiles in L2 (head-major), and every sequence length gives ``blocks * B * H`` programs.
+  bias tiles in L2 (head-major), and every sequence length gives ``blocks * B * H`` programs. The tiles
+  are autotuned per sequence length and per ``B * H`` (bucketed), so inference at batch 1 and training
+  keep different tiles.
 * forward: one program per (query block, image, head); online softmax in fp32, base 2; saves the row
   log-sum-exp (base 2) for the backward.
 * backward, three launches, no atomics and no read-modify-write of global memory: dQ per (query block,
@@ -265,10 +267,10 @@ def _fill_rows(ptr, START: tl.constexpr, END: tl.constexpr):
         tl.store(ptr + start + tl.arange(0, 16), tl.zeros([16], tl.float32))
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=["N", "D", "HAS_BIAS"],
+@triton.autotune(configs=_FWD_CONFIGS, key=["N", "D", "HAS_BIAS", "batch_heads"],
                  prune_configs_by={"early_config_prune": _prune_by_arch(_FWD_TILES)})
 @triton.heuristics(_HEURISTICS)
-@triton.jit
+@triton.jit(do_not_specialize=["batch_heads"])
 def _fwd_kernel(
     Q, K, V, BIAS, OUT, LSE,
     scale_log2,
@@ -276,7 +278,7 @@ def _fwd_kernel(
     s_kb, s_kh, s_kn, s_kd,
     s_vb, s_vh, s_vn, s_vd,
     s_ob, s_oh, s_on, s_od,
-    s_bh, s_bi,
+    s_bh, s_bi, batch_heads,
     N: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
     HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -365,10 +367,10 @@ def _kv_block(
     _store_rows(DV, dv, cols, offs_d, s_dvn, s_dvd, N, D, MASK_COLS)
 
 
-@triton.autotune(configs=_KV_CONFIGS, key=["N", "D", "HAS_BIAS"],
+@triton.autotune(configs=_KV_CONFIGS, key=["N", "D", "HAS_BIAS", "batch_heads"],
                  prune_configs_by={"early_config_prune": _prune_by_arch(_KV_TILES)})
 @triton.heuristics(_HEURISTICS)
-@triton.jit
+@triton.jit(do_not_specialize=["batch_heads"])
 def _bwd_kv_kernel(
     Q, K, V, BIAS, DOUT, LSE, DELTA, DK, DV,
     scale, scale_log2,
@@ -378,7 +380,7 @@ def _bwd_kv_kernel(
     s_gb, s_gh, s_gn, s_gd,
     s_dkb, s_dkh, s_dkn, s_dkd,
     s_dvb, s_dvh, s_dvn, s_dvd,
-    s_bh, s_bi,
+    s_bh, s_bi, batch_heads,
     N: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
     HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -458,10 +460,10 @@ def _q_block(
     _store_rows(DQ, dq * scale, rows, offs_d, s_dqn, s_dqd, N, D, MASK_ROWS)
 
 
-@triton.autotune(configs=_Q_CONFIGS, key=["N", "D", "HAS_BIAS"],
+@triton.autotune(configs=_Q_CONFIGS, key=["N", "D", "HAS_BIAS", "batch_heads"],
                  prune_configs_by={"early_config_prune": _prune_by_arch(_Q_TILES)})
 @triton.heuristics(_HEURISTICS)
-@triton.jit
+@triton.jit(do_not_specialize=["batch_heads"])
 def _bwd_q_kernel(
     Q, K, V, BIAS, OUT, DOUT, LSE, DELTA, DQ,
     scale, scale_log2,
@@ -471,7 +473,7 @@ def _bwd_q_kernel(
     s_ob, s_oh, s_on, s_od,
     s_gb, s_gh, s_gn, s_gd,
     s_dqb, s_dqh, s_dqn, s_dqd,
-    s_bh, s_bi,
+    s_bh, s_bi, batch_heads,
     N: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
     HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -646,6 +648,13 @@ def _bias_args(bias, dtype):
     return bias, (bias.stride(0), bias.stride(1))
 
 
+def _batch_heads(B: int, H: int) -> int:
+    """``B * H`` rounded up to a power of two, at most 4096: an autotuning key of the three tiled kernels
+    (never read by them), so that a batch of one (inference) and a training batch each keep the tile
+    that suits their number of programs."""
+    return min(triton.next_power_of_2(B * H), 4096)
+
+
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 1
@@ -664,7 +673,7 @@ def _forward(q, k, v, bias, scale):
     _fwd_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B, H)](
         q, k, v, bias, out, lse,
         scale * LOG2E.value,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *bias_strides,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *bias_strides, _batch_heads(B, H),
         N=N, D=D, P=P,
         HAS_BIAS=bias is not None, PRECISION=_precision(q.dtype), BLOCK_D=_block_d(D),
     )
@@ -687,12 +696,12 @@ def _backward(dout, q, k, v, out, lse, bias, scale):
     _bwd_q_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B, H)](
         q, k, v, bias, out, dout, lse, delta, dq, scale, scale * LOG2E.value,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(), *dq.stride(), *bias_strides,
-        **common,
+        _batch_heads(B, H), **common,
     )
     _bwd_kv_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B, H)](
         q, k, v, bias, dout, lse, delta, dk, dv, scale, scale * LOG2E.value,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(), *bias_strides,
-        **common,
+        _batch_heads(B, H), **common,
     )
     if bias is None:
         return dqkv, torch.empty(0, device=q.device, dtype=torch.float32)

@@ -110,6 +110,16 @@ def tile_cases():
             yield pytest.param(kernel, tile, id=f"{kernel}-{'x'.join(map(str, tile))}")
 
 
+def test_autotuning_keys_on_the_number_of_images_and_heads():
+    # A batch of one (inference: 12 programs per query block at BEiT-B) and a training batch (1536) keep
+    # their own autotuned tiles: B * H, bucketed, is part of each tiled kernel's key.
+    from beitfast.kernels import attention as kernels
+
+    for name in ("_fwd_kernel", "_bwd_kv_kernel", "_bwd_q_kernel"):
+        assert "batch_heads" in getattr(kernels, name).keys, name
+    assert [kernels._batch_heads(B, 12) for B in (1, 8, 128, 1024)] == [16, 128, 2048, 4096]
+
+
 @pytest.mark.parametrize("kernel,tile", list(tile_cases()))
 def test_triton_every_gpu_tile_config(device, monkeypatch, kernel, tile):
     """The tile shapes autotuning may pick on a GPU (the interpreter otherwise runs one config), each
