@@ -4,6 +4,7 @@ tests that exercise torch's compiler or op registration are marked ``compiler`` 
 runs them on the oldest supported torch)."""
 
 import inspect
+import socket
 
 import pytest
 import torch
@@ -65,3 +66,24 @@ class HostReads(TorchDispatchMode):
             with self:
                 return func.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), *args, **kwargs)
         return func(*args, **kwargs)
+
+
+class StopRun(Exception):
+    """Raised by :func:`stop_after`'s callback: a training run cut short, as a kill would."""
+
+
+def stop_after(last_step: int):
+    """A trainer ``on_step`` callback that raises :class:`StopRun` once step ``last_step`` is done."""
+
+    def on_step(step, record):
+        if step == last_step:
+            raise StopRun
+
+    return on_step
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback, for a test's process group."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

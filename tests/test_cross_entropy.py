@@ -762,14 +762,18 @@ def test_loss_launches_per_step_at_beit_b():
     assert launches.of("cross_entropy") == 15, launches.counts
 
 
-def test_model_passes_the_masking_bound_to_the_loss(monkeypatch):
-    # The model's pre-training forward and backward with the trainer's arguments: the loss plans
-    # B * max_masked_per_image rows and stays within its launch budget.
+def _tiny_mim_model(**overrides):
     from beitfast.config import BEiTConfig
     from beitfast.model import BEiT
 
-    model = BEiT(BEiTConfig.tiny(img_size=16, patch_size=4, depth=1, embed_dim=32, num_heads=2, vocab_size=16,
-                                 kernels="triton"))
+    return BEiT(BEiTConfig.tiny(img_size=16, patch_size=4, depth=1, embed_dim=32, num_heads=2, vocab_size=16,
+                                **overrides))
+
+
+def test_model_passes_the_masking_bound_to_the_loss(monkeypatch):
+    # The model's pre-training forward and backward with the trainer's arguments: the loss plans
+    # B * max_masked_per_image rows and stays within its launch budget.
+    model = _tiny_mim_model(kernels="triton")
     B, most = 3, 5
     planned = []
     plan_rows = cross_entropy_ops.plan_rows
@@ -815,12 +819,8 @@ def test_loss_reads_nothing_on_the_host(case, monkeypatch):
 
 def test_model_pretraining_step_reads_nothing_on_the_host(monkeypatch):
     # The model's forward and backward with the trainer's arguments, every op on its Triton backend.
-    from beitfast.config import BEiTConfig
-    from beitfast.model import BEiT
-
     monkeypatch.setattr(dispatch, "may_inspect_values", lambda t: False)
-    model = BEiT(BEiTConfig.tiny(img_size=16, patch_size=4, depth=1, embed_dim=32, num_heads=2, vocab_size=16,
-                                 kernels="triton"))
+    model = _tiny_mim_model(kernels="triton")
     images, mask = torch.randn(3, 3, 16, 16), bounded_mask(3, 16, 5, "cpu")
     tokens = torch.randint(0, 16, (3, 16))
     with Launches().active(), HostReads() as mode:
@@ -828,14 +828,6 @@ def test_model_pretraining_step_reads_nothing_on_the_host(monkeypatch):
                                max_masked_per_image=5)
         loss.backward()
     assert mode.reads == [], mode.reads
-
-
-def _tiny_mim_model(**overrides):
-    from beitfast.config import BEiTConfig
-    from beitfast.model import BEiT
-
-    return BEiT(BEiTConfig.tiny(img_size=16, patch_size=4, depth=1, embed_dim=32, num_heads=2, vocab_size=16,
-                                **overrides))
 
 
 def test_model_padded_masked_logits_equal_the_masked_rows():

@@ -3,20 +3,14 @@ of every parameter and half of the batch, make the updates of one process with t
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from beitfast.testing import free_port
 from beitfast.train import CHECKPOINT_NAME, TrainConfig, pretrain
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(output: str, **overrides):
@@ -53,7 +47,7 @@ def test_fsdp_two_processes_match_one(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
     torch.set_num_threads(1)
     _, single = _run(str(tmp_path / "one"))
-    mp.spawn(_fsdp_worker, args=(2, _free_port(), str(tmp_path / "two")), nprocs=2, join=True)
+    mp.spawn(_fsdp_worker, args=(2, free_port(), str(tmp_path / "two")), nprocs=2, join=True)
     run = json.loads((tmp_path / "two" / "run.json").read_text())
     # The parameters really were sharded (DTensors), not replicated.
     assert set(run["parameter_types"].values()) == {"DTensor"}

@@ -14,6 +14,7 @@ from beitfast import BEiT, BEiTConfig
 from beitfast._files import content_digest, split_digest
 from beitfast.checkpoint import FileIntegrityError, read_training_checkpoint
 from beitfast.data import ImageList
+from beitfast.testing import StopRun, stop_after
 from beitfast.tokenizers import KMeansTokenizer, load_tokenizer
 from beitfast.train import (CHECKPOINT_NAME, PREVIOUS_CHECKPOINT_NAME, MaskedImageModeling,
                             NonFiniteLossError, TrainConfig, pretrain)
@@ -50,18 +51,6 @@ def train(output, steps, on_step=None, model_config=None, **overrides):
     config = TrainConfig(output_dir=str(output), steps=steps, batch_size=4, warmup_steps=1, lr=2e-3,
                          checkpoint_every=2, progress=False, **overrides)
     return pretrain(model_config or small_model().config, tokenizer(), images(), config, on_step=on_step)
-
-
-class Stop(Exception):
-    pass
-
-
-def stop_after(last_step):
-    def on_step(step, record):
-        if step == last_step:
-            raise Stop
-
-    return on_step
 
 
 def overwrite_4kib(path) -> None:
@@ -319,7 +308,7 @@ def test_fine_tuning_from_a_damaged_checkpoint_is_refused(tmp_path):
 
 def test_training_checkpoint_without_checksum_gets_the_finiteness_check(tmp_path):
     """A checkpoint of an older version (no checksum) resumes; non-finite optimizer state is refused."""
-    with pytest.raises(Stop):
+    with pytest.raises(StopRun):
         train(tmp_path, steps=4, on_step=stop_after(3))
     path = tmp_path / CHECKPOINT_NAME
     payload = torch.load(path, weights_only=True)
@@ -346,7 +335,7 @@ def test_trainer_keeps_the_last_two_checkpoints(tmp_path):
 @pytest.mark.parametrize("damage", DAMAGES)
 def test_resume_falls_back_to_the_previous_checkpoint(tmp_path, damage, capsys):
     straight, _ = train(tmp_path / "straight", steps=6)
-    with pytest.raises(Stop):
+    with pytest.raises(StopRun):
         train(tmp_path / "resumed", steps=6, on_step=stop_after(5))  # checkpoints of steps 2 and 4
     DAMAGES[damage][0](tmp_path / "resumed" / CHECKPOINT_NAME)
     resumed, records = train(tmp_path / "resumed", steps=6)
@@ -360,7 +349,7 @@ def test_resume_falls_back_to_the_previous_checkpoint(tmp_path, damage, capsys):
 
 
 def test_resume_refuses_when_no_checkpoint_is_good(tmp_path):
-    with pytest.raises(Stop):
+    with pytest.raises(StopRun):
         train(tmp_path, steps=6, on_step=stop_after(5))
     for name in (CHECKPOINT_NAME, PREVIOUS_CHECKPOINT_NAME):
         overwrite_4kib(tmp_path / name)

@@ -4,7 +4,6 @@ the global batch), and `beitfast segment train|eval|predict` end to end on a tin
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ from beitfast.segmentation.global_batchnorm import GlobalBatchNorm2d
 from beitfast.segmentation.task import (
     poly_schedule, segmentation_param_groups, segmentation_recipe, segmentation_trainer,
 )
+from beitfast.testing import StopRun, free_port, stop_after
 from beitfast.train import CHECKPOINT_NAME
 
 CLASSES = 3
@@ -94,18 +94,6 @@ def test_param_groups_follow_the_official_layer_ids():
     assert (intermediate.lr, intermediate.layer_decay) == (3e-5, 0.9)
 
 
-class Killed(Exception):
-    pass
-
-
-def _kill_after(step):
-    def on_step(done, record):
-        if done == step:
-            raise Killed
-
-    return on_step
-
-
 def _run(tmp_path, folder, steps, checkpoint_every, name, on_step=None, workers=0):
     source = SegmentationFolder(folder / "images", folder / "masks", CLASSES)
     transform = SegmentationTrainTransform(crop=32, scale=(64, 32))
@@ -126,8 +114,8 @@ def test_training_resumes_bit_for_bit(tmp_path, one_thread):
     assert all(np.isfinite(r["loss"]) and 0 <= r["accuracy"] <= 1 for r in records)
     assert records[0]["lr"] == pytest.approx(poly_schedule(0, 7e-4, 0.0, 4, 2))
     assert trainer.optimizer.param_groups[0]["lr"] != trainer.optimizer.param_groups[-1]["lr"]  # layer decay
-    with pytest.raises(Killed):  # a run stopped after step 3 (its last checkpoint: step 2), then resumed
-        _run(tmp_path, folder, 4, 2, "stopped", on_step=_kill_after(3))
+    with pytest.raises(StopRun):  # a run stopped after step 3 (its last checkpoint: step 2), then resumed
+        _run(tmp_path, folder, 4, 2, "stopped", on_step=stop_after(3))
     resumed, trainer, rest = _run(tmp_path, folder, 4, 2, "stopped", workers=2)  # batches from 2 workers
     assert trainer.resumed_from is not None and [r["step"] for r in rest] == [3, 4]
     assert [r["loss"] for r in rest] == [r["loss"] for r in records[2:]]
@@ -205,12 +193,6 @@ def test_mask_pictures_keep_the_labels():
         mask_image(torch.full((2, 2), 300), colours)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _batchnorm_worker(rank, world_size, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -243,7 +225,7 @@ def test_global_batchnorm_equals_batchnorm_on_the_whole_batch(tmp_path, monkeypa
     # Spawned, not forked (a process that has run autograd cannot fork): the workers unpickle this
     # module by its import name (tests.test_seg_task), so the root is on sys.path for this test only.
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
-    mp.spawn(_batchnorm_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    mp.spawn(_batchnorm_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
     got = torch.load(out)
     torch.manual_seed(0)
     x = torch.randn(4, 3, 5, 7, dtype=torch.float64, requires_grad=True)
@@ -298,7 +280,7 @@ def test_two_gloo_processes_match_one(tmp_path, one_thread, monkeypatch, paralle
     # with the whole batch.
     folder = synthetic_folder(tmp_path / "data")
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))  # spawned workers import this module
-    mp.spawn(_parallel_worker, args=(2, _free_port(), folder, tmp_path / "two", parallel), nprocs=2, join=True)
+    mp.spawn(_parallel_worker, args=(2, free_port(), folder, tmp_path / "two", parallel), nprocs=2, join=True)
     single = _train(folder, tmp_path / "one")
     one = torch.load(tmp_path / "one" / CHECKPOINT_NAME, weights_only=True)["model"]
     two = torch.load(tmp_path / "two" / CHECKPOINT_NAME, weights_only=True)

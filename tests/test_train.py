@@ -5,7 +5,6 @@ import json
 import math
 import os
 from pathlib import Path
-import socket
 import warnings
 
 import numpy as np
@@ -16,6 +15,7 @@ from PIL import Image
 
 from beitfast import BEiT, BEiTConfig
 from beitfast.data import ClassifyTransform, EvalTransform, ImageFolder, ImageList, classify_stream
+from beitfast.testing import StopRun, free_port, stop_after
 from beitfast.train import (CHECKPOINT_NAME, METRICS_NAME, PLOT_NAME, Classification, MaskedImageModeling,
                             NonFiniteLossError, TrainConfig, Trainer, classifier_from_pretrained, cosine_schedule,
                             evaluate, layer_id, param_groups, pretrain, pretraining_trainer, resolve_device)
@@ -56,10 +56,6 @@ def train_config(tmp_path, **overrides):
     values = {"output_dir": str(tmp_path), "steps": 6, "batch_size": 4, "warmup_steps": 2, "lr": 2e-3,
               "checkpoint_every": 3, "progress": False, **overrides}
     return TrainConfig(**values)
-
-
-class StopHere(Exception):
-    pass
 
 
 # -- schedules and groups --------------------------------------------------------------------------
@@ -167,13 +163,10 @@ def test_resume_is_exact(tmp_path, input_path):
     source = jpeg_photos(tmp_path / "images") if input_path == "device" else photos()
     _, straight = run_pretrain(tmp_path / "straight", steps=6, source=source, input_path=input_path)
 
-    def kill_after_checkpoint(step, record):
-        if step == 4:  # steps 4 was logged but not checkpointed: resume must redo it
-            raise StopHere
-
-    with pytest.raises(StopHere):
+    # Stopped after step 4, which was logged but not checkpointed: resume must redo it.
+    with pytest.raises(StopRun):
         pretrain(tiny_config(), MeanBrightnessTokenizer(), source,
-                 train_config(tmp_path / "resumed", steps=6, input_path=input_path), on_step=kill_after_checkpoint)
+                 train_config(tmp_path / "resumed", steps=6, input_path=input_path), on_step=stop_after(4))
     model, rest = run_pretrain(tmp_path / "resumed", steps=6, source=source, input_path=input_path)
     assert [r["step"] for r in rest] == [4, 5, 6]
     assert [r["loss"] for r in rest] == [r["loss"] for r in straight[3:]]  # bit-identical on CPU
@@ -264,13 +257,9 @@ def test_input_path_auto_decodes_on_the_gpu(tmp_path):
 
 
 def test_progress_lines_and_resume_notice(tmp_path, capsys):
-    def stop_after_4(step, record):
-        if step == 4:
-            raise StopHere
-
-    with pytest.raises(StopHere):
+    with pytest.raises(StopRun):
         pretrain(tiny_config(), MeanBrightnessTokenizer(), photos(), train_config(tmp_path, log_every=2),
-                 on_step=stop_after_4)
+                 on_step=stop_after(4))
 
     def step_lines(text):
         return [line.split(":")[0] for line in text.splitlines() if line.startswith("pretrain step")]
@@ -388,12 +377,6 @@ def test_non_finite_step_is_skipped_on_the_device_and_read_after_the_optimizer(t
 # -- DDP -------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank, world_size, port, output):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank))
@@ -421,7 +404,7 @@ def test_ddp_two_processes_match_one(tmp_path, monkeypatch):
     # Spawned workers unpickle this module by its import name (tests.test_train) with the parent's
     # sys.path: put the root there for the duration of this test only.
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "two")), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path / "two")), nprocs=2, join=True)
     losses = json.loads((tmp_path / "two" / "losses.json").read_text())
     np.testing.assert_allclose(losses, [r["loss"] for r in single], rtol=1e-5)
     one = torch.load(tmp_path / "one" / CHECKPOINT_NAME, weights_only=True)["model"]
