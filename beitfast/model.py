@@ -72,17 +72,18 @@ class Attention(nn.Module):
 
     def forward(self, x, rel_index, shared_bias=None):
         """``shared_bias``: the dense bias of the table all layers share, gathered once per forward
-        (``ops.relative_position_bias``); a layer with a table of its own gathers it here."""
+        (``ops.relative_position_bias``); a layer with a table of its own passes it to the op, which
+        gathers it (the triton backend straight into the compute dtype)."""
         B, N, C = x.shape
         qkv_bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
         qkv = F.linear(x, self.qkv.weight, qkv_bias)
-        bias = shared_bias
+        bias = dict(bias=shared_bias)
         if self.relative_position_bias_table is not None:
-            bias = ops.relative_position_bias(self.relative_position_bias_table, rel_index)
+            bias = dict(bias_table=self.relative_position_bias_table, rel_index=rel_index)
         # Packed in, [B, N, H, D] out: the Triton kernels need no copy either way.
         out = ops.rel_pos_attention_packed(
-            qkv.reshape(B, N, 3, self.num_heads, C // self.num_heads), bias=bias, scale=self.scale,
-            backend=self.backend,
+            qkv.reshape(B, N, 3, self.num_heads, C // self.num_heads), scale=self.scale,
+            backend=self.backend, **bias,
         )
         return self.proj(out.reshape(B, N, C))
 

@@ -2,10 +2,12 @@
 
 ``out = softmax(q k^T * scale + bias[h, :N, :N]) v``. The bias is BEiT's relative position bias already
 gathered from its table (``beitfast.ops.relative_position_bias``): a dense ``[H, P, P]`` tensor padded
-to ``P = padded_size(N)`` (a multiple of the largest tile), identical for every image. The kernels read
-it in the compute dtype (the forward casts an fp32 bias for 16-bit q, k, v: half the bytes; the
-backward reads the forward's copy, so one cast per layer), as affine tiles without bounds masks, and
-never see the relative-position index; its gradient is fp32.
+to ``P = padded_size(N)`` (a multiple of the largest tile), identical for every image, or the ``[R, H]``
+table with its index, which the launcher gathers straight into the compute dtype. The kernels read it
+in the compute dtype (the forward casts an fp32 dense bias for 16-bit q, k, v: half the bytes; the
+backward reads the forward's copy, so one gather or cast per layer), as affine tiles without bounds
+masks, and never see the relative-position index; its gradient is fp32 (folded into the table's rows
+when a table was given).
 
 * N and the head dim are compile-time constants (one compile per sequence length). A sequence is cut
   into full tiles, read without masks, and one tail tile of the smallest power of two >= 16 that
@@ -43,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops.attention import padded_size
+from ..ops.attention import fold_bias_grad, gathered, padded_size
 
 __all__ = ["attention", "attention_packed", "bias_groups", "launch_plan"]
 
@@ -640,11 +642,12 @@ def _block_d(D: int) -> int:
     return max(16, triton.next_power_of_2(D))
 
 
-def _bias_args(bias, dtype):
-    """The bias in the compute dtype and its head and row strides, or a dummy without one."""
+def _bias_args(bias, dtype, rel_index=None):
+    """The dense bias in the compute dtype (gathered from the table ``bias`` when ``rel_index`` is
+    given) and its head and row strides, or a dummy without one."""
     if bias is None:
         return None, (0, 0)
-    bias = bias.to(dtype)
+    bias = bias.to(dtype) if rel_index is None else gathered(bias, rel_index, dtype)
     return bias, (bias.stride(0), bias.stride(1))
 
 
@@ -661,7 +664,7 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _forward(q, k, v, bias, scale):
+def _forward(q, k, v, bias, scale, rel_index=None):
     """``out`` (a ``[B, H, N, D]`` view of ``[B, N, H, D]`` storage), the base-2 log-sum-exp
     ``[B, H, P]`` (fp32, rows padded like the bias) and the bias as the kernel read it (in the compute
     dtype)."""
@@ -669,7 +672,7 @@ def _forward(q, k, v, bias, scale):
     P = padded_size(N)
     out = _new_buffer(q, (B, N, H, D)).transpose(1, 2)
     lse = _new_buffer(q, (B, H, P), torch.float32)
-    bias, bias_strides = _bias_args(bias, q.dtype)
+    bias, bias_strides = _bias_args(bias, q.dtype, rel_index)
     _fwd_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B, H)](
         q, k, v, bias, out, lse,
         scale * LOG2E.value,
@@ -723,35 +726,44 @@ def _backward(dout, q, k, v, out, lse, bias, scale):
 # torch.library registration and autograd
 
 
-def _fake_out(q, bias):
+def _fake_out(q, bias, rel_index):
     B, H, N, D = q.shape
-    return (q.new_empty(B, N, H, D).transpose(1, 2), q.new_empty(B, H, padded_size(N), dtype=torch.float32),
-            torch.empty_like(bias, dtype=q.dtype) if _casts(q, bias) else q.new_empty(0))
+    P = padded_size(N)
+    read = q.new_empty(0)
+    if rel_index is not None:
+        read = q.new_empty(bias.shape[1], P, P)
+    elif _casts(q, bias, None):
+        read = torch.empty_like(bias, dtype=q.dtype)
+    return q.new_empty(B, N, H, D).transpose(1, 2), q.new_empty(B, H, P, dtype=torch.float32), read
 
 
-def _casts(q, bias) -> bool:
-    """Whether the forward reads a copy of ``bias`` in q's dtype (16-bit q, k, v with the fp32 bias)."""
-    return bias is not None and bias.dtype != q.dtype
+def _casts(q, bias, rel_index) -> bool:
+    """Whether the forward reads a copy of ``bias`` made for it: gathered from a table, or a dense fp32
+    bias cast for 16-bit q, k, v."""
+    return bias is not None and (rel_index is not None or bias.dtype != q.dtype)
 
 
-def _fwd_outputs(q, bias, out, lse, read):
-    """The op's outputs: the cast copy of the bias is returned (the backward reads it: one cast per
-    layer, and the fp32 bias need not be kept), else an empty tensor (an output may not alias an input)."""
-    return out, lse, read if _casts(q, bias) else q.new_empty(0)
+def _fwd_outputs(q, bias, rel_index, out, lse, read):
+    """The op's outputs: the copy of the bias the forward made is returned (the backward reads it: one
+    gather or cast per layer, and the fp32 bias need not be kept), else an empty tensor (an output may
+    not alias an input)."""
+    return out, lse, read if _casts(q, bias, rel_index) else q.new_empty(0)
 
 
 @torch.library.custom_op("beitfast::attention_fwd", mutates_args=())
 def attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, scale: float,
+    rel_index: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Output (``[B, H, N, D]``, stored ``[B, N, H, D]``), the base-2 row log-sum-exp, and the bias in
-    q's dtype when the op cast it (else empty), for the backward."""
-    return _fwd_outputs(q, bias, *_forward(q, k, v, bias, scale))
+    """Output (``[B, H, N, D]``, stored ``[B, N, H, D]``), the base-2 row log-sum-exp, and the dense
+    bias in q's dtype when the op made it (else empty), for the backward. With ``rel_index``, ``bias``
+    is the ``[R, H]`` table, gathered here straight into q's dtype."""
+    return _fwd_outputs(q, bias, rel_index, *_forward(q, k, v, bias, scale, rel_index))
 
 
 @attention_fwd.register_fake
-def _(q, k, v, bias, scale):
-    return _fake_out(q, bias)
+def _(q, k, v, bias, scale, rel_index=None):
+    return _fake_out(q, bias, rel_index)
 
 
 def _unpack(qkv):
@@ -760,15 +772,15 @@ def _unpack(qkv):
 
 @torch.library.custom_op("beitfast::attention_packed_fwd", mutates_args=())
 def attention_packed_fwd(
-    qkv: torch.Tensor, bias: torch.Tensor | None, scale: float,
+    qkv: torch.Tensor, bias: torch.Tensor | None, scale: float, rel_index: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`attention_fwd` of the q, k, v packed in ``qkv`` ``[B, N, 3, H, D]`` (any strides)."""
-    return _fwd_outputs(qkv, bias, *_forward(*_unpack(qkv), bias, scale))
+    return _fwd_outputs(qkv, bias, rel_index, *_forward(*_unpack(qkv), bias, scale, rel_index))
 
 
 @attention_packed_fwd.register_fake
-def _(qkv, bias, scale):
-    return _fake_out(_unpack(qkv)[0], bias)
+def _(qkv, bias, scale, rel_index=None):
+    return _fake_out(_unpack(qkv)[0], bias, rel_index)
 
 
 @torch.library.custom_op("beitfast::attention_bwd", mutates_args=())
@@ -788,40 +800,47 @@ def _(dout, q, k, v, out, lse, bias, scale):
     return q.new_empty(B, N, 3, H, D), dbias
 
 
-def _save(ctx, tensors, bias, output, scale):
-    """Saves the inputs, the output and the log-sum-exp, and the bias the forward read (its cast copy
-    when there is one), so the backward reads the same values without casting again."""
-    read = output[2] if _casts(output[0], bias) else bias
-    ctx.save_for_backward(*tensors, output[0], output[1], read)
+def _save(ctx, tensors, bias, output, scale, rel_index):
+    """Saves the inputs, the output and the log-sum-exp, and the bias the forward read (the copy it
+    made when there is one), so the backward reads the same values without gathering or casting again;
+    with a table, its index for the fold."""
+    read = output[2] if _casts(output[0], bias, rel_index) else bias
+    ctx.save_for_backward(*tensors, output[0], output[1], read, rel_index)
     ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.table_rows = None if rel_index is None else bias.shape[0]
     ctx.scale = scale
 
 
-def _bias_grad(ctx, dbias):
-    return None if ctx.bias_dtype is None else dbias.to(ctx.bias_dtype)
+def _bias_grad(ctx, dbias, rel_index):
+    """The fp32 score gradient as the bias's gradient: folded into the table's rows for a table."""
+    if ctx.bias_dtype is None:
+        return None
+    if ctx.table_rows is not None:
+        dbias = fold_bias_grad(dbias, rel_index, ctx.table_rows)
+    return dbias.to(ctx.bias_dtype)
 
 
 def _setup_context(ctx, inputs, output):
-    *qkv, bias, scale = inputs
-    _save(ctx, qkv, bias, output, scale)
+    *qkv, bias, scale, rel_index = inputs
+    _save(ctx, qkv, bias, output, scale, rel_index)
 
 
 def _backward_rule(ctx, dout, _dlse, _dbias_read):
-    q, k, v, out, lse, bias = ctx.saved_tensors
+    q, k, v, out, lse, bias, rel_index = ctx.saved_tensors
     dqkv, dbias = attention_bwd(dout, q, k, v, out, lse, bias, ctx.scale)
     dq, dk, dv = (dqkv[:, :, i].transpose(1, 2) for i in range(3))
-    return dq, dk, dv, _bias_grad(ctx, dbias), None
+    return dq, dk, dv, _bias_grad(ctx, dbias, rel_index), None, None
 
 
 def _setup_packed_context(ctx, inputs, output):
-    qkv, bias, scale = inputs
-    _save(ctx, (qkv,), bias, output, scale)
+    qkv, bias, scale, rel_index = inputs
+    _save(ctx, (qkv,), bias, output, scale, rel_index)
 
 
 def _packed_backward_rule(ctx, dout, _dlse, _dbias_read):
-    qkv, out, lse, bias = ctx.saved_tensors
+    qkv, out, lse, bias, rel_index = ctx.saved_tensors
     dqkv, dbias = attention_bwd(dout, *_unpack(qkv), out, lse, bias, ctx.scale)
-    return dqkv, _bias_grad(ctx, dbias), None
+    return dqkv, _bias_grad(ctx, dbias, rel_index), None, None
 
 
 attention_fwd.register_autograd(_backward_rule, setup_context=_setup_context)
@@ -851,16 +870,22 @@ def _padded_bias(bias, N):
     return torch.nn.functional.pad(bias, (0, P - N, 0, P - N))
 
 
-def attention(q, k, v, bias, scale: float) -> torch.Tensor:
+def attention(q, k, v, bias, scale: float, rel_index=None) -> torch.Tensor:
     """Differentiable attention of ``[B, H, N, D]`` q, k, v with a dense bias ``[H, >=N, >=N]`` (or
-    None), inputs already validated; returns ``[B, H, N, D]`` (a view of ``[B, N, H, D]`` storage)."""
+    None), or with ``rel_index`` the ``[R, H]`` table ``bias`` (gathered straight into the compute
+    dtype, its gradient folded in fp32); inputs already validated; returns ``[B, H, N, D]`` (a view
+    of ``[B, N, H, D]`` storage)."""
     q, k, v = _autocast(q, k, v)
-    return attention_fwd(q, k, v, _padded_bias(bias, q.shape[2]), scale)[0]
+    if rel_index is None:
+        bias = _padded_bias(bias, q.shape[2])
+    return attention_fwd(q, k, v, bias, scale, rel_index)[0]
 
 
-def attention_packed(qkv, bias, scale: float) -> torch.Tensor:
+def attention_packed(qkv, bias, scale: float, rel_index=None) -> torch.Tensor:
     """:func:`attention` of a packed ``[B, N, 3, H, D]`` qkv; returns ``[B, N, H, D]`` (contiguous),
     and the gradient of ``qkv`` comes back packed."""
     (qkv,) = _autocast(qkv)
-    out = attention_packed_fwd(qkv, _padded_bias(bias, qkv.shape[1]), scale)[0]
+    if rel_index is None:
+        bias = _padded_bias(bias, qkv.shape[1])
+    out = attention_packed_fwd(qkv, bias, scale, rel_index)[0]
     return out.transpose(1, 2)

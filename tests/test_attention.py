@@ -421,7 +421,8 @@ def test_backward_reads_the_forwards_cast_bias(device, monkeypatch):
 
     given = []
     bias_args = kernels._bias_args
-    monkeypatch.setattr(kernels, "_bias_args", lambda b, dtype: (given.append(b.dtype), bias_args(b, dtype))[1])
+    monkeypatch.setattr(kernels, "_bias_args",
+                        lambda b, dtype, *rest: (given.append(b.dtype), bias_args(b, dtype, *rest))[1])
     q, k, v, table, rel_index = make_inputs(2, 2, 7, 32, torch.float16, device)
     bias = ops.relative_position_bias(table.float(), rel_index).detach().requires_grad_()
     saved = []
@@ -437,6 +438,52 @@ def test_backward_reads_the_forwards_cast_bias(device, monkeypatch):
                                 backend="eager")
     ref.square().sum().backward()
     torch.testing.assert_close(bias.grad.double(), ref_bias.grad, atol=5e-3, rtol=5e-3)
+
+
+def _heads_first(qkv):
+    """q, k, v as ``[B, H, N, D]`` views of a packed ``[B, N, 3, H, D]`` qkv."""
+    return (t.transpose(1, 2) for t in qkv.unbind(2))
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_a_layers_own_table_is_gathered_straight_into_the_compute_dtype(device, monkeypatch, packed):
+    # The triton backend given a table (a layer with its own, as in fine-tuning): the launcher gathers
+    # it into an fp16 [H, P, P] (no fp32 dense bias, no cast), autograd keeps that copy and the index,
+    # and the table's gradient is the fp32 fold of the score gradient.
+    from beitfast.kernels import attention as kernels
+
+    dense_gathers = []
+    gather = attention_op.gather_bias
+    monkeypatch.setattr(attention_op, "gather_bias", lambda *a: dense_gathers.append(1) or gather(*a))
+    read = []
+    bias_args = kernels._bias_args
+    monkeypatch.setattr(kernels, "_bias_args",
+                        lambda b, dtype, *rest: (lambda r: read.append(r[0]) or r)(bias_args(b, dtype, *rest)))
+    B, H, N, D = 2, 3, 50, 32
+    q, k, v, table, rel_index = make_inputs(B, H, N, D, torch.float16, device)
+    table = table.float().requires_grad_()
+    qkv = torch.stack([q, k, v], 2).permute(0, 3, 2, 1, 4).detach().requires_grad_()  # [B, N, 3, H, D]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        if packed:
+            out = ops.rel_pos_attention_packed(qkv, table, rel_index, scale=0.2, backend="triton").transpose(1, 2)
+        else:
+            out = ops.rel_pos_attention(*_heads_first(qkv), table, rel_index, scale=0.2, backend="triton")
+    assert dense_gathers == []
+    assert [(t.dtype, tuple(t.shape)) for t in read] == [(torch.float16, (H, 128, 128))]
+    assert not any(t.dtype == torch.float32 and tuple(t.shape) == (H, 128, 128) for t in saved)
+    assert any(t.dtype == torch.float16 and tuple(t.shape) == (H, 128, 128) for t in saved)
+    grad_out = torch.randn_like(out, dtype=torch.float32)
+    (out.float() * grad_out).sum().backward()
+    assert table.grad.dtype == torch.float32
+    assert len(read) == 2 and read[1].data_ptr() == read[0].data_ptr()  # the backward read the forward's copy
+    ref_table = table.detach().double().requires_grad_()
+    ref_qkv = qkv.detach().double().requires_grad_()
+    ref = ops.rel_pos_attention(*_heads_first(ref_qkv), ref_table, rel_index, scale=0.2, backend="eager")
+    (ref * grad_out.double()).sum().backward()
+    torch.testing.assert_close(out.double(), ref, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(qkv.grad.double(), ref_qkv.grad, atol=5e-3, rtol=5e-3)
+    torch.testing.assert_close(table.grad.double(), ref_table.grad, atol=1e-2, rtol=5e-3)
 
 
 def test_triton_compiles_without_graph_breaks_with_real_strides(device):

@@ -1,10 +1,12 @@
 """Attention with BEiT's learnable relative position bias: ``softmax(q k^T * scale + B) v`` where
 ``B[h, i, j] = bias_table[rel_index[i, j], h]``.
 
-The bias is gathered once into a dense fp32 ``[H, P, P]`` tensor (:func:`relative_position_bias`,
-``P = padded_size(N)``, zero padding); every backend reads that. Its backward folds the score
-gradient into the table with a permutation computed once per index and cached, and a model with a
-shared table gathers once per step, so autograd sums all layers' score gradients before one fold.
+The bias is a dense ``[H, P, P]`` tensor (``P = padded_size(N)``, zero padding) gathered from the
+table: in fp32 by :func:`relative_position_bias` for the backends that read a dense bias, and by the
+``triton`` launcher straight into the compute dtype when it is given the table (no fp32 copy). The
+backward folds the fp32 score gradient into the table with a permutation computed once per index and
+cached; a model with a shared table gathers it once per step and passes ``bias=``, so autograd sums
+all layers' score gradients before one fold.
 
 The eager backend is the definition. The others: ``blas`` (the CPU default: batched matmuls with the
 scale and bias folded in and a hand-written backward), ``triton`` (our flash kernels,
@@ -57,10 +59,12 @@ def rel_pos_attention(
     ``[B, H, N, D]``; differentiable in ``q``, ``k``, ``v`` and the bias (table).
     """
     _validate(q, k, v)
-    bias = _dense_bias(q, bias_table, rel_index, bias)
+    _check_bias(q, bias_table, rel_index, bias)
     scale = _scale(q, scale)
     impl = _select(backend, q, k, v, bias_table, rel_index, bias, scale)
-    return impl.fn(q, k, v, bias, scale)
+    if bias_table is not None and impl.name in _TABLE:
+        return _TABLE[impl.name](q, k, v, bias_table, rel_index, scale)
+    return impl.fn(q, k, v, _dense(bias_table, rel_index, bias), scale)
 
 
 def rel_pos_attention_packed(
@@ -82,9 +86,12 @@ def rel_pos_attention_packed(
         raise ValueError(f"rel_pos_attention_packed: qkv must be a [B, N, 3, H, D] tensor, got {tuple(qkv.shape)}")
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
     _validate(q, k, v)
-    bias = _dense_bias(q, bias_table, rel_index, bias)
+    _check_bias(q, bias_table, rel_index, bias)
     scale = _scale(q, scale)
     impl = _select(backend, q, k, v, bias_table, rel_index, bias, scale)
+    if bias_table is not None and impl.name in _TABLE_PACKED:
+        return _TABLE_PACKED[impl.name](qkv, bias_table, rel_index, scale)
+    bias = _dense(bias_table, rel_index, bias)
     if impl.name in _PACKED:
         return _PACKED[impl.name](qkv, bias, scale)
     return impl.fn(q, k, v, bias, scale).transpose(1, 2)
@@ -131,8 +138,15 @@ def _tensor(op: str, name: str, value, expected: str) -> None:
         raise TypeError(f"{op}: {name} must be {expected}, got {type(value).__name__}")
 
 
-def _dense_bias(q, bias_table, rel_index, bias):
-    """The dense bias every backend reads (None for plain attention), after checking the arguments."""
+def _dense(bias_table, rel_index, bias):
+    """The dense bias the backends without a table path read (None for plain attention)."""
+    if bias is not None or bias_table is None:
+        return bias
+    return gather_bias(bias_table, rel_index)  # checked by _check_bias
+
+
+def _check_bias(q, bias_table, rel_index, bias) -> None:
+    """Checks the bias arguments (a dense ``bias``, or ``bias_table`` and ``rel_index``)."""
     _, H, N, _ = q.shape
     if bias is not None:
         if bias_table is not None or rel_index is not None:
@@ -144,11 +158,11 @@ def _dense_bias(q, bias_table, rel_index, bias):
             raise TypeError(f"rel_pos_attention: bias must be floating point, got {bias.dtype}")
         if bias.device != q.device:
             raise ValueError(f"rel_pos_attention: bias must be on q's device {q.device}, got {bias.device}")
-        return bias
+        return
     if (bias_table is None) != (rel_index is None):
         raise ValueError("rel_pos_attention: give both bias_table and rel_index, or neither")
     if bias_table is None:
-        return None
+        return
     _tensor("rel_pos_attention", "bias_table", bias_table, f"an [R, H={H}] tensor")
     _tensor("rel_pos_attention", "rel_index", rel_index, f"an integer [N, N] = [{N}, {N}] tensor")
     if bias_table.dim() != 2 or bias_table.shape[1] != H:
@@ -159,7 +173,7 @@ def _dense_bias(q, bias_table, rel_index, bias):
         raise ValueError(
             f"rel_pos_attention: rel_index must be [N, N] = [{N}, {N}], got {tuple(rel_index.shape)}"
         )
-    return relative_position_bias(bias_table, rel_index)
+    _check_table(bias_table, rel_index)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -174,6 +188,11 @@ def relative_position_bias(bias_table: torch.Tensor, rel_index: torch.Tensor) ->
     Gather it once and pass it as ``bias=`` to every layer that shares the table: autograd then sums
     the layers' gradients before the one fold into the table.
     """
+    _check_table(bias_table, rel_index)
+    return gather_bias(bias_table, rel_index)
+
+
+def _check_table(bias_table: torch.Tensor, rel_index: torch.Tensor) -> None:
     _tensor("relative_position_bias", "bias_table", bias_table, "an [R, H] tensor")
     _tensor("relative_position_bias", "rel_index", rel_index, "an integer [N, N] tensor")
     if bias_table.dim() != 2:
@@ -195,7 +214,6 @@ def relative_position_bias(bias_table: torch.Tensor, rel_index: torch.Tensor) ->
             raise ValueError(
                 f"rel_index values must lie in [0, R={bias_table.shape[0]}), got [{lo}, {hi}]"
             )
-    return gather_bias(bias_table, rel_index)
 
 
 class _Plan(NamedTuple):
@@ -231,13 +249,19 @@ def _plan(rel_index: torch.Tensor, num_rows: int) -> _Plan:
     return plan
 
 
+def gathered(bias_table: torch.Tensor, rel_index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``[H, P, P]`` in ``dtype``: the table's rows read per position straight into that dtype (one
+    pass, no fp32 copy for a 16-bit one), zero padding. Not differentiable: the callers fold."""
+    R, H = bias_table.shape
+    P = padded_size(rel_index.shape[0])
+    rows = F.pad(bias_table.t().to(dtype), (0, 1))  # [H, R + 1]: row R is the padding's zero
+    return rows.index_select(1, _plan(rel_index, R).gather).view(H, P, P)
+
+
 @torch.library.custom_op("beitfast::gather_bias", mutates_args=())
 def gather_bias(bias_table: torch.Tensor, rel_index: torch.Tensor) -> torch.Tensor:
     """The dense padded bias of :func:`relative_position_bias` (arguments already checked)."""
-    R, H = bias_table.shape
-    P = padded_size(rel_index.shape[0])
-    rows = F.pad(bias_table.t().to(_bias_dtype(bias_table)), (0, 1))  # [H, R + 1]: row R is the padding's zero
-    return rows.index_select(1, _plan(rel_index, R).gather).view(H, P, P)
+    return gathered(bias_table, rel_index, _bias_dtype(bias_table))
 
 
 @gather_bias.register_fake
@@ -349,6 +373,20 @@ def attention_triton_packed(qkv, bias, scale):
     from ..kernels import attention as kernels
 
     return kernels.attention_packed(qkv, bias, scale)
+
+
+def attention_triton_table(q, k, v, bias_table, rel_index, scale):
+    """The triton backend given the table: the launcher gathers it straight into the compute dtype
+    (a 16-bit ``[H, P, P]``, no fp32 copy and no cast) and folds the fp32 score gradient into it."""
+    from ..kernels import attention as kernels
+
+    return kernels.attention(q, k, v, bias_table, scale, rel_index=rel_index)
+
+
+def attention_triton_table_packed(qkv, bias_table, rel_index, scale):
+    from ..kernels import attention as kernels
+
+    return kernels.attention_packed(qkv, bias_table, scale, rel_index=rel_index)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -545,3 +583,6 @@ def attention_flash(q, k, v, bias, scale):
 
 # The backends with an entry point of their own for the packed layout.
 _PACKED = {"triton": attention_triton_packed, "blas": attention_blas_packed}
+# Backends that take the table itself (they gather it in the compute dtype and fold its gradient).
+_TABLE = {"triton": attention_triton_table}
+_TABLE_PACKED = {"triton": attention_triton_table_packed}
