@@ -3,7 +3,7 @@
 # check; nothing runs). usage: csrc/nvcc_check.sh csrc/file.cu [arch, default 90a]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-V=${VENV:-$HOME/.cache/beitfast/venv-$(sha256sum requirements-dev.txt | cut -c1-12)}
+V=${VENV:-$HOME/.cache/beitfast/venv-$(sha256sum requirements-lock.txt | cut -c1-12)}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 read -r SITE ABI INCLUDES < <("$V/bin/python" - <<'PY'
 import site, sysconfig, torch

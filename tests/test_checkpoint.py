@@ -348,21 +348,24 @@ def test_geometric_resize_equals_official(new_side, dtype):
     torch.testing.assert_close(resized.double(), official_resize(table, new_side), rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("img_size", [384, 512, 640])
 @pytest.mark.parametrize("per_layer_source", [False, True])
-def test_adapt_state_dict_resizes_per_layer_and_shared_tables_officially(per_layer_source):
-    # 224 -> 384 px: a shared table (copied into every block, as official fine-tuning does) or per-layer ones.
+def test_adapt_state_dict_resizes_per_layer_and_shared_tables_officially(per_layer_source, img_size):
+    # 224 -> 384/512/640 px (27 -> 47/63/79 offsets): a shared table (copied into every block, as official
+    # fine-tuning does) or per-layer ones.
     source = small_config(img_size=224, patch_size=16, vocab_size=0,
                           use_shared_rel_pos_bias=not per_layer_source, use_rel_pos_bias=per_layer_source)
     state = BEiT(source).state_dict()
     state = {k: torch.randn(v.shape) if k.endswith("bias_table") else v for k, v in state.items()}
-    target = source.replace(img_size=384, use_shared_rel_pos_bias=False, use_rel_pos_bias=True)
+    target = source.replace(img_size=img_size, use_shared_rel_pos_bias=False, use_rel_pos_bias=True)
     adapted = checkpoint.adapt_state_dict(state, target)
     plain = checkpoint.adapt_state_dict(state, target, rel_pos_resize="bicubic")
     for i in range(target.depth):
         key = f"blocks.{i}.attn.relative_position_bias_table"
         old = state[key if per_layer_source else "rel_pos_bias.relative_position_bias_table"]
-        torch.testing.assert_close(adapted[key].double(), official_resize(old, 24), rtol=1e-6, atol=1e-6)
-        assert torch.equal(plain[key], checkpoint.resize_rel_pos_bias_table(old, (24, 24), method="bicubic"))
+        side = img_size // 16
+        torch.testing.assert_close(adapted[key].double(), official_resize(old, side), rtol=1e-6, atol=1e-6)
+        assert torch.equal(plain[key], checkpoint.resize_rel_pos_bias_table(old, (side, side), method="bicubic"))
 
 
 @pytest.mark.parametrize("sides", [(5, 9), (9, 5), (4, 6), (3, 30)])
