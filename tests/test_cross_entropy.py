@@ -486,6 +486,8 @@ def cuda_backend_on_cpu(monkeypatch):
     backend = dispatch._REGISTRY["cross_entropy"]["cuda"]
     monkeypatch.setitem(dispatch._REGISTRY["cross_entropy"], "cuda",
                         dataclasses.replace(backend, check=dispatch.accepts_all, available=lambda: None))
+    # Availability is looked up once per process: an earlier test may have recorded a build without CUDA.
+    monkeypatch.setitem(dispatch._MISSING, ("cross_entropy", "cuda"), None)
     yield
     library._destroy()
 
