@@ -82,6 +82,16 @@ def stop_after(last_step: int):
     return on_step
 
 
+def save_tiny_backbone(path, embed_dim: int = 16):
+    """A two-block BEiT for 32-pixel images (patch 8, eager kernels) saved at ``path``: the
+    ``--pretrained`` of the segmentation command tests. Its weights follow torch's current seed."""
+    from . import BEiT, BEiTConfig
+
+    BEiT(BEiTConfig(img_size=32, patch_size=8, embed_dim=embed_dim, depth=2, num_heads=2, vocab_size=0,
+                    kernels="eager")).save(path)
+    return path
+
+
 def free_port() -> int:
     """A free TCP port on the loopback, for a test's process group."""
     with socket.socket() as s:

@@ -76,8 +76,8 @@ def run_command(folder, args, kill_at="", kill_after_line=None):
     return code, log.read_text()
 
 
-def resumed_step(output: str) -> int:
-    line = next(line for line in output.splitlines() if line.startswith("pretrain: resumed from"))
+def resumed_step(output: str, command: str = "pretrain") -> int:
+    line = next(line for line in output.splitlines() if line.startswith(f"{command}: resumed from"))
     return int(line.split(" at step ")[1].split()[0])
 
 
@@ -90,9 +90,25 @@ def final_state(output_dir):
             payload["step"])
 
 
-def assert_identical(got, expected):
+def kill_and_resume(root, args, *, command, kill_step, report_step, checkpoint_every):
+    """Runs the command three times killed and once to the end, each run after the first resuming from
+    the checkpoint of step ``checkpoint_every``: killed -9 in step ``kill_step`` after its backward pass,
+    then while writing its next checkpoint (the one before must still be there), then from outside once
+    step ``report_step`` is reported, wherever it is by then (on a very busy machine it may even have
+    finished: then the last run has nothing left to do)."""
+    code, printed = run_command(root, args, kill_at=f"step:{kill_step}")
+    assert code == -signal.SIGKILL, printed
+    code, printed = run_command(root, args, kill_at="checkpoint-write:1")
+    assert code == -signal.SIGKILL and resumed_step(printed, command) == checkpoint_every, printed
+    code, printed = run_command(root, args, kill_after_line=f"{command} step {report_step}/")
+    assert code in (-signal.SIGKILL, 0) and resumed_step(printed, command) == checkpoint_every, printed
+    code, printed = run_command(root, args)
+    assert code == 0 and "done: " in printed and resumed_step(printed, command) >= checkpoint_every, printed
+
+
+def assert_identical(got, expected, steps=STEPS):
     records, model, optimizer, step = got
-    assert records == expected[0] and step == expected[3] == STEPS
+    assert records == expected[0] and step == expected[3] == steps
     assert model.keys() == expected[1].keys() and all(torch.equal(model[k], expected[1][k]) for k in model)
     assert optimizer.keys() == expected[2].keys()
     for index, state in optimizer.items():
@@ -126,18 +142,8 @@ def test_kill_and_resume_is_exact(setup, workers, input_path):
 
     output = root / f"killed-{workers}-{input_path}"
     args = [*args, "--workers", str(workers), "--output", str(output)]
-
-    # Killed in step 5: the checkpoint of step 3 is the one to resume from.
-    code, printed = run_command(root, args, kill_at="step:5")
-    assert code == -signal.SIGKILL, printed
-    # Resumed at step 3, killed while writing the checkpoint of step 6: step 3's must still be there.
-    code, printed = run_command(root, args, kill_at="checkpoint-write:1")
-    assert code == -signal.SIGKILL and resumed_step(printed) == CHECKPOINT_EVERY, printed
-    # Resumed at step 3 again, killed from outside once step 4 is reported, wherever it is by then (on a
-    # very busy machine it may even have finished: then the last run has nothing left to do).
-    code, printed = run_command(root, args, kill_after_line="pretrain step 4/")
-    assert code in (-signal.SIGKILL, 0) and resumed_step(printed) == CHECKPOINT_EVERY, printed
-    code, printed = run_command(root, args)
-    assert code == 0 and "done: " in printed and resumed_step(printed) >= CHECKPOINT_EVERY, printed
+    # Killed in step 5 (resumed from step 3's checkpoint), while writing step 6's, and after step 4.
+    kill_and_resume(root, args, command="pretrain", kill_step=5, report_step=4,
+                    checkpoint_every=CHECKPOINT_EVERY)
     assert_identical(final_state(output), straight)
     assert not [name for name in os.listdir(output) if name.endswith(".tmp")]  # what the kills left is gone

@@ -9,12 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from beitfast import BEiT, BEiTConfig
 from beitfast.cli import main
 from beitfast.segmentation.data import (
     SegmentationTestTransform, SegmentationTrainTransform, evaluation_pairs, segmentation_stream,
 )
 from beitfast.segmentation.embedded import EMBEDDED_CLASSES, SPLITS, _texture, embedded_scenes
+from beitfast.testing import save_tiny_backbone
 
 pytest.importorskip("skimage")
 pytest.importorskip("sklearn")
@@ -81,8 +81,7 @@ def test_stream_and_evaluation_read_the_scenes(scenes):
 def test_segment_commands_on_embedded_scenes(tmp_path, capsys, one_thread):
     torch.manual_seed(0)
     pretrained = tmp_path / "pretrained.safetensors"
-    BEiT(BEiTConfig(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, vocab_size=0,
-                    kernels="eager")).save(pretrained)
+    save_tiny_backbone(pretrained, embed_dim=32)
     out = tmp_path / "run"
     common = ["--scale", "32", "32", "--device", "cpu"]
     assert main(["segment", "train", "--pretrained", str(pretrained), "--data", "embedded", "--val-data",
@@ -111,8 +110,7 @@ def test_segment_train_demo_writes_its_pictures_and_replaces_itself(tmp_path, mo
                                                                     one_thread):
     # The pre-training is skipped (--pretrained): its command has tests of its own.
     torch.manual_seed(0)
-    BEiT(BEiTConfig(img_size=32, patch_size=8, embed_dim=16, depth=2, num_heads=2, vocab_size=0,
-                    kernels="eager")).save(tmp_path / "pretrained.safetensors")
+    save_tiny_backbone(tmp_path / "pretrained.safetensors")
     monkeypatch.chdir(tmp_path)
     args = ["segment", "train", "--demo", "--pretrained", "pretrained.safetensors", "--steps", "2",
             "--batch-size", "2", "--crop", "32", "--scale", "32", "32", "--head-channels", "8",
@@ -134,8 +132,7 @@ def test_segment_train_demo_writes_its_pictures_and_replaces_itself(tmp_path, mo
 def test_resuming_with_another_class_count_is_refused(tmp_path, capsys, one_thread):
     torch.manual_seed(0)
     pretrained = tmp_path / "pretrained.safetensors"
-    BEiT(BEiTConfig(img_size=32, patch_size=8, embed_dim=16, depth=2, num_heads=2, vocab_size=0,
-                    kernels="eager")).save(pretrained)
+    save_tiny_backbone(pretrained)
     out = tmp_path / "run"
     common = ["--pretrained", str(pretrained), "--crop", "32", "--scale", "32", "32", "--batch-size", "2",
               "--head-channels", "8", "--device", "cpu", "--output", str(out), "--no-progress"]

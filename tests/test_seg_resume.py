@@ -6,13 +6,12 @@ tests/test_resume.py's."""
 
 import importlib.util
 import os
-import signal
 from pathlib import Path
 
 import pytest
 import torch
 
-from beitfast import BEiT, BEiTConfig
+from beitfast.testing import save_tiny_backbone
 
 _spec = importlib.util.spec_from_file_location("resume_helpers", Path(__file__).with_name("test_resume.py"))
 resume_helpers = importlib.util.module_from_spec(_spec)
@@ -27,17 +26,11 @@ RUN = ["segment", "train", "--data", "embedded", "--crop", "32", "--scale", "48"
        "--seed", "1", "--device", "cpu", "--threads", "1", "--no-progress", "--log-every", "1"]
 
 
-def resumed_step(printed: str) -> int:
-    line = next(line for line in printed.splitlines() if line.startswith("segment: resumed from"))
-    return int(line.split(" at step ")[1].split()[0])
-
-
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     root = tmp_path_factory.mktemp("seg-resume")
     torch.manual_seed(0)
-    BEiT(BEiTConfig(img_size=32, patch_size=8, embed_dim=16, depth=2, num_heads=2, vocab_size=0,
-                    kernels="eager")).save(root / "pretrained.safetensors")
+    save_tiny_backbone(root / "pretrained.safetensors")
     return root, [*RUN, "--pretrained", str(root / "pretrained.safetensors")]
 
 
@@ -52,22 +45,8 @@ def test_kill_and_resume_is_exact(pretrained, workers):
 
     output = root / f"killed-{workers}"
     args = [*args, "--workers", str(workers), "--output", str(output)]
-    # Killed in step 3, after its backward pass: the checkpoint of step 2 is the one to resume from.
-    code, printed = run(root, args, kill_at="step:3")
-    assert code == -signal.SIGKILL, printed
-    # Resumed at step 2, killed while writing the checkpoint of step 4: step 2's must still be there.
-    code, printed = run(root, args, kill_at="checkpoint-write:1")
-    assert code == -signal.SIGKILL and resumed_step(printed) == CHECKPOINT_EVERY, printed
-    # Resumed at step 2 again, killed from outside once step 3 is reported (or finished by then).
-    code, printed = run(root, args, kill_after_line="segment step 3/")
-    assert code in (-signal.SIGKILL, 0) and resumed_step(printed) == CHECKPOINT_EVERY, printed
-    code, printed = run(root, args)
-    assert code == 0 and "done: " in printed and resumed_step(printed) >= CHECKPOINT_EVERY, printed
-
-    records, model, optimizer, step = resume_helpers.final_state(output)
-    assert records == straight[0] and step == straight[3] == STEPS
-    assert model.keys() == straight[1].keys() and all(torch.equal(model[k], straight[1][k]) for k in model)
-    assert optimizer.keys() == straight[2].keys()
-    for index, state in optimizer.items():
-        assert all(torch.equal(state[k], straight[2][index][k]) for k in state)
+    # Killed in step 3 (resumed from step 2's checkpoint), while writing step 4's, and after step 3.
+    resume_helpers.kill_and_resume(root, args, command="segment", kill_step=3, report_step=3,
+                                   checkpoint_every=CHECKPOINT_EVERY)
+    resume_helpers.assert_identical(resume_helpers.final_state(output), straight, steps=STEPS)
     assert not [name for name in os.listdir(output) if name.endswith(".tmp")]
