@@ -112,9 +112,11 @@ _FWD_CONFIGS = _tile_configs(_union(_FWD_TILES))
 _KV_TILES = {9: [(64, 64, 4, 2), (32, 64, 4, 2), (64, 64, 4, 3), (64, 128, 8, 2)],
              8: [(64, 32, 4, 2), (32, 32, 4, 2), (128, 32, 8, 2)]}
 _KV_CONFIGS = _tile_configs(_union(_KV_TILES))
-# dQ: BLOCK_M query rows (the M side of its three matmuls), BLOCK_N key rows a step; on sm_80 64 x 64
-# spills with 3 stages or 8 warps.
-_Q_TILES = {9: [(64, 64, 4, 2), (64, 32, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2)],
+# dQ: BLOCK_M query rows (the M side of its three matmuls), BLOCK_N key rows a step; K and V are read
+# once per query block, so 256 rows read them half as often as 128. On sm_90 256 x 32 with 16 warps fits
+# (121 registers, no spills) where 256 x 64 leaves a 16 to 24 byte stack frame with 2 stages (compile
+# gate). On sm_80 64 x 64 spills with 3 stages or 8 warps.
+_Q_TILES = {9: [(64, 64, 4, 2), (64, 32, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (256, 32, 16, 2)],
             8: [(64, 32, 4, 2), (32, 64, 4, 2)]}
 _Q_CONFIGS = _tile_configs(_union(_Q_TILES))
 # The bias gradient's tile ``(rows, columns, warps)`` per GPU generation, fixed (not autotuned: its
