@@ -3,6 +3,7 @@ tests and benchmarks marked ``@pytest.mark.gpu`` are skipped, with the reason, w
 tests that exercise torch's compiler or op registration are marked ``compiler`` (``make test-oldest``
 runs them on the oldest supported torch)."""
 
+import contextlib
 import inspect
 import socket
 
@@ -97,3 +98,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def leaving_the_group():
+    """Around a spawned test worker's work in a process group: when the work ends well, a barrier
+    first (no rank tears its group down while another still has a collective in flight, which can
+    abort a gloo worker), then the group destroyed in any case."""
+    import torch.distributed as dist
+
+    try:
+        yield
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+

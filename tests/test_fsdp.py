@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from beitfast.testing import free_port
+from beitfast.testing import free_port, leaving_the_group
 from beitfast.train import CHECKPOINT_NAME, TrainConfig, pretrain
 
 
@@ -25,16 +25,12 @@ def _fsdp_worker(rank, world_size, port, output):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    import torch.distributed as dist
-
-    try:
+    with leaving_the_group():
         model, records = _run(output, parallel="fsdp")
         shards = {name: type(p).__name__ for name, p in model.named_parameters()}
         if rank == 0:
             with open(os.path.join(output, "run.json"), "w") as f:
                 json.dump({"losses": [r["loss"] for r in records], "parameter_types": shards}, f)
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow

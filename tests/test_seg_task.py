@@ -21,7 +21,7 @@ from beitfast.segmentation.global_batchnorm import GlobalBatchNorm2d
 from beitfast.segmentation.task import (
     poly_schedule, segmentation_param_groups, segmentation_recipe, segmentation_trainer,
 )
-from beitfast.testing import StopRun, free_port, stop_after
+from beitfast.testing import StopRun, free_port, leaving_the_group, stop_after
 from beitfast.train import CHECKPOINT_NAME
 
 CLASSES = 3
@@ -197,7 +197,7 @@ def _batchnorm_worker(rank, world_size, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
+    with leaving_the_group():
         torch.manual_seed(0)
         x = torch.randn(4, 3, 5, 7, dtype=torch.float64, requires_grad=True)
         bn = GlobalBatchNorm2d(3).double()
@@ -216,8 +216,6 @@ def _batchnorm_worker(rank, world_size, port, out):
         if rank == 0:
             torch.save({"y": torch.cat(ys), "dx": grads, "dw": bn.weight.grad, "mean": bn.running_mean,
                         "var": bn.running_var}, out)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_global_batchnorm_equals_batchnorm_on_the_whole_batch(tmp_path, monkeypatch):
@@ -267,10 +265,8 @@ def _parallel_worker(rank, world_size, port, folder, output, parallel):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    try:
+    with leaving_the_group():
         _train(folder, output, parallel)
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ from PIL import Image
 
 from beitfast.data import BatchStream, ClassifyTransform, ImageFolder, classify_stream
 from beitfast.shards import ShardedImages, pack_shards, shard_paths
+from beitfast.testing import leaving_the_group
 
 
 def write_identified_images(root, count: int, bad: int = 0):
@@ -104,7 +105,7 @@ class IdentitySample:
 
 def _rank_main(rank: int, world_size: int, shards: str, rendezvous: str, steps: int, batch_size: int, out: str):
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world_size)
-    try:
+    with leaving_the_group():
         stream = BatchStream(ShardedImages(shards), IdentitySample(), batch_size, seed=5,
                              rank=dist.get_rank(), world_size=dist.get_world_size())
         mine = torch.cat([stream.batch(step)[0] for step in range(steps)])
@@ -112,8 +113,6 @@ def _rank_main(rank: int, world_size: int, shards: str, rendezvous: str, steps: 
         dist.all_gather(gathered, mine)
         if rank == 0:
             torch.save(torch.stack(gathered), out)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_two_gloo_ranks_see_every_sample_once_per_epoch(tmp_path):

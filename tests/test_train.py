@@ -15,7 +15,7 @@ from PIL import Image
 
 from beitfast import BEiT, BEiTConfig
 from beitfast.data import ClassifyTransform, EvalTransform, ImageFolder, ImageList, classify_stream
-from beitfast.testing import StopRun, free_port, stop_after
+from beitfast.testing import StopRun, free_port, leaving_the_group, stop_after
 from beitfast.train import (CHECKPOINT_NAME, METRICS_NAME, PLOT_NAME, Classification, MaskedImageModeling,
                             NonFiniteLossError, TrainConfig, Trainer, classifier_from_pretrained, cosine_schedule,
                             evaluate, layer_id, param_groups, pretrain, pretraining_trainer, resolve_device)
@@ -381,17 +381,13 @@ def _ddp_worker(rank, world_size, port, output):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    import torch.distributed as dist
-
-    try:
+    with leaving_the_group():
         _, records = pretrain(tiny_config(drop_path_rate=0.0), MeanBrightnessTokenizer(), photos(),
                               TrainConfig(output_dir=output, steps=4, batch_size=4, warmup_steps=1, lr=2e-3,
                                           checkpoint_every=2, progress=False))
         if rank == 0:
             with open(os.path.join(output, "losses.json"), "w") as f:
                 json.dump([r["loss"] for r in records], f)
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow
