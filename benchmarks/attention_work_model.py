@@ -187,8 +187,7 @@ def shared_table(B: int, N: int) -> bool:
 def new_design(B: int, N: int) -> tuple[list[Launch], list[Launch]]:
     """(forward launches, backward launches) of one layer with a bias, each tiled kernel at its kept
     config."""
-    P, bh, row = padded(N), B * H, N * D * E
-    plan = dict(_kernels().launch_plan(B, H, N, {k: (64, 64) for k in ("fwd", "kv", "q")}, GPU["sms"]))
+    P = padded(N)
     if shared_table(B, N):
         prep = H * P * P * (4 + E)  # the fp32 bias cast to bf16 by the launcher (one torch kernel)
         name = "bias cast"
@@ -196,22 +195,38 @@ def new_design(B: int, N: int) -> tuple[list[Launch], list[Launch]]:
         prep = P * P * 8 + H * P * P * E  # the int64 gather positions read, the bf16 bias written
         name = "bias gather"
     fwd = [Launch(name, "torch", (cdiv(H * P * P, 1024),), 0, prep, prep, 8), kept("fwd", B, N)]
-    io = bh * (4 * row + 2 * P * 4)
     # the backward reads the forward's cast copy (saved for it): no second cast; dQ writes delta
-    bwd = [kept("q", B, N), kept("kv", B, N)]
+    bwd = [kept("q", B, N), kept("kv", B, N), bias_launch(B, N)]
+    groups = bwd[-1].grid[1]
+    if groups > 1:
+        partial = groups * H * P * P * 4
+        bwd.append(Launch("group sum", "torch", (cdiv(H * P * P, 1024),), 0, partial + H * P * P * 4,
+                          partial + H * P * P * 4, 8))
+    return fwd, bwd
+
+
+def bias_launch(B: int, N: int) -> Launch:
+    """The bias-gradient kernel at its fixed sm_90 tile, the batch split into the launcher's groups."""
+    P, bh, row = padded(N), B * H, N * D * E
+    io = bh * (4 * row + 2 * P * 4)
     tm, tn, warps = _kernels()._BIAS_TILES[9]
-    grid = plan["bias"]
+    tiles = {k: (64, 64) for k in ("fwd", "kv", "q")}  # the bias grid does not depend on them
+    grid = dict(_kernels().launch_plan(B, H, N, tiles, GPU["sms"]))["bias"]
     groups, cm, cn = grid[1], covered(N, tm), covered(N, tn)
     partial = groups * H * P * P * 4
     # per image: q, dO (rows) once per column block, k, v (columns) once per row block, lse and delta;
     # the bias tile once per group
     l2 = bh * (cdiv(N, tn) * (2 * row + 2 * cm * 4) + cdiv(N, tm) * 2 * row) + groups * H * cm * cn * E
-    bwd.append(Launch("_bwd_bias_kernel", f"{tm}x{tn} w{warps} s2", grid, 4 * cm * cn * D * bh, l2 + partial,
-                      io + partial + H * P * P * E, _ctas("_bwd_bias_kernel", f"w{warps} s2", N, 1)))
-    if groups > 1:
-        bwd.append(Launch("group sum", "torch", (cdiv(H * P * P, 1024),), 0, partial + H * P * P * 4,
-                          partial + H * P * P * 4, 8))
-    return fwd, bwd
+    return Launch("_bwd_bias_kernel", f"{tm}x{tn} w{warps} s2", grid, 4 * cm * cn * D * bh, l2 + partial,
+                  io + partial + H * P * P * E, _ctas("_bwd_bias_kernel", f"w{warps} s2", N, 1))
+
+
+def predicted(kind: str, B: int, N: int, tile: tuple[int, int, int, int] | None = None) -> Launch:
+    """One of our tiled kernels (``fwd``, ``q``, ``kv``) at an sm_90 ``(BLOCK_M, BLOCK_N, warps,
+    stages)`` tile, or at the tile the model keeps; ``bias`` at its fixed tile."""
+    if kind == "bias":
+        return bias_launch(B, N)
+    return _new_launch(kind, B, N, tile) if tile else kept(kind, B, N)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -90,8 +90,10 @@ PLAN=(
     "step-timm-compiled 120 50"
     "flex-autotune 150 90"
 )
-# Not in the default plan (its estimate does not fit): a second call may name it.
-EXTRA=("step-beitfast-compiled 150 80")
+# Not in the default plan (their estimates do not fit): a second call may name them. attention-model
+# measures the read rates the attention work model assumes and profiles our attention kernels at its
+# four shapes beside its predictions (compiling the N = 1025 and 1601 tiles is most of its time).
+EXTRA=("step-beitfast-compiled 150 80" "attention-model 120 50")
 if [[ -n "${GPU_CHECK_PLAN:-}" ]]; then IFS=';' read -r -a PLAN <<<"$GPU_CHECK_PLAN"; EXTRA=(); fi
 SELECTED=" ${GPU_CHECK_PHASES:-} "
 : >"$WORK/plan.tsv"
@@ -170,6 +172,8 @@ set_command() {  # CMD=(the command of phase $1)
         profile) CMD=(python3 benchmarks/test_step_bench.py --variant beitfast --trials 1 --steps 3
             --profile "$WORK/profile" "${SMOKE[@]}") ;;
         flex-autotune) CMD=("${bench[@]}" benchmarks/test_attention_bench.py -k "flex and beit-b-224") ;;
+        attention-model) CMD=("${bench[@]}" benchmarks/test_attention_bench.py
+            -k "work_model or read_rates") ;;
     esac
 }
 

@@ -24,6 +24,13 @@ def _make_tables():
     return module
 
 
+def _attention_bench():
+    spec = importlib.util.spec_from_file_location("attention_bench", BENCHMARKS / "test_attention_bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _smoke_rows_in(folder: Path) -> list[str]:
     """Rows marked smoke in the benchmark row files (lists of rows; other JSON files are not rows)."""
     found = []
@@ -203,3 +210,44 @@ def test_regions_by_caller_names():
     }
     for names, region in cases.items():
         assert region_of(list(names)) == region, names
+
+
+def test_attention_calibration_pairs_each_profiled_kernel_with_the_models_prediction():
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    bench = _attention_bench()
+
+    def event(name, us, device=DeviceType.CUDA):
+        return SimpleNamespace(device_type=device, name=name, device_time_total=us)
+
+    events = [event("_fwd_kernel", 300.0), event("_fwd_kernel", 30.0), event("_bwd_q_kernel", 60.0),
+              event("_bwd_kv_kernel", 90.0), event("_bwd_bias_kernel", 120.0), event("elementwise_kernel", 15.0),
+              event("beitfast::attention_fwd", 999.0, DeviceType.CPU)]
+    measured = bench.device_kernel_us(events, calls=3)
+    assert measured == {"_fwd_kernel": 110.0, "_bwd_q_kernel": 20.0, "_bwd_kv_kernel": 30.0,
+                        "_bwd_bias_kernel": 40.0, "elementwise_kernel": 5.0}
+    rows = bench.calibration_rows(measured, 16, 1025)
+    assert [row["kernel"] for row in rows] == [*bench.MODELLED, "other kernels"]
+    model = bench.work_model()
+    for row in rows[:-1]:
+        kind = bench.MODELLED[row["kernel"]]
+        tile = None if kind == "bias" else bench.autotuned_tile(row["kernel"])
+        assert row["measured_us"] == measured[row["kernel"]]
+        assert row["model_us"] == pytest.approx(1e6 * model.predicted(kind, 16, 1025, tile).seconds())
+        assert row["model_tile_us"] == pytest.approx(1e6 * model.predicted(kind, 16, 1025).seconds())
+        assert row["model_bound"] in ("tensor", "HBM", "L2")
+    assert rows[-1] == {"kernel": "other kernels", "measured_us": 5.0}
+
+
+def test_the_read_probe_reads_every_block_of_its_buffer_each_time():
+    import torch
+
+    bench = _attention_bench()
+    x = torch.randn(5 * bench.READ_BLOCK)  # 5 blocks for 2 programs: blocks 0, 2, 4 and 1, 3
+    out = torch.full((2 * bench.READ_BLOCK,), float("nan"))
+    bench.read_once(x, out, repeats=3)
+    blocks = x.view(5, -1)
+    torch.testing.assert_close(out.view(2, -1), 3 * torch.stack([blocks[0::2].sum(0), blocks[1::2].sum(0)]))
+

@@ -114,6 +114,28 @@ def test_the_phases_name_tests_that_exist_and_pip_stays_offline(tmp_path):
     assert all("--smoke" not in args for args in commands.values())  # what the GPU machine runs
 
 
+def test_the_extra_phases_run_only_when_named_and_select_their_benchmarks(tmp_path):
+    for run in ("default", "named"):
+        (tmp_path / run).mkdir()
+    _, default, _, _ = dry_run(tmp_path / "default")
+    assert not {"attention-model", "step-beitfast-compiled"} & set(statuses(default))
+    _, summary, _, work = dry_run(tmp_path / "named", GPU_CHECK_PHASES="attention-model")
+    status = statuses(summary)
+    assert status.pop("build") == status.pop("attention-model") == "ok"
+    assert set(status.values()) == {"not selected"}
+    args = (work / "commands" / "attention-model").read_text().split("\n")
+    selection = args[args.index("-k") + 1]
+    collect = [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+               "benchmarks/test_attention_bench.py", "-k", selection]
+    collected = subprocess.run(collect, cwd=ROOT, capture_output=True, text=True)
+    ids = sorted(line.split("::")[1] for line in collected.stdout.splitlines() if "::" in line)
+    shapes = ("224", "224-b1", "512", "640")
+    expected = ["test_work_model_table", *(f"test_read_rates_the_model_assumes[{level}]"
+                                           for level in ("L2-16-20", "HBM-2048-1")),
+                *(f"test_our_kernels_against_the_work_model[beit-b-{shape}]" for shape in shapes)]
+    assert ids == sorted(expected), collected.stdout[-2000:] + collected.stderr[-2000:]
+
+
 def test_a_failed_build_stops_the_run_with_a_clear_summary(tmp_path):
     done, summary, out, work = dry_run(tmp_path, STUB_FAIL="build")
     assert done.returncode == 1
