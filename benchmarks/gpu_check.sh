@@ -91,9 +91,10 @@ PLAN=(
     "flex-autotune 150 90"
 )
 # Not in the default plan (their estimates do not fit): a second call may name them. attention-model
-# measures the read rates the attention work model assumes and profiles our attention kernels at its
-# four shapes beside its predictions (compiling the N = 1025 and 1601 tiles is most of its time).
-EXTRA=("step-beitfast-compiled 150 80" "attention-model 120 50")
+# measures the read rates the attention work model assumes, profiles our attention kernels at its four
+# shapes beside its predictions, and times attention at 512 px (N = 1025) against SDPA with the bias and
+# the bias-free flash kernels (compiling the N = 1025 and 1601 tiles is most of its time).
+EXTRA=("step-beitfast-compiled 150 80" "attention-model 150 80")
 if [[ -n "${GPU_CHECK_PLAN:-}" ]]; then IFS=';' read -r -a PLAN <<<"$GPU_CHECK_PLAN"; EXTRA=(); fi
 SELECTED=" ${GPU_CHECK_PHASES:-} "
 : >"$WORK/plan.tsv"
@@ -172,8 +173,10 @@ set_command() {  # CMD=(the command of phase $1)
         profile) CMD=(python3 benchmarks/test_step_bench.py --variant beitfast --trials 1 --steps 3
             --profile "$WORK/profile" "${SMOKE[@]}") ;;
         flex-autotune) CMD=("${bench[@]}" benchmarks/test_attention_bench.py -k "flex and beit-b-224") ;;
-        attention-model) CMD=("${bench[@]}" benchmarks/test_attention_bench.py
-            -k "work_model or read_rates") ;;
+        attention-model)
+            local at512="test_attention and beit-b-512 and not flex and not eager and not xformers"
+            CMD=("${bench[@]}" benchmarks/test_attention_bench.py
+                -k "work_model or read_rates or ($at512)") ;;
     esac
 }
 

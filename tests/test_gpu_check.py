@@ -130,9 +130,12 @@ def test_the_extra_phases_run_only_when_named_and_select_their_benchmarks(tmp_pa
     collected = subprocess.run(collect, cwd=ROOT, capture_output=True, text=True)
     ids = sorted(line.split("::")[1] for line in collected.stdout.splitlines() if "::" in line)
     shapes = ("224", "224-b1", "512", "640")
+    backends = ("triton", "triton-packed", "sdpa", "flash", "fa3-nobias", "sdpa-flash-nobias",
+                "sdpa-cudnn-nobias")
     expected = ["test_work_model_table", *(f"test_read_rates_the_model_assumes[{level}]"
                                            for level in ("L2-16-20", "HBM-2048-1")),
-                *(f"test_our_kernels_against_the_work_model[beit-b-{shape}]" for shape in shapes)]
+                *(f"test_our_kernels_against_the_work_model[beit-b-{shape}]" for shape in shapes),
+                *(f"test_attention[{backend}-beit-b-512]" for backend in backends)]
     assert ids == sorted(expected), collected.stdout[-2000:] + collected.stderr[-2000:]
 
 
