@@ -223,8 +223,8 @@ def test_attention_calibration_pairs_each_profiled_kernel_with_the_models_predic
         return SimpleNamespace(device_type=device, name=name, device_time_total=us)
 
     events = [event("_fwd_kernel", 300.0), event("_fwd_kernel", 30.0), event("_bwd_q_kernel", 60.0),
-              event("_bwd_kv_kernel", 90.0), event("_bwd_bias_kernel", 120.0), event("elementwise_kernel", 15.0),
-              event("beitfast::attention_fwd", 999.0, DeviceType.CPU)]
+              event("_bwd_kv_kernel", 90.0), event("_bwd_bias_kernel", 120.0),
+              event("elementwise_kernel", 15.0), event("beitfast::attention_fwd", 999.0, DeviceType.CPU)]
     measured = bench.device_kernel_us(events, calls=3)
     assert measured == {"_fwd_kernel": 110.0, "_bwd_q_kernel": 20.0, "_bwd_kv_kernel": 30.0,
                         "_bwd_bias_kernel": 40.0, "elementwise_kernel": 5.0}
