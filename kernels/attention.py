@@ -79,15 +79,19 @@ def _fits(config, named_args, kwargs) -> bool:
     return not wide or config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"] <= 64 * 64
 
 
+def _generation(device: torch.device) -> int:
+    """The key of the per-generation tile tables: ``9`` for sm_90 and later, ``8`` for earlier GPUs."""
+    return 9 if torch.cuda.get_device_capability(device)[0] >= 9 else 8
+
+
 def _prune_by_arch(tiles: dict[int, list[tuple[int, int, int, int]]]):
-    """A pruning function keeping the candidates of the GPU's generation (``9``: sm_90 and later,
-    ``8``: earlier) that fit."""
+    """A pruning function keeping the candidates of the GPU's generation (:func:`_generation`) that
+    fit."""
 
     def prune(configs, named_args, **kwargs):
         if len(configs) == 1:
             return configs
-        major = torch.cuda.get_device_capability(named_args["Q"].device)[0]
-        mine = tiles[9 if major >= 9 else 8]
+        mine = tiles[_generation(named_args["Q"].device)]
         keep = [c for c in configs
                 if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in mine]
         return [c for c in keep if _fits(c, named_args, kwargs)] or keep
@@ -137,7 +141,7 @@ def bias_tile(device: torch.device) -> tuple[int, int, int]:
     """``(rows, columns, warps)`` of the bias-gradient kernel's tile on ``device``'s GPU generation."""
     if _BIAS_TILE is not None:
         return _BIAS_TILE
-    return _BIAS_TILES[9 if torch.cuda.get_device_capability(device)[0] >= 9 else 8]
+    return _BIAS_TILES[_generation(device)]
 
 
 def bias_tiles(n: int, tile: tuple[int, ...]) -> int:
