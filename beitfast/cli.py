@@ -110,6 +110,18 @@ def _print_outputs(output: Path, names: tuple[tuple[str, str], ...]) -> None:
             print(f"{what:>10}: {(output / name).resolve()}")
 
 
+def _save_validation(output: Path, numbers: dict) -> None:
+    """The validation numbers (with the ``step`` they were measured at) written to eval.json, and the
+    curves drawn again with them."""
+    from .train import METRICS_NAME, PLOT_NAME, plot_metrics, write_bytes_atomically
+
+    write_bytes_atomically(output / EVAL_NAME, (json.dumps(numbers, indent=1) + "\n").encode())
+    try:
+        plot_metrics(output / METRICS_NAME, output / PLOT_NAME, validation=numbers)
+    except ImportError:  # matplotlib is optional: the trainer said so once, eval.json has the numbers
+        pass
+
+
 def _check_file(path: str, option: str) -> None:
     if not Path(path).is_file():
         raise FileNotFoundError(f"{option}: {path!r} does not exist or is not a file")
@@ -378,9 +390,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         Trainer,
         classifier_from_pretrained,
         evaluation,
-        plot_metrics,
         setup_distributed,
-        write_bytes_atomically,
     )
 
     _check_device(args)
@@ -418,12 +428,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         _log(f"validation on {numbers['images']} images: top-1 accuracy {numbers['top1']:.4f}, top-5 "
              f"{numbers['top5']:.4f}, loss {numbers['loss']:.4f}")
         if _main_process():
-            numbers = {"step": trainer.step, **numbers}
-            write_bytes_atomically(output / EVAL_NAME, (json.dumps(numbers, indent=1) + "\n").encode())
-            try:  # drawn again with the validation numbers
-                plot_metrics(output / METRICS_NAME, output / PLOT_NAME, validation=numbers)
-            except ImportError:  # matplotlib is optional: the trainer said so once, eval.json has the numbers
-                pass
+            _save_validation(output, {"step": trainer.step, **numbers})
     if _main_process():
         _print_outputs(output, ((CHECKPOINT_NAME, "checkpoint"), (METRICS_NAME, "metrics"),
                                 (PLOT_NAME, "plot"), (EVAL_NAME, "validation")))
@@ -701,8 +706,7 @@ def cmd_segment_train(args: argparse.Namespace) -> int:
     from .segmentation import BEiTForSegmentation
     from .segmentation.data import SegmentationTrainTransform, segmentation_stream
     from .segmentation.task import segmentation_trainer
-    from .train import (CHECKPOINT_NAME, METRICS_NAME, PLOT_NAME, plot_metrics, setup_distributed,
-                        write_bytes_atomically)
+    from .train import CHECKPOINT_NAME, METRICS_NAME, PLOT_NAME, setup_distributed
 
     started = time.perf_counter()
     if args.demo:
@@ -761,12 +765,7 @@ def cmd_segment_train(args: argparse.Namespace) -> int:
         args.crop_eval = None
         numbers = _segment_report(model, val_set, args, "validation")
         if _main_process():
-            record = json.dumps({"step": trainer.step, **numbers}, indent=1) + "\n"
-            write_bytes_atomically(output / EVAL_NAME, record.encode())
-            try:  # drawn again with the validation point
-                plot_metrics(output / METRICS_NAME, output / PLOT_NAME, validation={"step": trainer.step, **numbers})
-            except ImportError:  # matplotlib is optional: the trainer said so once, eval.json has the numbers
-                pass
+            _save_validation(output, {"step": trainer.step, **numbers})
     if _main_process():
         _print_outputs(output, ((CHECKPOINT_NAME, "checkpoint"), (SEGMENT_MODEL_NAME, "model"),
                                 (METRICS_NAME, "metrics"), (PLOT_NAME, "plot"), (EVAL_NAME, "validation")))
