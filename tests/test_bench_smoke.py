@@ -17,15 +17,9 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def _make_tables():
-    spec = importlib.util.spec_from_file_location("make_tables", BENCHMARKS / "make_tables.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _attention_bench():
-    spec = importlib.util.spec_from_file_location("attention_bench", BENCHMARKS / "test_attention_bench.py")
+def _benchmark_module(file: str):
+    """A module of benchmarks/ loaded by path (no test folder is on sys.path)."""
+    spec = importlib.util.spec_from_file_location(Path(file).stem, BENCHMARKS / file)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -148,7 +142,7 @@ def step_row(variant, images_per_s, **extra):
 
 
 def test_make_tables_fills_the_readme_from_results(tmp_path):
-    tables = _make_tables()
+    tables = _benchmark_module("make_tables.py")
     (tmp_path / "results").mkdir()
     rows = [step_row("hf-sdpa", 900.0), step_row("beitfast", 1500.0, mfu=None),
             step_row("beitfast-fp8", 1800.0, loss_gap_vs_bf16_max=0.0123),
@@ -185,7 +179,7 @@ def test_make_tables_fills_the_readme_from_results(tmp_path):
 
 
 def test_readme_step_table_matches_the_results():
-    assert _make_tables().main(["--check"]) == 0, "run python benchmarks/make_tables.py"
+    assert _benchmark_module("make_tables.py").main(["--check"]) == 0, "run python benchmarks/make_tables.py"
 
 
 def test_regions_by_caller_names():
@@ -217,7 +211,7 @@ def test_attention_calibration_pairs_each_profiled_kernel_with_the_models_predic
 
     from torch.autograd import DeviceType
 
-    bench = _attention_bench()
+    bench = _benchmark_module("test_attention_bench.py")
 
     def event(name, us, device=DeviceType.CUDA):
         return SimpleNamespace(device_type=device, name=name, device_time_total=us)
@@ -244,7 +238,7 @@ def test_attention_calibration_pairs_each_profiled_kernel_with_the_models_predic
 def test_the_read_probe_reads_every_block_of_its_buffer_each_time():
     import torch
 
-    bench = _attention_bench()
+    bench = _benchmark_module("test_attention_bench.py")
     x = torch.randn(5 * bench.READ_BLOCK)  # 5 blocks for 2 programs: blocks 0, 2, 4 and 1, 3
     out = torch.full((2 * bench.READ_BLOCK,), float("nan"))
     bench.read_once(x, out, repeats=3)
